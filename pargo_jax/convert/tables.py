@@ -220,7 +220,8 @@ def _check(target, shape, expected, bad_shape, name) -> bool:
         bad_shape.append(f"{target}: produced from {name} but the model has no such parameter")
         return False
     if tuple(shape) != tuple(expected[target]):
-        bad_shape.append(f"{target}: {name} has shape {tuple(shape)}, model expects {tuple(expected[target])}")
+        want = tuple(expected[target])
+        bad_shape.append(f"{target}: {name} has shape {tuple(shape)}, model expects {want}")
         return False
     return True
 
