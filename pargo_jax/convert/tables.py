@@ -2,10 +2,10 @@
 
 A table is a list of :class:`Rule`. :func:`convert` walks every source tensor once, applies the first
 rule whose pattern fully matches its name, and writes the (transformed) array at the target path.
-Targets may carry a ``[{i}]``-style stack index (``"layers/attn/q/kernel[3]"``) to assemble the
-stacked tensors of scanned layers. At the end every source tensor must be consumed (or matched by an
-``ignore`` pattern) and every expected parameter filled with the expected shape; otherwise one error
-lists every offending name.
+Targets may carry ``[i]`` stack indices (``"layers/attn/q/kernel[3]"``, or ``"...kernel[3][1]"``
+for a fused q/k/v axis after the layer axis) to assemble stacked tensors of scanned layers. At the
+end every source tensor must be consumed (or matched by an ``ignore`` pattern) and every expected
+parameter filled with the expected shape; otherwise one error lists every offending name.
 
 Sources are read lazily (``LazySource``) one tensor at a time, and each finished parameter goes
 through ``place`` (e.g. ``jax.device_put`` onto its target sharding), so a 7B model never needs two
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 Transform = Callable[[np.ndarray], np.ndarray]
-_STACK = re.compile(r"^(.*)\[(\d+)\]$")
+_STACK = re.compile(r"^(.*?)((?:\[\d+\])+)$")
 
 
 class ConversionError(ValueError):
@@ -100,8 +100,7 @@ class LazySource(Mapping[str, np.ndarray]):
         if found:
             return cls(os.path.join(path, f) for f in found)
         raise FileNotFoundError(
-            f"No safetensors weights in {path!r}: expected model.safetensors or "
-            "model.safetensors.index.json."
+            f"No safetensors weights in {path!r}: expected model.safetensors or model.safetensors.index.json."
         )
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -167,7 +166,8 @@ def convert(
     rules = list(rules)
     ignore_re = [re.compile(p) for p in ignore]
     done: dict[str, object] = {}
-    stacks: dict[str, dict[int, np.ndarray]] = {}
+    stacks: dict[str, dict[tuple[int, ...], np.ndarray]] = {}
+    names: dict[tuple[str, tuple[int, ...]], str] = {}
     unused, bad_shape, duplicate = [], [], []
     for name in source:
         target = next((t for r in rules if (t := r.match(name)) is not None), None)
@@ -183,22 +183,31 @@ def convert(
             x = x.astype(dtype)
         stack = _STACK.match(target)
         if stack:
-            path, idx = stack.group(1), int(stack.group(2))
+            path, idx = stack.group(1), tuple(int(i) for i in re.findall(r"\d+", stack.group(2)))
             if idx in stacks.setdefault(path, {}):
                 duplicate.append(f"{name} -> {target}")
             stacks[path][idx] = x
+            names[(path, idx)] = name
             continue
         if target in done:
             duplicate.append(f"{name} -> {target}")
         elif _check(target, x.shape, expected, bad_shape, name):
             done[target] = place(target, x) if place else x
     for path, parts in stacks.items():
-        n = len(parts)
-        if sorted(parts) != list(range(n)):
-            bad_shape.append(f"{path}: stacked indices {sorted(parts)} are not 0..{n - 1}")
+        grid = tuple(max(i[d] for i in parts) + 1 for d in range(len(next(iter(parts)))))
+        absent = [i for i in np.ndindex(*grid) if i not in parts]
+        if absent:
+            shown = ", ".join("".join(f"[{j}]" for j in i) for i in absent)
+            bad_shape.append(f"{path}: stacked parts {shown} are missing")
             continue
-        x = np.stack([parts[i] for i in range(n)])
-        if _check(path, x.shape, expected, bad_shape, f"{path}[0..{n - 1}]"):
+        want = tuple(expected.get(path, ()))[len(grid) :]
+        wrong = [f"{names[(path, i)]} has shape {parts[i].shape}, model expects {want}"
+                 for i in np.ndindex(*grid) if expected.get(path) and parts[i].shape != want]  # fmt: skip
+        if wrong:
+            bad_shape.append(f"{path}: " + "; ".join(wrong))
+            continue
+        x = np.stack([parts[i] for i in np.ndindex(*grid)]).reshape(grid + parts[(0,) * len(grid)].shape)
+        if _check(path, x.shape, expected, bad_shape, f"{path}{''.join(f'[0..{g - 1}]' for g in grid)}"):
             done[path] = place(path, x) if place else x
     missing = sorted(set(expected) - set(done) - {b.split(":")[0] for b in bad_shape})
     problems = []

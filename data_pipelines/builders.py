@@ -1,0 +1,245 @@
+"""TFDS builders (ArrayRecord, no TensorFlow) that convert every source into the shared schema.
+
+Each builder reads raw items cheaply (``_items``), converts them in a thread pool (``_convert``: read
+and check the image, build the conversation) and keeps a ``SplitStats`` per split so that
+``read == written + sum(skipped)``. ``strict=True`` raises on the first bad record, naming its id.
+
+Datasets land in ``data_dir/<name>[/<config>]/<version>/`` and are read back with
+``open_source(data_dir, name, split)`` (``tfds.builder_from_directory(...).as_data_source``), which
+needs neither registration nor TensorFlow. Builders are not registered with TFDS
+(``skip_registration``) so their names never clash with TFDS's own catalog.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from data_pipelines import schema
+from data_pipelines.schema import BadRecord, Record
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclasses.dataclass
+class SplitStats:
+    """Accounting of one converted split: ``read == written + sum(skipped.values())``."""
+
+    read: int = 0
+    written: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"read": self.read, "written": self.written, "skipped": dict(sorted(self.skipped.items()))}
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], num_workers: int, window: int = 256):
+    """``map(fn, items)`` in a thread pool, results in input order, at most ``window`` in flight."""
+    if num_workers <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(num_workers) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def check_image(data: bytes | None, record_id: str) -> bytes:
+    """Return ``data`` if it is a decodable image, else raise ``BadRecord``."""
+    from data_pipelines.images import decode
+
+    if data is None:
+        raise BadRecord("missing_image", record_id)
+    decode(data, record_id)
+    return data
+
+
+def read_image_file(path: str, record_id: str) -> bytes:
+    """Bytes of an image file that exists and decodes, else ``BadRecord``."""
+    if not os.path.isfile(path):
+        raise BadRecord("missing_image", record_id, f"{path} not found")
+    with open(path, "rb") as f:
+        return check_image(f.read(), record_id)
+
+
+class ConverterBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base: subclasses set ``name`` and implement ``_split_names``, ``_items``, ``_convert``."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Shared pargo_jax record schema."}
+    url_infos = None  # nothing to download; also avoids TFDS probing for a checksums file
+
+    def __init__(
+        self,
+        *,
+        data_dir: str,
+        config: str | None = None,
+        num_workers: int = 4,
+        strict: bool = False,
+        progress: bool = True,
+        **kwargs,
+    ):
+        self.num_workers, self.strict, self.progress = num_workers, strict, progress
+        self.stats: dict[str, SplitStats] = {}
+        cfg = tfds.core.BuilderConfig(name=config) if config else None
+        super().__init__(data_dir=data_dir, config=cfg, file_format="array_record", **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=schema.features(), description=self.__doc__)
+
+    # --- to implement ----------------------------------------------------------------------------
+    def _split_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _items(self, split: str) -> Iterator[Any]:
+        """Raw items of a split (cheap). May yield a ``BadRecord`` to count a source-level failure."""
+        raise NotImplementedError
+
+    def _convert(self, item: Any) -> Record:
+        """Raw item -> validated ``Record``; raises ``BadRecord``. Runs in worker threads."""
+        raise NotImplementedError
+
+    def _count(self, split: str) -> int | None:
+        return None
+
+    # --- generic machinery -----------------------------------------------------------------------
+    def _safe_convert(self, item: Any) -> Record | BadRecord:
+        if isinstance(item, BadRecord):
+            return item
+        try:
+            return schema.validate(self._convert(item))
+        except BadRecord as e:
+            return e
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split) for split in self._split_names()}
+
+    def _generate_examples(self, split: str):
+        from tqdm import tqdm
+
+        stats = self.stats.setdefault(split, SplitStats())
+        results = ordered_map(self._safe_convert, self._items(split), self.num_workers)
+        bar = tqdm(results, total=self._count(split), desc=f"{self.name} {split}", disable=not self.progress)
+        for index, res in enumerate(bar):
+            stats.read += 1
+            if isinstance(res, BadRecord):
+                stats.skipped[res.reason] += 1
+                if self.strict:
+                    raise res
+                continue
+            stats.written += 1
+            yield index, schema.to_example(res)
+
+    def build(self, overwrite: bool = True) -> dict[str, dict[str, Any]]:
+        """Convert every split (replacing an existing copy) and return the per-split accounting."""
+        if overwrite and os.path.isdir(self.data_dir):
+            shutil.rmtree(self.data_dir)
+        self.download_and_prepare()
+        return self.summary()
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {split: s.as_dict() for split, s in self.stats.items()}
+
+
+def format_summary(name: str, summary: Mapping[str, Mapping[str, Any]]) -> str:
+    """Human-readable table: records read / written / skipped by reason, per split."""
+    lines = [f"{name}: {'split':<10} {'read':>9} {'written':>9} {'skipped':>9}  reasons"]
+    for split, s in summary.items():
+        skipped = sum(s["skipped"].values())
+        reasons = ", ".join(f"{k}={v}" for k, v in s["skipped"].items()) or "-"
+        lines.append(
+            f"{' ' * len(name)}  {split:<10} {s['read']:>9} {s['written']:>9} {skipped:>9}  {reasons}"
+        )
+    return "\n".join(lines)
+
+
+def dataset_dir(data_dir: str, name: str) -> str:
+    """``data_dir/name/<latest version>`` of a built dataset; clear error if there is none."""
+    root = os.path.join(data_dir, *name.split("/"))
+    versions = sorted(
+        (
+            d
+            for d in glob.glob(os.path.join(root, "*"))
+            if os.path.exists(os.path.join(d, "dataset_info.json"))
+        ),
+        key=lambda d: tuple(int(x) for x in re.findall(r"\d+", os.path.basename(d))),
+    )
+    if not versions:
+        raise FileNotFoundError(
+            f"No built dataset {name!r} under {data_dir}; build it with "
+            f"`python -m data_pipelines.build --dataset ... --data_dir {data_dir}`."
+        )
+    return versions[-1]
+
+
+def open_source(data_dir: str, name: str, split: str):
+    """Random-access data source (ArrayRecord) of one split of a built dataset."""
+    builder = tfds.builder_from_directory(dataset_dir(data_dir, name))
+    if split not in builder.info.splits:
+        raise ValueError(f"Dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+    return builder.as_data_source(split)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generic: records already in the schema (tests, benchmark, synthetic data)
+# ----------------------------------------------------------------------------------------------------
+class RecordsBuilder(ConverterBuilder, skip_registration=True):
+    """Writes given ``Record`` objects (validated) or raw example dicts (written as-is, for tests)."""
+
+    name = "records"
+
+    def __init__(self, *, splits: Mapping[str, Iterable[Record | dict]], name: str = "records", **kwargs):
+        name, _, config = name.partition("/")  # "name/config" -> data_dir/name/config/<version>
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise ValueError(f"Dataset name {name!r} must be snake_case (letters, digits, _); rename it.")
+        self.name = name  # instance attribute: one builder class serves any dataset name
+        self._splits = dict(splits)
+        super().__init__(config=config or kwargs.pop("config", None), **kwargs)
+
+    def _split_names(self):
+        return list(self._splits)
+
+    def _items(self, split):
+        return iter(self._splits[split])
+
+    def _safe_convert(self, item):
+        if isinstance(item, dict):  # raw example: written unchecked so tests can store bad records
+            return item
+        return super()._safe_convert(item)
+
+    def _convert(self, item):
+        return item
+
+    def _generate_examples(self, split):
+        stats = self.stats.setdefault(split, SplitStats())
+        for index, item in enumerate(self._items(split)):
+            stats.read += 1
+            res = self._safe_convert(item)
+            if isinstance(res, BadRecord):
+                stats.skipped[res.reason] += 1
+                if self.strict:
+                    raise res
+                continue
+            stats.written += 1
+            yield index, (res if isinstance(res, dict) else schema.to_example(res))
+
+
+def write_records(
+    data_dir: str, name: str, splits: Mapping[str, Iterable[Record | dict]], **kwargs
+) -> dict[str, dict[str, Any]]:
+    """Write records into ``data_dir/name`` as an ArrayRecord TFDS dataset; returns the accounting."""
+    return RecordsBuilder(splits=splits, name=name, data_dir=data_dir, **kwargs).build()

@@ -1,0 +1,374 @@
+"""grain input pipeline: ArrayRecord sources -> per-host, shuffled, mixed, preprocessed batches.
+
+Order of operations (all on ``grain.MapDataset``, so batch ``k`` is a pure function of
+``(seed, k)`` whatever the worker count)::
+
+    per source: data_source -> slice[process_index::process_count] -> shuffle(seed) -> repeat
+    mix(sources, weights) -> preprocess (decode, resize, normalize, template, tokenize, mask, pad)
+      -> bad records replaced by a deterministic substitute and counted by reason
+      -> batch(host_batch) -> to_iter_dataset(ReadOptions) -> mp_prefetch(num_workers)
+
+``InputIterator`` (a ``grain.DatasetIterator``) tracks the next batch index and the skip counters,
+so ``get_state``/``set_state`` (and grain's orbax ``CheckpointHandler``) resume exactly: a restored
+iterator yields the same batches as an uninterrupted one, with any worker count.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from data_pipelines import images, schema
+from data_pipelines.schema import REASON_INDEX, SKIP_REASONS, BadRecord
+from data_pipelines.text import Tokenizer, load_tokenizer, pack_example
+
+OVERLONG = ("truncate", "skip")
+MAX_ATTEMPTS = 64  # consecutive bad records tolerated before the pipeline gives up
+
+__all__ = [
+    "InputConfig",
+    "SourceConfig",
+    "InputIterator",
+    "make_iterator",
+    "make_dataset",
+    "iterator_stats",
+    "load_tokenizer",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One built dataset split: ``name`` as built under ``data_dir`` (e.g. "shapes", "llava/pretrain")."""
+
+    name: str
+    data_dir: str
+    split: str
+    weight: float = 1.0
+    task: str | None = None  # optional tag; make_iterator(task=...) keeps only sources with this tag
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    """The ``input`` config section. Build with ``InputConfig.from_config(cfg.input)``."""
+
+    sources: tuple[SourceConfig, ...]
+    batch_size: int  # global batch; each host gets batch_size // process_count
+    tokenizer: str  # dir with tokenizer.json + tokenizer_config.json
+    data_dir: str | None = None  # default data_dir for sources that do not set their own
+    image_size: int = 336
+    resize: str = "letterbox"
+    max_len: int = 512
+    overlong: str = "truncate"
+    num_workers: int = 0
+    prefetch: int = 2
+    read_threads: int = 1
+    strict: bool = False
+    mean: tuple[float, float, float] = images.CLIP_MEAN
+    std: tuple[float, float, float] = images.CLIP_STD
+    caption_prompt: str = ""  # optional instruction after <image> for caption records
+    normalize: bool = True  # False: `image` is uint8 pixels, to normalize on device (less host work)
+    shuffle: bool = True
+    repeat: bool = True  # False: one pass (eval); the iterator then ends
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | InputConfig) -> InputConfig:
+        """From a ConfigDict/dict; unknown keys and bad values fail with a sentence naming them."""
+        if isinstance(cfg, InputConfig):
+            return cfg
+        d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Unknown input config keys {unknown}; valid keys are {sorted(known)}.")
+        missing = sorted(k for k in ("sources", "batch_size", "tokenizer") if k not in d)
+        if missing:
+            raise ValueError(f"input config is missing {missing}; set them in the config's input section.")
+        src_fields = {f.name for f in dataclasses.fields(SourceConfig)}
+        sources = []
+        for s in d["sources"]:
+            s = dict(s.to_dict() if hasattr(s, "to_dict") else s)
+            bad = sorted(set(s) - src_fields)
+            if bad:
+                raise ValueError(f"Unknown source keys {bad} in {s}; valid keys are {sorted(src_fields)}.")
+            if d.get("data_dir") and not s.get("data_dir"):
+                s["data_dir"] = d["data_dir"]
+            if not {"name", "data_dir", "split"} <= set(s):
+                raise ValueError(
+                    f"Source {s} needs name, data_dir and split; add the missing ones (data_dir may also be "
+                    "set once for all sources as input.data_dir)."
+                )
+            sources.append(SourceConfig(**s))
+        d["sources"] = tuple(sources)
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(float(x) for x in d[k])
+        out = cls(**d)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ValueError("input.sources is empty; add at least one dict(name=, data_dir=, split=).")
+        if self.resize not in images.RESIZE_MODES:
+            raise ValueError(f"input.resize={self.resize!r} is unknown; use one of {images.RESIZE_MODES}.")
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"input.overlong={self.overlong!r} is unknown; use one of {OVERLONG}.")
+        if self.batch_size <= 0 or self.max_len <= 1 or self.image_size <= 0:
+            raise ValueError(
+                f"input.batch_size={self.batch_size}, max_len={self.max_len}, image_size={self.image_size} "
+                "must be positive (max_len >= 2)."
+            )
+        for s in self.sources:
+            if s.weight <= 0:
+                raise ValueError(f"Source {s.name}/{s.split} has weight {s.weight}; weights must be > 0.")
+
+
+class Preprocessor:
+    """Stored example -> training arrays; raises ``BadRecord`` for anything unusable."""
+
+    def __init__(self, cfg: InputConfig, tokenizer: Tokenizer, num_image_tokens: int):
+        self.cfg, self.tok, self.num_image_tokens = cfg, tokenizer, num_image_tokens
+
+    def __call__(self, ex: Mapping[str, Any]) -> dict[str, Any]:
+        rec = schema.from_example(ex)
+        img = images.load(rec.image, self.cfg.image_size, self.cfg.resize, self.cfg.mean, rec.id)
+        out = pack_example(
+            self.tok,
+            rec.messages(self.cfg.caption_prompt),
+            num_image_tokens=self.num_image_tokens,
+            max_len=self.cfg.max_len,
+            overlong=self.cfg.overlong,
+            record_id=rec.id,
+        )
+        out["image"] = np.asarray(img, dtype=np.uint8)  # normalized per batch, in Collate
+        out["record_id"] = rec.id
+        return out
+
+
+def _substitute(seed: int, index: int, attempt: int) -> int:
+    """Deterministic stand-in index for a bad record (a pure function of seed, index, attempt)."""
+    h = hashlib.blake2b(f"{seed}/{index}/{attempt}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % (1 << 30) + 1
+
+
+class _SkipBadMapDataset(grain.MapDataset):
+    """Applies the preprocessor; a bad record is replaced by another (deterministic) one and counted.
+
+    Each output element carries ``_skipped``: int32 counts per ``SKIP_REASONS`` of the records that
+    were replaced to produce it. In strict mode the first bad record raises instead.
+    """
+
+    def __init__(self, parent: grain.MapDataset, fn: Preprocessor, seed: int, strict: bool):
+        super().__init__(parent)
+        self._fn, self._seed, self._strict = fn, seed, strict
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return "SkipBadMapDataset"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        skipped = np.zeros(len(SKIP_REASONS), np.int32)
+        length, j = len(self._parent), index
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:
+                j = (index + _substitute(self._seed, index, attempt)) % length
+            try:
+                out = self._fn(self._parent[j])
+            except BadRecord as e:
+                if self._strict:
+                    raise
+                skipped[REASON_INDEX[e.reason]] += 1
+                continue
+            out["_skipped"] = skipped
+            return out
+        reasons = {r: int(c) for r, c in zip(SKIP_REASONS, skipped, strict=True) if c}
+        raise RuntimeError(
+            f"{MAX_ATTEMPTS} records in a row were unusable around index {index} ({reasons}); "
+            "check the dataset (python -m data_pipelines.build prints a per-reason summary)."
+        )
+
+
+class Collate:
+    """Stack examples into a batch and normalize the uint8 images in one pass over the batch.
+
+    ``_skipped`` counts are summed; record ids become a str array.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], normalize: bool = True):
+        self.normalize = images.Normalizer(mean, std) if normalize else None
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        skip = ("record_id", "_skipped", "image")
+        batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k not in skip}
+        pixels = np.stack([e["image"] for e in examples])  # uint8 (B, H, W, 3): 4x less to copy
+        b, h, w, c = pixels.shape
+        if self.normalize is None:
+            batch["image"] = pixels
+        else:
+            batch["image"] = self.normalize(pixels.reshape(b * h, w, c)).reshape(b, h, w, c)
+        batch["record_id"] = np.array([e["record_id"] for e in examples])
+        batch["_skipped"] = np.sum([e["_skipped"] for e in examples], axis=0, dtype=np.int64)
+        return batch
+
+
+def _sources(cfg: InputConfig, task: str | None) -> tuple[SourceConfig, ...]:
+    if task is None:
+        return cfg.sources
+    chosen = tuple(s for s in cfg.sources if (s.task or s.split) == task)
+    if not chosen:
+        tags = sorted({s.task or s.split for s in cfg.sources})
+        raise ValueError(f"No input source has task {task!r}; sources are tagged {tags}.")
+    return chosen
+
+
+def make_dataset(
+    input_cfg: Mapping[str, Any] | InputConfig,
+    *,
+    num_image_tokens: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    task: str | None = None,
+) -> grain.MapDataset:
+    """The ``MapDataset`` whose element ``k`` is this host's batch ``k`` (before ``_skipped`` removal)."""
+    from data_pipelines.builders import open_source
+
+    cfg = InputConfig.from_config(input_cfg)
+    if cfg.batch_size % process_count:
+        raise ValueError(
+            f"input.batch_size={cfg.batch_size} is not divisible by process_count={process_count}; "
+            "use a multiple of the number of hosts."
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
+    tok = load_tokenizer(cfg.tokenizer)
+    datasets, weights = [], []
+    for i, s in enumerate(_sources(cfg, task)):
+        ds = grain.MapDataset.source(open_source(s.data_dir, s.name, s.split))
+        ds = ds[process_index::process_count]
+        if len(ds) == 0:
+            raise ValueError(f"Source {s.name}/{s.split} has no records for host {process_index}; add data.")
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=_derive(seed, "shuffle", i))
+        if cfg.repeat:
+            ds = ds.repeat(None)
+        datasets.append(ds)
+        weights.append(s.weight)
+    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    ds = _SkipBadMapDataset(ds, Preprocessor(cfg, tok, num_image_tokens), _derive(seed, "skip"), cfg.strict)
+    collate = Collate(cfg.mean, cfg.std, cfg.normalize)
+    return ds.batch(cfg.batch_size // process_count, drop_remainder=True, batch_fn=collate)
+
+
+def _derive(seed: int, *parts: Any) -> int:
+    h = hashlib.blake2b("/".join(map(str, (seed, *parts))).encode(), digest_size=4).digest()
+    return int.from_bytes(h, "little")
+
+
+class InputIterator(grain.DatasetIterator):
+    """Checkpointable iterator over host batches; state = next batch index + skip counters."""
+
+    def __init__(self, batches: grain.MapDataset, cfg: InputConfig):
+        super().__init__()
+        self._batches, self._cfg = batches, cfg
+        self._next = 0
+        self._skipped: collections.Counter = collections.Counter()
+        self._it = None
+
+    def _start(self):
+        ds = self._batches[self._next :]
+        read = grain.ReadOptions(
+            num_threads=max(1, self._cfg.read_threads), prefetch_buffer_size=self._cfg.prefetch
+        )
+        it_ds = ds.to_iter_dataset(read)
+        if self._cfg.num_workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app use defaults
+                flags.FLAGS.mark_as_parsed()
+            it_ds = it_ds.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self._cfg.num_workers, per_worker_buffer_size=max(1, self._cfg.prefetch)
+                )
+            )
+        self._it = iter(it_ds)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._start()
+        batch = next(self._it)
+        self._next += 1
+        for reason, count in zip(SKIP_REASONS, batch.pop("_skipped"), strict=True):
+            if count:
+                self._skipped[reason] += int(count)
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"next_batch": self._next, "skipped": dict(self._skipped)}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.close_workers()
+        self._next = int(state["next_batch"])
+        self._skipped = collections.Counter({k: int(v) for k, v in state.get("skipped", {}).items()})
+
+    def stats(self) -> dict[str, int]:
+        """Skip counters so far, as metrics: ``{"skipped/<reason>": n, ..., "skipped/total": n}``."""
+        out = {f"skipped/{r}": int(self._skipped.get(r, 0)) for r in SKIP_REASONS}
+        out["skipped/total"] = int(sum(self._skipped.values()))
+        return out
+
+    def close_workers(self) -> None:
+        """Stop prefetch threads / worker processes (restarted lazily on the next ``next``)."""
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+    def close(self) -> None:
+        self.close_workers()
+        super().close()
+
+
+def make_iterator(
+    input_cfg: Mapping[str, Any] | InputConfig,
+    *,
+    num_image_tokens: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    task: str | None = None,
+) -> InputIterator:
+    """Checkpointable iterator of this host's batches (dicts of numpy arrays).
+
+    Keys: ``image`` f32 (B, H, W, 3) normalized (uint8 pixels if ``normalize=False``);
+    ``input_ids`` i32 (B, T) with the image placeholder expanded to ``num_image_tokens`` image-token
+    ids; ``targets`` i32 (B, T) next tokens (last = pad); ``loss_mask`` f32 (B, T), 1 where the
+    target is an answer token; ``attention_mask`` i32 (B, T); ``record_id`` str (B,).
+    B = batch_size // process_count, T = max_len. ``task`` keeps only
+    sources tagged ``task`` (a source's tag is its ``task`` field, else its split).
+    Skip counts: ``iterator.stats()``.
+    """
+    cfg = InputConfig.from_config(input_cfg)
+    batches = make_dataset(
+        cfg,
+        num_image_tokens=num_image_tokens,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        task=task,
+    )
+    return InputIterator(batches, cfg)
+
+
+def iterator_stats(iterator: InputIterator) -> dict[str, int]:
+    """``{"skipped/<reason>": count, "skipped/total": count}`` so far (restored with the state)."""
+    return iterator.stats()

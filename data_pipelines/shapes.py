@@ -1,0 +1,361 @@
+"""Synthetic "shapes" dataset: small coloured shapes at known positions, plus its own tokenizer.
+
+Every image holds 1-4 small shapes (side 1/8 to 1/4 of the image) on a dark background; each
+(colour, shape) pair appears at most once, so "the red circle" always names one object. Splits:
+
+  * ``pretrain``  captions listing every shape and its position;
+  * ``sft``       3-turn conversations: colour / shape / count / position QA and grounding
+                  (``[x1,y1,x2,y2]`` in 0-1 with 3 decimals, and the reverse "what is at [box]?");
+  * ``eval``      held-out single-question conversations of the same kinds (own random stream).
+
+Everything is a pure function of (seed, split, index). ``build()`` writes the TFDS ArrayRecord
+dataset ``data_dir/shapes/1.0.0`` and a word-level tokenizer in ``data_dir/shapes_tokenizer`` (vocabulary
+derived from the generator's templates, so it is also a pure function of this file).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import random
+import re
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from data_pipelines.boxes import BoxCodec
+from data_pipelines.builders import ConverterBuilder, format_summary
+from data_pipelines.schema import IMAGE_PLACEHOLDER, Record, Turn
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 235),
+    "yellow": (240, 210, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+    "cyan": (40, 205, 215),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+PLURAL = {s: s + "s" for s in SHAPES}
+POSITIONS = (
+    ("top left", "top", "top right"),
+    ("left", "center", "right"),
+    ("bottom left", "bottom", "bottom right"),
+)
+NUMBERS = ("zero", "one", "two", "three", "four", "five")
+SPLITS = {"pretrain": 0, "sft": 1, "eval": 2}
+MAX_SHAPES = 4
+CODEC = BoxCodec("norm3", "square")
+
+QUESTIONS = {
+    "colour": "what colour is the {shape}?",
+    "shape": "what shape is the {color} object?",
+    "count": "how many shapes are there?",
+    "count_color": "how many {color} shapes are there?",
+    "count_shape": "how many {plural} are there?",
+    "position": "where is the {color} {shape}?",
+    "ground": "give the bounding box of the {color} {shape}.",
+    "refer": "what is at {box}?",
+}
+ANSWERS = {"refer": "{article} {color} {shape}."}
+CAPTION = "{count} {noun}: {items}."
+CAPTION_ITEM = "{article} {color} {shape} at the {position}"
+ARTICLES = ("a", "an")
+CAPTION_AND = " and "
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", IMAGE_PLACEHOLDER, "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scene generation
+# ------------------------------------------------------------------------------------------------
+def _rng(seed: int, split: str, index: int) -> random.Random:
+    """Python's Mersenne Twister seeded from (seed, split, index): stable across platforms/versions."""
+    return random.Random(f"shapes/{seed}/{split}/{index}")
+
+
+def sample_scene(rng: random.Random, image_size: int) -> list[dict[str, Any]]:
+    """1..MAX_SHAPES non-overlapping objects: colour, shape, pixel box, position word."""
+    n = rng.randint(1, MAX_SHAPES)
+    pairs = rng.sample(range(len(COLORS) * len(SHAPES)), n)
+    lo, hi = max(4, image_size // 8), max(5, image_size // 4)
+    objects: list[dict[str, Any]] = []
+    for p in pairs:
+        color, shape = list(COLORS)[p // len(SHAPES)], SHAPES[p % len(SHAPES)]
+        for _ in range(50):  # rejection sampling for a free spot (1 px gap)
+            s = rng.randint(lo, hi)
+            x, y = rng.randint(0, image_size - s), rng.randint(0, image_size - s)
+            box = (x, y, x + s, y + s)
+            if all(
+                box[0] > o["box"][2] or box[2] < o["box"][0] or box[1] > o["box"][3] or box[3] < o["box"][1]
+                for o in objects
+            ):
+                break
+        else:
+            continue
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        third = image_size / 3
+        pos = POSITIONS[min(2, int(cy // third))][min(2, int(cx // third))]
+        article = ARTICLES[color[0] in "aeiou"]
+        objects.append({"color": color, "shape": shape, "box": box, "position": pos, "article": article})
+    return objects
+
+
+def draw_scene(objects: list[dict[str, Any]], image_size: int, background: int) -> bytes:
+    """PNG bytes of the scene (lossless, so fine detail survives)."""
+    img = Image.new("RGB", (image_size, image_size), (background, background, background + 10))
+    d = ImageDraw.Draw(img)
+    for o in objects:
+        x1, y1, x2, y2 = o["box"]
+        c, xy = COLORS[o["color"]], (x1, y1, x2 - 1, y2 - 1)
+        if o["shape"] == "circle":
+            d.ellipse(xy, fill=c)
+        elif o["shape"] == "square":
+            d.rectangle(xy, fill=c)
+        elif o["shape"] == "triangle":
+            d.polygon([((x1 + x2 - 1) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=c)
+        else:
+            mx, my = (x1 + x2 - 1) / 2, (y1 + y2 - 1) / 2
+            d.polygon([(mx, y1), (x2 - 1, my), (mx, y2 - 1), (x1, my)], fill=c)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def caption(objects: list[dict[str, Any]]) -> str:
+    items = [CAPTION_ITEM.format(**o) for o in objects]
+    joined = items[0] if len(items) == 1 else ", ".join(items[:-1]) + CAPTION_AND + items[-1]
+    return CAPTION.format(
+        count=NUMBERS[len(objects)], noun="shape" if len(objects) == 1 else "shapes", items=joined
+    )
+
+
+def question(kind: str, objects: list[dict[str, Any]], rng: random.Random, size: int) -> tuple[str, str]:
+    """One (question, answer) pair of ``kind`` about the scene."""
+    o = rng.choice(objects)
+    shape_counts = collections.Counter(x["shape"] for x in objects)
+    color_counts = collections.Counter(x["color"] for x in objects)
+    box = CODEC.encode(o["box"], size, size) if kind in ("ground", "refer") else ""
+    fields = dict(o, plural=PLURAL[o["shape"]], box=box)
+    if kind == "colour" and shape_counts[o["shape"]] != 1:
+        kind = "position"  # ambiguous: more than one object of this shape
+    if kind == "shape" and color_counts[o["color"]] != 1:
+        kind = "position"
+    if kind == "count_color":
+        fields["color"] = rng.choice(list(COLORS))
+    if kind == "count_shape":
+        fields["shape"] = rng.choice(SHAPES)
+        fields["plural"] = PLURAL[fields["shape"]]
+    answer = {
+        "colour": o["color"],
+        "shape": o["shape"],
+        "count": NUMBERS[len(objects)],
+        "count_color": NUMBERS[color_counts[fields["color"]]],
+        "count_shape": NUMBERS[shape_counts[fields["shape"]]],
+        "position": o["position"],
+        "ground": fields["box"],
+        "refer": ANSWERS["refer"].format(**o),
+    }[kind]
+    return QUESTIONS[kind].format(**fields), answer
+
+
+def make_record(split: str, index: int, *, seed: int = 0, image_size: int = 64) -> Record:
+    """The record ``index`` of ``split``: a pure function of its arguments."""
+    rng = _rng(seed, split, index)
+    objects = sample_scene(rng, image_size)
+    image = draw_scene(objects, image_size, rng.randint(15, 69))
+    boxes = np.array([o["box"] for o in objects], np.float32).reshape(-1, 4)
+    labels = [f"{o['color']} {o['shape']}" for o in objects]
+    rid = f"shapes/{split}/{index}"
+    if split == "pretrain":
+        return Record(rid, image, caption=caption(objects), boxes=boxes, labels=labels)
+    num_turns = 3 if split == "sft" else 1
+    kinds = rng.sample(list(QUESTIONS), num_turns)
+    turns: list[Turn] = []
+    for t, kind in enumerate(kinds):
+        q, a = question(kind, objects, rng, image_size)
+        turns += [Turn("user", (IMAGE_PLACEHOLDER + "\n" if t == 0 else "") + q), Turn("assistant", a)]
+    return Record(rid, image, conversation=turns, boxes=boxes, labels=labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer
+# ------------------------------------------------------------------------------------------------
+def _pre_tokenizer():
+    from tokenizers import pre_tokenizers as pt
+
+    return pt.Sequence(
+        [
+            pt.Split("\n", behavior="isolated"),
+            pt.Metaspace(replacement="\u2581", prepend_scheme="never", split=True),
+            pt.Punctuation("isolated"),
+            pt.Digits(individual_digits=True),
+        ]
+    )
+
+
+def vocabulary() -> list[str]:
+    """Every piece the generator's text can pre-tokenize into (deterministic order)."""
+    texts = list(QUESTIONS.values()) + list(ANSWERS.values()) + [CAPTION, CAPTION_ITEM, CAPTION_AND]
+    texts += list(COLORS) + list(SHAPES) + list(PLURAL.values()) + list(NUMBERS)
+    texts += [p for row in POSITIONS for p in row] + list(ARTICLES) + ["system", "user", "assistant"]
+    texts += ["shape", "shapes"]
+    words: set[str] = set()
+    for t in texts:
+        words.update(re.findall(r"[A-Za-z]+", re.sub(r"\{\w+\}", " ", t)))
+    words.update(re.findall(r"[A-Za-z]+", " ".join(texts)))
+    punct = list("[](){}.,:;?!'\"-+/")
+    pieces = {"\u2581", "\n"} | set(punct) | set("0123456789")
+    pieces |= words | {"\u2581" + w for w in words}
+    return sorted(pieces)
+
+
+def make_tokenizer():
+    """(tokenizers.Tokenizer, tokenizer_config dict) for the shapes vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for piece in vocabulary():
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = _pre_tokenizer()
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "image_token": IMAGE_PLACEHOLDER,
+        "additional_special_tokens": [IMAGE_PLACEHOLDER, "<|im_start|>", "<|im_end|>", "</s>"],
+        "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    return tok, config
+
+
+def write_tokenizer(path: str) -> str:
+    """Write ``tokenizer.json`` + ``tokenizer_config.json`` into ``path``; returns ``path``."""
+    tok, config = make_tokenizer()
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Builder
+# ------------------------------------------------------------------------------------------------
+class ShapesBuilder(ConverterBuilder, skip_registration=True):
+    """Synthetic shapes: captions (pretrain), QA + grounding (sft), held-out QA (eval)."""
+
+    name = "shapes"
+
+    def __init__(self, *, image_size=64, num_pretrain=2000, num_sft=2000, num_eval=200, seed=0, **kw):
+        self.image_size, self.seed = image_size, seed
+        self.sizes = {"pretrain": num_pretrain, "sft": num_sft, "eval": num_eval}
+        super().__init__(**kw)
+
+    def _split_names(self):
+        return [s for s, n in self.sizes.items() if n > 0]
+
+    def _count(self, split):
+        return self.sizes[split]
+
+    def _items(self, split):
+        return ((split, i) for i in range(self.sizes[split]))
+
+    def _convert(self, item):
+        split, index = item
+        return make_record(split, index, seed=self.seed, image_size=self.image_size)
+
+
+def build(
+    data_dir: str,
+    *,
+    image_size: int = 64,
+    num_pretrain: int = 2000,
+    num_sft: int = 2000,
+    num_eval: int = 200,
+    seed: int = 0,
+    num_workers: int = 2,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write the shapes dataset and its tokenizer under ``data_dir``; returns paths and accounting.
+
+    Returns ``{"name": "shapes", "data_dir", "tokenizer": <dir>, "summary": {...}, "seconds"}``.
+    """
+    t0 = time.perf_counter()
+    builder = ShapesBuilder(
+        data_dir=data_dir,
+        image_size=image_size,
+        num_pretrain=num_pretrain,
+        num_sft=num_sft,
+        num_eval=num_eval,
+        seed=seed,
+        num_workers=num_workers,
+        progress=progress,
+    )
+    summary = builder.build()
+    tokenizer = write_tokenizer(os.path.join(data_dir, "shapes_tokenizer"))
+    params = dict(
+        image_size=image_size, num_pretrain=num_pretrain, num_sft=num_sft, num_eval=num_eval, seed=seed
+    )
+    with open(os.path.join(data_dir, STAMP), "w") as f:
+        json.dump(params, f, sort_keys=True)
+    return {
+        "name": "shapes",
+        "data_dir": data_dir,
+        "tokenizer": tokenizer,
+        "summary": summary,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def ensure(data_dir: str, **kwargs) -> dict[str, Any]:
+    """``build(data_dir, **kwargs)`` unless a build with the same arguments is already there.
+
+    Returns the same keys as ``build`` (``summary`` is None and ``seconds`` 0 when reused).
+    """
+    params = dict(image_size=64, num_pretrain=2000, num_sft=2000, num_eval=200, seed=0)
+    unknown = set(kwargs) - set(params) - {"num_workers", "progress"}
+    if unknown:
+        raise TypeError(f"Unknown shapes.ensure arguments {sorted(unknown)}; use {sorted(params)}.")
+    params.update({k: v for k, v in kwargs.items() if k in params})
+    stamp = os.path.join(data_dir, STAMP)
+    tokenizer = os.path.join(data_dir, "shapes_tokenizer")
+    if os.path.exists(stamp) and os.path.exists(os.path.join(tokenizer, "tokenizer.json")):
+        with open(stamp) as f:
+            if json.load(f) == params:
+                return {
+                    "name": "shapes",
+                    "data_dir": data_dir,
+                    "tokenizer": tokenizer,
+                    "summary": None,
+                    "seconds": 0.0,
+                }
+    return build(data_dir, **dict(kwargs, **params))
+
+
+STAMP = "shapes_build.json"
+ASSET_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "shapes_tokenizer")
+
+if __name__ == "__main__":  # python -m data_pipelines.shapes DATA_DIR  (see also data_pipelines.build)
+    import sys
+
+    out = build(sys.argv[1] if len(sys.argv) > 1 else "/tmp/shapes_data", progress=True)
+    print(format_summary("shapes", out["summary"]), f"\n{out['seconds']:.1f}s, tokenizer: {out['tokenizer']}")

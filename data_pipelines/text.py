@@ -1,0 +1,239 @@
+"""Tokenizer wrapper over ``tokenizers`` + Jinja chat templates from ``tokenizer_config.json``.
+
+``Tokenizer.load(dir)`` reads ``tokenizer.json`` and ``tokenizer_config.json`` (a Hugging Face
+checkpoint dir). ``apply_chat_template`` renders the config's ``chat_template`` the way transformers
+does (sandboxed Jinja, ``trim_blocks``/``lstrip_blocks``) and tokenizes without adding special
+tokens, so ids equal ``AutoTokenizer.apply_chat_template``. ``<image>`` must be ONE token id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from data_pipelines.schema import IMAGE_PLACEHOLDER, BadRecord
+
+Message = dict[str, str]
+
+
+def _token_str(value: Any) -> str | None:
+    """A special token in tokenizer_config.json is a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Text <-> ids plus chat-template rendering and answer masks for training."""
+
+    def __init__(self, tokenizer: Any, config: dict[str, Any], path: str = "<memory>"):
+        self._tok = tokenizer
+        self.config = dict(config)
+        self.path = path
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if not template:
+            raise ValueError(
+                f"{path}: tokenizer_config.json has no chat_template; add a Jinja chat_template to it."
+            )
+        self.chat_template: str = template
+        self._compiled = None
+        self.image_token = self.config.get("image_token") or IMAGE_PLACEHOLDER
+        self.image_token_id = self._single_id(self.image_token, "image_token")
+        self.bos_token = _token_str(self.config.get("bos_token"))
+        self.eos_token = _token_str(self.config.get("eos_token"))
+        self.pad_token = _token_str(self.config.get("pad_token")) or self.eos_token
+        if self.pad_token is None:
+            raise ValueError(f"{path}: tokenizer_config.json sets neither pad_token nor eos_token; set one.")
+        self.pad_id = self._single_id(self.pad_token, "pad_token")
+        self.eos_id = self._single_id(self.eos_token, "eos_token") if self.eos_token else None
+        self.bos_id = self._single_id(self.bos_token, "bos_token") if self.bos_token else None
+
+    # --- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str) -> Tokenizer:
+        """Load ``tokenizer.json`` + ``tokenizer_config.json`` from a checkpoint dir."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tj, tc = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
+        for f in (tj, tc):
+            if not os.path.exists(f):
+                raise FileNotFoundError(
+                    f"{f} not found; point input.tokenizer at a dir holding tokenizer.json and "
+                    "tokenizer_config.json (data_pipelines.shapes.build writes one)."
+                )
+        with open(tc, encoding="utf-8") as fh:
+            config = json.load(fh)
+        if not config.get("chat_template") and os.path.exists(os.path.join(path, "chat_template.jinja")):
+            with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as fh:
+                config["chat_template"] = fh.read()
+        return cls(HFTokenizer.from_file(tj), config, path)
+
+    def _single_id(self, token: str, what: str) -> int:
+        tid = self._tok.token_to_id(token)
+        ids = self._tok.encode(token, add_special_tokens=False).ids
+        if tid is None or ids != [tid]:
+            raise ValueError(
+                f"{self.path}: {what} {token!r} is not a single token (encodes to {ids}); add it to the "
+                "tokenizer as a special token."
+            )
+        return tid
+
+    def __getstate__(self):  # picklable for grain worker processes
+        return {"json": self._tok.to_str(), "config": self.config, "path": self.path}
+
+    def __setstate__(self, state):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.__init__(HFTokenizer.from_str(state["json"]), state["config"], state["path"])
+
+    # --- basic ---------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    # --- chat template -------------------------------------------------------------------------
+    def _template(self):
+        if self._compiled is None:
+            import jinja2
+            import jinja2.ext
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise jinja2.exceptions.TemplateError(message)
+
+            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+                return json.dumps(
+                    x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+                )
+
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+            )
+            env.filters["tojson"] = tojson
+            env.globals["raise_exception"] = raise_exception
+            self._compiled = env.from_string(self.chat_template)
+        return self._compiled
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False, **kwargs) -> str:
+        """The chat template's text for ``messages`` (list of ``{"role", "content"}``)."""
+        specials = {
+            k: _token_str(v)
+            for k, v in self.config.items()
+            if k.endswith("_token") and isinstance(_token_str(v), str)
+        }
+        return self._template().render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **specials, **kwargs
+        )
+
+    def apply_chat_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool = False
+    ) -> list[int]:
+        """Token ids of the rendered template (same ids as transformers' ``apply_chat_template``)."""
+        return self.encode(self.render(messages, add_generation_prompt))
+
+    def tokenize_chat(
+        self, messages: Sequence[Message], record_id: str = "?"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of the rendered conversation and a bool mask of answer (assistant) tokens.
+
+        An assistant turn's answer is the text the template adds for that turn after the generation
+        prompt: its content plus the end-of-turn token(s). Tokens are assigned by character offset.
+        """
+        import jinja2
+
+        try:
+            full = self.render(messages)
+        except jinja2.TemplateError as e:
+            raise BadRecord("template_error", record_id, str(e)) from e
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(self.render(messages[:i], add_generation_prompt=True))
+            upto = self.render(messages[: i + 1])
+            if not full.startswith(upto) or start > len(upto):
+                raise ValueError(
+                    f"{self.path}: the chat template does not render conversation prefixes as prefixes "
+                    f"(record {record_id}); answer masks need a prefix-stable template."
+                )
+            end = len(upto)
+            tail = upto[start:end].rstrip()  # drop whitespace the template adds after end-of-turn
+            if self.eos_token and tail.endswith(self.eos_token):
+                end = start + len(tail)
+            spans.append((start, end))
+        enc = self._tok.encode(full, add_special_tokens=False)
+        ids = np.asarray(enc.ids, np.int32)
+        starts = np.asarray([o[0] for o in enc.offsets], np.int64)
+        answer = np.zeros(len(ids), bool)
+        for s, e in spans:
+            answer |= (starts >= s) & (starts < e)
+        return ids, answer
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Load the tokenizer dir named by ``input.tokenizer``; see ``Tokenizer`` for the attributes."""
+    return Tokenizer.load(path)
+
+
+def pack_example(
+    tok: Tokenizer,
+    messages: Sequence[Message],
+    *,
+    num_image_tokens: int,
+    max_len: int,
+    overlong: str = "truncate",
+    record_id: str = "?",
+) -> dict[str, np.ndarray]:
+    """Render + tokenize a conversation into fixed-length training arrays.
+
+    The single image token is expanded to ``num_image_tokens`` copies. Returns ``input_ids``,
+    ``targets`` (ids shifted left, last = pad), ``loss_mask`` (1 where the target is an answer
+    token) and ``attention_mask``, all of length ``max_len``.
+    """
+    ids, answer = tok.tokenize_chat(messages, record_id)
+    pos = np.flatnonzero(ids == tok.image_token_id)
+    if len(pos) == 0:
+        raise BadRecord("no_image_placeholder", record_id, "the rendered chat has no image token")
+    if len(pos) > 1:
+        raise BadRecord("misplaced_image_placeholder", record_id, f"{len(pos)} image tokens")
+    p = int(pos[0])
+    ids = np.concatenate([ids[:p], np.full(num_image_tokens, tok.image_token_id, np.int32), ids[p + 1 :]])
+    answer = np.concatenate([answer[:p], np.zeros(num_image_tokens, bool), answer[p + 1 :]])
+    if len(ids) > max_len:
+        if overlong == "skip":
+            raise BadRecord("too_long", record_id, f"{len(ids)} tokens > max_len {max_len}")
+        if p + num_image_tokens > max_len:
+            raise BadRecord("too_long", record_id, f"image tokens end at {p + num_image_tokens} > {max_len}")
+        ids, answer = ids[:max_len], answer[:max_len]
+    n = len(ids)
+    input_ids = np.full(max_len, tok.pad_id, np.int32)
+    input_ids[:n] = ids
+    targets = np.full(max_len, tok.pad_id, np.int32)
+    targets[: n - 1] = ids[1:]
+    loss_mask = np.zeros(max_len, np.float32)
+    loss_mask[: n - 1] = answer[1:]
+    if not loss_mask.any():
+        raise BadRecord("no_answer_tokens", record_id, f"no answer token within max_len {max_len}")
+    attention_mask = np.zeros(max_len, np.int32)
+    attention_mask[:n] = 1
+    return {
+        "input_ids": input_ids,
+        "targets": targets,
+        "loss_mask": loss_mask,
+        "attention_mask": attention_mask,
+    }

@@ -1,0 +1,115 @@
+"""Greedy decoding throughput: our jit KV-cache ``generate`` vs transformers ``generate`` (torch CPU),
+same random-weight model (SmolLM2-135M shape by default) and the same left-padded prompts.
+
+  python -m pargo_jax.benchmarks.decode --out /tmp/decode.json
+  python -m pargo_jax.benchmarks.decode --num_layers 4 --batch 2 --new_tokens 32   # quick
+
+Prints a table (tokens/s = batch * new tokens / wall time, best of ``--repeats``; compile time apart)
+and writes JSON. Both sides must produce identical tokens, which the script checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vocab_size", type=int, default=49152)
+    p.add_argument("--hidden_size", type=int, default=576)
+    p.add_argument("--intermediate_size", type=int, default=1536)
+    p.add_argument("--num_layers", type=int, default=30)
+    p.add_argument("--num_heads", type=int, default=9)
+    p.add_argument("--num_kv_heads", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--prompt_len", type=int, default=32)
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scan_layers", action="store_true", help="scan over layers (faster compile)")
+    p.add_argument("--out", default="decode_benchmark.json")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = _args(argv)
+    import jax
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pargo_jax.convert.hf import load_llm
+    from pargo_jax.generate import generate
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+        num_hidden_layers=a.num_layers, num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads,
+        max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=100000.0, pad_token_id=0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None  # random weights: decode the full length on both sides
+    rng = np.random.RandomState(0)
+    ids = rng.randint(3, a.vocab_size, (a.batch, a.prompt_len))
+    mask = np.ones_like(ids)
+    for row in range(1, a.batch):  # left padding of different lengths
+        ids[row, : row * 3], mask[row, : row * 3] = 0, 0
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        module, variables = load_llm(d, scan_layers=a.scan_layers)
+
+    def ours():
+        out = generate(module, variables, input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens)
+        return out.tokens
+
+    def theirs():
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=a.new_tokens,
+                min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+        return out[:, a.prompt_len :].numpy()
+
+    def timed(fn, repeats):
+        times, out = [], None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        return min(times), out
+
+    compile_s, _ = timed(ours, 1)
+    ours_s, our_tokens = timed(ours, a.repeats)
+    timed(theirs, 1)  # warm-up
+    hf_s, hf_tokens = timed(theirs, a.repeats)
+    n = a.batch * a.new_tokens
+    result = dict(
+        model=dict(cfg.to_diff_dict(), num_params=sum(p.numel() for p in model.parameters())),
+        batch=a.batch, prompt_len=a.prompt_len, new_tokens=a.new_tokens, scan_layers=a.scan_layers,
+        devices=str(jax.devices()[0].platform), torch_threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        ours=dict(seconds=ours_s, tokens_per_s=n / ours_s, first_call_seconds=compile_s),
+        transformers=dict(seconds=hf_s, tokens_per_s=n / hf_s),
+        speedup=hf_s / ours_s,
+        tokens_match=bool((our_tokens == hf_tokens).all()),
+        token_agreement=float((our_tokens == hf_tokens).mean()),
+    )  # fmt: skip
+    print(f"greedy decode, {result['model']['num_params'] / 1e6:.0f}M params, batch {a.batch}, "
+          f"prompt {a.prompt_len}, {a.new_tokens} new tokens")  # fmt: skip
+    print(f"{'impl':<14}{'seconds':>10}{'tokens/s':>12}")
+    print(
+        f"{'pargo_jax':<14}{ours_s:>10.3f}{n / ours_s:>12.1f}   (first call incl. compile {compile_s:.1f}s)"
+    )
+    print(f"{'transformers':<14}{hf_s:>10.3f}{n / hf_s:>12.1f}")
+    print(f"speedup {result['speedup']:.2f}x, identical tokens: {result['tokens_match']}")
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

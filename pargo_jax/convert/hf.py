@@ -1,0 +1,251 @@
+"""Hugging Face decoder LLM checkpoints (safetensors) -> :class:`pargo_jax.models.llm.CausalLM`.
+
+Supported ``model_type``: ``llama`` (Llama 2/3/3.1, SmolLM2), ``qwen2`` (Qwen2/2.5) and ``internlm2``.
+Each family is a table of :class:`~pargo_jax.convert.tables.Rule`; InternLM2's fused ``wqkv`` (grouped
+per kv head as ``[q_0 .. q_{g-1}, k, v]``) is presented to the table as three virtual tensors
+``wq``/``wk``/``wv`` by :class:`_SplitFusedQKV`, so the usual "every tensor consumed" check still holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pargo_jax.convert.tables import (
+    ConversionError,
+    LazySource,
+    Rule,
+    convert,
+    expected_shapes,
+    flatten,
+    merge_heads_in,
+    split_heads_bias,
+    split_heads_out,
+    transpose,
+)
+from pargo_jax.models.llm import CausalLM, LLMConfig, RopeScaling
+
+SUPPORTED = ("llama", "qwen2", "internlm2")
+IGNORE = (r".*rotary_emb\.inv_freq",)
+
+
+def _rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    """(theta, llama3 scaling) from a v4 (``rope_theta`` + ``rope_scaling``) or v5 (``rope_parameters``)
+    config. ``dynamic`` NTK scaling (InternLM2) equals plain RoPE up to max_position_embeddings, which
+    the generation length guard enforces, so it maps to no scaling."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {}) or params
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", "dynamic", None):
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"Unsupported rope scaling type {kind!r}; supported: default, llama3, dynamic.")
+    return theta, RopeScaling(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides) -> LLMConfig:
+    """Our :class:`LLMConfig` from an HF ``config.json`` dict; ``overrides`` replace any field."""
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED:
+        raise ValueError(f"Unsupported LLM model_type {kind!r}; supported: {', '.join(SUPPORTED)}.")
+    unsupported = {
+        "attention_bias": hf.get("attention_bias", False) and kind == "llama",
+        "mlp_bias": hf.get("mlp_bias", False),
+        "bias": hf.get("bias", False) and kind == "internlm2",
+        "use_sliding_window": hf.get("use_sliding_window", False),
+        f"hidden_act={hf.get('hidden_act')}": hf.get("hidden_act", "silu") != "silu",
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"Unsupported {kind} config option(s) {bad}: this model variant is not implemented.")
+    heads = hf["num_attention_heads"]
+    theta, scaling = _rope(hf)
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=kind == "qwen2",
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+    )
+    fields.update(overrides)
+    return LLMConfig(**fields)
+
+
+def llm_rules(kind: str, cfg: LLMConfig) -> list[Rule]:
+    """The conversion table of one family; layer targets are stacked (``[{0}]``) when scanned."""
+    L = r"model\.layers\.(\d+)\."
+    lay = (lambda dst: f"layers/{dst}[{{0}}]") if cfg.scan_layers else (lambda dst: f"layers_{{0}}/{dst}")
+    esc = lambda name: name.replace(".", r"\.")
+    qo, kvo = split_heads_out(cfg.num_heads), split_heads_out(cfg.num_kv_heads)
+    if kind == "internlm2":
+        names = dict(
+            embed="model.tok_embeddings", head="output", q="attention.wq", k="attention.wk",
+            v="attention.wv", o="attention.wo", gate="feed_forward.w1", up="feed_forward.w3",
+            down="feed_forward.w2", in_norm="attention_norm", post_norm="ffn_norm",
+        )  # fmt: skip
+    else:
+        names = dict(
+            embed="model.embed_tokens", head="lm_head", q="self_attn.q_proj", k="self_attn.k_proj",
+            v="self_attn.v_proj", o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
+            down="mlp.down_proj", in_norm="input_layernorm", post_norm="post_attention_layernorm",
+        )  # fmt: skip
+    per_layer = [
+        ("q", "attn/q/kernel", qo),
+        ("k", "attn/k/kernel", kvo),
+        ("v", "attn/v/kernel", kvo),
+        ("o", "attn/o/kernel", merge_heads_in(cfg.num_heads)),
+        ("gate", "mlp/gate/kernel", transpose),
+        ("up", "mlp/up/kernel", transpose),
+        ("down", "mlp/down/kernel", transpose),
+        ("in_norm", "input_norm/scale", None),
+        ("post_norm", "post_attn_norm/scale", None),
+    ]
+    rules = [Rule(rf"{esc(names['embed'])}\.weight", "embed_tokens/embedding")]
+    rules += [Rule(r"model\.norm\.weight", "norm/scale")]
+    if not cfg.tie_word_embeddings:
+        rules.append(Rule(rf"{names['head']}\.weight", "lm_head/kernel", transpose))
+    for src, dst, fn in per_layer:
+        rules.append(Rule(rf"{L}{esc(names[src])}\.weight", lay(dst), fn))
+    if cfg.qkv_bias:
+        for src, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads), ("v", cfg.num_kv_heads)):
+            rules.append(
+                Rule(rf"{L}{esc(names[src])}\.bias", lay(f"attn/{src}/bias"), split_heads_bias(heads))
+            )
+    return rules
+
+
+class _SplitFusedQKV(Mapping[str, np.ndarray]):
+    """Presents each InternLM2 ``attention.wqkv.weight`` as virtual ``attention.w{q,k,v}.weight``.
+
+    wqkv rows are grouped per kv head: (kv_heads, q_per_kv + 2, head_dim, hidden), the last two being
+    that group's k and v; query head ``h`` belongs to kv head ``h // q_per_kv`` (HF ``repeat_kv``)."""
+
+    def __init__(self, source: Mapping[str, np.ndarray], cfg: LLMConfig):
+        self._src, self._cfg = source, cfg
+        self._names: dict[str, tuple[str, str]] = {}
+        for name in source:
+            if name.endswith("attention.wqkv.weight"):
+                for part in "qkv":
+                    self._names[name.replace("wqkv", f"w{part}")] = (name, part)
+            else:
+                self._names[name] = (name, "")
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        src, part = self._names[name]
+        if not part:
+            return self._src[src]
+        if self._last is None or self._last[0] != src:  # one read serves q, k and v
+            self._last = (src, np.asarray(self._src[src]))
+        c = self._cfg
+        g = c.num_heads // c.num_kv_heads
+        w = self._last[1]
+        if w.shape[0] != (g + 2) * c.num_kv_heads * c.head_dim:
+            raise ConversionError(
+                f"{src} has shape {w.shape}; expected ({(g + 2) * c.num_kv_heads * c.head_dim}, hidden) "
+                f"for {c.num_heads} heads / {c.num_kv_heads} kv heads of size {c.head_dim}."
+            )
+        w = w.reshape(c.num_kv_heads, g + 2, c.head_dim, w.shape[-1])
+        sel = {"q": w[:, :g], "k": w[:, g], "v": w[:, g + 1]}[part]
+        return sel.reshape(-1, w.shape[-1])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def fit_sharding(s: jax.sharding.Sharding, shape: tuple[int, ...]) -> jax.sharding.Sharding:
+    """``s`` with every array axis that its mesh axes do not evenly divide replicated instead (e.g. 3
+    kv heads on a 2-way ``tensor`` axis), so any checkpoint loads on any mesh."""
+    if not isinstance(s, jax.sharding.NamedSharding):
+        return s
+    spec = []
+    for dim, axes in zip(shape, tuple(s.spec) + (None,) * (len(shape) - len(s.spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([s.mesh.shape[a] for a in names]))
+        spec.append(axes if dim % size == 0 else None)
+    return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def read_hf_config(path: str) -> dict:
+    """``config.json`` of a local HF directory, with one clear error when it is missing."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(
+            f"No config.json in {path!r}: pass a local Hugging Face model directory "
+            f"(supported model_type: {', '.join(SUPPORTED)})."
+        )
+    with open(cfg_file) as f:
+        return json.load(f)
+
+
+def load_llm(
+    path: str,
+    dtype: Any = np.float32,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    shardings: Any = None,
+    scan_layers: bool = False,
+    compute_dtype: Any = jnp.float32,
+    **overrides,
+) -> tuple[CausalLM, dict]:
+    """Loads a local HF LLM directory into ``(CausalLM, {"params": ...})``.
+
+    ``dtype`` is the parameter dtype (``param_dtype``), ``compute_dtype`` the activation dtype;
+    ``overrides`` set other :class:`LLMConfig` fields (e.g. ``remat_policy``, ``attention_impl``).
+    With ``mesh`` each tensor is placed straight onto its logical sharding (or pass ``shardings``, a
+    tree of ``NamedSharding`` matching the params); tensors are read one at a time. Raises
+    ``ConversionError`` naming every unused, missing or mis-shaped tensor.
+    """
+    hf = read_hf_config(path)
+    cfg = config_from_hf(
+        hf, scan_layers=scan_layers, param_dtype=jnp.dtype(dtype), dtype=jnp.dtype(compute_dtype), **overrides
+    )
+    module = CausalLM(cfg)
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.ones((1, 1), jnp.int32)))
+    expected = expected_shapes(abstract["params"])
+    place: Callable[[str, np.ndarray], Any]
+    if shardings is None and mesh is not None:
+        from pargo_jax.sharding import logical_shardings
+
+        shardings = logical_shardings(abstract, mesh)["params"]
+    if shardings is not None:
+        flat = flatten(shardings)
+        place = lambda name, x: jax.device_put(x, fit_sharding(flat[name], x.shape))
+    else:
+        place = lambda name, x: jnp.asarray(x)
+    source: Mapping[str, np.ndarray] = LazySource.from_dir(path)
+    if hf["model_type"] == "internlm2":
+        source = _SplitFusedQKV(source, cfg)
+    params = convert(
+        source,
+        llm_rules(hf["model_type"], cfg),
+        expected,
+        ignore=IGNORE,
+        place=place,
+        dtype=np.dtype(dtype),
+        what=f"{hf['model_type']} checkpoint at {path}",
+    )
+    return module, {"params": params}

@@ -1,0 +1,190 @@
+"""Import the official ParGo projector checkpoint (ln_vision -> ParGo BERT -> llm_proj).
+
+The release loads its checkpoint with ``strict=False`` and so silently skips a renamed projector;
+this loader accounts for every tensor: projector tensors are converted, the text-branch tensors
+the release deletes are ignored by name, tensors of the other components (``visual_encoder.*``,
+``llm_model.*``) are left for their own loaders, and anything else is an error listing every name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+from pargo_jax.convert.tables import ConversionError, Rule, convert, expected_shapes, transpose
+from pargo_jax.models.projectors.pargo import ParGo, ParGoConfig
+
+PROJECTOR_PREFIXES = ("ParGo.", "Q_former.", "Qformer.")
+OTHER_COMPONENTS = ("visual_encoder.", "llm_model.")
+_LAYER = r"bert\.encoder\.layer\.(\d+)\."
+# Text-branch tensors the release deletes before loading (word embeddings, MLM head, text FFNs).
+TEXT_BRANCH = (
+    r"bert\.embeddings\.word_embeddings\.weight",
+    r"bert\.embeddings\.position_ids",
+    r"cls\..*",
+    _LAYER + r"intermediate\.dense\.(weight|bias)",
+    _LAYER + r"output\.(dense|LayerNorm)\.(weight|bias)",
+)
+
+
+def _rules() -> list[Rule]:
+    attn = {"attention": "self", "crossattention": "cross"}
+    rules = [
+        Rule(r"ln_vision\.weight", "ln_vision_scale"),
+        Rule(r"ln_vision\.bias", "ln_vision_bias"),
+        Rule(r"query_tokens", "query_tokens", lambda x: x.reshape(x.shape[-2:])),
+        Rule(r"llm_proj\.weight", "llm_proj_kernel", transpose),
+        Rule(r"llm_proj\.bias", "llm_proj_bias"),
+        Rule(r"bert\.embeddings\.position_embeddings\.weight", "position_embeddings"),
+        Rule(r"bert\.embeddings\.LayerNorm\.weight", "embed_norm_scale"),
+        Rule(r"bert\.embeddings\.LayerNorm\.bias", "embed_norm_bias"),
+        Rule(_LAYER + r"crossattention\.self\.query\.weight", "cross_q_kernel[{0}]", transpose),
+        Rule(_LAYER + r"crossattention\.self\.query\.bias", "cross_q_bias[{0}]"),
+    ]
+    for i, proj in enumerate(("query", "key", "value")):
+        rules += [
+            Rule(_LAYER + rf"attention\.self\.{proj}\.weight", f"self_qkv_kernel[{{0}}][{i}]", transpose),
+            Rule(_LAYER + rf"attention\.self\.{proj}\.bias", f"self_qkv_bias[{{0}}][{i}]"),
+        ]
+    for i, proj in enumerate(("key", "value")):
+        rules += [
+            Rule(
+                _LAYER + rf"crossattention\.self\.{proj}\.weight", f"cross_kv_kernel[{{0}}][{i}]", transpose
+            ),
+            Rule(_LAYER + rf"crossattention\.self\.{proj}\.bias", f"cross_kv_bias[{{0}}][{i}]"),
+        ]
+    for src, ours in attn.items():
+        rules += [
+            Rule(_LAYER + rf"{src}\.output\.dense\.weight", f"{ours}_out_kernel[{{0}}]", transpose),
+            Rule(_LAYER + rf"{src}\.output\.dense\.bias", f"{ours}_out_bias[{{0}}]"),
+            Rule(_LAYER + rf"{src}\.output\.LayerNorm\.weight", f"{ours}_norm_scale[{{0}}]"),
+            Rule(_LAYER + rf"{src}\.output\.LayerNorm\.bias", f"{ours}_norm_bias[{{0}}]"),
+        ]
+    return rules + [
+        Rule(_LAYER + r"intermediate_query\.dense\.weight", "fc1_kernel[{0}]", transpose),
+        Rule(_LAYER + r"intermediate_query\.dense\.bias", "fc1_bias[{0}]"),
+        Rule(_LAYER + r"output_query\.dense\.weight", "fc2_kernel[{0}]", transpose),
+        Rule(_LAYER + r"output_query\.dense\.bias", "fc2_bias[{0}]"),
+        Rule(_LAYER + r"output_query\.LayerNorm\.weight", "ffn_norm_scale[{0}]"),
+        Rule(_LAYER + r"output_query\.LayerNorm\.bias", "ffn_norm_bias[{0}]"),
+    ]
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Tensors of a ``.safetensors`` file or a torch pickle (``.bin``/``.pth``/``.pt``) as numpy.
+
+    Torch pickles wrapped as ``{"state_dict": ...}`` or ``{"model": ...}`` are unwrapped."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return dict(load_file(path))
+    if not path.endswith((".bin", ".pth", ".pt")):
+        raise ValueError(f"Checkpoint {path!r}: expected a .safetensors, .bin, .pth or .pt file.")
+    import torch  # Lazy: torch is an export/test extra, not a core dependency.
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in obj.items()}
+
+
+def _canonical(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+    """Strips ``module.`` and the projector prefix; splits off other components' tensors."""
+    ours, others, text = {}, [], []
+    text_re = [re.compile(p) for p in TEXT_BRANCH]
+    for name, value in state.items():
+        key = name.removeprefix("module.")
+        if key.startswith(OTHER_COMPONENTS):
+            others.append(name)
+            continue
+        for prefix in PROJECTOR_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                if any(p.fullmatch(key) for p in text_re):
+                    text.append(name)
+                    key = None
+                break
+        if key is not None:
+            ours[key] = value
+    return ours, others, text
+
+
+def infer_config(
+    state: Mapping[str, np.ndarray], *, num_partial: int, num_heads: int | None, **overrides
+) -> ParGoConfig:
+    """ParGoConfig from tensor shapes: H, L, P+G, C_vision, D_llm, FFN width, position rows."""
+    required = (
+        "query_tokens",
+        "ln_vision.weight",
+        "llm_proj.weight",
+        "bert.embeddings.position_embeddings.weight",
+    )
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ConversionError(
+            f"Not a ParGo projector checkpoint: missing {', '.join(missing)} (after stripping the "
+            f"prefixes 'module.' and {', '.join(PROJECTOR_PREFIXES)})."
+        )
+    num_queries, hidden = state["query_tokens"].shape[-2:]
+    layer_ids = {int(m.group(1)) for k in state if (m := re.match(_LAYER, k))}
+    if not layer_ids:
+        raise ConversionError("The checkpoint has no bert.encoder.layer.* tensors.")
+    layers = max(layer_ids) + 1
+    no_cross = [
+        i for i in range(layers) if f"bert.encoder.layer.{i}.crossattention.self.query.weight" not in state
+    ]
+    if no_cross:
+        raise ConversionError(
+            f"Layers {no_cross} have no cross-attention (cross_attention_freq > 1); the released model "
+            "has cross-attention in every layer and only that layout is supported."
+        )
+    ffn = state.get("bert.encoder.layer.0.intermediate_query.dense.weight")
+    heads = num_heads or hidden // 64
+    if num_partial > num_queries:
+        raise ValueError(f"num_partial={num_partial} exceeds the checkpoint's {num_queries} queries.")
+    return ParGoConfig(
+        num_partial=num_partial,
+        num_global=num_queries - num_partial,
+        hidden=hidden,
+        heads=heads,
+        layers=layers,
+        mlp_dim=ffn.shape[0] if ffn is not None else 4 * hidden,
+        vision_width=state["ln_vision.weight"].shape[0],
+        llm_width=state["llm_proj.weight"].shape[0],
+        max_positions=state["bert.embeddings.position_embeddings.weight"].shape[0],
+        **overrides,
+    )
+
+
+def load_projector(
+    path: str, num_heads: int | None = None, *, num_partial: int = 288, dtype=np.float32, **overrides
+) -> tuple[ParGo, dict]:
+    """``(module, variables)`` with ``module.apply(variables, features)`` mapping raw tower features
+    (B, N, C_vision) to (B, P+G, D_llm) like the official ln_vision -> ParGo -> llm_proj.
+
+    ``num_heads`` defaults to H // 64; ``num_partial`` cannot be read from weights (released: 288).
+    ``overrides`` set other ParGoConfig fields (``impl``, ``cpp``, ``dtype``, ...)."""
+    state, others, text = _canonical(read_state_dict(path))
+    config = infer_config(state, num_partial=num_partial, num_heads=num_heads, **overrides)
+    module = ParGo(config)
+    features = jax.ShapeDtypeStruct((1, max(config.num_partial, 1), config.vision_width), np.float32)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), features)
+    expected = expected_shapes(abstract["params"])
+    params = convert(state, _rules(), expected, dtype=dtype, what=f"ParGo checkpoint {path!r}")
+    logging.info(
+        "Loaded ParGo projector from %s: %d tensors converted, %d text-branch tensors ignored, "
+        "%d tower/LLM tensors left for their loaders.",
+        path,
+        len(state),
+        len(text),
+        len(others),
+    )
+    return module, {"params": params}

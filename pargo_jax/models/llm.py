@@ -1,0 +1,334 @@
+"""Decoder-only LLMs: the Llama family (Llama 2/3/3.1, SmolLM2), Qwen2/2.5 and InternLM2 (whose fused
+``wqkv`` is split into q/k/v at load time, see ``pargo_jax.convert.hf``).
+
+One block: ``x + Attn(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``, grouped-query attention with
+rotary embeddings (HF "rotate half" layout, optional llama3 frequency scaling), optional q/k/v biases
+(Qwen2), optional tied input/output embeddings (SmolLM2).
+
+Decoding uses an explicit cache pytree (:class:`KVCache`): ``logits, cache = model.apply(v, ids,
+attention_mask=m, cache=cache)`` writes the new keys/values at ``cache.index`` and advances it. Cache
+slots are in time order; ``cache.mask`` marks which slots hold real (non-pad) tokens, so a left-padded
+prompt and its continuation attend exactly like the unpadded sequence. Positions are derived from the
+masks: ``position = (#real tokens before this one)``, i.e. ``cumsum(mask) - 1`` over cache + input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 ("llama3") rotary frequency scaling."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    """Architecture + numerics of a decoder LLM. ``dtype`` is the compute dtype, ``param_dtype`` the
+    storage dtype of the parameters."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    max_position_embeddings: int = 4096
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None  # None (XLA picks) | "xla" | "cudnn"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}."
+            )
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"attention_impl={self.attention_impl!r}; use None, 'xla' or 'cudnn'.")
+        if self.remat_policy not in ("none", "full") and not hasattr(
+            jax.checkpoint_policies, self.remat_policy
+        ):
+            raise ValueError(
+                f"remat_policy={self.remat_policy!r} is neither 'none', 'full' nor a "
+                "jax.checkpoint_policies name (e.g. 'dots_with_no_batch_dims_saveable')."
+            )
+
+
+class KVCache(NamedTuple):
+    """Decoding state. ``k``/``v``: (layers, batch, max_length, kv_heads, head_dim); ``mask``: (batch,
+    max_length) bool, True where a slot holds a real token; ``index``: () int32, next slot to write."""
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+
+def init_cache(config: LLMConfig, batch_size: int, max_length: int, dtype: Dtype | None = None) -> KVCache:
+    """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens (prompt included)."""
+    if max_length > config.max_position_embeddings:
+        raise ValueError(
+            f"Cache length {max_length} exceeds max_position_embeddings="
+            f"{config.max_position_embeddings}; shorten the prompt or max_new_tokens."
+        )
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    dtype = dtype or config.dtype
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch_size, max_length), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def rope_inv_freq(config: LLMConfig) -> np.ndarray:
+    """Rotary inverse frequencies (head_dim // 2,), float32, with llama3 scaling when configured."""
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv = inv.astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF "rotate half" RoPE on (B, T, H, D) with cos/sin (B, T, D)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rot = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None, :].astype(x.dtype) + rot * sin[:, :, None, :].astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled in the compute dtype (as HF Llama)."""
+
+    eps: float
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Proj(nn.Module):
+    """Linear map contracting the last ``in_axes`` input axes into ``features`` (a DenseGeneral whose
+    kernel keeps its full (in..., out...) shape, so logical partitioning applies to the real axes)."""
+
+    features: tuple[int, ...]
+    in_axes: int
+    names: tuple[str, ...]
+    config: LLMConfig
+    bias_names: tuple[str, ...] | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        shape = x.shape[x.ndim - self.in_axes :] + self.features
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.names), shape,
+            c.param_dtype,
+        )  # fmt: skip
+        contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
+        y = jax.lax.dot_general(x.astype(c.dtype), kernel.astype(c.dtype), (contract, ((), ())))
+        if self.bias_names is not None:
+            init = nn.with_logical_partitioning(nn.initializers.zeros, self.bias_names)
+            y = y + self.param("bias", init, self.features, c.param_dtype).astype(c.dtype)
+        return y
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE. ``kv`` is None or the full stacked (k, v) cache, updated
+    in place at (``layer``, slot ``index``) so that no per-step copy of the cache is needed."""
+
+    config: LLMConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv, layer, index):
+        c = self.config
+        hd = (c.num_heads, c.head_dim)
+        kvd = (c.num_kv_heads, c.head_dim)
+        qn, kvn = ("heads", "head_dim"), ("kv_heads", "head_dim")
+        q = Proj(hd, 1, ("embed", *qn), c, qn if c.qkv_bias else None, name="q")(x)
+        k = Proj(kvd, 1, ("embed", *kvn), c, kvn if c.qkv_bias else None, name="k")(x)
+        v = Proj(kvd, 1, ("embed", *kvn), c, kvn if c.qkv_bias else None, name="v")(x)
+        q = nn.with_logical_constraint(_rotate(q, cos, sin), ("batch", "length", "act_heads", None))
+        k = _rotate(k, cos, sin)
+        if kv is not None:
+            k_all, v_all = kv
+            start = (layer, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            kv = (k_all, v_all)
+            k, v = k_all[layer], v_all[layer]
+        k = nn.with_logical_constraint(k, ("batch", "length", "act_heads", None))
+        v = nn.with_logical_constraint(v, ("batch", "length", "act_heads", None))
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=c.attention_impl
+        )
+        out = Proj((c.hidden_size,), 2, ("heads", "head_dim", "embed"), c, name="o")(out)
+        return out, kv
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    config: LLMConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = Proj((c.intermediate_size,), 1, ("embed", "mlp"), c, name="gate")(x)
+        up = Proj((c.intermediate_size,), 1, ("embed", "mlp"), c, name="up")(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return Proj((c.hidden_size,), 1, ("mlp", "embed"), c, name="down")(h)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block with an nn.scan-compatible signature: ``carry = (hidden, full cache (k, v) or
+    None, layer index)`` -> ``(carry, None)``."""
+
+    config: LLMConfig
+
+    @nn.compact
+    def __call__(self, carry, cos, sin, mask, index):
+        x, kv, layer = carry
+        c = self.config
+        norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
+        h, kv = Attention(c, name="attn")(norm("input_norm")(x), cos, sin, mask, kv, layer, index)
+        x = x + h
+        x = x + MLP(c, name="mlp")(norm("post_attn_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        return (x, kv, layer + 1), None
+
+
+def _layer_class(config: LLMConfig):
+    if config.remat_policy == "none":
+        return DecoderLayer
+    policy = None if config.remat_policy == "full" else getattr(jax.checkpoint_policies, config.remat_policy)
+    return nn.remat(DecoderLayer, policy=policy, prevent_cse=not config.scan_layers)
+
+
+class CausalLM(nn.Module):
+    """Decoder LLM. Params: ``embed_tokens``, ``layers_{i}`` (or ``layers`` stacked on a leading axis
+    when ``scan_layers``), ``norm``, ``lm_head`` (absent when embeddings are tied)."""
+
+    config: LLMConfig
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        )
+        if c.scan_layers:
+            self.layers = nn.scan(
+                _layer_class(c),
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, name="layers")
+        else:
+            cls = _layer_class(c)
+            self.blocks = [cls(c, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = Proj((c.vocab_size,), 1, ("embed", "vocab"), c, name="lm_head")
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings (B, T, hidden) in the compute dtype."""
+        return self.embed_tokens(input_ids)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Dtype | None = None) -> KVCache:
+        """See :func:`init_cache` (needs no variables: call it on the unbound module)."""
+        return init_cache(self.config, batch_size, max_length, dtype)
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        last_logits_only: bool = False,
+    ):
+        """Logits (B, T, V) (or (B, 1, V) with ``last_logits_only``); with ``cache``, returns
+        ``(logits, new_cache)``. ``attention_mask`` (B, T): 1 = real token, 0 = padding."""
+        c = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(c.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        b, t = x.shape[:2]
+        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if cache is None:
+            kv_mask, index, past = mask, jnp.zeros((), jnp.int32), jnp.zeros((b, 1), jnp.int32)
+        else:
+            kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
+            index, past = cache.index, cache.mask.sum(-1, keepdims=True, dtype=jnp.int32)
+        if positions is None:
+            positions = jnp.maximum(past + jnp.cumsum(mask, -1, dtype=jnp.int32) - 1, 0)
+        freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(c))
+        emb = jnp.concatenate([freqs, freqs], -1)
+        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        q_slot = index + jnp.arange(t)
+        causal = jnp.arange(kv_mask.shape[1])[None, :] <= q_slot[:, None]  # (T, S)
+        attn_mask = causal[None, None] & kv_mask[:, None, None, :]  # (B, 1, T, S)
+
+        carry = (x, None if cache is None else (cache.k, cache.v), jnp.zeros((), jnp.int32))
+        for blk in [self.layers] if c.scan_layers else self.blocks:
+            carry, _ = blk(carry, cos, sin, attn_mask, index)
+        x, kv, _ = carry
+        if last_logits_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if c.tie_word_embeddings else self.lm_head(x)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        return logits, KVCache(kv[0], kv[1], kv_mask, index + t)

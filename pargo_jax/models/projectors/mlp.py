@@ -1,0 +1,49 @@
+"""LLaVA-1.5 projector: Linear -> GELU -> Linear over every patch, optionally over groups of ``group``
+adjacent patches concatenated along channels (MiniGPT-v2 style token reduction)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    vision_width: int = 1024
+    llm_width: int = 4096
+    group: int = 1  # adjacent patches (raster order) merged into one token
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def num_tokens(self, num_patches: int) -> int:
+        if num_patches % self.group:
+            raise ValueError(f"num_patches={num_patches} is not divisible by group={self.group}.")
+        return num_patches // self.group
+
+
+class MLPProjector(nn.Module):
+    """features (B, N, C) -> (B, N / group, D)."""
+
+    config: MLPConfig
+
+    @nn.compact
+    def __call__(self, features: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        del deterministic
+        c = self.config
+        b, n, width = features.shape
+        if width != c.vision_width:
+            raise ValueError(f"features have width {width} but the projector expects {c.vision_width}.")
+        x = features.reshape(b, c.num_tokens(n), c.group * width).astype(c.dtype)
+        dense = lambda name, axes: nn.Dense(
+            c.llm_width,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            name=name,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
+        )
+        x = nn.gelu(dense("fc1", ("embed", "mlp"))(x), approximate=False)
+        return dense("fc2", ("mlp", "embed"))(x).astype(jnp.dtype(c.dtype))

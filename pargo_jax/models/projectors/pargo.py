@@ -1,0 +1,227 @@
+"""ParGo: partial-global queries over vision features (AAAI 2025), exactly as released, plus the
+paper's cascaded partial perception. ``num_partial=0`` gives the Q-Former baseline.
+
+Released computation (post-LN BERT), ``x`` = raw tower features (B, N, C)::
+
+    f = LayerNorm_1e-5(x)                                   # ln_vision
+    h = LayerNorm_1e-12(queries + pos_emb[:Q])              # Q = P partial + G global queries
+    repeat L times:
+        h = LN(h + SelfAttn(h, mask=self_mask[l]))          # partial<->partial, global<->global
+        h = LN(h + CrossAttn(h, f, mask=cross_mask))        # partial i: its window; global: all
+        h = LN(h + W2 gelu(W1 h))                           # exact (erf) GELU
+    tokens = h @ W_llm + b                                  # (B, Q, D_llm)
+
+Parameters are stacked over layers (leading axis L) so that the cross-attention keys/values of all
+layers come from one large matmul, and self-attention q/k/v from one matmul per layer. Two
+computation paths give the same function: ``impl="dense"`` (masked full attention, the reference)
+and ``impl="structured"`` (partial queries attend over their own window via reshape, no Q x N score
+matrix; global queries dense; cascade groups as blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from pargo_jax.models import masks
+from pargo_jax.models.attention import attention, window_attention
+
+Dtype = jnp.dtype | str
+
+
+@dataclasses.dataclass(frozen=True)
+class ParGoConfig:
+    """Shape and semantics of a ParGo projector (defaults: the released checkpoint)."""
+
+    num_partial: int = 288
+    num_global: int = 16
+    hidden: int = 512
+    heads: int = 8
+    layers: int = 4
+    mlp_dim: int = 2048
+    vision_width: int = 1024
+    llm_width: int = 4096
+    max_positions: int = 512  # rows of the BERT position table (only the first P+G are used)
+    cpp: str = "released"  # "released" | "cascaded"
+    cascade_schedule: str | tuple[int, ...] = "double"
+    layout: str = "raster"  # "raster" (released) | "grid"
+    num_crops: int = 1
+    grid: tuple[int, int] | None = None
+    impl: str = "structured"  # "structured" | "dense"
+    vision_eps: float = 1e-5
+    eps: float = 1e-12
+    dropout: float = 0.0
+    dtype: Dtype = "float32"
+    param_dtype: Dtype = "float32"
+
+    def __post_init__(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}.")
+        if self.num_partial + self.num_global < 1:
+            raise ValueError("ParGo needs at least one query: num_partial + num_global is 0.")
+        if self.num_partial + self.num_global > self.max_positions:
+            raise ValueError(
+                f"{self.num_partial + self.num_global} queries exceed max_positions={self.max_positions}."
+            )
+        if self.impl not in ("structured", "dense"):
+            raise ValueError(f"impl={self.impl!r} is not 'structured' or 'dense'.")
+        if self.cpp not in ("released", "cascaded"):
+            raise ValueError(f"cpp={self.cpp!r} is not 'released' or 'cascaded'.")
+
+    @property
+    def num_queries(self) -> int:
+        return self.num_partial + self.num_global
+
+    def num_tokens(self, num_patches: int) -> int:
+        """Image tokens handed to the LLM: one per query, whatever the number of patches."""
+        del num_patches
+        return self.num_queries
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale + bias).astype(x.dtype)
+
+
+class ParGo(nn.Module):
+    """features (B, N, C_vision) -> image tokens (B, P+G, D_llm)."""
+
+    config: ParGoConfig
+
+    def _param(self, name: str, shape: Sequence[int], axes: tuple[str | None, ...], init) -> jax.Array:
+        init = nn.with_logical_partitioning(init, axes)
+        return jnp.asarray(self.param(name, init, tuple(shape), self.config.param_dtype), self.config.dtype)
+
+    def _norm(self, name: str, shape: Sequence[int], axes) -> tuple[jax.Array, jax.Array]:
+        return (
+            self._param(f"{name}_scale", shape, axes, nn.initializers.ones),
+            self._param(f"{name}_bias", shape, axes, nn.initializers.zeros),
+        )
+
+    def _dense_params(self, name, shape, axes, std=0.02):
+        kernel = self._param(f"{name}_kernel", shape, axes, nn.initializers.normal(std))
+        bias_shape = shape[:-2] + shape[-1:]
+        bias = self._param(f"{name}_bias", bias_shape, axes[:-2] + axes[-1:], nn.initializers.zeros)
+        return kernel, bias
+
+    @nn.compact
+    def __call__(self, features: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        c = self.config
+        b, n, cv = features.shape
+        if cv != c.vision_width:
+            raise ValueError(
+                f"features have width {cv} but the projector expects vision_width={c.vision_width}."
+            )
+        h_dim, heads, nl, q_len = c.hidden, c.heads, c.layers, c.num_queries
+        L = ("layers",)
+        windows = masks.partial_windows(c.num_partial, n, layout=c.layout, num_crops=c.num_crops, grid=c.grid)
+
+        f = layer_norm(features.astype(c.dtype), *self._norm("ln_vision", (cv,), ("norm",)), c.vision_eps)
+        queries = self._param(
+            "query_tokens", (q_len, h_dim), ("queries", "embed"), nn.initializers.normal(0.02)
+        )
+        pos = self._param(
+            "position_embeddings", (c.max_positions, h_dim), (None, "embed"), nn.initializers.normal(0.02)
+        )
+        h = layer_norm(queries + pos[:q_len], *self._norm("embed_norm", (h_dim,), ("norm",)), c.eps)
+        h = jnp.broadcast_to(h, (b, q_len, h_dim))
+        h = self._dropout(h, deterministic)
+
+        self_qkv = self._dense_params("self_qkv", (nl, 3, h_dim, h_dim), L + (None, "embed", "heads"))
+        self_out = self._dense_params("self_out", (nl, h_dim, h_dim), L + ("heads", "embed"))
+        self_norm = self._norm("self_norm", (nl, h_dim), L + ("norm",))
+        cross_q = self._dense_params("cross_q", (nl, h_dim, h_dim), L + ("embed", "heads"))
+        cross_kv = self._dense_params("cross_kv", (nl, 2, cv, h_dim), L + (None, "embed", "heads"))
+        cross_out = self._dense_params("cross_out", (nl, h_dim, h_dim), L + ("heads", "embed"))
+        cross_norm = self._norm("cross_norm", (nl, h_dim), L + ("norm",))
+        fc1 = self._dense_params("fc1", (nl, h_dim, c.mlp_dim), L + ("embed", "mlp"))
+        fc2 = self._dense_params("fc2", (nl, c.mlp_dim, h_dim), L + ("mlp", "embed"))
+        ffn_norm = self._norm("ffn_norm", (nl, h_dim), L + ("norm",))
+
+        # Keys/values of every layer's cross-attention in one matmul: (B, N, L, 2, heads, head_dim).
+        if c.impl == "structured" and c.num_partial:
+            f = f[:, np.asarray(windows).reshape(-1)] if not _is_identity(windows) else f
+        kv = jnp.einsum("bnc,ltcd->bnltd", f, cross_kv[0]) + cross_kv[1][None, None]
+        kv = kv.reshape(b, n, nl, 2, heads, h_dim // heads)
+
+        self_masks = masks.self_masks(c.num_partial, c.num_global, nl, c.cpp, c.cascade_schedule)
+        cross_mask = masks.partial_global_cross_mask(
+            c.num_partial, c.num_global, n, layout=c.layout, num_crops=c.num_crops, grid=c.grid
+        )
+        for i in range(nl):
+            qkv = jnp.einsum("bqh,thd->bqtd", h, self_qkv[0][i]) + self_qkv[1][i]
+            qkv = qkv.reshape(b, q_len, 3, heads, h_dim // heads)
+            a = self._self_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self_masks[i], i)
+            h = self._residual_norm(h, a, self_out, self_norm, i, deterministic)
+            q = (h @ cross_q[0][i] + cross_q[1][i]).reshape(b, q_len, heads, h_dim // heads)
+            a = self._cross_attention(q, kv[:, :, i, 0], kv[:, :, i, 1], cross_mask, windows.shape[-1])
+            h = self._residual_norm(h, a, cross_out, cross_norm, i, deterministic)
+            y = nn.gelu(h @ fc1[0][i] + fc1[1][i], approximate=False)
+            h = self._residual_norm(h, y, fc2, ffn_norm, i, deterministic, flat=True)
+        kernel, bias = self._dense_params("llm_proj", (h_dim, c.llm_width), ("embed", "mlp"))
+        return h @ kernel + bias
+
+    def _dropout(self, x, deterministic):
+        return nn.Dropout(self.config.dropout)(x, deterministic=deterministic) if self.config.dropout else x
+
+    def _residual_norm(self, h, update, dense, norm, i, deterministic, flat=False):
+        """Post-LN residual: LN(h + dropout(update @ W + b))."""
+        if not flat:
+            update = update.reshape(*update.shape[:-2], -1)
+        y = self._dropout(update @ dense[0][i] + dense[1][i], deterministic)
+        return layer_norm(h + y, norm[0][i], norm[1][i], self.config.eps)
+
+    def _self_attention(self, q, k, v, mask: np.ndarray, layer: int):
+        c = self.config
+        if c.impl == "dense" or not c.num_partial:
+            return attention(q, k, v, mask)
+        p = c.num_partial
+        partial = _self_partial(q[:, :p], k[:, :p], v[:, :p], mask[:p, :p])
+        if not c.num_global:
+            return partial
+        glob = attention(q[:, p:], k[:, p:], v[:, p:])
+        return jnp.concatenate([partial, glob], axis=1)
+
+    def _cross_attention(self, q, k, v, mask: np.ndarray, window: int):
+        c = self.config
+        if c.impl == "dense" or not c.num_partial:
+            return attention(q, k, v, mask)
+        p = c.num_partial
+        b, n = k.shape[:2]
+        # Features were permuted so that window i is rows [i*w, (i+1)*w): a reshape, no gather.
+        kw = k.reshape(b, p, window, *k.shape[2:])
+        vw = v.reshape(b, p, window, *v.shape[2:])
+        partial = window_attention(q[:, :p], kw, vw)
+        if not c.num_global:
+            return partial
+        glob = attention(q[:, p:], k, v)  # global queries see every patch (order is irrelevant)
+        return jnp.concatenate([partial, glob], axis=1)
+
+
+def _is_identity(windows: np.ndarray) -> bool:
+    flat = np.asarray(windows).reshape(-1)
+    return bool(np.array_equal(flat, np.arange(flat.size)))
+
+
+def _self_partial(q, k, v, mask: np.ndarray):
+    """Partial<->partial self-attention: full (released), block-diagonal groups (cascade) as blocks,
+    or masked dense when the groups are ragged."""
+    p = q.shape[1]
+    if mask.all():
+        return attention(q, k, v)
+    size = int(mask[0].sum())
+    blocks = np.kron(np.eye(p // size, dtype=bool), np.ones((size, size), bool)) if p % size == 0 else None
+    if blocks is None or not np.array_equal(blocks, mask):
+        return attention(q, k, v, mask)
+    split = lambda x: x.reshape(x.shape[0], p // size, size, *x.shape[2:])
+    out = attention(split(q), split(k), split(v))
+    return out.reshape(q.shape)

@@ -1,0 +1,313 @@
+"""grain pipeline: batch contract, determinism, exact resume, host slicing, mixing, bad records."""
+
+import collections
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines import shapes
+from data_pipelines.builders import write_records
+from data_pipelines.pipeline import InputConfig, make_dataset, make_iterator
+from data_pipelines.schema import BadRecord, Record, Turn, to_example
+from data_pipelines.text import load_tokenizer
+
+N_IMG = 6
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("shapes"))
+    return shapes.build(d, image_size=32, num_pretrain=48, num_sft=48, num_eval=12, seed=1)
+
+
+def _cfg(data, split="sft", **kw):
+    cfg = dict(
+        sources=[dict(name="shapes", data_dir=data["data_dir"], split=split)],
+        batch_size=4,
+        tokenizer=data["tokenizer"],
+        image_size=24,
+        max_len=80,
+    )
+    cfg.update(kw)
+    return cfg
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(
+        set(x) == set(y) and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_batch_contract(shapes_data):
+    tok = load_tokenizer(shapes_data["tokenizer"])
+    it = make_iterator(_cfg(shapes_data, max_len=128), num_image_tokens=N_IMG, seed=0)
+    b = next(it)
+    assert set(b) == {"image", "input_ids", "targets", "loss_mask", "attention_mask", "record_id"}
+    assert b["image"].dtype == np.float32 and b["image"].shape == (4, 24, 24, 3)
+    for k, dt in [("input_ids", np.int32), ("targets", np.int32), ("attention_mask", np.int32)]:
+        assert b[k].dtype == dt and b[k].shape == (4, 128), k
+    assert b["loss_mask"].dtype == np.float32 and b["record_id"].shape == (4,)
+    np.testing.assert_array_equal(b["targets"][:, :-1], b["input_ids"][:, 1:])
+    assert (b["targets"][:, -1] == tok.pad_id).all()
+    assert ((b["input_ids"] == tok.image_token_id).sum(1) == N_IMG).all()
+    n = b["attention_mask"].sum(1)
+    assert (n < 128).all()  # nothing truncated, so every answer must be fully in the mask
+    for row in range(4):
+        assert (b["input_ids"][row, n[row] :] == tok.pad_id).all()
+        assert (b["input_ids"][row, : n[row]] != tok.pad_id).all()
+        # loss only on answer tokens: every masked target decodes to assistant text / <|im_end|>
+        rec = shapes.make_record("sft", int(b["record_id"][row].split("/")[-1]), seed=1, image_size=32)
+        answers = "".join(t.text + "<|im_end|>" for t in rec.conversation if t.role == "assistant")
+        masked = b["targets"][row][b["loss_mask"][row] > 0]
+        assert tok.decode(masked, skip_special_tokens=False) == answers
+    # the image is normalized (padding/background is not raw 0..255)
+    assert -3 < b["image"].min() and b["image"].max() < 3
+
+
+def test_same_seed_same_batches_other_seed_differs(shapes_data):
+    a = _take(make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=5), 4)
+    b = _take(make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=5), 4)
+    c = _take(make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=6), 4)
+    assert _same(a, b)
+    assert not all(np.array_equal(x["record_id"], y["record_id"]) for x, y in zip(a, c, strict=True))
+
+
+def test_resume_from_state_equals_uninterrupted(shapes_data, tmp_path):
+    from etils import epath
+    from grain.checkpoint import CheckpointHandler
+
+    full = _take(make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=0), 30)  # > 1 epoch
+    it = make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=0)
+    first = _take(it, 17)
+    state = json.loads(json.dumps(it.get_state()))  # JSON-serializable
+    resumed = make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=0)
+    resumed.set_state(state)
+    assert _same(first + _take(resumed, 13), full)
+    # grain's orbax checkpoint handler saves/restores the same state
+    CheckpointHandler().save(epath.Path(tmp_path), item=it)
+    again = make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=0)
+    CheckpointHandler().restore(epath.Path(tmp_path), item=again)
+    assert _same(_take(again, 13), full[17:])
+
+
+def test_orbax_checkpoint_manager_restores_the_iterator(shapes_data, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    full = _take(make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=0), 8)
+    it = make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=0)
+    _take(it, 5)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+    fresh = make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=0)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.restore(
+            mngr.latest_step(), args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh))
+        )
+    assert _same(_take(fresh, 3), full[5:])
+
+
+def test_epochs_reshuffle_and_cover_all_records(shapes_data):
+    it = make_iterator(_cfg(shapes_data, batch_size=8), num_image_tokens=N_IMG, seed=0)
+    epochs = [np.concatenate([b["record_id"] for b in _take(it, 6)]) for _ in range(2)]  # 48 = 6 x 8
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(f"shapes/sft/{i}" for i in range(48))
+    assert list(epochs[0]) != list(epochs[1])
+
+
+def test_per_host_slicing_covers_every_record_exactly_once(shapes_data):
+    seen = []
+    for host in range(3):
+        ds = make_dataset(
+            _cfg(shapes_data, batch_size=3, repeat=False),
+            num_image_tokens=N_IMG,
+            seed=0,
+            process_index=host,
+            process_count=3,
+        )
+        ids = [r for i in range(len(ds)) for r in ds[i]["record_id"]]
+        assert len(ids) == 16  # 48 records / 3 hosts, host batch = 1
+        seen += ids
+    assert sorted(seen) == sorted(f"shapes/sft/{i}" for i in range(48))
+    with pytest.raises(ValueError, match="not divisible"):
+        make_iterator(_cfg(shapes_data, batch_size=4), num_image_tokens=N_IMG, seed=0, process_count=3)
+
+
+def test_weighted_mixture(shapes_data):
+    cfg = _cfg(shapes_data, batch_size=8)
+    cfg["sources"] = [
+        dict(name="shapes", data_dir=shapes_data["data_dir"], split="pretrain", weight=3.0),
+        dict(name="shapes", data_dir=shapes_data["data_dir"], split="sft", weight=1.0),
+    ]
+    ids = np.concatenate(
+        [b["record_id"] for b in _take(make_iterator(cfg, num_image_tokens=N_IMG, seed=0), 10)]
+    )
+    frac = np.mean([r.startswith("shapes/pretrain") for r in ids])
+    assert 0.7 <= frac <= 0.8, frac
+    only = make_iterator(cfg, num_image_tokens=N_IMG, seed=0, task="sft")
+    assert all(r.startswith("shapes/sft") for r in next(only)["record_id"])
+    with pytest.raises(ValueError, match="No input source has task"):
+        make_iterator(cfg, num_image_tokens=N_IMG, seed=0, task="nope")
+
+
+def _png(size=16, color=(10, 200, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _raw(rid, image, caption="", roles=(), texts=()):
+    ex = to_example(Record(rid, b"x", caption=caption))
+    ex.update(id=rid, image=image, conversation={"role": list(roles), "text": list(texts)})
+    return ex
+
+
+BAD = {
+    "zero": ("zero_byte_image", _raw("zero", b"", caption="a red circle.")),
+    "garbage": ("bad_image", _raw("garbage", b"\x89PNG not really", caption="a red circle.")),
+    "truncated": ("bad_image", _raw("truncated", _png(64)[:50], caption="a red circle.")),
+    "nocap": ("empty_caption", _raw("nocap", _png(), caption="")),
+    "noph": ("no_image_placeholder", _raw("noph", _png(), roles=["user", "assistant"], texts=["hi", "red"])),
+    "twice": (
+        "misplaced_image_placeholder",
+        _raw("twice", _png(), roles=["user", "assistant"], texts=["<image><image>", "red"]),
+    ),
+    "noans": ("empty_conversation", _raw("noans", _png(), roles=["user"], texts=["<image>\nhi"])),
+    "utf8": ("invalid_utf8", _raw("utf8", _png(), caption=b"caf\xe9 \xff")),
+    "role": ("bad_role", _raw("role", _png(), roles=["robot", "assistant"], texts=["<image>", "red"])),
+    "long": ("too_long", _raw("long", _png(), caption=" ".join(["red circle"] * 60))),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory, shapes_data):
+    d = str(tmp_path_factory.mktemp("bad"))
+    good = [
+        Record(
+            f"good{i}",
+            _png(16, (i * 20, 50, 90)),
+            conversation=[Turn("user", "<image>\nwhat colour?"), Turn("assistant", "red")],
+        )
+        for i in range(12)
+    ]
+    summary = write_records(
+        d, "mixed_quality", {"train": good + [ex for _, ex in BAD.values()]}, progress=False
+    )
+    assert summary["train"] == {"read": 22, "written": 22, "skipped": {}}  # raw dicts are written unchecked
+    return dict(shapes_data, data_dir=d)
+
+
+def _bad_cfg(bad_data, **kw):
+    return _cfg(bad_data, split="train", **dict(dict(max_len=48, overlong="skip"), **kw)) | {
+        "sources": [dict(name="mixed_quality", data_dir=bad_data["data_dir"], split="train")]
+    }
+
+
+def test_bad_records_are_skipped_and_counted(bad_data):
+    it = make_iterator(
+        _bad_cfg(bad_data, shuffle=False, repeat=False, batch_size=2), num_image_tokens=N_IMG, seed=0
+    )
+    ids = [r for b in it for r in b["record_id"]]
+    assert set(ids) <= {f"good{i}" for i in range(12)}  # never a bad record in a batch
+    assert len(ids) == 22  # bad ones were replaced by good substitutes, batches stay full
+    stats = it.stats()
+    expected = collections.Counter(reason for reason, _ in BAD.values())
+    for reason, n in expected.items():
+        assert stats[f"skipped/{reason}"] >= n, (reason, stats)
+    assert stats["skipped/total"] >= len(BAD)
+    assert stats["skipped/truncated_archive"] == 0
+
+
+def test_skip_counters_survive_resume(bad_data):
+    cfg = _bad_cfg(bad_data)
+    it = make_iterator(cfg, num_image_tokens=N_IMG, seed=0)
+    _take(it, 6)
+    state = it.get_state()
+    later = _take(it, 6)
+    resumed = make_iterator(cfg, num_image_tokens=N_IMG, seed=0)
+    resumed.set_state(state)
+    assert _same(_take(resumed, 6), later)
+    assert resumed.stats() == it.stats() and it.stats()["skipped/total"] > 0
+
+
+def test_overlong_truncate_keeps_record(bad_data):
+    cfg = _bad_cfg(bad_data, overlong="truncate", shuffle=False, repeat=False, batch_size=2)
+    it = make_iterator(cfg, num_image_tokens=N_IMG, seed=0)
+    rows = [(r, b["attention_mask"][i], b["loss_mask"][i]) for b in it for i, r in enumerate(b["record_id"])]
+    assert it.stats()["skipped/too_long"] == 0
+    long_rows = [(att, loss) for r, att, loss in rows if r == "long"]
+    assert len(long_rows) == 1  # kept, cut to max_len, still trains on the caption tokens that fit
+    att, loss = long_rows[0]
+    assert att.all() and loss.sum() > 10 and loss[-1] == 0
+
+
+def test_strict_mode_raises_with_record_id(bad_data):
+    it = make_iterator(
+        _bad_cfg(bad_data, strict=True, shuffle=False, repeat=False, batch_size=2),
+        num_image_tokens=N_IMG,
+        seed=0,
+    )
+    with pytest.raises(BadRecord) as e:
+        for _ in it:
+            pass
+    assert e.value.record_id in BAD and e.value.reason == BAD[e.value.record_id][0]
+
+
+def test_config_errors_name_the_bad_value(shapes_data):
+    with pytest.raises(ValueError, match="Unknown input config keys \\['batchsize'\\]"):
+        InputConfig.from_config(dict(_cfg(shapes_data), batchsize=3))
+    with pytest.raises(ValueError, match="resize='crop'"):
+        InputConfig.from_config(_cfg(shapes_data, resize="crop"))
+    with pytest.raises(ValueError, match="overlong='drop'"):
+        InputConfig.from_config(_cfg(shapes_data, overlong="drop"))
+    with pytest.raises(ValueError, match="no split 'nosplit'"):
+        make_iterator(_cfg(shapes_data, split="nosplit"), num_image_tokens=N_IMG, seed=0)
+    with pytest.raises(FileNotFoundError, match="No built dataset 'nothere'"):
+        cfg = _cfg(shapes_data)
+        cfg["sources"] = [dict(name="nothere", data_dir=shapes_data["data_dir"], split="sft")]
+        make_iterator(cfg, num_image_tokens=N_IMG, seed=0)
+
+
+def test_ml_collections_config_accepted(shapes_data):
+    import ml_collections
+
+    raw = _cfg(shapes_data, resize="pad", mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    raw["data_dir"] = shapes_data["data_dir"]  # input-level default data_dir
+    raw["sources"] = [dict(name="shapes", split="sft", weight=1.0)]
+    cfg = ml_collections.ConfigDict(raw)
+    b = next(make_iterator(cfg, num_image_tokens=N_IMG, seed=0))
+    assert b["image"].shape == (4, 24, 24, 3) and b["image"].min() >= -1.0001 and b["image"].max() <= 1.0001
+
+
+def test_uint8_images_when_normalization_is_left_to_the_device(shapes_data):
+    from data_pipelines.images import Normalizer
+
+    f32 = next(make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=0))
+    u8 = next(make_iterator(_cfg(shapes_data, normalize=False), num_image_tokens=N_IMG, seed=0))
+    assert u8["image"].dtype == np.uint8 and u8["image"].shape == f32["image"].shape
+    norm = Normalizer()
+    np.testing.assert_allclose(np.stack([norm(x) for x in u8["image"]]), f32["image"], atol=1e-5)
+    np.testing.assert_array_equal(u8["input_ids"], f32["input_ids"])
+
+
+def test_worker_processes_give_identical_batches_and_resume(shapes_data):
+    ref = _take(make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=0), 6)
+    it = make_iterator(_cfg(shapes_data, num_workers=1), num_image_tokens=N_IMG, seed=0)
+    try:
+        got = _take(it, 3)
+        state = it.get_state()
+    finally:
+        it.close()
+    assert _same(got, ref[:3])
+    # a state saved with 1 worker restores into an in-process iterator (and vice versa)
+    resumed = make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=0)
+    resumed.set_state(state)
+    assert _same(_take(resumed, 3), ref[3:])
+    del got, ref

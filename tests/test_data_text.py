@@ -1,0 +1,215 @@
+"""Tokenizer wrapper, chat templates (vs transformers), answer masks and example packing."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from data_pipelines import shapes
+from data_pipelines.schema import BadRecord
+from data_pipelines.text import Tokenizer, load_tokenizer, pack_example
+
+QWEN2_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "{%- else %}\n"
+    "    {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if not (message.role == 'system' and loop.first) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n"
+)
+CHAT = [
+    {"role": "user", "content": "<image>\nWhat is shown? Réponds en français, s'il te plaît."},
+    {"role": "assistant", "content": "Un chat noir sur un canapé."},
+    {"role": "user", "content": "And the colour of the sofa?"},
+    {"role": "assistant", "content": "It is red, with 2 cushions."},
+]
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    """A tiny byte-level BPE tokenizer with a Qwen2-style chat template, saved like a HF checkpoint."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [m["content"] for m in CHAT] * 20 + ["You are a helpful assistant.", "system user assistant"]
+    tok.train_from_iterator(corpus, trainer)
+    d = tmp_path_factory.mktemp("qwen_tok")
+    tok.save(str(d / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "chat_template": QWEN2_TEMPLATE,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"],
+    }
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(d)
+
+
+def _hf_ids(out):
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+@pytest.mark.parametrize("gen_prompt", [False, True])
+def test_chat_template_ids_match_transformers(qwen_dir, gen_prompt):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(qwen_dir)
+    ours = load_tokenizer(qwen_dir)
+    for msgs in (CHAT, CHAT[:3], [{"role": "system", "content": "Be brief."}] + CHAT[:2]):
+        expected = _hf_ids(hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen_prompt))
+        text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+        assert ours.render(msgs, add_generation_prompt=gen_prompt) == text
+        assert ours.apply_chat_template(msgs, add_generation_prompt=gen_prompt) == expected
+    assert ours.image_token_id == hf.convert_tokens_to_ids("<image>")
+    assert ours.encode("<image>") == [ours.image_token_id]
+    assert ours.pad_id == hf.pad_token_id and ours.eos_id == hf.eos_token_id
+    assert ours.vocab_size == len(hf)
+
+
+def test_answer_mask_covers_exactly_the_answers_and_eos(qwen_dir):
+    tok = load_tokenizer(qwen_dir)
+    ids, answer = tok.tokenize_chat(CHAT)
+    assert ids.tolist() == tok.apply_chat_template(CHAT)
+    # contiguous answer runs, each decoding to the assistant text + end-of-turn token
+    runs, start = [], None
+    for i, a in enumerate(list(answer) + [False]):
+        if a and start is None:
+            start = i
+        elif not a and start is not None:
+            runs.append(ids[start:i])
+            start = None
+    decoded = [tok.decode(r, skip_special_tokens=False) for r in runs]
+    assert decoded == [CHAT[1]["content"] + "<|im_end|>", CHAT[3]["content"] + "<|im_end|>"]
+
+
+def test_image_token_must_be_single_token(qwen_dir, tmp_path):
+    from tokenizers import Tokenizer as HFTok
+
+    cfg = json.loads(open(os.path.join(qwen_dir, "tokenizer_config.json")).read())
+    raw = HFTok.from_file(os.path.join(qwen_dir, "tokenizer.json"))
+    with pytest.raises(ValueError, match="not a single token"):
+        Tokenizer(raw, dict(cfg, image_token="<img_not_special>"))
+    with pytest.raises(ValueError, match="no chat_template"):
+        Tokenizer(raw, dict(cfg, chat_template=None))
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_shapes_tokenizer_covers_generator_text_and_matches_asset(tmp_path):
+    tok = Tokenizer(*shapes.make_tokenizer())
+    unk = tok.token_to_id("<unk>")
+    for split in ("pretrain", "sft", "eval"):
+        for i in range(150):
+            text = tok.render(shapes.make_record(split, i, seed=3).messages())
+            ids = tok.encode(text)
+            assert unk not in ids, text
+            assert tok.decode(ids, skip_special_tokens=False) == text
+    # the committed copy equals what the code generates (deterministic)
+    shapes.write_tokenizer(str(tmp_path))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        with open(tmp_path / f) as a, open(os.path.join(shapes.ASSET_TOKENIZER, f)) as b:
+            assert a.read() == b.read(), f
+    loaded = load_tokenizer(shapes.ASSET_TOKENIZER)
+    assert (loaded.image_token_id, loaded.pad_id) == (tok.image_token_id, tok.pad_id)
+    assert loaded.bos_id is not None and loaded.eos_id == tok.token_to_id("<|im_end|>")
+
+
+def test_shapes_tokenizer_agrees_with_transformers():
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(shapes.ASSET_TOKENIZER)
+    tok = load_tokenizer(shapes.ASSET_TOKENIZER)
+    msgs = shapes.make_record("sft", 5).messages()
+    assert tok.apply_chat_template(msgs) == _hf_ids(hf.apply_chat_template(msgs, tokenize=True))
+
+
+def test_pack_example_expands_image_shifts_targets_and_masks():
+    tok = load_tokenizer(shapes.ASSET_TOKENIZER)
+    msgs = [
+        {"role": "user", "content": "<image>\nwhat colour is the circle?"},
+        {"role": "assistant", "content": "red"},
+    ]
+    ids, answer = tok.tokenize_chat(msgs)
+    n_img, max_len = 5, 40
+    out = pack_example(tok, msgs, num_image_tokens=n_img, max_len=max_len)
+    n = len(ids) - 1 + n_img
+    p = int(np.flatnonzero(ids == tok.image_token_id)[0])
+    x = out["input_ids"]
+    assert x.dtype == np.int32 and x.shape == (max_len,)
+    assert (x[p : p + n_img] == tok.image_token_id).all() and (x == tok.image_token_id).sum() == n_img
+    assert (x[n:] == tok.pad_id).all() and out["attention_mask"].sum() == n
+    np.testing.assert_array_equal(out["targets"][:-1], x[1:])
+    assert out["targets"][-1] == tok.pad_id
+    # loss on the answer "red" and the closing <|im_end|> only
+    masked = out["targets"][out["loss_mask"] > 0]
+    assert tok.decode(masked, skip_special_tokens=False) == "red<|im_end|>"
+    assert out["loss_mask"].dtype == np.float32
+
+
+def test_pack_example_overlong_truncate_or_skip():
+    tok = load_tokenizer(shapes.ASSET_TOKENIZER)
+    msgs = shapes.make_record("sft", 0).messages()
+    full = len(tok.apply_chat_template(msgs)) - 1 + 8
+    out = pack_example(tok, msgs, num_image_tokens=8, max_len=full - 3, overlong="truncate")
+    assert out["attention_mask"].all() and out["loss_mask"].sum() > 0
+    with pytest.raises(BadRecord) as e:
+        pack_example(tok, msgs, num_image_tokens=8, max_len=full - 3, overlong="skip", record_id="r1")
+    assert e.value.reason == "too_long" and e.value.record_id == "r1"
+    with pytest.raises(BadRecord) as e:  # the image itself would be cut
+        pack_example(tok, msgs, num_image_tokens=64, max_len=20, overlong="truncate")
+    assert e.value.reason == "too_long"
+    with pytest.raises(BadRecord) as e:  # answers all past max_len
+        pack_example(tok, msgs, num_image_tokens=8, max_len=22, overlong="truncate")
+    assert e.value.reason == "no_answer_tokens"
+    with pytest.raises(BadRecord) as e:
+        pack_example(
+            tok,
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"}],
+            num_image_tokens=8,
+            max_len=64,
+        )
+    assert e.value.reason == "no_image_placeholder"
+
+
+def test_template_rejection_is_a_counted_bad_record(qwen_dir):
+    tok = load_tokenizer(qwen_dir)
+    strict = dict(
+        tok.config,
+        chat_template=(
+            "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+            "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+            "{{ m['content'] }}{% endfor %}"
+        ),
+    )
+    t = Tokenizer(tok._tok, strict)
+    with pytest.raises(BadRecord) as e:
+        t.tokenize_chat([CHAT[1], CHAT[0]], record_id="swapped")
+    assert e.value.reason == "template_error" and "alternate" in str(e.value)
+
+
+def test_tokenizer_pickles_for_worker_processes():
+    import pickle
+
+    tok = load_tokenizer(shapes.ASSET_TOKENIZER)
+    tok.render(CHAT)  # compiled template must not break pickling
+    tok2 = pickle.loads(pickle.dumps(tok))
+    assert tok2.apply_chat_template(CHAT) == tok.apply_chat_template(CHAT)
