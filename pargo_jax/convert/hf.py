@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -28,7 +29,9 @@ from pargo_jax.convert.tables import (
     split_heads_bias,
     split_heads_out,
     transpose,
+    unflatten,
 )
+from pargo_jax.lora import LORA_PATH_REGEX, init_lora_params
 from pargo_jax.models.llm import CausalLM, LLMConfig, RopeScaling
 
 SUPPORTED = ("llama", "qwen2", "internlm2")
@@ -209,12 +212,15 @@ def load_llm(
     shardings: Any = None,
     scan_layers: bool = False,
     compute_dtype: Any = jnp.float32,
+    lora_seed: int = 0,
     **overrides,
 ) -> tuple[CausalLM, dict]:
     """Loads a local HF LLM directory into ``(CausalLM, {"params": ...})``.
 
     ``dtype`` is the parameter dtype (``param_dtype``), ``compute_dtype`` the activation dtype;
-    ``overrides`` set other :class:`LLMConfig` fields (e.g. ``remat_policy``, ``attention_impl``).
+    ``overrides`` set other :class:`LLMConfig` fields (e.g. ``remat_policy``, ``attention_impl``,
+    ``lora_rank``/``lora_alpha``/``lora_targets``: LoRA adapters are not in the checkpoint, so they are
+    freshly initialized, ``lora_a`` random from ``lora_seed`` and ``lora_b`` zero).
     With ``mesh`` each tensor is placed straight onto its logical sharding (or pass ``shardings``, a
     tree of ``NamedSharding`` matching the params); tensors are read one at a time. Raises
     ``ConversionError`` naming every unused, missing or mis-shaped tensor.
@@ -226,6 +232,8 @@ def load_llm(
     module = CausalLM(cfg)
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.ones((1, 1), jnp.int32)))
     expected = expected_shapes(abstract["params"])
+    lora_expected = {k: v for k, v in expected.items() if re.fullmatch(LORA_PATH_REGEX, k)}
+    expected = {k: v for k, v in expected.items() if k not in lora_expected}
     place: Callable[[str, np.ndarray], Any]
     if shardings is None and mesh is not None:
         from pargo_jax.sharding import logical_shardings
@@ -248,4 +256,7 @@ def load_llm(
         dtype=np.dtype(dtype),
         what=f"{hf['model_type']} checkpoint at {path}",
     )
+    if lora_expected:
+        fresh = init_lora_params(lora_expected, seed=lora_seed, dtype=np.dtype(dtype))
+        params = unflatten({**flatten(params), **{k: place(k, x) for k, x in fresh.items()}})
     return module, {"params": params}

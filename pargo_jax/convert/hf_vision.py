@@ -43,13 +43,34 @@ from pargo_jax.sharding import logical_shardings
 
 HF_MODEL_TYPES = ("siglip", "siglip_vision_model", "clip", "clip_vision_model")
 _HF_DEFAULTS = {  # transformers' VisionConfig defaults, for config.json files that omit fields.
-    "siglip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
-    "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+    "siglip": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=16,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+    ),
+    "clip": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=32,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    ),
 }
-_HF_ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
-            "gelu": "gelu", "quick_gelu": "quick_gelu"}
+_HF_ACTS = {
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+    "quick_gelu": "quick_gelu",
+}
 EVA_PREFIXES = ("visual_encoder.", "visual.trunk.", "visual.", "")
 
 
@@ -116,8 +137,9 @@ class _View(Mapping[str, Any]):
         self._base, self._prefix = base, prefix
         dropped = [re.compile(p) for p in drop]
         self._keys = [
-            k[len(prefix):] for k in base
-            if k.startswith(prefix) and not any(p.fullmatch(k[len(prefix):]) for p in dropped)
+            k[len(prefix) :]
+            for k in base
+            if k.startswith(prefix) and not any(p.fullmatch(k[len(prefix) :]) for p in dropped)
         ]
 
     def __getitem__(self, name: str):
@@ -212,8 +234,13 @@ def _load(
         flat = flatten(shardings)
         place = lambda path, x: jax.device_put(x, flat[path])
     params = convert(
-        source, rules, expected_shapes(abstract["params"]), ignore=ignore, place=place,
-        dtype=np.dtype(dtype), what=what,
+        source,
+        rules,
+        expected_shapes(abstract["params"]),
+        ignore=ignore,
+        place=place,
+        dtype=np.dtype(dtype),
+        what=what,
     )
     return module, {"params": params}
 
@@ -256,13 +283,19 @@ def hf_vision_config(path: str) -> VisionConfig:
     vc = (raw.get("vision_config") or {}) if model_type in ("siglip", "clip") else raw
     vc = {**_HF_DEFAULTS[family], **{k: v for k, v in vc.items() if v is not None}}
     if vc["hidden_act"] not in _HF_ACTS:
-        raise ValueError(f"Unsupported hidden_act {vc['hidden_act']!r} in {cfg_file}; supported: "
-                         f"{sorted(_HF_ACTS)}.")
+        raise ValueError(
+            f"Unsupported hidden_act {vc['hidden_act']!r} in {cfg_file}; supported: {sorted(_HF_ACTS)}."
+        )
     return VisionConfig(
-        kind=family, image_size=int(vc["image_size"]), patch_size=int(vc["patch_size"]),
-        width=int(vc["hidden_size"]), depth=int(vc["num_hidden_layers"]),
-        heads=int(vc["num_attention_heads"]), mlp_dim=int(vc["intermediate_size"]),
-        layer_norm_eps=float(vc["layer_norm_eps"]), act=_HF_ACTS[vc["hidden_act"]],
+        kind=family,
+        image_size=int(vc["image_size"]),
+        patch_size=int(vc["patch_size"]),
+        width=int(vc["hidden_size"]),
+        depth=int(vc["num_hidden_layers"]),
+        heads=int(vc["num_attention_heads"]),
+        mlp_dim=int(vc["intermediate_size"]),
+        layer_norm_eps=float(vc["layer_norm_eps"]),
+        act=_HF_ACTS[vc["hidden_act"]],
     )
 
 
@@ -292,8 +325,16 @@ def load_vision(
         drop.append(r"post_layernorm\..*")
     source = _View(files, prefix, tuple(drop))
     ignore = [r"head\..*"]  # SigLIP's attention-pooling head: not part of the token features
-    return _load(cfg, source, hf_rules(cfg.heads), ignore, dtype, mesh, shardings,
-                 what=f"{cfg.kind} checkpoint {path!r}")
+    return _load(
+        cfg,
+        source,
+        hf_rules(cfg.heads),
+        ignore,
+        dtype,
+        mesh,
+        shardings,
+        what=f"{cfg.kind} checkpoint {path!r}",
+    )
 
 
 # --- EVA02 (timm / EVA-CLIP) -----------------------------------------------------------------------
@@ -339,15 +380,23 @@ def eva02_config(source: Mapping[str, Any], heads: int | None = None) -> VisionC
     patch = np.asarray(source["patch_embed.proj.weight"]).shape[-1]
     width, grid = pos[-1], math.isqrt(pos[-2] - 1)
     depth = 1 + max(int(m.group(1)) for k in source if (m := re.match(r"blocks\.(\d+)\.", k)))
-    gate = next((f"blocks.0.mlp.{n}.weight" for n in ("fc1_g", "w1") if f"blocks.0.mlp.{n}.weight" in source),
-                None)
+    gate = next(
+        (f"blocks.0.mlp.{n}.weight" for n in ("fc1_g", "w1") if f"blocks.0.mlp.{n}.weight" in source), None
+    )
     if gate is None:
         raise ValueError("Only SwiGLU EVA02 towers (blocks.*.mlp.fc1_g / w1) are supported.")
     has = lambda *names: any(f"blocks.0.{n}.weight" in source for n in names)
     return VisionConfig(
-        kind="eva02", image_size=grid * patch, patch_size=patch, width=width, depth=depth,
-        heads=heads or width // 64, mlp_dim=np.asarray(source[gate]).shape[0], layer_norm_eps=1e-6,
-        attn_norm=has("attn.norm", "attn.inner_attn_ln"), mlp_norm=has("mlp.norm", "mlp.ffn_ln"),
+        kind="eva02",
+        image_size=grid * patch,
+        patch_size=patch,
+        width=width,
+        depth=depth,
+        heads=heads or width // 64,
+        mlp_dim=np.asarray(source[gate]).shape[0],
+        layer_norm_eps=1e-6,
+        attn_norm=has("attn.norm", "attn.inner_attn_ln"),
+        mlp_norm=has("mlp.norm", "mlp.ffn_ln"),
     )
 
 

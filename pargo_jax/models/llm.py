@@ -15,7 +15,9 @@ masks: ``position = (#real tokens before this one)``, i.e. ``cumsum(mask) - 1`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
 from typing import Any, NamedTuple
 
 import jax
@@ -59,6 +61,10 @@ class LLMConfig:
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None  # None (XLA picks) | "xla" | "cudnn"
+    # LoRA adapters on every Proj whose module path matches ``lora_targets`` (see :class:`Proj`).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = ""
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -74,6 +80,13 @@ class LLMConfig:
                 f"remat_policy={self.remat_policy!r} is neither 'none', 'full' nor a "
                 "jax.checkpoint_policies name (e.g. 'dots_with_no_batch_dims_saveable')."
             )
+        if self.lora_rank < 0 or (self.lora_rank > 0 and not self.lora_targets):
+            raise ValueError(
+                f"lora_rank={self.lora_rank} needs a rank >= 0 and, when > 0, a lora_targets regex "
+                "(e.g. '.*attn/(q|k|v|o)')."
+            )
+        if self.lora_targets:
+            re.compile(self.lora_targets)
 
 
 class KVCache(NamedTuple):
@@ -150,9 +163,35 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
+@functools.cache
+def _lora_regex(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def lora_matches(pattern: str, path: tuple[str, ...] | str) -> bool:
+    """Whether ``pattern`` fully matches the ``/``-joined module ``path`` or any suffix of it that
+    starts at a path component (so ``"layers_\\d+/attn/q"`` also matches ``"llm/layers_0/attn/q"``
+    when the LLM is a submodule)."""
+    parts = path.split("/") if isinstance(path, str) else list(path)
+    rx = _lora_regex(pattern)
+    return any(rx.fullmatch("/".join(parts[i:])) for i in range(len(parts)))
+
+
+def lora_a_init(in_axes: int) -> nn.initializers.Initializer:
+    """PEFT's ``kaiming_uniform_(a=sqrt(5))`` for ``lora_a`` (in..., rank): U(+-1/sqrt(fan_in))."""
+    return nn.initializers.variance_scaling(
+        1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(in_axes)), out_axis=in_axes
+    )
+
+
 class Proj(nn.Module):
     """Linear map contracting the last ``in_axes`` input axes into ``features`` (a DenseGeneral whose
-    kernel keeps its full (in..., out...) shape, so logical partitioning applies to the real axes)."""
+    kernel keeps its full (in..., out...) shape, so logical partitioning applies to the real axes).
+
+    With ``config.lora_rank = r > 0`` and ``config.lora_targets`` matching this module's path (see
+    :func:`lora_matches`; e.g. ``layers_3/attn/q``, or ``layers/attn/q`` under ``scan_layers``) it
+    adds a LoRA adapter ``y += (lora_alpha / r) * (x @ lora_a) @ lora_b`` with ``lora_a`` (in..., r)
+    (kaiming-uniform) and ``lora_b`` (r, out...) (zeros, so a fresh adapter is the identity)."""
 
     features: tuple[int, ...]
     in_axes: int
@@ -170,6 +209,18 @@ class Proj(nn.Module):
         )  # fmt: skip
         contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
         y = jax.lax.dot_general(x.astype(c.dtype), kernel.astype(c.dtype), (contract, ((), ())))
+        if c.lora_rank > 0 and lora_matches(c.lora_targets, self.scope.path):
+            r = c.lora_rank
+            in_shape = shape[: self.in_axes]
+            a_init = nn.with_logical_partitioning(
+                lora_a_init(self.in_axes), self.names[: self.in_axes] + (None,)
+            )
+            b_init = nn.with_logical_partitioning(nn.initializers.zeros, (None,) + self.names[self.in_axes :])
+            a = self.param("lora_a", a_init, in_shape + (r,), c.param_dtype)
+            b = self.param("lora_b", b_init, (r,) + self.features, c.param_dtype)
+            h = jax.lax.dot_general(x.astype(c.dtype), a.astype(c.dtype), (contract, ((), ())))
+            h = jax.lax.dot_general(h, b.astype(c.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+            y = y + jnp.asarray(c.lora_alpha / r, c.dtype) * h
         if self.bias_names is not None:
             init = nn.with_logical_partitioning(nn.initializers.zeros, self.bias_names)
             y = y + self.param("bias", init, self.features, c.param_dtype).astype(c.dtype)

@@ -143,19 +143,46 @@ class VisionConfig:
 
 PRESETS: dict[str, VisionConfig] = {
     "siglip-so400m-patch14-384": VisionConfig(
-        kind="siglip", image_size=384, patch_size=14, width=1152, depth=27, heads=16, mlp_dim=4304,
+        kind="siglip",
+        image_size=384,
+        patch_size=14,
+        width=1152,
+        depth=27,
+        heads=16,
+        mlp_dim=4304,
         layer_norm_eps=1e-6,
     ),
     "clip-vit-large-patch14-336": VisionConfig(
-        kind="clip", image_size=336, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096,
+        kind="clip",
+        image_size=336,
+        patch_size=14,
+        width=1024,
+        depth=24,
+        heads=16,
+        mlp_dim=4096,
         layer_norm_eps=1e-5,
     ),
     "eva02-large-patch14-clip-336": VisionConfig(
-        kind="eva02", image_size=336, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=2730,
-        layer_norm_eps=1e-6, attn_norm=True, mlp_norm=True, rope_ref_grid=16,
+        kind="eva02",
+        image_size=336,
+        patch_size=14,
+        width=1024,
+        depth=24,
+        heads=16,
+        mlp_dim=2730,
+        layer_norm_eps=1e-6,
+        attn_norm=True,
+        mlp_norm=True,
+        rope_ref_grid=16,
     ),
     "tiny": VisionConfig(
-        kind="siglip", image_size=32, patch_size=8, width=32, depth=2, heads=4, mlp_dim=64,
+        kind="siglip",
+        image_size=32,
+        patch_size=8,
+        width=32,
+        depth=2,
+        heads=4,
+        mlp_dim=64,
     ),
 }
 PRESETS["so400m-384"] = PRESETS["siglip-so400m-patch14-384"]
@@ -184,8 +211,12 @@ def _p(init: Callable, *names: str | None) -> Callable:
 
 def _layer_norm(cfg: VisionConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-        scale_init=_p(nn.initializers.ones, "norm"), bias_init=_p(nn.initializers.zeros, "norm"),
+        epsilon=cfg.layer_norm_eps,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name=name,
+        scale_init=_p(nn.initializers.ones, "norm"),
+        bias_init=_p(nn.initializers.zeros, "norm"),
     )
 
 
@@ -205,11 +236,11 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        shape = x.shape[x.ndim - self.contract:] + self.features
+        shape = x.shape[x.ndim - self.contract :] + self.features
         kernel = self.param("kernel", _p(_INIT, *self.names), shape, self.param_dtype)
         y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.contract)
         if self.use_bias:
-            bias_names = self.names[len(self.names) - len(self.features):]
+            bias_names = self.names[len(self.names) - len(self.features) :]
             bias = self.param("bias", _p(nn.initializers.zeros, *bias_names), self.features, self.param_dtype)
             y = y + bias.astype(self.dtype)
         return y
@@ -327,17 +358,24 @@ class VisionTower(nn.Module):
                 "input or set image_size."
             )
         x = nn.Conv(
-            cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding="VALID",
-            use_bias=cfg.patch_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            cfg.width,
+            (cfg.patch_size,) * 2,
+            strides=(cfg.patch_size,) * 2,
+            padding="VALID",
+            use_bias=cfg.patch_bias,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
             kernel_init=_p(_INIT, None, None, "conv", "embed"),  # flax: no repeated names
-            bias_init=_p(nn.initializers.zeros, "embed"), name="patch_embed",
+            bias_init=_p(nn.initializers.zeros, "embed"),
+            name="patch_embed",
         )(pixels.astype(cfg.dtype))
         x = x.reshape(b, cfg.grid**2, cfg.width)
         if cfg.class_token:
             cls = self.param("cls_token", _p(_INIT, "embed"), (cfg.width,), cfg.param_dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.width)), x], axis=1)
-        pos = self.param("pos_embed", _p(_INIT, None, "embed"), (cfg.num_positions, cfg.width),
-                         cfg.param_dtype)
+        pos = self.param(
+            "pos_embed", _p(_INIT, None, "embed"), (cfg.num_positions, cfg.width), cfg.param_dtype
+        )
         x = x + pos.astype(x.dtype)[None]
         if cfg.pre_norm:
             x = _layer_norm(cfg, "pre_norm")(x)
@@ -350,8 +388,11 @@ class VisionTower(nn.Module):
                 rope = (jnp.asarray(sin), jnp.asarray(cos))
             block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
             blocks = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast,), length=cfg.num_blocks,
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,),
+                length=cfg.num_blocks,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="blocks")
             x, _ = blocks(x, rope)
@@ -359,5 +400,5 @@ class VisionTower(nn.Module):
         if cfg.apply_final_norm:
             x = _layer_norm(cfg, "final_norm")(x)
         if cfg.drop_cls and cfg.class_token:
-            x = x[:, cfg.num_prefix:]
+            x = x[:, cfg.num_prefix :]
         return x

@@ -1,0 +1,128 @@
+"""Shared pieces of the experiment files: one base ConfigDict and the model presets.
+
+Every field is documented in the README's "Config reference". Presets: ``demo`` (tiny random tower
+and LLM on the synthetic shapes set, CPU, minutes), ``paper`` (EVA02-CLIP-L/336 + InternLM2-7B with
+288 + 16 ParGo tokens, as released), ``siglip_qwen2`` (SigLIP-so400m/384 + Qwen2.5-7B-Instruct).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("demo", "paper", "siglip_qwen2")
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def regex_dict(d: dict[str, float]) -> ml_collections.ConfigDict:
+    """A ConfigDict keyed by regexes (dots allowed), e.g. ``trainable``."""
+    return ml_collections.ConfigDict(d, allow_dotted_keys=True)
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.log_every_steps = 50
+    c.sample_at_end = ""  # split to answer one held-out example from when training ends ("" = off)
+    c.max_nonfinite_steps = 5  # consecutive non-finite losses that stop the run
+    c.model = ml_collections.ConfigDict()
+    c.model.dtype = "float32"  # compute dtype of tower, projector and LLM ("bfloat16" on accelerators)
+    c.model.vision = dict(path=None, format="hf", preset="tiny", overrides={})
+    c.model.projector = dict(name="pargo")
+    c.model.llm = dict(path=None, config={}, overrides={})
+    c.input = dict(
+        sources=[], data_dir=None, tokenizer=None, batch_size=16, image_size=336, resize="letterbox",
+        max_len=512, overlong="truncate", num_workers=0, prefetch=2, strict=False,
+        mean=CLIP_MEAN, std=CLIP_STD,
+    )  # fmt: skip
+    c.shapes = None  # dict(...) of data_pipelines.shapes.build arguments: build the demo set on first run
+    c.optim = dict(
+        lr=1e-3, warmup_steps=30, total_steps=c.total_steps, schedule="cosine", min_lr_ratio=0.0,
+        weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, grad_accum_steps=1,
+    )  # fmt: skip
+    # Regex over param paths -> LR multiplier; params matching none are frozen.
+    c.trainable = regex_dict({"projector/.*": 1.0})
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.checkpoint = dict(every_steps=500, keep=3, init_from=None, init_from_parts=("projector",))
+    c.evals = {}
+    return c
+
+
+def demo_model(c: ml_collections.ConfigDict) -> None:
+    """Tiny random SigLIP-style tower (64 px, 8x8 patches), ParGo 16 + 4 tokens, tiny Llama."""
+    c.model.vision = dict(
+        path=None, format="hf", preset="tiny",
+        overrides=dict(image_size=64, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128),
+    )  # fmt: skip
+    c.model.projector = dict(
+        name="pargo", num_partial=16, num_global=4, hidden=64, heads=4, layers=2, mlp_dim=128,
+        layout="grid", max_positions=64,
+    )  # fmt: skip
+    c.model.llm = dict(
+        path=None,
+        config=dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=32, max_position_embeddings=256, tie_word_embeddings=True),
+        overrides={},
+    )  # fmt: skip
+    c.shapes = dict(image_size=64, num_pretrain=2000, num_sft=2000, num_eval=200)
+    c.input.update(image_size=64, max_len=64, batch_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, resize="squash")
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.sample_at_end = "eval"
+
+
+def paper_model(c: ml_collections.ConfigDict) -> None:
+    """EVA02-CLIP-L/14-336 (last block, CLS dropped, no final norm) -> ParGo 288 + 16 (BERT-small width)
+    -> InternLM2-7B, as in the official release."""
+    c.model.dtype = "bfloat16"
+    c.model.vision = dict(
+        path="checkpoints/EVA02_CLIP_L_336_psz14_s6B.pt", format="eva02", preset="eva02-L/14-336",
+        overrides=dict(drop_cls=True, final_norm=False),
+    )  # fmt: skip
+    c.model.projector = dict(
+        name="pargo", num_partial=288, num_global=16, hidden=512, heads=8, layers=4, mlp_dim=2048
+    )
+    c.model.llm = dict(path="checkpoints/internlm2-7b", config={}, overrides=dict(scan_layers=True))
+    c.input.update(image_size=336, resize="letterbox", mean=CLIP_MEAN, std=CLIP_STD, max_len=1024)
+    c.input.tokenizer = "checkpoints/internlm2-7b"
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+
+
+def siglip_qwen2_model(c: ml_collections.ConfigDict) -> None:
+    """SigLIP-so400m/14-384 (penultimate layer) -> ParGo 288 + 16 -> Qwen2.5-7B-Instruct."""
+    c.model.dtype = "bfloat16"
+    c.model.vision = dict(
+        path="checkpoints/siglip-so400m-patch14-384", format="hf", preset="so400m-384",
+        overrides=dict(feature_layer=-2),
+    )  # fmt: skip
+    c.model.projector = dict(
+        name="pargo",
+        num_partial=243,
+        num_global=16,
+        hidden=512,
+        heads=8,
+        layers=4,
+        mlp_dim=2048,
+        layout="grid",
+    )  # fmt: skip  (27 x 27 patches: 243 windows of 1 x 3)
+    c.model.llm = dict(path="checkpoints/Qwen2.5-7B-Instruct", config={}, overrides=dict(scan_layers=True))
+    c.input.update(image_size=384, resize="letterbox", mean=(0.5,) * 3, std=(0.5,) * 3, max_len=1024)
+    c.input.tokenizer = "checkpoints/Qwen2.5-7B-Instruct"
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+
+
+MODELS = {"demo": demo_model, "paper": paper_model, "siglip_qwen2": siglip_qwen2_model}
+
+
+def preset(arg: str | None) -> tuple[str, ml_collections.ConfigDict]:
+    name = arg or "demo"
+    if name not in MODELS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {PRESETS} (e.g. --config=FILE:demo).")
+    c = base()
+    MODELS[name](c)
+    return name, c
+
+
+def set_steps(c: ml_collections.ConfigDict, total: int, warmup: int) -> None:
+    c.total_steps = total
+    c.optim.total_steps = total
+    c.optim.warmup_steps = warmup

@@ -1,0 +1,33 @@
+"""Stage 1: pretrain the projector on image-caption data, towers frozen.
+
+  python -m pargo_jax.main --config=experiments/pretrain.py                  # demo (default): CPU, minutes
+  python -m pargo_jax.main --config=experiments/pretrain.py:paper --workdir=gs://bucket/pargo_pt
+  python -m pargo_jax.main --config=experiments/pretrain.py:siglip_qwen2 --workdir=/runs/sq_pt
+
+``demo``: tiny random SigLIP-style tower and tiny random Llama on the synthetic shapes captions (built
+into the workdir on first run). The demo has no pretrained LLM, so its stage 1 also trains the LLM
+(``trainable`` includes ``llm/.*``); real presets train the projector only, as ParGo and LLaVA do.
+"""
+
+from experiments import base
+
+
+def get_config(arg: str | None = None):
+    name, c = base.preset(arg)
+    c.input.caption_prompt = ""
+    if name == "demo":
+        base.set_steps(c, total=400, warmup=20)
+        c.log_every_steps = 50
+        c.optim.lr = 3e-3
+        c.trainable = base.regex_dict({"projector/.*": 1.0, "llm/.*": 1.0})
+        c.input.sources = [dict(name="shapes", split="pretrain")]
+        c.checkpoint.every_steps = 200
+    else:  # LLaVA-Pretrain 558K: python -m data_pipelines.build --dataset llava --config pretrain
+        base.set_steps(c, total=2180, warmup=65)  # one epoch at batch 256
+        c.input.batch_size = 256
+        c.input.data_dir = "data"
+        c.input.sources = [dict(name="llava/pretrain", split="train")]
+        c.optim.lr = 1e-3
+        c.trainable = base.regex_dict({"projector/.*": 1.0})
+        c.checkpoint.every_steps = 500
+    return c

@@ -1,0 +1,35 @@
+"""Stage 2: instruction tuning (SFT), starting from the stage-1 projector.
+
+  python -m pargo_jax.main --config=experiments/sft.py                        # demo: after the demo pretrain
+  python -m pargo_jax.main --config=experiments/sft.py:paper --config.checkpoint.init_from=gs://bucket/pargo_pt
+
+``init_from`` names the pretrain workdir; ``init_from_parts`` says which parts of the model come from it (the
+projector; in the demo everything, since its stage 1 trained the LLM too). Towers and LLM come from
+their own checkpoints. ``paper`` trains the projector and LoRA adapters (r=256, alpha=512) on the
+InternLM2 attention projections (its fused ``wqkv`` maps to our q, k, v), LLM weights frozen.
+"""
+
+from experiments import base
+
+
+def get_config(arg: str | None = None):
+    name, c = base.preset(arg)
+    if name == "demo":
+        base.set_steps(c, total=300, warmup=20)
+        c.log_every_steps = 50
+        c.optim.lr = 1e-3
+        c.trainable = base.regex_dict({"projector/.*": 1.0, "llm/.*": 1.0})
+        c.input.sources = [dict(name="shapes", split="sft")]
+        c.checkpoint.init_from = "workdir/pretrain"
+        c.checkpoint.init_from_parts = ("projector", "llm")
+        c.checkpoint.every_steps = 150
+    else:  # LLaVA-Instruct 665K (python -m data_pipelines.build --dataset llava --config instruct)
+        base.set_steps(c, total=5200, warmup=156)  # one epoch at batch 128
+        c.input.batch_size = 128
+        c.input.data_dir = "data"
+        c.input.sources = [dict(name="llava/instruct", split="train")]
+        c.optim.lr = 2e-4
+        c.checkpoint.init_from = "workdir/pretrain_" + name
+        c.model.llm.overrides.update(lora_rank=256, lora_alpha=512.0, lora_targets=r"layers/attn/(q|k|v)")
+        c.trainable = base.regex_dict({"projector/.*": 1.0, r"llm/.*lora_(a|b)": 1.0})
+    return c

@@ -1,0 +1,59 @@
+"""Command line: ``python -m pargo_jax.main --config=experiments/pretrain.py[:preset] [--config.x=y]``.
+
+``--workdir`` defaults to ``./workdir/<experiment>`` (``_<preset>`` appended for non-default presets);
+a run resumes from the newest checkpoint in its workdir. Multi-host: ``jax.distributed.initialize()``
+runs when a cluster is detected (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS) or with --multihost=yes.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file[:preset].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
+_MULTIHOST = flags.DEFINE_enum("multihost", "auto", ["auto", "yes", "no"], "jax.distributed.initialize().")
+CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
+
+def default_workdir(config_arg: str) -> str:
+    path, _, preset = config_arg.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("workdir", f"{name}_{preset}" if preset and preset != "demo" else name)
+
+
+def multihost_wanted(mode: str) -> bool:
+    if mode != "auto":
+        return mode == "yes"
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return any(os.environ.get(k) for k in CLUSTER_ENV if k != "TPU_WORKER_HOSTNAMES") or "," in hosts
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Drops orbax's per-save INFO chatter from the console; warnings and errors still show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments {argv[1:]}; use --config.key=value to override fields.")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    import jax
+
+    if multihost_wanted(_MULTIHOST.value):
+        jax.distributed.initialize()
+    from pargo_jax import train
+
+    workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[1])
+    logging.info("Process %d/%d, workdir %s", jax.process_index(), jax.process_count(), workdir)
+    train.run(_CONFIG.value, workdir)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,83 @@
+"""VisionLanguageModel: vision tower -> projector -> image tokens spliced into the text -> LLM.
+
+The input pipeline expands each ``<image>`` placeholder into exactly ``num_image_tokens`` copies of
+the image token id, so splicing is a static-shape scatter: the k-th image-token position of a sample
+receives the k-th projector output of that sample (images concatenated in order when a sample has
+several). Param tree: ``{"vision_tower": ..., "projector": ..., "llm": ...}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from pargo_jax.models.llm import CausalLM, LLMConfig
+from pargo_jax.models.projectors import MLPConfig, MLPProjector, ParGo, ParGoConfig
+from pargo_jax.models.vision import VisionConfig, VisionTower
+
+
+@dataclasses.dataclass(frozen=True)
+class MLLMConfig:
+    vision: VisionConfig
+    projector: ParGoConfig | MLPConfig
+    llm: LLMConfig
+    image_token_id: int
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per image handed to the LLM."""
+        return self.projector.num_tokens(self.vision.num_tokens)
+
+
+def splice_image_tokens(
+    text_embeds: jax.Array, image_tokens: jax.Array, input_ids: jax.Array, image_token_id: int
+) -> jax.Array:
+    """Replaces the embeddings at image-token positions, in order, by ``image_tokens`` (B, M, D)."""
+    is_image = input_ids == image_token_id
+    order = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_tokens.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_tokens.astype(text_embeds.dtype), order[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered, text_embeds)
+
+
+class VisionLanguageModel(nn.Module):
+    config: MLLMConfig
+
+    def setup(self):
+        c = self.config
+        self.vision_tower = VisionTower(c.vision)
+        projector_cls = ParGo if isinstance(c.projector, ParGoConfig) else MLPProjector
+        self.projector = projector_cls(c.projector)
+        self.llm = CausalLM(c.llm)
+
+    def encode_images(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+        """images (B, H, W, 3) or (B, I, H, W, 3) -> image tokens (B, I * T_img, D_llm)."""
+        if images.ndim == 4:
+            images = images[:, None]
+        b, n = images.shape[:2]
+        features = self.vision_tower(images.reshape(b * n, *images.shape[2:]))
+        tokens = self.projector(features, deterministic=deterministic)
+        return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+
+    def embed_inputs(self, images, input_ids, deterministic: bool = True) -> jax.Array:
+        """Text embeddings with the image tokens spliced in: (B, T, D_llm)."""
+        text = self.llm.embed(input_ids)
+        image_tokens = self.encode_images(images, deterministic)
+        return splice_image_tokens(text, image_tokens, input_ids, self.config.image_token_id)
+
+    def __call__(self, images, input_ids, attention_mask, *, deterministic: bool = True) -> jax.Array:
+        """Logits (B, T, V)."""
+        embeds = self.embed_inputs(images, input_ids, deterministic)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask)
+
+
+def next_token_loss(
+    logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked cross-entropy, number of masked tokens), in float32."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    mask = loss_mask.astype(jnp.float32)
+    return jnp.sum(ce * mask), jnp.sum(mask)

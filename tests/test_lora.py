@@ -1,0 +1,111 @@
+"""LoRA adapters on CausalLM projections: identity at init, merge parity (scanned and not), targeting,
+and HF import with fresh adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from pargo_jax.convert.tables import flatten, unflatten
+from pargo_jax.lora import lora_param_count, merge_lora
+from pargo_jax.models.llm import CausalLM, LLMConfig, lora_matches
+
+BASE = LLMConfig(
+    vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4
+)
+IDS = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 5)))
+
+
+def _init(cfg):
+    return nn.unbox(CausalLM(cfg).init(jax.random.key(0), IDS))
+
+
+def _perturb(params):
+    flat = flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(flat))
+    return unflatten(
+        {
+            k: v + 0.3 * jax.random.normal(kk, v.shape) if k.endswith(("lora_a", "lora_b")) else v
+            for kk, (k, v) in zip(keys, flat.items())
+        }
+    )
+
+
+def test_lora_matches_suffixes():
+    assert lora_matches(r"layers_\d+/attn/(q|v)", "llm/layers_1/attn/q")
+    assert lora_matches(r"layers_\d+/attn/(q|v)", ("layers_0", "attn", "v"))
+    assert not lora_matches(r"layers_\d+/attn/(q|v)", "layers_0/attn/k")
+    assert not lora_matches(r"attn/q", "layers_0/attn/qq")
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_merge_matches_unmerged(scan):
+    lora_cfg = dataclasses.replace(
+        BASE, scan_layers=scan, lora_rank=3, lora_alpha=6.0, lora_targets=r".*attn/(q|v|o)|.*mlp/down"
+    )
+    base_cfg = dataclasses.replace(BASE, scan_layers=scan)
+    variables = _init(lora_cfg)
+    flat = flatten(variables["params"])
+    adapted = sorted({k.rsplit("/", 1)[0] for k in flat if "lora" in k})
+    layers = ["layers"] if scan else ["layers_0", "layers_1"]
+    targets = ("attn/o", "attn/q", "attn/v", "mlp/down")
+    assert adapted == sorted(f"{lay}/{m}" for lay in layers for m in targets)
+    assert all(np.all(v == 0) for k, v in flat.items() if k.endswith("lora_b"))
+
+    # b = 0: the adapted model equals the base model on the same base weights.
+    base_params = merge_lora(variables["params"], lora_cfg)
+    assert lora_param_count(base_params) == 0 and set(flatten(base_params)) == set(
+        flatten(_init(base_cfg)["params"])
+    )
+    lora_apply, base_apply = jax.jit(CausalLM(lora_cfg).apply), jax.jit(CausalLM(base_cfg).apply)
+    lora_logits = lora_apply(variables, IDS)
+    base_logits = base_apply({"params": base_params}, IDS)
+    np.testing.assert_allclose(lora_logits, base_logits, atol=1e-6)
+
+    # Trained adapters: merged weights in a rank-0 model give the same logits.
+    trained = {"params": _perturb(variables["params"])}
+    lora_logits = lora_apply(trained, IDS)
+    merged = base_apply({"params": merge_lora(trained["params"], lora_cfg)}, IDS)
+    assert np.abs(lora_logits - base_logits).max() > 1e-3  # the adapters matter
+    np.testing.assert_allclose(lora_logits, merged, atol=1e-5)
+
+    d, f = BASE.hidden_size, BASE.intermediate_size
+    qd, kvd = BASE.num_heads * BASE.head_dim, BASE.num_kv_heads * BASE.head_dim
+    per_layer = 3 * ((d + qd) + (d + kvd) + (qd + d) + (f + d))
+    assert lora_param_count(variables) == 2 * per_layer
+
+
+def test_lora_logical_axes():
+    cfg = dataclasses.replace(BASE, scan_layers=True, lora_rank=2, lora_targets=r".*attn/o")
+    boxed = jax.eval_shape(lambda: CausalLM(cfg).init(jax.random.key(0), IDS))["params"]
+    o = boxed["layers"]["attn"]["o"]
+    assert o["lora_a"].names == ("layers", "heads", "head_dim", None)
+    assert o["lora_b"].names == ("layers", None, "embed")
+
+
+def test_bad_lora_config():
+    with pytest.raises(ValueError, match="lora_targets"):
+        dataclasses.replace(BASE, lora_rank=4)
+
+
+def test_hf_import_initializes_adapters():
+    from pargo_jax.convert.hf import load_llm
+    from tests.torch_refs.tiny_llm import checkpoint
+
+    path = checkpoint("qwen2")[1]
+    ids = jnp.asarray(np.random.RandomState(0).randint(3, 128, (1, 7)))
+    module, variables = load_llm(path)
+    lmod, lvars = load_llm(path, scan_layers=True, lora_rank=4, lora_targets=r".*attn/(q|k|v|o)")
+    q = lvars["params"]["layers"]["attn"]["q"]
+    assert q["lora_a"].shape == (2, 64, 4) and np.abs(np.asarray(q["lora_a"])).max() > 0
+    assert np.all(np.asarray(q["lora_b"]) == 0)
+    o = lvars["params"]["layers"]["attn"]["o"]["lora_a"]
+    assert np.asarray(o).std() == pytest.approx(1 / np.sqrt(3 * 64), rel=0.3)  # U(+-1/sqrt(fan_in))
+    np.testing.assert_allclose(
+        jax.jit(lmod.apply)(lvars, ids), jax.jit(module.apply)(variables, ids), atol=1e-5
+    )

@@ -1,0 +1,162 @@
+"""End-to-end training: loss falls, sharded == single device, frozen stays frozen, SIGKILL + resume ==
+uninterrupted, SFT starts from the pretrain projector, and config mistakes fail with one clear error."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from experiments import pretrain, sft
+from pargo_jax import checkpoints, sharding, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One small shapes build shared by every run of this module."""
+    from data_pipelines import shapes
+
+    path = str(tmp_path_factory.mktemp("shapes"))
+    shapes.ensure(path, image_size=64, num_pretrain=256, num_sft=256, num_eval=16)
+    return path
+
+
+def demo(data_dir, steps, *, stage=pretrain, **overrides):
+    c = stage.get_config()
+    c.shapes.update(num_pretrain=256, num_sft=256, num_eval=16)
+    c.input.data_dir = data_dir
+    c.total_steps = c.optim.total_steps = steps
+    c.log_every_steps = 1
+    c.sample_at_end = ""
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        (c[section] if section else c)[field] = value
+    return c
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_demo_loss_falls_and_frozen_tower_is_untouched(data_dir, tmp_path):
+    config = demo(data_dir, 30, **{"optim.warmup_steps": 5, "checkpoint.every_steps": 30})
+    workdir = str(tmp_path / "run")
+    summary = train.run(config, workdir)
+    curve = losses(workdir)
+    assert summary["step"] == 30 and len(curve) == 30
+    assert np.mean([curve[s] for s in range(26, 31)]) < 0.6 * np.mean([curve[s] for s in range(1, 6)])
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        row = json.loads(f.readline())
+    for key in ("grad_norm", "lr", "tokens_per_second", "images_per_second", "step_seconds",
+                "data_wait_seconds", "skipped/total"):  # fmt: skip
+        assert key in row, key
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+
+    # The vision tower is frozen: bit-identical to a fresh init with the same seed.
+    mesh = sharding.make_mesh(dict(config.mesh))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        parts = train.build(config, workdir, mesh)
+        fresh, shardings = train.init_state(parts, config, mesh)
+        ckpt = checkpoints.Checkpointer(workdir, every_steps=30)
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), fresh, shardings
+        )
+        trained, _ = ckpt.restore(30, abstract)
+        ckpt.close()
+    same = jax.tree.map(np.array_equal, fresh.params["vision_tower"], trained.params["vision_tower"])
+    assert all(jax.tree.leaves(same))
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), fresh.params["projector"], trained.params["projector"]
+    )
+    assert all(jax.tree.leaves(changed))
+
+
+def test_sharded_mesh_equals_single_device(data_dir, tmp_path):
+    runs = {}
+    for name, mesh in {"single": dict(data=1, fsdp=1, tensor=1, num_devices=1),
+                       "2x2x2": dict(data=2, fsdp=2, tensor=2)}.items():  # fmt: skip
+        workdir = str(tmp_path / name)
+        train.run(demo(data_dir, 3, mesh=mesh, **{"checkpoint.every_steps": 100}), workdir)
+        runs[name] = losses(workdir)
+    assert runs["single"].keys() == runs["2x2x2"].keys() == {1, 2, 3}
+    np.testing.assert_allclose(list(runs["2x2x2"].values()), list(runs["single"].values()), rtol=0, atol=1e-5)
+
+
+def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(data_dir, tmp_path):
+    common = {"optim.schedule": "constant", "optim.warmup_steps": 0, "checkpoint.every_steps": 2}
+    straight = str(tmp_path / "straight")
+    train.run(demo(data_dir, 8, **common), straight)
+
+    killed = str(tmp_path / "killed")
+    args = [f"--config.{k}={v}" for k, v in common.items()] + [
+        "--config.total_steps=1000", "--config.log_every_steps=1", f"--config.input.data_dir={data_dir}",
+        f"--workdir={killed}", "--config.sample_at_end=", "--config.shapes.num_pretrain=256",
+        "--config.shapes.num_sft=256", "--config.shapes.num_eval=16",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pargo_jax.main", "--config=experiments/pretrain.py", *args],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 600
+        while not os.path.isdir(os.path.join(killed, "checkpoints", "4")):
+            assert proc.poll() is None, "the training process died before its step-4 checkpoint"
+            assert time.time() < deadline, "no step-4 checkpoint within 10 minutes"
+            time.sleep(0.2)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    resumed = train.run(demo(data_dir, 8, **common), killed)
+    assert resumed["step"] == 8
+    a, b = losses(straight), losses(killed)
+    for step in range(5, 9):
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+
+
+def test_sft_starts_from_the_pretrain_projector(data_dir, tmp_path):
+    pre = str(tmp_path / "pretrain")
+    train.run(demo(data_dir, 2, **{"checkpoint.every_steps": 2}), pre)
+    config = demo(data_dir, 2, stage=sft, **{"checkpoint.init_from": pre})
+    mesh = sharding.make_mesh(dict(config.mesh))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        parts = train.build(config, str(tmp_path / "sft"), mesh)
+        state, shardings = train.init_state(parts, config, mesh)
+        ckpt = checkpoints.Checkpointer(pre, every_steps=2)
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+        )
+        stage1, _ = ckpt.restore(2, abstract)
+        ckpt.close()
+    for part in ("projector", "llm"):
+        same = jax.tree.map(np.array_equal, state.params[part], stage1.params[part])
+        assert all(jax.tree.leaves(same)), part
+
+
+@pytest.mark.parametrize(
+    "mutate, error, message",
+    [
+        (lambda c: c.__setitem__("learning_rate", 1.0), ValueError, "Unknown config keys ['learning_rate']"),
+        (lambda c: c.mesh.update(data=3), ValueError, "cannot fill 8 devices"),
+        (lambda c: c.model.llm.update(path="/nonexistent/llm"), FileNotFoundError, "'/nonexistent/llm'"),
+        (lambda c: c.checkpoint.update(init_from="/nonexistent/run"), FileNotFoundError, "/nonexistent/run"),
+    ],
+)
+def test_config_errors_are_one_clear_line(data_dir, tmp_path, mutate, error, message):
+    config = demo(data_dir, 1)
+    with config.unlocked():
+        mutate(config)
+    with pytest.raises(error) as err:
+        train.run(config, str(tmp_path / "bad"))
+    assert message in str(err.value)
