@@ -8,6 +8,7 @@ and LLM on the synthetic shapes set, CPU, minutes), ``paper`` (EVA02-CLIP-L/336 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 PRESETS = ("demo", "paper", "siglip_qwen2")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -27,11 +28,11 @@ def base() -> ml_collections.ConfigDict:
     c.max_nonfinite_steps = 5  # consecutive non-finite losses that stop the run
     c.model = ml_collections.ConfigDict()
     c.model.dtype = "float32"  # compute dtype of tower, projector and LLM ("bfloat16" on accelerators)
-    c.model.vision = dict(path=None, format="hf", preset="tiny", overrides={})
+    c.model.vision = dict(path=placeholder(str), format="hf", preset="tiny", overrides={})
     c.model.projector = dict(name="pargo")
-    c.model.llm = dict(path=None, config={}, overrides={})
+    c.model.llm = dict(path=placeholder(str), config={}, overrides={})
     c.input = dict(
-        sources=[], data_dir=None, tokenizer=None, batch_size=16, image_size=336, resize="letterbox",
+        sources=[], data_dir=placeholder(str), tokenizer=placeholder(str), batch_size=16, image_size=336, resize="letterbox",
         max_len=512, overlong="truncate", num_workers=0, prefetch=2, strict=False,
         mean=CLIP_MEAN, std=CLIP_STD,
     )  # fmt: skip
@@ -43,7 +44,7 @@ def base() -> ml_collections.ConfigDict:
     # Regex over param paths -> LR multiplier; params matching none are frozen.
     c.trainable = regex_dict({"projector/.*": 1.0})
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
-    c.checkpoint = dict(every_steps=500, keep=3, init_from=None, init_from_parts=("projector",))
+    c.checkpoint = dict(every_steps=500, keep=3, init_from=placeholder(str), init_from_parts=("projector",))
     c.evals = {}
     return c
 
@@ -51,7 +52,7 @@ def base() -> ml_collections.ConfigDict:
 def demo_model(c: ml_collections.ConfigDict) -> None:
     """Tiny random SigLIP-style tower (64 px, 8x8 patches), ParGo 16 + 4 tokens, tiny Llama."""
     c.model.vision = dict(
-        path=None, format="hf", preset="tiny",
+        path=placeholder(str), format="hf", preset="tiny",
         overrides=dict(image_size=64, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128),
     )  # fmt: skip
     c.model.projector = dict(
@@ -59,7 +60,7 @@ def demo_model(c: ml_collections.ConfigDict) -> None:
         layout="grid", max_positions=64,
     )  # fmt: skip
     c.model.llm = dict(
-        path=None,
+        path=placeholder(str),
         config=dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                     head_dim=32, max_position_embeddings=256, tie_word_embeddings=True),
         overrides={},

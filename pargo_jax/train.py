@@ -210,7 +210,7 @@ def make_train_step(model: VisionLanguageModel, tx, labels, schedule, *, grad_ac
         count = jnp.maximum(count, 1.0)
         loss = total / count
         grads = jax.tree.map(lambda g: g / count, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state.opt_state, train)
         new_train = optax.apply_updates(train, updates)

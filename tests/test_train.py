@@ -34,6 +34,7 @@ def demo(data_dir, steps, *, stage=pretrain, **overrides):
     c.shapes.update(num_pretrain=256, num_sft=256, num_eval=16)
     c.input.data_dir = data_dir
     c.total_steps = c.optim.total_steps = steps
+    c.optim.warmup_steps = min(c.optim.warmup_steps, steps)
     c.log_every_steps = 1
     c.sample_at_end = ""
     for key, value in overrides.items():
@@ -82,15 +83,32 @@ def test_demo_loss_falls_and_frozen_tower_is_untouched(data_dir, tmp_path):
     assert all(jax.tree.leaves(changed))
 
 
-def test_sharded_mesh_equals_single_device(data_dir, tmp_path):
+def test_sharded_mesh_and_grad_accumulation_equal_single_device(data_dir, tmp_path):
     runs = {}
-    for name, mesh in {"single": dict(data=1, fsdp=1, tensor=1, num_devices=1),
-                       "2x2x2": dict(data=2, fsdp=2, tensor=2)}.items():  # fmt: skip
+    for name, mesh, accum in [
+        ("single", dict(data=1, fsdp=1, tensor=1, num_devices=1), 1),
+        ("2x2x2", dict(data=2, fsdp=2, tensor=2), 1),
+        ("data8_accum2", dict(data=8, fsdp=1, tensor=1), 2),
+    ]:
         workdir = str(tmp_path / name)
-        train.run(demo(data_dir, 3, mesh=mesh, **{"checkpoint.every_steps": 100}), workdir)
+        overrides = {"checkpoint.every_steps": 100, "optim.grad_accum_steps": accum}
+        train.run(demo(data_dir, 3, mesh=mesh, **overrides), workdir)
         runs[name] = losses(workdir)
     assert runs["single"].keys() == runs["2x2x2"].keys() == {1, 2, 3}
-    np.testing.assert_allclose(list(runs["2x2x2"].values()), list(runs["single"].values()), rtol=0, atol=1e-5)
+    for name in ("2x2x2", "data8_accum2"):
+        np.testing.assert_allclose(
+            list(runs[name].values()), list(runs["single"].values()), rtol=0, atol=1e-5
+        )
+
+
+def test_nonfinite_losses_skip_updates_then_stop_naming_records(data_dir, tmp_path):
+    config = demo(data_dir, 20, max_nonfinite_steps=3, **{"optim.lr": 1e30, "optim.clip_norm": 1e30})
+    with pytest.raises(FloatingPointError) as err:
+        train.run(config, str(tmp_path / "nan"))
+    message = str(err.value)
+    assert "3 consecutive non-finite steps" in message and "shapes/pretrain/" in message
+    rows = losses(str(tmp_path / "nan"))
+    assert not all(np.isfinite(list(rows.values())))
 
 
 def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(data_dir, tmp_path):
@@ -148,7 +166,8 @@ def test_sft_starts_from_the_pretrain_projector(data_dir, tmp_path):
     "mutate, error, message",
     [
         (lambda c: c.__setitem__("learning_rate", 1.0), ValueError, "Unknown config keys ['learning_rate']"),
-        (lambda c: c.mesh.update(data=3), ValueError, "cannot fill 8 devices"),
+        (lambda c: c.mesh.update(data=3, fsdp=-1), ValueError, "cannot fill 8 devices"),
+        (lambda c: c.mesh.update(data=3), ValueError, "has 3 devices but 8 are available"),
         (lambda c: c.model.llm.update(path="/nonexistent/llm"), FileNotFoundError, "'/nonexistent/llm'"),
         (lambda c: c.checkpoint.update(init_from="/nonexistent/run"), FileNotFoundError, "/nonexistent/run"),
     ],
