@@ -32,12 +32,23 @@ TEXT_BRANCH = (
 )
 
 
+def _drop_batch_axis(x: np.ndarray) -> np.ndarray:
+    return x.reshape(x.shape[-2:])
+
+
+def _add_batch_axis(x: np.ndarray) -> np.ndarray:
+    return x[None]
+
+
+_INVERSE = {None: None, transpose: transpose, _drop_batch_axis: _add_batch_axis}
+
+
 def _rules() -> list[Rule]:
     attn = {"attention": "self", "crossattention": "cross"}
     rules = [
         Rule(r"ln_vision\.weight", "ln_vision_scale"),
         Rule(r"ln_vision\.bias", "ln_vision_bias"),
-        Rule(r"query_tokens", "query_tokens", lambda x: x.reshape(x.shape[-2:])),
+        Rule(r"query_tokens", "query_tokens", _drop_batch_axis),
         Rule(r"llm_proj\.weight", "llm_proj_kernel", transpose),
         Rule(r"llm_proj\.bias", "llm_proj_bias"),
         Rule(r"bert\.embeddings\.position_embeddings\.weight", "position_embeddings"),
@@ -188,3 +199,25 @@ def load_projector(
         len(others),
     )
     return module, {"params": params}
+
+
+def to_official_state_dict(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our projector params -> the official state dict (``ln_vision``, ``query_tokens``,
+    ``ParGo.bert...``, ``llm_proj``), loadable by the released PyTorch model with ``strict=True``
+    once its deleted text-branch modules are dropped. The inverse of :func:`load_projector`'s table."""
+    params = {k: np.asarray(v) for k, v in params.items()}
+    out: dict[str, np.ndarray] = {}
+    for rule in _rules():
+        name, index = rule.target.split("[")[0], re.findall(r"\[([^\]]*)\]", rule.target)
+        value = params[name]
+        layers = range(value.shape[0]) if index and index[0] == "{0}" else [None]
+        for layer in layers:
+            x = value if layer is None else value[layer]
+            for i in index[1:]:
+                x = x[int(i)]
+            source = rule.pattern if layer is None else rule.pattern.replace(r"(\d+)", str(layer))
+            source = source.replace("\\.", ".")
+            inverse = _INVERSE[rule.transform]
+            key = ("ParGo." if source.startswith("bert.") else "") + source
+            out[key] = np.ascontiguousarray(inverse(x) if inverse else x)
+    return out
