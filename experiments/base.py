@@ -32,8 +32,8 @@ def base() -> ml_collections.ConfigDict:
     c.model.projector = dict(name="pargo")
     c.model.llm = dict(path=placeholder(str), config={}, overrides={})
     c.input = dict(
-        sources=[], data_dir=placeholder(str), tokenizer=placeholder(str), batch_size=16, image_size=336, resize="letterbox",
-        max_len=512, overlong="truncate", num_workers=0, prefetch=2, strict=False,
+        sources=[], data_dir=placeholder(str), tokenizer=placeholder(str), batch_size=16, image_size=336,
+        resize="letterbox", max_len=512, overlong="truncate", num_workers=0, prefetch=2, strict=False,
         mean=CLIP_MEAN, std=CLIP_STD,
     )  # fmt: skip
     c.shapes = None  # dict(...) of data_pipelines.shapes.build arguments: build the demo set on first run

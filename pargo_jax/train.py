@@ -174,7 +174,7 @@ def join_params(train: Mapping, frozen: Mapping) -> dict:
 
 
 # --- the step --------------------------------------------------------------------------------------
-def make_train_step(model: VisionLanguageModel, tx, labels, schedule, *, grad_accum: int = 1):
+def make_train_step(model: VisionLanguageModel, tx, labels, schedule, *, grad_accum: int = 1, seed: int = 0):
     """``train_step(state, batch) -> (state, metrics)``; pure, to be jitted with shardings."""
 
     def loss_fn(train, frozen, batch, rng):
@@ -194,7 +194,7 @@ def make_train_step(model: VisionLanguageModel, tx, labels, schedule, *, grad_ac
 
     def train_step(state: TrainState, batch):
         train, frozen = split_params(state.params, labels)
-        rng = jax.random.fold_in(jax.random.key(0), state.step)
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)  # dropout: a function of (seed, step)
         if grad_accum == 1:
             (total, count), grads = grad_fn(train, frozen, batch, rng)
         else:
@@ -269,9 +269,12 @@ def init_state(parts, config, mesh) -> tuple[TrainState, Any]:
     ``init_from`` subtree on top. Returns the state and its shardings."""
     labels, tx = parts["labels"], parts["tx"]
     param_shardings = parts["param_shardings"]
-    rng = jax.random.key(config.seed)
-    params = jax.jit(lambda r: nn.unbox(parts["init_params"](r)), out_shardings=param_shardings)(rng)
-    params.update(load_pretrained(config, parts["mcfg"], param_shardings))
+    # Parts read from checkpoints are not initialized at all (XLA drops their unused init).
+    loaded = load_pretrained(config, parts["mcfg"], param_shardings)
+    fresh = [k for k in param_shardings if k not in loaded]
+    init = lambda r: {k: v for k, v in nn.unbox(parts["init_params"](r)).items() if k in fresh}
+    params = jax.jit(init, out_shardings={k: param_shardings[k] for k in fresh})(jax.random.key(config.seed))
+    params.update(loaded)
     init_from = config.checkpoint.get("init_from")
     if init_from:
         _require_path(init_from, "checkpoint.init_from")
@@ -371,7 +374,7 @@ def _run(config, workdir, mesh, make_iterator):
 
     step_fn = make_train_step(
         parts["model"], parts["tx"], parts["labels"], parts["schedule"],
-        grad_accum=grad_accum
+        grad_accum=grad_accum, seed=config.seed,
     )  # fmt: skip
     batch_sharding = jax.NamedSharding(mesh, jax.P(BATCH_AXES))
     jit_step = jax.jit(

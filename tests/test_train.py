@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from experiments import pretrain, sft
+from experiments import base, pretrain, sft
 from pargo_jax import checkpoints, sharding, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,3 +179,42 @@ def test_config_errors_are_one_clear_line(data_dir, tmp_path, mutate, error, mes
     with pytest.raises(error) as err:
         train.run(config, str(tmp_path / "bad"))
     assert message in str(err.value)
+
+
+def test_real_preset_path_loads_hf_tower_and_llm(data_dir, tmp_path):
+    """The checkpoint-driven path of the real presets, on tiny HF SigLIP + Llama dirs made here."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from data_pipelines.text import load_tokenizer
+    from pargo_jax.convert.hf import load_llm
+    from pargo_jax.convert.hf_vision import load_vision
+
+    torch.manual_seed(0)
+    vocab = load_tokenizer(os.path.join(data_dir, "shapes_tokenizer")).vocab_size
+    tower_dir, llm_dir = str(tmp_path / "siglip"), str(tmp_path / "llama")
+    SiglipVisionModel(
+        SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=8)
+    ).save_pretrained(tower_dir)  # fmt: skip
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=vocab + 3, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    ).save_pretrained(llm_dir)  # fmt: skip
+    config = demo(data_dir, 2, **{"checkpoint.every_steps": 2})
+    config.model.vision.path, config.model.vision.overrides = tower_dir, {}  # replace, not merge
+    config.model.llm.path, config.model.llm.overrides = llm_dir, {}
+    config.input.tokenizer = os.path.join(data_dir, "shapes_tokenizer")
+    config.trainable = base.regex_dict({"projector/.*": 1.0})
+    workdir = str(tmp_path / "run")
+    summary = train.run(config, workdir)
+    assert summary["step"] == 2 and np.isfinite(summary["loss"])
+
+    mesh = sharding.make_mesh(dict(config.mesh))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        parts = train.build(config, workdir, mesh)
+        state, shardings = train.init_state(parts, config, mesh)
+    assert parts["mcfg"].vision.width == 32 and parts["mcfg"].llm.vocab_size == vocab + 3
+    for part, (_, variables) in {"vision_tower": load_vision(tower_dir), "llm": load_llm(llm_dir)}.items():
+        same = jax.tree.map(np.array_equal, state.params[part], variables["params"])
+        assert all(jax.tree.leaves(same)), part

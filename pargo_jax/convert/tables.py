@@ -236,7 +236,11 @@ def _check(target, shape, expected, bad_shape, name) -> bool:
 
 
 def expected_shapes(abstract_params: Mapping) -> dict[str, tuple[int, ...]]:
-    """{"a/b": shape} from an (abstract, possibly ``nn.Partitioned``-boxed) param tree."""
-    from flax import linen as nn
+    """{"a/b": shape} from an (abstract, possibly ``nn.Partitioned``-boxed) param tree. Reads the boxes
+    directly: ``nn.unbox`` would add sharding constraints, which fail under an active mesh."""
+    from flax.core import meta
 
-    return {k: tuple(v.shape) for k, v in flatten(nn.unbox(abstract_params)).items()}
+    return {
+        k: tuple((v.unbox(apply_constraint=False) if isinstance(v, meta.AxisMetadata) else v).shape)
+        for k, v in flatten(abstract_params).items()
+    }

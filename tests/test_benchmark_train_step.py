@@ -1,0 +1,44 @@
+"""Smoke test of the train-step benchmark: ``--quick`` (demo shape, 1 and 8 devices, JAX + torch) runs
+in subprocesses, prints a markdown table and writes JSON with positive step times, throughput and
+memory, and FSDP over 8 devices cuts the per-device params + optimizer state."""
+
+import json
+
+import pytest
+
+from pargo_jax.benchmarks import train_step as bench
+
+
+def test_train_step_benchmark_quick(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = tmp_path / "train_step.json"
+    res = bench.main(["--quick", "--torch_threads", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    rows = saved["rows"]
+    assert len(rows) == len(res["rows"]) == 5  # 2 variants x 2 device counts + one torch row
+    for r in rows:
+        for key in ("step_seconds", "tokens_per_second", "images_per_second", "gflops_per_second"):
+            assert r[key] > 0, (key, r)
+        assert r["state_bytes_per_device"] > 0
+        assert r["model_flops_per_step"] > 0
+    jax_rows = [r for r in rows if r["impl"] == "jax"]
+    assert {(r["devices"], r["projector"], r["train"]) for r in jax_rows} == {
+        (1, "pargo", "stage1"),
+        (8, "pargo", "stage1"),
+        (1, "mlp", "full"),
+        (8, "mlp", "full"),
+    }
+    for r in jax_rows:
+        assert r["mfu"] > 0 and r["compile_seconds"] > 0
+        for key in ("argument_bytes", "temp_bytes", "peak_bytes", "params_bytes_per_device"):
+            assert r[key] > 0, (key, r)
+        if r["devices"] == 8:
+            # Norm scales / conv kernels stay replicated: a bit over 1/8.
+            assert 0.1 < r["fsdp_state_ratio"] < 0.3, r["fsdp_state_ratio"]
+    (torch_row,) = [r for r in rows if r["impl"] == "torch"]
+    assert torch_row["projector"] == "mlp" and torch_row["devices"] == 1
+    assert torch_row["num_trainable"] < torch_row["num_params"]
+    ours = next(r for r in jax_rows if r["devices"] == 1 and r["projector"] == "mlp")
+    assert ours["speedup_vs_torch"] > 0
+    text = capsys.readouterr().out
+    assert "| shape | dev |" in text and "tokens/s" in text
