@@ -143,6 +143,29 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(data_dir, tmp
         assert b[step] == pytest.approx(a[step], abs=1e-6), step
 
 
+def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+    workdir = str(tmp_path / "preempted")
+    args = [
+        "--config.total_steps=1000", "--config.log_every_steps=1", "--config.checkpoint.every_steps=500",
+        f"--config.input.data_dir={data_dir}", f"--workdir={workdir}", "--config.shapes.num_pretrain=256",
+        "--config.shapes.num_sft=256", "--config.shapes.num_eval=16",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pargo_jax.main", "--config=experiments/pretrain.py", *args],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    metrics_file = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 600
+    while not (os.path.exists(metrics_file) and len(open(metrics_file).readlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "training did not reach step 3"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    saved = checkpoints.Checkpointer(workdir, every_steps=500)
+    assert saved.latest_step() == max(losses(workdir)) >= 3  # saved exactly where it stopped
+    saved.close()
+
+
 def test_sft_starts_from_the_pretrain_projector(data_dir, tmp_path):
     pre = str(tmp_path / "pretrain")
     train.run(demo(data_dir, 2, **{"checkpoint.every_steps": 2}), pre)

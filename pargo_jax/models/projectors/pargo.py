@@ -133,7 +133,9 @@ class ParGo(nn.Module):
             "position_embeddings", (c.max_positions, h_dim), (None, "embed"), nn.initializers.normal(0.02)
         )
         h = layer_norm(queries + pos[:q_len], *self._norm("embed_norm", (h_dim,), ("norm",)), c.eps)
-        h = jnp.broadcast_to(h, (b, q_len, h_dim))
+        # Activations stay 2-D (B*Q, H) between attentions: every projection is then a plain matmul
+        # whose weight gradient contracts one row axis (a 3-D one made XLA transpose the gradient).
+        h = jnp.broadcast_to(h, (b, q_len, h_dim)).reshape(b * q_len, h_dim)
         h = self._dropout(h, deterministic)
 
         self_qkv = self._dense_params("self_qkv", (nl, 3, h_dim, h_dim), L + (None, "embed", "heads"))
@@ -147,28 +149,38 @@ class ParGo(nn.Module):
         fc2 = self._dense_params("fc2", (nl, c.mlp_dim, h_dim), L + ("mlp", "embed"))
         ffn_norm = self._norm("ffn_norm", (nl, h_dim), L + ("norm",))
 
-        # Keys/values of every layer's cross-attention in one matmul: (B, N, L, 2, heads, head_dim).
+        # Per-layer views of the stacked params via lax.split, whose transpose is one concatenate
+        # (indexing would give a zero-padded full-size gradient per layer, summed afterwards).
+        unstack = lambda t: [[x.reshape(x.shape[1:]) for x in _split(p, nl, 0)] for p in t]
+        self_qkv, self_out, self_norm = unstack(self_qkv), unstack(self_out), unstack(self_norm)
+        cross_q, cross_out, cross_norm = unstack(cross_q), unstack(cross_out), unstack(cross_norm)
+        fc1, fc2, ffn_norm = unstack(fc1), unstack(fc2), unstack(ffn_norm)
+
+        # Keys/values of every layer's cross-attention in one (B*N, C) x (C, L*2*H) matmul, split
+        # per layer with lax.split so that the backward concatenates instead of padding.
         if c.impl == "structured" and c.num_partial:
             f = f[:, np.asarray(windows).reshape(-1)] if not _is_identity(windows) else f
-        kv = jnp.einsum("bnc,ltcd->bnltd", f, cross_kv[0]) + cross_kv[1][None, None]
-        kv = kv.reshape(b, n, nl, 2, heads, h_dim // heads)
+        kv_kernel = jnp.transpose(cross_kv[0], (2, 0, 1, 3)).reshape(cv, nl * 2 * h_dim)
+        kv = f.reshape(b * n, cv) @ kv_kernel + cross_kv[1].reshape(-1)
+        kv = [x.reshape(b, n, heads, h_dim // heads) for x in _split(kv, 2 * nl, 1)]
 
         self_masks = masks.self_masks(c.num_partial, c.num_global, nl, c.cpp, c.cascade_schedule)
         cross_mask = masks.partial_global_cross_mask(
             c.num_partial, c.num_global, n, layout=c.layout, num_crops=c.num_crops, grid=c.grid
         )
         for i in range(nl):
-            qkv = jnp.einsum("bqh,thd->bqtd", h, self_qkv[0][i]) + self_qkv[1][i]
-            qkv = qkv.reshape(b, q_len, 3, heads, h_dim // heads)
-            a = self._self_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self_masks[i], i)
+            w = jnp.transpose(self_qkv[0][i], (1, 0, 2)).reshape(h_dim, 3 * h_dim)
+            qkv = h @ w + self_qkv[1][i].reshape(-1)
+            qs, ks, vs = (x.reshape(b, q_len, heads, h_dim // heads) for x in _split(qkv, 3, 1))
+            a = self._self_attention(qs, ks, vs, self_masks[i], i)
             h = self._residual_norm(h, a, self_out, self_norm, i, deterministic)
             q = (h @ cross_q[0][i] + cross_q[1][i]).reshape(b, q_len, heads, h_dim // heads)
-            a = self._cross_attention(q, kv[:, :, i, 0], kv[:, :, i, 1], cross_mask, windows.shape[-1])
+            a = self._cross_attention(q, kv[2 * i], kv[2 * i + 1], cross_mask, windows.shape[-1])
             h = self._residual_norm(h, a, cross_out, cross_norm, i, deterministic)
             y = nn.gelu(h @ fc1[0][i] + fc1[1][i], approximate=False)
             h = self._residual_norm(h, y, fc2, ffn_norm, i, deterministic, flat=True)
         kernel, bias = self._dense_params("llm_proj", (h_dim, c.llm_width), ("embed", "mlp"))
-        return h @ kernel + bias
+        return (h @ kernel + bias).reshape(b, q_len, c.llm_width)
 
     def _dropout(self, x, deterministic):
         return nn.Dropout(self.config.dropout)(x, deterministic=deterministic) if self.config.dropout else x
@@ -176,7 +188,7 @@ class ParGo(nn.Module):
     def _residual_norm(self, h, update, dense, norm, i, deterministic, flat=False):
         """Post-LN residual: LN(h + dropout(update @ W + b))."""
         if not flat:
-            update = update.reshape(*update.shape[:-2], -1)
+            update = update.reshape(h.shape)
         y = self._dropout(update @ dense[0][i] + dense[1][i], deterministic)
         return layer_norm(h + y, norm[0][i], norm[1][i], self.config.eps)
 
@@ -185,11 +197,11 @@ class ParGo(nn.Module):
         if c.impl == "dense" or not c.num_partial:
             return attention(q, k, v, mask)
         p = c.num_partial
-        partial = _self_partial(q[:, :p], k[:, :p], v[:, :p], mask[:p, :p])
         if not c.num_global:
-            return partial
-        glob = attention(q[:, p:], k[:, p:], v[:, p:])
-        return jnp.concatenate([partial, glob], axis=1)
+            return _self_partial(q, k, v, mask)
+        (qp, qg), (kp, kg), (vp, vg) = (_split(x, (p, c.num_global), 1) for x in (q, k, v))
+        partial = _self_partial(qp, kp, vp, mask[:p, :p])
+        return jnp.concatenate([partial, attention(qg, kg, vg)], axis=1)
 
     def _cross_attention(self, q, k, v, mask: np.ndarray, window: int):
         c = self.config
@@ -200,11 +212,19 @@ class ParGo(nn.Module):
         # Features were permuted so that window i is rows [i*w, (i+1)*w): a reshape, no gather.
         kw = k.reshape(b, p, window, *k.shape[2:])
         vw = v.reshape(b, p, window, *v.shape[2:])
-        partial = window_attention(q[:, :p], kw, vw)
         if not c.num_global:
-            return partial
-        glob = attention(q[:, p:], k, v)  # global queries see every patch (order is irrelevant)
-        return jnp.concatenate([partial, glob], axis=1)
+            return window_attention(q, kw, vw)
+        qp, qg = _split(q, (p, c.num_global), 1)
+        glob = attention(qg, k, v)  # global queries see every patch (order is irrelevant)
+        return jnp.concatenate([window_attention(qp, kw, vw), glob], axis=1)
+
+
+def _split(x: jax.Array, sections, axis: int) -> list[jax.Array]:
+    """``x`` cut along ``axis`` into equal ``sections`` (an int) or the given sizes; unlike slicing,
+    its transpose is a single concatenate."""
+    if isinstance(sections, int):
+        sections = (x.shape[axis] // sections,) * sections
+    return jax.lax.split(x, tuple(sections), axis=axis)
 
 
 def _is_identity(windows: np.ndarray) -> bool:
