@@ -70,6 +70,15 @@ def _args(argv=None):
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--mesh_repeats", type=int, default=None,
+        help="timed repeats when devices > 1 (default --repeats; 0: compile + memory only, no steps)",
+    )  # fmt: skip
+    p.add_argument("--append", action="store_true", help="merge into the rows already in --out")
+    p.add_argument(
+        "--shard_opt_state", action="store_true",
+        help="reshard the Adam moments like their params after train.init_state (which replicates them)",
+    )  # fmt: skip
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke run: demo shape at batch 8, 1 repeat")
     p.add_argument("--mid_batch", type=int, default=8)
@@ -81,6 +90,10 @@ def _args(argv=None):
         "--torch_threads", default="2,1", help="comma list: torch rows timed at each intra-op thread count"
     )
     p.add_argument("--torch_warmup", type=int, default=3, help="untimed torch steps per thread count")
+    p.add_argument(
+        "--xla_flags", default="", help="extra XLA_FLAGS for the JAX subprocesses (use the = form), e.g. "
+        "--xla_flags='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'",
+    )  # fmt: skip
     p.add_argument("--out", default="bench_results/train_step.json")
     p.add_argument("--devices", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     p.add_argument("--child_out", default=None, help=argparse.SUPPRESS)
@@ -206,7 +219,7 @@ def device_bytes(tree) -> dict:
 class JaxSide:
     """Sharded state + compiled step for one config on ``mesh`` (train.init_state / make_train_step)."""
 
-    def __init__(self, config, tok, mesh, host_batch):
+    def __init__(self, config, tok, mesh, host_batch, shard_opt_state: bool = False):
         import jax
         from flax import linen as nn
 
@@ -219,6 +232,10 @@ class JaxSide:
             self.mcfg = parts["mcfg"]
             self.labels = parts["labels"]
             self.state, state_shardings = train.init_state(parts, config, mesh)
+            if shard_opt_state:  # Adam moments laid out as their params (train.init_state replicates them)
+                opt_shardings = self._param_like_shardings(parts, mesh)
+                self.state = self.state.replace(opt_state=jax.device_put(self.state.opt_state, opt_shardings))
+                state_shardings = state_shardings.replace(opt_state=opt_shardings)
             jax.block_until_ready(self.state)
             self.init_seconds = time.perf_counter() - t0
             step_fn = train.make_train_step(parts["model"], parts["tx"], parts["labels"], parts["schedule"])
@@ -233,6 +250,23 @@ class JaxSide:
             t0 = time.perf_counter()
             self.compiled = jitted.lower(self.state, self.batch).compile()
             self.compile_seconds = time.perf_counter() - t0
+
+    def _param_like_shardings(self, parts, mesh):
+        import jax
+
+        from pargo_jax import train
+
+        train_shardings, _ = train.split_params(parts["param_shardings"], self.labels)
+        replicated = jax.NamedSharding(mesh, jax.P())
+
+        def like_param(path, leaf):  # moments are dicts keyed by the same "a/b/c" names as the params
+            for k in path:
+                name = getattr(k, "key", None)
+                if name in train_shardings and leaf.ndim == len(train_shardings[name].spec or ()) > 0:
+                    return train_shardings[name]
+            return replicated
+
+        return jax.tree_util.tree_map_with_path(like_param, self.state.opt_state)
 
     def memory(self) -> dict:
         m = self.compiled.memory_analysis()
@@ -375,9 +409,10 @@ def run_devices(a) -> list[dict]:
             mcfg = train_mod.model_config(config, tok)
             host = make_batch(batch, seq, mcfg.vision.image_size, mcfg.num_image_tokens, vocab, image_id)
             print(f"[{n} dev] {shape} {variant}: building + compiling ...", file=sys.stderr, flush=True)
-            ours = JaxSide(config, tok, mesh, host)
+            ours = JaxSide(config, tok, mesh, host, a.shard_opt_state)
             # (name, step(), warmup steps): ours, then torch at each thread count, interleaved per repeat
-            sides = [("jax", ours.step, a.warmup)]
+            repeats = a.repeats if n == 1 or a.mesh_repeats is None else a.mesh_repeats
+            sides = [("jax", ours.step, a.warmup if repeats else 0)]
             theirs = None
             if projector == "mlp" and n == 1 and not a.skip_torch:
                 optim_cfg = {k: v for k, v in config.optim.items() if k != "grad_accum_steps"}
@@ -387,9 +422,9 @@ def run_devices(a) -> list[dict]:
                     sides.append((name, lambda th=th, t=theirs: t.step(th), max(a.warmup, a.torch_warmup)))
             times: dict[str, list[float]] = {name: [] for name, _, _ in sides}
             losses: dict[str, list[float]] = {name: [] for name, _, _ in sides}
-            for r in range(max(w for _, _, w in sides) + a.repeats):
+            for r in range(max(w for _, _, w in sides) + repeats if repeats else 0):
                 for name, step, warmup in sides:
-                    if len(times[name]) >= a.repeats:
+                    if len(times[name]) >= repeats:
                         continue
                     dt, loss = step()
                     losses[name].append(loss)
@@ -411,17 +446,19 @@ def run_devices(a) -> list[dict]:
                 image_tokens=mcfg.num_image_tokens, model_flops_per_step=flops_step,
             )  # fmt: skip
             for name, _, _ in sides:
-                sec = statistics.median(times[name])
+                sec = statistics.median(times[name]) if times[name] else None
                 row = dict(
                     common, impl=name, step_seconds=sec, step_seconds_all=times[name],
-                    tokens_per_second=batch * seq / sec, images_per_second=batch / sec,
-                    gflops_per_second=flops_step / sec / 1e9,
-                    mfu=flops.mfu(flops_step, sec, n, kind), losses=losses[name],
+                    tokens_per_second=sec and batch * seq / sec, images_per_second=sec and batch / sec,
+                    gflops_per_second=sec and flops_step / sec / 1e9,
+                    mfu=sec and flops.mfu(flops_step, sec, n, kind), losses=losses[name],
                 )  # fmt: skip
                 if name == "jax":
                     row.update(
                         init_seconds=ours.init_seconds, compile_seconds=ours.compile_seconds,
-                        device_kind=kind, scan_layers=a.scan_layers, remat=a.remat, **ours.memory(),
+                        device_kind=kind, scan_layers=a.scan_layers, remat=a.remat,
+                        shard_opt_state=a.shard_opt_state,
+                        xla_flags=os.environ.get("XLA_FLAGS", ""), **ours.memory(),
                     )  # fmt: skip
                 else:
                     row.update(
@@ -461,7 +498,7 @@ def add_ratios(rows: list[dict]) -> None:
     jax_rows = {(r["shape"], r["projector"], r["train"], r["devices"]): r for r in rows if r["impl"] == "jax"}
     for r in rows:
         ours = jax_rows.get((r["shape"], r["projector"], r["train"], r["devices"]))
-        if r["impl"].startswith("torch") and ours:
+        if r["impl"].startswith("torch") and ours and ours["step_seconds"]:
             r["speedup_vs_torch"] = r["step_seconds"] / ours["step_seconds"]  # ours vs this torch row
             best = min(r["step_seconds"], ours.get("best_torch_seconds", float("inf")))
             ours["best_torch_seconds"] = best
@@ -478,8 +515,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['devices']} | {r['projector']} | {r['train']} | {r['impl']} "
-            f"| {r['batch']} x {r['seq']} | {r['step_seconds']:.3f} | {r['tokens_per_second']:.0f} "
-            f"| {r['images_per_second']:.2f} | {r['gflops_per_second']:.1f} | {fmt(r.get('mfu'), '.1%')} "
+            f"| {r['batch']} x {r['seq']} | {fmt(r['step_seconds'], '.3f')} "
+            f"| {fmt(r['tokens_per_second'], '.0f')} | {fmt(r['images_per_second'], '.2f')} "
+            f"| {fmt(r['gflops_per_second'], '.1f')} | {fmt(r.get('mfu'), '.1%')} "
             f"| {fmt(r.get('compile_seconds'), '.1f')} | {r['state_bytes_per_device'] / MB:.1f} "
             f"| {fmt(r.get('fsdp_state_ratio'), '.3f')} | {fmt(r.get('peak_bytes', 0) / MB or None, '.1f')} "
             f"| {fmt(r.get('speedup_vs_torch'), '.2f')} |"
@@ -498,6 +536,17 @@ def main(argv=None) -> dict:
     rows: list[dict] = []
     for n in (int(x) for x in a.device_counts.split(",")):
         rows += _child(argv, n)
+    if a.append and os.path.exists(a.out):
+        with open(a.out) as f:
+            old = json.load(f)["rows"]
+        key = lambda r: (r["shape"], r["devices"], r["projector"], r["train"], r["impl"])
+        new = {key(r) for r in rows}
+        rows = [r for r in old if key(r) not in new] + rows
+        order = lambda r: (SHAPES.index(r["shape"]), r["devices"], r["projector"] != "pargo", r["train"])
+        rows.sort(key=order)
+    for r in rows:
+        for k in ("fsdp_state_ratio", "fsdp_peak_ratio", "speedup_vs_torch", "best_torch_seconds"):
+            r.pop(k, None)
     add_ratios(rows)
     result = dict(
         rows=rows,
@@ -525,6 +574,7 @@ def _child_env() -> None:
         return
     n = sys.argv[sys.argv.index("--devices") + 1]
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    flags += _args([x for x in sys.argv[1:] if x != "--quick"]).xla_flags.split()  # --xla_flags="..."
     os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -12,7 +12,13 @@ Released computation (post-LN BERT), ``x`` = raw tower features (B, N, C)::
     tokens = h @ W_llm + b                                  # (B, Q, D_llm)
 
 Parameters are stacked over layers (leading axis L) so that the cross-attention keys/values of all
-layers come from one large matmul, and self-attention q/k/v from one matmul per layer. Two
+layers come from one large matmul, and self-attention q/k/v from one matmul per layer.
+
+Layout choices for speed (measured on XLA:CPU, ``python -m pargo_jax.benchmarks.projector``): stacked
+params and fused projection outputs are cut with ``lax.split``, never indexed, since the gradient of
+an index is a zero-padded full-size array per use (8 padded copies of the 75 MB key/value gradient
+before); activations stay 2-D (B*Q, H) so weight gradients contract one row axis (a 3-D contraction
+made XLA transpose the gradient first); attention transposes are pinned in ``attention``. Two
 computation paths give the same function: ``impl="dense"`` (masked full attention, the reference)
 and ``impl="structured"`` (partial queries attend over their own window via reshape, no Q x N score
 matrix; global queries dense; cascade groups as blocks).
