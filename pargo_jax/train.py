@@ -126,7 +126,14 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
         elif name != "pargo":
             raise ValueError(f"Unknown projector {name!r}; choose 'pargo', 'qformer' or 'mlp'.")
         projector = ParGoConfig(**p)
-    return MLLMConfig(vision=vision, projector=projector, llm=llm, image_token_id=tokenizer.image_token_id)
+    return MLLMConfig(
+        vision=vision,
+        projector=projector,
+        llm=llm,
+        image_token_id=tokenizer.image_token_id,
+        pixel_mean=tuple(config.input.mean),
+        pixel_std=tuple(config.input.std),
+    )
 
 
 def load_pretrained(config, mcfg: MLLMConfig, shardings) -> dict:

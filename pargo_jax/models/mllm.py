@@ -26,6 +26,8 @@ class MLLMConfig:
     projector: ParGoConfig | MLPConfig
     llm: LLMConfig
     image_token_id: int
+    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # for uint8 images normalized on device
+    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     @property
     def num_image_tokens(self) -> int:
@@ -54,7 +56,11 @@ class VisionLanguageModel(nn.Module):
         self.llm = CausalLM(c.llm)
 
     def encode_images(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
-        """images (B, H, W, 3) or (B, I, H, W, 3) -> image tokens (B, I * T_img, D_llm)."""
+        """images (B, H, W, 3) or (B, I, H, W, 3) -> image tokens (B, I * T_img, D_llm). Float images are
+        taken as normalized; uint8 pixels are normalized here, on device (``input.normalize=False``)."""
+        if images.dtype == jnp.uint8:
+            mean, std = jnp.asarray(self.config.pixel_mean), jnp.asarray(self.config.pixel_std)
+            images = (images.astype(jnp.float32) / 255.0 - mean) / std
         if images.ndim == 4:
             images = images[:, None]
         b, n = images.shape[:2]
