@@ -271,6 +271,20 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
     )  # fmt: skip
 
 
+def optimizer_shardings(tx, train: Mapping, train_shardings: Mapping, replicated):
+    """Optimizer-state shardings: each moment like its param (optax keeps the params' "a/b/c" keys),
+    scalars (counts) replicated. Without this the moments would not be FSDP-sharded."""
+
+    def like_param(path, leaf):
+        for key in path:
+            name = getattr(key, "key", None)
+            if name in train_shardings and leaf.shape == train[name].shape:
+                return train_shardings[name]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(like_param, jax.eval_shape(tx.init, train))
+
+
 def init_state(parts, config, mesh) -> tuple[TrainState, Any]:
     """Sharded random init (never materialized on one host), then pretrained tower/LLM weights and the
     ``init_from`` subtree on top. Returns the state and its shardings."""
@@ -293,10 +307,9 @@ def init_state(parts, config, mesh) -> tuple[TrainState, Any]:
             params[part] = checkpoints.restore_subtree(init_from, abstract, f"params/{part}")
             logging.info("Initialized %s from %s.", part, init_from)
     train, _ = split_params(params, labels)
-    # Moments follow their params' shardings by propagation; read them back for the step's out_shardings.
-    opt_state = jax.jit(tx.init)(train)
-    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
     replicated = jax.NamedSharding(mesh, jax.P())
+    opt_shardings = optimizer_shardings(tx, train, split_params(param_shardings, labels)[0], replicated)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(train)
     state = TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
         params=params,

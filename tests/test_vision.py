@@ -21,8 +21,14 @@ from pargo_jax.sharding import LOGICAL_RULES, make_mesh
 from tests.torch_refs.eva02 import Eva, rope_embed_cat
 
 TOL = 1e-4
-TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-            image_size=30, patch_size=7)  # 30 / 7: a VALID conv drops the remainder, as so400m (384 / 14)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=30,
+    patch_size=7,
+)  # 30 / 7: a VALID conv drops the remainder, as so400m (384 / 14)
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -63,14 +69,23 @@ def hf_dirs(tmp_path_factory):
     )
 
     torch.manual_seed(0)
-    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     built = {
         "siglip": _perturb(SiglipVisionModel(SiglipVisionConfig(**TINY)), 1),
         "clip": _perturb(CLIPVisionModel(CLIPVisionConfig(**TINY)), 2),
         "siglip_full": _perturb(SiglipModel(SiglipConfig(text_config=text, vision_config=TINY)), 3),
-        "clip_full": _perturb(CLIPModel(CLIPConfig(text_config=text, vision_config=TINY, projection_dim=8)),
-                              4),
+        "clip_full": _perturb(
+            CLIPModel(CLIPConfig(text_config=text, vision_config=TINY, projection_dim=8)), 4
+        ),
     }
     dirs = {}
     for name, model in built.items():
@@ -164,8 +179,10 @@ def test_sharded_load_equals_unsharded(hf_dirs):
 # --- EVA02 -----------------------------------------------------------------------------------------
 def _eva_ref(qkv_fused: bool = False, seed: int = 5) -> Eva:
     torch.manual_seed(seed)
-    return _perturb(Eva(img_size=28, patch_size=7, dim=32, depth=3, heads=4, hidden=40, qkv_fused=qkv_fused,
-                        ref_grid=16), seed)
+    return _perturb(
+        Eva(img_size=28, patch_size=7, dim=32, depth=3, heads=4, hidden=40, qkv_fused=qkv_fused, ref_grid=16),
+        seed,
+    )
 
 
 def _eva_out(ref: Eva, x: np.ndarray):
@@ -219,9 +236,15 @@ def test_eva02_fused_qkv_safetensors_and_evaclip_names(tmp_path):
     # as a state dict of torch tensors; without a final norm the output is the last block's.
     ref = _eva_ref(seed=9)
     want, hidden = _eva_out(ref, x)
-    renames = [("attn.q_proj.bias", "attn.q_bias"), ("attn.v_proj.bias", "attn.v_bias"),
-               ("mlp.fc1_g", "mlp.w1"), ("mlp.fc1_x", "mlp.w2"), ("mlp.norm", "mlp.ffn_ln"),
-               ("mlp.fc2", "mlp.w3"), ("attn.norm", "attn.inner_attn_ln")]
+    renames = [
+        ("attn.q_proj.bias", "attn.q_bias"),
+        ("attn.v_proj.bias", "attn.v_bias"),
+        ("mlp.fc1_g", "mlp.w1"),
+        ("mlp.fc1_x", "mlp.w2"),
+        ("mlp.norm", "mlp.ffn_ln"),
+        ("mlp.fc2", "mlp.w3"),
+        ("attn.norm", "attn.inner_attn_ln"),
+    ]
     state = {}
     for k, v in ref.state_dict().items():
         if k.startswith(("norm.", "head.")):
@@ -279,12 +302,18 @@ def test_conversion_errors_name_the_tensors(hf_dirs, tmp_path):
     missing = _copy_dir(src, tmp_path / "missing", lambda t: t.pop("encoder.layers.1.mlp.fc2.bias"))
     with pytest.raises(ConversionError, match=r"blocks/mlp/fc2/bias"):
         load_vision(missing)
-    extra = _copy_dir(src, tmp_path / "extra",
-                      lambda t: t.update({"encoder.layers.0.self_attn.rel_pos": np.zeros(3, np.float32)}))
+    extra = _copy_dir(
+        src,
+        tmp_path / "extra",
+        lambda t: t.update({"encoder.layers.0.self_attn.rel_pos": np.zeros(3, np.float32)}),
+    )
     with pytest.raises(ConversionError, match=r"unused tensor.*encoder\.layers\.0\.self_attn\.rel_pos"):
         load_vision(extra)
-    shape = _copy_dir(src, tmp_path / "shape", lambda t: t.update(
-        {"embeddings.position_embedding.weight": np.zeros((17, 32), np.float32)}))
+    shape = _copy_dir(
+        src,
+        tmp_path / "shape",
+        lambda t: t.update({"embeddings.position_embedding.weight": np.zeros((17, 32), np.float32)}),
+    )
     with pytest.raises(ConversionError, match=r"pos_embed.*\(17, 32\).*\(16, 32\)"):
         load_vision(shape)
 

@@ -75,10 +75,6 @@ def _args(argv=None):
         help="timed repeats when devices > 1 (default --repeats; 0: compile + memory only, no steps)",
     )  # fmt: skip
     p.add_argument("--append", action="store_true", help="merge into the rows already in --out")
-    p.add_argument(
-        "--shard_opt_state", action="store_true",
-        help="reshard the Adam moments like their params after train.init_state (which replicates them)",
-    )  # fmt: skip
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke run: demo shape at batch 8, 1 repeat")
     p.add_argument("--mid_batch", type=int, default=8)
@@ -219,7 +215,7 @@ def device_bytes(tree) -> dict:
 class JaxSide:
     """Sharded state + compiled step for one config on ``mesh`` (train.init_state / make_train_step)."""
 
-    def __init__(self, config, tok, mesh, host_batch, shard_opt_state: bool = False):
+    def __init__(self, config, tok, mesh, host_batch):
         import jax
         from flax import linen as nn
 
@@ -232,10 +228,6 @@ class JaxSide:
             self.mcfg = parts["mcfg"]
             self.labels = parts["labels"]
             self.state, state_shardings = train.init_state(parts, config, mesh)
-            if shard_opt_state:  # Adam moments laid out as their params (train.init_state replicates them)
-                opt_shardings = self._param_like_shardings(parts, mesh)
-                self.state = self.state.replace(opt_state=jax.device_put(self.state.opt_state, opt_shardings))
-                state_shardings = state_shardings.replace(opt_state=opt_shardings)
             jax.block_until_ready(self.state)
             self.init_seconds = time.perf_counter() - t0
             step_fn = train.make_train_step(parts["model"], parts["tx"], parts["labels"], parts["schedule"])
@@ -250,23 +242,6 @@ class JaxSide:
             t0 = time.perf_counter()
             self.compiled = jitted.lower(self.state, self.batch).compile()
             self.compile_seconds = time.perf_counter() - t0
-
-    def _param_like_shardings(self, parts, mesh):
-        import jax
-
-        from pargo_jax import train
-
-        train_shardings, _ = train.split_params(parts["param_shardings"], self.labels)
-        replicated = jax.NamedSharding(mesh, jax.P())
-
-        def like_param(path, leaf):  # moments are dicts keyed by the same "a/b/c" names as the params
-            for k in path:
-                name = getattr(k, "key", None)
-                if name in train_shardings and leaf.ndim == len(train_shardings[name].spec or ()) > 0:
-                    return train_shardings[name]
-            return replicated
-
-        return jax.tree_util.tree_map_with_path(like_param, self.state.opt_state)
 
     def memory(self) -> dict:
         m = self.compiled.memory_analysis()
@@ -409,7 +384,7 @@ def run_devices(a) -> list[dict]:
             mcfg = train_mod.model_config(config, tok)
             host = make_batch(batch, seq, mcfg.vision.image_size, mcfg.num_image_tokens, vocab, image_id)
             print(f"[{n} dev] {shape} {variant}: building + compiling ...", file=sys.stderr, flush=True)
-            ours = JaxSide(config, tok, mesh, host, a.shard_opt_state)
+            ours = JaxSide(config, tok, mesh, host)
             # (name, step(), warmup steps): ours, then torch at each thread count, interleaved per repeat
             repeats = a.repeats if n == 1 or a.mesh_repeats is None else a.mesh_repeats
             sides = [("jax", ours.step, a.warmup if repeats else 0)]
@@ -457,7 +432,6 @@ def run_devices(a) -> list[dict]:
                     row.update(
                         init_seconds=ours.init_seconds, compile_seconds=ours.compile_seconds,
                         device_kind=kind, scan_layers=a.scan_layers, remat=a.remat,
-                        shard_opt_state=a.shard_opt_state,
                         xla_flags=os.environ.get("XLA_FLAGS", ""), **ours.memory(),
                     )  # fmt: skip
                 else:

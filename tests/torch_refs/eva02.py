@@ -90,8 +90,19 @@ class EvaBlock(nn.Module):
 class Eva(nn.Module):
     """timm Eva with class token, abs pos emb, RoPE, SwiGLU; global_pool='token' (final ``norm``)."""
 
-    def __init__(self, img_size=28, patch_size=7, dim=32, depth=2, heads=4, hidden=40, qkv_fused=False,
-                 sub_norm=True, ref_grid=16, num_classes=8):
+    def __init__(
+        self,
+        img_size=28,
+        patch_size=7,
+        dim=32,
+        depth=2,
+        heads=4,
+        hidden=40,
+        qkv_fused=False,
+        sub_norm=True,
+        ref_grid=16,
+        num_classes=8,
+    ):
         super().__init__()
         self.grid = img_size // patch_size
         self.patch_embed = nn.Module()
