@@ -49,6 +49,23 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in rows}
 
 
+def initial_and_saved(config, workdir, *, restore_from=None, with_parts=False):
+    """The run's initial state, and the state saved at ``restore_from=(workdir, step)`` if given."""
+    mesh = sharding.make_mesh(dict(config.mesh))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        parts = train.build(config, workdir, mesh)
+        initial, shardings = train.init_state(parts, config, mesh)
+        saved = None
+        if restore_from is not None:
+            ckpt = checkpoints.Checkpointer(restore_from[0], every_steps=1)
+            abstract = jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), initial, shardings
+            )
+            saved, _ = ckpt.restore(restore_from[1], abstract)
+            ckpt.close()
+    return (initial, saved, parts) if with_parts else (initial, saved)
+
+
 def test_demo_loss_falls_and_frozen_tower_is_untouched(data_dir, tmp_path):
     config = demo(data_dir, 30, **{"optim.warmup_steps": 5, "checkpoint.every_steps": 30})
     workdir = str(tmp_path / "run")
@@ -65,16 +82,7 @@ def test_demo_loss_falls_and_frozen_tower_is_untouched(data_dir, tmp_path):
     assert os.path.exists(os.path.join(workdir, "config.json"))
 
     # The vision tower is frozen: bit-identical to a fresh init with the same seed.
-    mesh = sharding.make_mesh(dict(config.mesh))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        parts = train.build(config, workdir, mesh)
-        fresh, shardings = train.init_state(parts, config, mesh)
-        ckpt = checkpoints.Checkpointer(workdir, every_steps=30)
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), fresh, shardings
-        )
-        trained, _ = ckpt.restore(30, abstract)
-        ckpt.close()
+    fresh, trained = initial_and_saved(config, workdir, restore_from=(workdir, 30))
     same = jax.tree.map(np.array_equal, fresh.params["vision_tower"], trained.params["vision_tower"])
     assert all(jax.tree.leaves(same))
     changed = jax.tree.map(
@@ -170,16 +178,7 @@ def test_sft_starts_from_the_pretrain_projector(data_dir, tmp_path):
     pre = str(tmp_path / "pretrain")
     train.run(demo(data_dir, 2, **{"checkpoint.every_steps": 2}), pre)
     config = demo(data_dir, 2, stage=sft, **{"checkpoint.init_from": pre})
-    mesh = sharding.make_mesh(dict(config.mesh))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        parts = train.build(config, str(tmp_path / "sft"), mesh)
-        state, shardings = train.init_state(parts, config, mesh)
-        ckpt = checkpoints.Checkpointer(pre, every_steps=2)
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-        )
-        stage1, _ = ckpt.restore(2, abstract)
-        ckpt.close()
+    state, stage1 = initial_and_saved(config, str(tmp_path / "sft"), restore_from=(pre, 2))
     for part in ("projector", "llm"):
         same = jax.tree.map(np.array_equal, state.params[part], stage1.params[part])
         assert all(jax.tree.leaves(same)), part
@@ -233,10 +232,7 @@ def test_real_preset_path_loads_hf_tower_and_llm(data_dir, tmp_path):
     summary = train.run(config, workdir)
     assert summary["step"] == 2 and np.isfinite(summary["loss"])
 
-    mesh = sharding.make_mesh(dict(config.mesh))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        parts = train.build(config, workdir, mesh)
-        state, shardings = train.init_state(parts, config, mesh)
+    state, _, parts = initial_and_saved(config, workdir, with_parts=True)
     assert parts["mcfg"].vision.width == 32 and parts["mcfg"].llm.vocab_size == vocab + 3
     for part, (_, variables) in {"vision_tower": load_vision(tower_dir), "llm": load_llm(llm_dir)}.items():
         same = jax.tree.map(np.array_equal, state.params[part], variables["params"])
