@@ -5,7 +5,7 @@ and check the image, build the conversation) and keeps a ``SplitStats`` per spli
 ``read == written + sum(skipped)``. ``strict=True`` raises on the first bad record, naming its id.
 
 Datasets land in ``data_dir/<name>[/<config>]/<version>/`` and are read back with
-``open_source(data_dir, name, split)`` (``tfds.builder_from_directory(...).as_data_source``), which
+``open_source(data_dir, name, split)`` (raw ArrayRecord bytes + ``schema.parse_example``), which
 needs neither registration nor TensorFlow. Builders are not registered with TFDS
 (``skip_registration``) so their names never clash with TFDS's own catalog.
 """
@@ -18,7 +18,7 @@ import glob
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -186,12 +186,40 @@ def dataset_dir(data_dir: str, name: str) -> str:
     return versions[-1]
 
 
-def open_source(data_dir: str, name: str, split: str):
+class RecordSource:
+    """Random access to one split of a built dataset: ``source[i]`` is the stored example dict.
+
+    Reads raw ArrayRecord bytes through TFDS and parses them with ``schema.parse_example``.
+    Picklable, so grain worker processes can open it.
+    """
+
+    def __init__(self, data_dir: str, name: str, split: str):
+        builder = tfds.builder_from_directory(dataset_dir(data_dir, name))
+        if split not in builder.info.splits:
+            splits = sorted(builder.info.splits)
+            raise ValueError(f"Dataset {name!r} has no split {split!r}; it has {splits}.")
+        self.name, self.split = name, split
+        self._raw = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return schema.parse_example(self._raw[index])
+
+    def _getitems(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Batched read (grain's ``SupportsBatchedReadRandomAccessDataSource``): grain's per-read
+        bookkeeping then runs once per batch. Records are read one by one: ArrayRecord's own batched
+        read starts a thread pool per call, which costs more than it saves here."""
+        return [schema.parse_example(self._raw[i]) for i in indices]
+
+    def __repr__(self) -> str:
+        return f"RecordSource({self.name}/{self.split}, {len(self)} records)"
+
+
+def open_source(data_dir: str, name: str, split: str) -> RecordSource:
     """Random-access data source (ArrayRecord) of one split of a built dataset."""
-    builder = tfds.builder_from_directory(dataset_dir(data_dir, name))
-    if split not in builder.info.splits:
-        raise ValueError(f"Dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
-    return builder.as_data_source(split)
+    return RecordSource(data_dir, name, split)
 
 
 # ----------------------------------------------------------------------------------------------------

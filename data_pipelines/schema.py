@@ -109,6 +109,33 @@ def to_example(rec: Record) -> dict[str, Any]:
     }
 
 
+def parse_example(data: bytes) -> dict[str, Any]:
+    """A serialized stored example -> the dict ``from_example`` takes (text fields as bytes).
+
+    Reads the ``tf.train.Example`` proto directly: about 5x less CPU per record than TFDS' generic
+    numpy decoder, which matters at thousands of images per second. Fields absent on disk are
+    absent from the dict, so ``from_example`` names them as missing.
+    """
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    feature = tf_example_pb2.Example.FromString(data).features.feature
+    ex: dict[str, Any] = {}
+    for key in ("id", "image", "caption"):
+        if key in feature and len(values := feature[key].bytes_list.value) == 1:
+            ex[key] = values[0]
+    if "conversation/role" in feature or "conversation/text" in feature:
+        ex["conversation"] = {
+            k: list(feature[f"conversation/{k}"].bytes_list.value) if f"conversation/{k}" in feature else []
+            for k in ("role", "text")
+        }
+    if "labels" in feature:
+        ex["labels"] = list(feature["labels"].bytes_list.value)
+    if "boxes" in feature:
+        boxes = np.asarray(feature["boxes"].float_list.value, np.float32)
+        ex["boxes"] = boxes.reshape(-1, 4) if boxes.size % 4 == 0 else boxes  # else: bad_boxes later
+    return ex
+
+
 def _text(value: Any, field: str, record_id: str) -> str:
     if isinstance(value, str):
         try:  # lone surrogates (e.g. from surrogateescape) are not valid UTF-8 either

@@ -43,6 +43,12 @@ class Tokenizer:
             )
         self.chat_template: str = template
         self._compiled = None
+        # the template sees every *_token of the config (bos_token, eos_token, ...) as a variable
+        self._template_tokens = {
+            k: _token_str(v)
+            for k, v in self.config.items()
+            if k.endswith("_token") and isinstance(_token_str(v), str)
+        }
         self.image_token = self.config.get("image_token") or IMAGE_PLACEHOLDER
         self.image_token_id = self._single_id(self.image_token, "image_token")
         self.bos_token = _token_str(self.config.get("bos_token"))
@@ -131,14 +137,10 @@ class Tokenizer:
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False, **kwargs) -> str:
         """The chat template's text for ``messages`` (list of ``{"role", "content"}``)."""
-        specials = {
-            k: _token_str(v)
-            for k, v in self.config.items()
-            if k.endswith("_token") and isinstance(_token_str(v), str)
-        }
         return self._template().render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **specials, **kwargs
-        )
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            **self._template_tokens, **kwargs,
+        )  # fmt: skip
 
     def apply_chat_template(
         self, messages: Sequence[Message], add_generation_prompt: bool = False
@@ -165,7 +167,7 @@ class Tokenizer:
             if m["role"] != "assistant":
                 continue
             start = len(self.render(messages[:i], add_generation_prompt=True))
-            upto = self.render(messages[: i + 1])
+            upto = full if i == len(messages) - 1 else self.render(messages[: i + 1])
             if not full.startswith(upto) or start > len(upto):
                 raise ValueError(
                     f"{self.path}: the chat template does not render conversation prefixes as prefixes "

@@ -114,3 +114,13 @@ def test_jpeg_draft_keeps_requested_size():
     img = images.decode(buf.getvalue(), min_size=300)
     assert min(img.size) >= 300 and img.size[0] < 1200  # decoded at a reduced scale
     assert images.load(buf.getvalue(), 336, "letterbox").size == (336, 336)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "1", "P"])
+@pytest.mark.parametrize("size", [(1, 1), (37, 23), (384, 384), (700, 500)])
+def test_to_array_equals_numpy_asarray(mode, size):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    got, want = images.to_array(img), np.asarray(img)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)

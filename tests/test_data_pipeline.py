@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from data_pipelines import shapes
-from data_pipelines.builders import write_records
+from data_pipelines.builders import dataset_dir, open_source, write_records
 from data_pipelines.pipeline import InputConfig, make_dataset, make_iterator
-from data_pipelines.schema import BadRecord, Record, Turn, to_example
+from data_pipelines.schema import BadRecord, Record, Turn, from_example, to_example
 from data_pipelines.text import load_tokenizer
 
 N_IMG = 6
@@ -47,7 +47,7 @@ def _same(a, b):
 
 def test_batch_contract(shapes_data):
     tok = load_tokenizer(shapes_data["tokenizer"])
-    it = make_iterator(_cfg(shapes_data, max_len=128), num_image_tokens=N_IMG, seed=0)
+    it = make_iterator(_cfg(shapes_data, max_len=128, normalize=True), num_image_tokens=N_IMG, seed=0)
     b = next(it)
     assert set(b) == {"image", "input_ids", "targets", "loss_mask", "attention_mask", "record_id"}
     assert b["image"].dtype == np.float32 and b["image"].shape == (4, 24, 24, 3)
@@ -278,7 +278,7 @@ def test_config_errors_name_the_bad_value(shapes_data):
 def test_ml_collections_config_accepted(shapes_data):
     import ml_collections
 
-    raw = _cfg(shapes_data, resize="pad", mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    raw = _cfg(shapes_data, resize="pad", mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], normalize=True)
     raw["data_dir"] = shapes_data["data_dir"]  # input-level default data_dir
     raw["sources"] = [dict(name="shapes", split="sft", weight=1.0)]
     cfg = ml_collections.ConfigDict(raw)
@@ -289,12 +289,37 @@ def test_ml_collections_config_accepted(shapes_data):
 def test_uint8_images_when_normalization_is_left_to_the_device(shapes_data):
     from data_pipelines.images import Normalizer
 
-    f32 = next(make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=0))
-    u8 = next(make_iterator(_cfg(shapes_data, normalize=False), num_image_tokens=N_IMG, seed=0))
+    f32 = next(make_iterator(_cfg(shapes_data, normalize=True), num_image_tokens=N_IMG, seed=0))
+    u8 = next(make_iterator(_cfg(shapes_data), num_image_tokens=N_IMG, seed=0))  # the default
     assert u8["image"].dtype == np.uint8 and u8["image"].shape == f32["image"].shape
     norm = Normalizer()
     np.testing.assert_allclose(np.stack([norm(x) for x in u8["image"]]), f32["image"], atol=1e-5)
     np.testing.assert_array_equal(u8["input_ids"], f32["input_ids"])
+
+
+def _outcome(example):
+    """What the pipeline makes of a stored example: the Record's fields, or the skip reason."""
+    try:
+        r = from_example(example)
+    except BadRecord as e:
+        return ("skipped", e.reason, e.record_id)
+    return (r.id, r.image, r.caption, [(t.role, t.text) for t in r.conversation], r.boxes.tolist(), r.labels)
+
+
+def test_fast_record_parser_matches_tfds_decoding(bad_data, shapes_data):
+    """``open_source`` parses the stored protos itself; every record must read as TFDS decodes it."""
+    import tensorflow_datasets as tfds
+
+    splits = [(bad_data["data_dir"], "mixed_quality", "train"), (shapes_data["data_dir"], "shapes", "sft")]
+    for data_dir, name, split in splits:
+        ours = open_source(data_dir, name, split)
+        ref = tfds.builder_from_directory(dataset_dir(data_dir, name)).as_data_source(split)
+        assert len(ours) == len(ref) > 0
+        outcomes = [(_outcome(ours[i]), _outcome(ref[i])) for i in range(len(ref))]
+        assert all(a == b for a, b in outcomes), next((a, b) for a, b in outcomes if a != b)
+        assert any(o[0] == "skipped" for o, _ in outcomes) == (name == "mixed_quality")
+        has_boxes = any(len(o) == 6 and o[4] for o, _ in outcomes)
+        assert has_boxes == (name == "shapes")  # the shapes SFT split has grounding boxes
 
 
 def test_worker_processes_give_identical_batches_and_resume(shapes_data):

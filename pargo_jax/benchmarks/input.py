@@ -1,16 +1,19 @@
 """Input pipeline throughput vs raw PIL decode + resize of the same images.
 
-  python -m pargo_jax.benchmarks.input --num_images 256 --out bench_results/input.json
+  python -m pargo_jax.benchmarks.input --num_images 1024 --out bench_results/input.json
 
-For each image size (336, 384) it measures (1) the raw rate: ``PIL decode + resize`` of the very same
-encoded JPEGs in one process, in a loop, and (2) the full pipeline (ArrayRecord read, shuffle, decode,
-resize, normalize, chat template, tokenize, mask, pad, batch) with 0, 1, 2 worker processes, in
-steady state (the first batches, worker start-up included, are warm-up). Overhead is
-``raw_rate / pipeline_rate(0 workers) - 1`` (goal <= 10%); scaling is ``rate(w) / rate(0 workers)``.
-On a shared machine wall-clock rates swing with other load, so the CPU time per image of the raw loop
-and of the in-process pipeline (0 workers: all its threads are in this process) is also reported;
-its ratio is the contention-free overhead. ``u8`` is the pipeline with ``normalize=False`` (uint8
-images, normalization left to the device).
+For each image size (336, 384) it measures (1) the raw rate: ``data_pipelines.images.load`` (PIL
+decode + resize, the very code the pipeline runs) of the same encoded JPEGs in one process, in a
+loop, and (2) the full pipeline (ArrayRecord read, record parse, shuffle, decode, resize, chat
+template, tokenize, mask, pad, batch) with 0, 1, 2 worker processes, in steady state (the first
+batches, worker start-up included, are warm-up). The pipeline runs as configured by default (uint8
+images, normalized on device); ``f32`` is the same with ``normalize=True`` (float32 normalized on
+the host). Overhead is ``raw_rate / pipeline_rate(0 workers) - 1`` (goal <= 10%); scaling is
+``rate(w) / rate(0 workers)`` and ``rate(w) / rate(1 worker)`` (workers against workers, both paying
+for inter-process transfer). With 0 workers the pipeline runs synchronously (no prefetch thread) and
+alternates batch by batch with the raw loop over the same images, so drift and other load hit both
+sides alike; the CPU time per image of each side gives the contention-free overhead beside the
+wall-clock one, and the median per-batch overhead is reported too.
 Images are synthetic 640x480 photo-like JPEGs (smooth gradients, noise, shapes), built in a temp dir.
 """
 
@@ -50,26 +53,45 @@ def synthetic_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[byte
     return out
 
 
-def raw_rate(data: list[bytes], size: int, mode: str, repeats: int = 1) -> tuple[float, float]:
-    """(images/s, CPU ms/image) of PIL decode + resize (the code the pipeline runs), one process."""
+def paired_rates(
+    iterators: dict, data: list[bytes], size: int, mode: str, batch_size: int, steps: int
+) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+    """Alternates one batch from each in-process iterator with ``images.load`` (PIL decode + resize,
+    the code the pipeline runs) of ``batch_size`` raw images, ``steps`` times.
+
+    Returns ``{name: (images/s, CPU ms/image)}`` for every iterator and for ``"raw"``, and per
+    iterator the median over steps of ``batch time / raw time - 1``. Interleaving at batch granularity,
+    in an order rotating every step, makes drift and other load hit all sides alike.
+    """
     from data_pipelines import images
 
-    images.load(data[0], size, mode)  # warm-up
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(repeats):
-        for b in data:
-            images.load(b, size, mode)
-    n = repeats * len(data)
-    return n / (time.perf_counter() - t0), 1e3 * (time.process_time() - c0) / n
+    wall = dict.fromkeys([*iterators, "raw"], 0.0)
+    cpu = dict(wall)
+    ratios: dict[str, list[float]] = {k: [] for k in iterators}
+
+    def raw(step: int) -> None:
+        for j in range(batch_size):
+            images.load(data[(step * batch_size + j) % len(data)], size, mode)
+
+    sides = [(name, lambda step, it=it: next(it)) for name, it in iterators.items()] + [("raw", raw)]
+    for step in range(steps):
+        t: dict[str, float] = {}
+        rotated = sides[step % len(sides) :] + sides[: step % len(sides)]  # no side always runs first
+        for name, fn in rotated:
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn(step)
+            t[name], cpu[name] = time.perf_counter() - t0, cpu[name] + time.process_time() - c0
+        for k, v in t.items():
+            wall[k] += v
+        for k in iterators:
+            ratios[k].append(t[k] / t["raw"] - 1)
+    n = steps * batch_size
+    rates = {k: (n / wall[k], 1e3 * cpu[k] / n) for k in wall}
+    return rates, {k: float(np.median(v)) for k, v in ratios.items()}
 
 
-def pipeline_rate(
-    cfg: dict, num_images: int, num_image_tokens: int, warmup_batches: int = 2
-) -> tuple[float, float]:
-    """(images/s, CPU ms/image of this process) of ``make_iterator`` batches in steady state.
-
-    The CPU figure covers all the work only with 0 workers (prefetch threads are in-process).
-    """
+def pipeline_rate(cfg: dict, num_images: int, num_image_tokens: int, warmup_batches: int = 2) -> float:
+    """Images/s of ``make_iterator`` batches in steady state (worker start-up is in the warm-up)."""
     from data_pipelines.pipeline import make_iterator
 
     it = make_iterator(cfg, num_image_tokens=num_image_tokens, seed=0)
@@ -77,22 +99,21 @@ def pipeline_rate(
         for _ in range(warmup_batches):
             next(it)
         steps = max(1, num_images // cfg["batch_size"])
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
         for _ in range(steps):
             batch = next(it)
-        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        dt = time.perf_counter() - t0
         assert batch["image"].shape[1] == cfg["image_size"]
     finally:
         it.close()
-    n = steps * cfg["batch_size"]
-    return n / dt, 1e3 * cpu / n
+    return steps * cfg["batch_size"] / dt
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
         prog="python -m pargo_jax.benchmarks.input", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--num_images", type=int, default=256, help="images timed per measurement")
+    p.add_argument("--num_images", type=int, default=512, help="images timed per measurement")
     p.add_argument("--sizes", type=int, nargs="+", default=[336, 384])
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch_size", type=int, default=16)
@@ -127,11 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
     write_records(data_dir, "bench_images", {"train": recs}, progress=False)
 
     rows = []
-    raw_images = data[: min(len(data), args.num_images)]
-    repeats = max(1, args.num_images // len(data))
     for size in args.sizes:
 
-        def cfg(nw, normalize=True, size=size):
+        def cfg(nw, normalize=False, prefetch=2, size=size):
             return dict(
                 sources=[dict(name="bench_images", data_dir=data_dir, split="train")],
                 batch_size=args.batch_size,
@@ -140,61 +159,67 @@ def main(argv: list[str] | None = None) -> dict:
                 resize=args.resize,
                 max_len=args.max_len,
                 num_workers=nw,
-                prefetch=2,
+                prefetch=prefetch,
                 normalize=normalize,
             )
 
-        # raw measured before and after the in-process pipeline run (averaged) to even out drift
-        raw1, raw_cpu1 = raw_rate(raw_images, size, args.resize, repeats)
-        pipe: dict[int, float] = {}
-        cpu0 = None
-        if 0 in args.workers:
-            pipe[0], cpu0 = pipeline_rate(cfg(0), args.num_images, args.num_image_tokens)
-        raw2, raw_cpu2 = raw_rate(raw_images, size, args.resize, repeats)
-        raw, raw_cpu = (raw1 + raw2) / 2, (raw_cpu1 + raw_cpu2) / 2
-        uint8, cpu_u8 = pipeline_rate(cfg(0, normalize=False), args.num_images, args.num_image_tokens)
-        for nw in args.workers:
-            if nw not in pipe:
-                pipe[nw] = pipeline_rate(cfg(nw), args.num_images, args.num_image_tokens)[0]
-        pipe = {k: pipe[k] for k in args.workers}
-        base = pipe.get(0)
+        from data_pipelines.pipeline import make_iterator
+
+        # 0 workers with prefetch=0: each batch is made synchronously in this thread, so its time and
+        # CPU are exactly the pipeline's work, interleaved with the raw loop
+        its = {
+            "u8": make_iterator(cfg(0, prefetch=0), num_image_tokens=args.num_image_tokens, seed=0),
+            "f32": make_iterator(cfg(0, True, 0), num_image_tokens=args.num_image_tokens, seed=0),
+        }
+        for it in its.values():
+            for _ in range(2):  # warm-up: open files, tokenizer, first allocations
+                next(it)
+        steps = max(1, args.num_images // args.batch_size)
+        rates, median_ratio = paired_rates(its, data, size, args.resize, args.batch_size, steps)
+        (raw, raw_cpu), (u8, u8_cpu), (f32, f32_cpu) = rates["raw"], rates["u8"], rates["f32"]
+        pipe = {
+            nw: u8 if nw == 0 else pipeline_rate(cfg(nw), args.num_images, args.num_image_tokens)
+            for nw in args.workers
+        }
         rows.append(
             {
                 "size": size,
                 "raw_decode_resize": raw,
                 "pipeline": pipe,
-                "pipeline_uint8_0_workers": uint8,
-                "overhead_vs_raw": raw / base - 1 if base else None,
-                "overhead_uint8_vs_raw": raw / uint8 - 1,
-                "cpu_ms_per_image": {"raw": raw_cpu, "pipeline_0_workers": cpu0, "pipeline_uint8": cpu_u8},
-                "cpu_overhead_vs_raw": cpu0 / raw_cpu - 1 if cpu0 else None,
-                "cpu_overhead_uint8_vs_raw": cpu_u8 / raw_cpu - 1,
-                "scaling_vs_0_workers": {k: v / base for k, v in pipe.items()} if base else None,
+                "pipeline_f32_0_workers": f32,
+                "overhead_vs_raw": raw / u8 - 1,
+                "overhead_f32_vs_raw": raw / f32 - 1,
+                "median_step_overhead": median_ratio["u8"],
+                "median_step_overhead_f32": median_ratio["f32"],
+                "cpu_ms_per_image": {"raw": raw_cpu, "pipeline_0_workers": u8_cpu, "pipeline_f32": f32_cpu},
+                "cpu_overhead_vs_raw": u8_cpu / raw_cpu - 1,
+                "cpu_overhead_f32_vs_raw": f32_cpu / raw_cpu - 1,
+                "scaling_vs_0_workers": {k: v / u8 for k, v in pipe.items()},
+                "scaling_vs_1_worker": {k: v / pipe[1] for k, v in pipe.items()} if 1 in pipe else None,
             }
         )
 
     print(
         f"input pipeline, {args.resize}, {w}x{h} JPEG sources, batch {args.batch_size}, "
-        f"{os.cpu_count()} CPUs (shared machine: wall-clock numbers are indicative)"
+        f"{os.cpu_count()} CPUs; 0 workers interleaved with raw per batch; uint8 output unless f32"
     )
-    nan = float("nan")
-    cols = ["size", "raw img/s"] + [f"{k}wk img/s" for k in args.workers] + ["overhead", "u8 img/s", "ovh u8"]
-    cols += [f"x{k}wk" for k in args.workers] + ["cpu ms raw", "cpu ms 0wk", "cpu ovh", "cpu ovh u8"]
-    print(" ".join(f"{c:>10}" for c in cols))
+    cols = ["size", "raw img/s"] + [f"{k}wk img/s" for k in args.workers] + ["overhead", "f32 img/s"]
+    cols += ["ovh f32"] + [f"x{k}wk" for k in args.workers] + ["cpu ms raw", "cpu ms 0wk", "cpu ovh"]
+    cols += ["cpu ovh f32"]
+    multi = [k for k in args.workers if k > 1 and 1 in args.workers]
+    cols += [f"x{k}wk/1wk" for k in multi]
+    print(" ".join(f"{c:>11}" for c in cols))
     for r in rows:
         c = r["cpu_ms_per_image"]
-        ov, ovc = r["overhead_vs_raw"], r["cpu_overhead_vs_raw"]
         cells = [f"{r['size']}", f"{r['raw_decode_resize']:.1f}"]
         cells += [f"{r['pipeline'][k]:.1f}" for k in args.workers]
-        cells += [f"{ov * 100:.1f}%" if ov is not None else "-", f"{r['pipeline_uint8_0_workers']:.1f}"]
-        cells += [f"{r['overhead_uint8_vs_raw'] * 100:.1f}%"]
-        cells += [f"{r['scaling_vs_0_workers'][k]:.2f}" if base else "-" for k in args.workers]
-        cells += [f"{c['raw']:.2f}", f"{c['pipeline_0_workers'] or nan:.2f}"]
-        cells += [
-            f"{ovc * 100:.1f}%" if ovc is not None else "-",
-            f"{r['cpu_overhead_uint8_vs_raw'] * 100:.1f}%",
-        ]
-        print(" ".join(f"{x:>10}" for x in cells))
+        cells += [f"{r['overhead_vs_raw']:.1%}", f"{r['pipeline_f32_0_workers']:.1f}"]
+        cells += [f"{r['overhead_f32_vs_raw']:.1%}"]
+        cells += [f"{r['scaling_vs_0_workers'][k]:.2f}" for k in args.workers]
+        cells += [f"{c['raw']:.2f}", f"{c['pipeline_0_workers']:.2f}", f"{r['cpu_overhead_vs_raw']:.1%}"]
+        cells += [f"{r['cpu_overhead_f32_vs_raw']:.1%}"]
+        cells += [f"{r['scaling_vs_1_worker'][k]:.2f}" for k in multi]
+        print(" ".join(f"{x:>11}" for x in cells))
     result = {
         "benchmark": "input",
         "args": vars(args),
