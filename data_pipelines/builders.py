@@ -148,8 +148,23 @@ class ConverterBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Convert every split (replacing an existing copy) and return the per-split accounting."""
         if overwrite and os.path.isdir(self.data_dir):
             shutil.rmtree(self.data_dir)
-        self.download_and_prepare()
+        from tensorflow_datasets.core.utils import tqdm_utils
+
+        tfds_bars = getattr(tqdm_utils, "_active", True)
+        tfds.display_progress_bar(False)  # TFDS's own bars repeat ours (and show with progress=False)
+        try:
+            self.download_and_prepare()
+        finally:
+            tfds.display_progress_bar(tfds_bars)
         return self.summary()
+
+    # TFDS prints "Downloading and preparing ..." / "... downloaded and prepared": nothing is downloaded
+    # here, and the build CLI prints its own summary with the output path.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {split: s.as_dict() for split, s in self.stats.items()}

@@ -313,6 +313,7 @@ def test_cli_prints_summary_and_output_feeds_the_pipeline(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "llava/instruct" in printed and "missing_image=2" in printed and "zero_byte_image=1" in printed
+    assert "Downloading" not in printed and "downloaded and prepared" not in printed  # no TFDS chatter
     saved = json.load(open(summary_path))
     assert saved["splits"]["train"]["read"] == 4 + len(bad)
     # the converted records go through the training pipeline (with a tokenizer that knows <image>)
