@@ -124,3 +124,12 @@ def test_to_array_equals_numpy_asarray(mode, size):
     got, want = images.to_array(img), np.asarray(img)
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
+
+
+def test_to_array_falls_back_without_the_private_encoder(monkeypatch):
+    import types
+
+    img = Image.new("RGB", (5, 4), (1, 2, 3))
+    monkeypatch.setattr(images, "Image", types.SimpleNamespace())  # a PIL without _getencoder
+    got = images.to_array(img)
+    assert got.shape == (4, 5, 3) and (got == [1, 2, 3]).all()
