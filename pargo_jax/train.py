@@ -247,6 +247,12 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
 
     prepare_data(config, workdir)
     tokenizer = load_tokenizer(_require_path(config.input.get("tokenizer"), "input.tokenizer"))
+    return dict(build_model(config, tokenizer, mesh), tokenizer=tokenizer)
+
+
+def build_model(config: ml_collections.ConfigDict, tokenizer, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """Model, abstract params and their shardings, trainable labels, optimizer and schedule (no data,
+    no weights): what ``build`` returns besides the tokenizer."""
     mcfg = model_config(config, tokenizer)
     model = VisionLanguageModel(mcfg)
     seq = config.input.max_len
@@ -266,7 +272,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Me
     tx, _ = optim.make_optimizer(optim_cfg, train_abstract, dict(config.trainable))
     schedule = optim.learning_rate_schedule(optim_cfg)
     return dict(
-        tokenizer=tokenizer, mcfg=mcfg, model=model, labels=labels, tx=tx, schedule=schedule,
+        mcfg=mcfg, model=model, labels=labels, tx=tx, schedule=schedule,
         param_shardings=param_shardings, abstract_params=abstract_params, init_params=init_params,
     )  # fmt: skip
 

@@ -170,37 +170,6 @@ def make_batch(batch: int, seq: int, image_size: int, num_image_tokens: int, voc
 
 
 # --- ours --------------------------------------------------------------------------------------------
-def build_jax(config, tok, mesh):
-    """What ``train.build`` returns, from a config and a tokenizer stand-in (no data, no files)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
-    from pargo_jax import optim, sharding, train
-    from pargo_jax.models.mllm import VisionLanguageModel
-
-    mcfg = train.model_config(config, tok)
-    model = VisionLanguageModel(mcfg)
-    shapes = train.dummy_batch(mcfg, 1, config.input.max_len)
-
-    def init_params(rng):
-        return model.init(rng, *(jnp.zeros(s.shape, s.dtype) for s in shapes.values()))["params"]
-
-    boxed = jax.eval_shape(init_params, jax.random.key(config.seed))
-    with nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        param_shardings = sharding.logical_shardings(boxed, mesh)
-    abstract_params = jax.eval_shape(lambda r: nn.unbox(init_params(r)), jax.random.key(config.seed))
-    trainable = dict(config.trainable)
-    labels = optim.trainable_labels(abstract_params, trainable)
-    train_abstract, _ = train.split_params(abstract_params, labels)
-    optim_cfg = {k: v for k, v in config.optim.items() if k != "grad_accum_steps"}
-    tx, _ = optim.make_optimizer(optim_cfg, train_abstract, trainable)
-    return dict(
-        mcfg=mcfg, model=model, labels=labels, tx=tx, schedule=optim.learning_rate_schedule(optim_cfg),
-        param_shardings=param_shardings, abstract_params=abstract_params, init_params=init_params,
-    )  # fmt: skip
-
-
 def device_bytes(tree) -> dict:
     """Bytes each device holds of ``tree`` (from the arrays' addressable shards)."""
     import jax
@@ -224,7 +193,7 @@ class JaxSide:
         self.mesh = mesh
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
             t0 = time.perf_counter()
-            parts = build_jax(config, tok, mesh)
+            parts = train.build_model(config, tok, mesh)  # a tokenizer stand-in: no data, no files
             self.mcfg = parts["mcfg"]
             self.labels = parts["labels"]
             self.state, state_shardings = train.init_state(parts, config, mesh)
