@@ -1,6 +1,7 @@
-"""Smoke test of the train-step benchmark: ``--quick`` (demo shape, 1 and 8 devices, JAX + torch) runs
-in subprocesses, prints a markdown table and writes JSON with positive step times, throughput and
-memory, and FSDP over 8 devices cuts the per-device params + optimizer state to about 1/8."""
+"""Smoke test of the train-step benchmark: ``--quick`` (demo shape, 1 and 8 devices, JAX + torch; the
+8-device runs compile and report memory without timing steps) runs in subprocesses, prints a markdown
+table and writes JSON with positive step times, throughput and memory, and FSDP over 8 devices cuts the
+per-device params + optimizer state to about 1/8."""
 
 import json
 
@@ -17,8 +18,9 @@ def test_train_step_benchmark_quick(tmp_path, capsys):
     rows = saved["rows"]
     assert len(rows) == len(res["rows"]) == 5  # 2 variants x 2 device counts + one torch row
     for r in rows:
-        for key in ("step_seconds", "tokens_per_second", "images_per_second", "gflops_per_second"):
-            assert r[key] > 0, (key, r)
+        timed = ("step_seconds", "tokens_per_second", "images_per_second", "gflops_per_second", "mfu")
+        for key in timed:  # --quick times 1-device steps only; 8-device rows are compile + memory
+            assert (r[key] > 0) if r["devices"] == 1 else (r[key] is None), (key, r)
         assert r["state_bytes_per_device"] > 0
         assert r["model_flops_per_step"] > 0
     jax_rows = [r for r in rows if r["impl"] == "jax"]
@@ -29,7 +31,7 @@ def test_train_step_benchmark_quick(tmp_path, capsys):
         (8, "mlp", "full"),
     }
     for r in jax_rows:
-        assert r["mfu"] > 0 and r["compile_seconds"] > 0
+        assert r["compile_seconds"] > 0
         for key in ("argument_bytes", "temp_bytes", "peak_bytes", "params_bytes_per_device"):
             assert r[key] > 0, (key, r)
         if r["devices"] == 8:
