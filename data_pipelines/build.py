@@ -43,6 +43,7 @@ def make_builder(args: argparse.Namespace):
             num_pretrain=args.num_pretrain,
             num_sft=args.num_sft,
             num_eval=args.num_eval,
+            num_val=args.num_val,
             seed=args.seed,
             **common,
         )
@@ -78,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=64, help="shapes: image side")
     p.add_argument("--num_pretrain", type=int, default=2000)
     p.add_argument("--num_sft", type=int, default=2000)
-    p.add_argument("--num_eval", type=int, default=200)
+    p.add_argument("--num_eval", type=int, default=200, help="shapes: held-out questions")
+    p.add_argument("--num_val", type=int, default=200, help="shapes: held-out captions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--summary_json", help="also write the summary to this JSON file")
     return p

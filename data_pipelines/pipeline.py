@@ -28,6 +28,7 @@ import numpy as np
 from data_pipelines import images, schema
 from data_pipelines.schema import REASON_INDEX, SKIP_REASONS, BadRecord
 from data_pipelines.text import Tokenizer, load_tokenizer, pack_example
+from pargo_jax.configs import check_keys, field_names
 
 OVERLONG = ("truncate", "skip")
 MAX_ATTEMPTS = 64  # consecutive bad records tolerated before the pipeline gives up
@@ -38,7 +39,6 @@ __all__ = [
     "InputIterator",
     "make_iterator",
     "make_dataset",
-    "iterator_stats",
     "load_tokenizer",
 ]
 
@@ -84,20 +84,14 @@ class InputConfig:
         if isinstance(cfg, InputConfig):
             return cfg
         d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"Unknown input config keys {unknown}; valid keys are {sorted(known)}.")
+        check_keys(d, field_names(cls), "config.input")
         missing = sorted(k for k in ("sources", "batch_size", "tokenizer") if k not in d)
         if missing:
             raise ValueError(f"input config is missing {missing}; set them in the config's input section.")
-        src_fields = {f.name for f in dataclasses.fields(SourceConfig)}
         sources = []
         for s in d["sources"]:
             s = dict(s.to_dict() if hasattr(s, "to_dict") else s)
-            bad = sorted(set(s) - src_fields)
-            if bad:
-                raise ValueError(f"Unknown source keys {bad} in {s}; valid keys are {sorted(src_fields)}.")
+            check_keys(s, field_names(SourceConfig), f"input source {s}")
             if d.get("data_dir") and not s.get("data_dir"):
                 s["data_dir"] = d["data_dir"]
             if not {"name", "data_dir", "split"} <= set(s):
@@ -240,8 +234,9 @@ class Collate:
         self.normalize = images.Normalizer(mean, std) if normalize else None
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-        skip = ("record_id", "image")
+        skip = ("record_id", "image", "truncated")
         batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k not in skip}
+        batch["_truncated"] = np.int64(sum(bool(e.get("truncated")) for e in examples))
         pixels = np.stack([e["image"] for e in examples])  # uint8 (B, H, W, 3): 4x less to copy
         b, h, w, c = pixels.shape
         if self.normalize is None:
@@ -320,6 +315,7 @@ class InputIterator(grain.DatasetIterator):
         self._batches, self._cfg = batches, cfg
         self._next = 0
         self._skipped: collections.Counter = collections.Counter()
+        self._truncated = 0
         self._it = None
 
     def _start(self):
@@ -345,23 +341,27 @@ class InputIterator(grain.DatasetIterator):
             self._start()
         batch = next(self._it)
         self._next += 1
+        self._truncated += int(batch.pop("_truncated"))
         for reason, count in zip(SKIP_REASONS, batch.pop("_skipped"), strict=True):
             if count:
                 self._skipped[reason] += int(count)
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"next_batch": self._next, "skipped": dict(self._skipped)}
+        return {"next_batch": self._next, "skipped": dict(self._skipped), "truncated": self._truncated}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self.close_workers()
         self._next = int(state["next_batch"])
         self._skipped = collections.Counter({k: int(v) for k, v in state.get("skipped", {}).items()})
+        self._truncated = int(state.get("truncated", 0))
 
     def stats(self) -> dict[str, int]:
-        """Skip counters so far, as metrics: ``{"skipped/<reason>": n, ..., "skipped/total": n}``."""
+        """Counters so far, as metrics: ``{"skipped/<reason>": n, ..., "skipped/total": n, "truncated": n}``
+        (``truncated``: records kept with their tokens past ``max_len`` cut)."""
         out = {f"skipped/{r}": int(self._skipped.get(r, 0)) for r in SKIP_REASONS}
         out["skipped/total"] = int(sum(self._skipped.values()))
+        out["truncated"] = self._truncated
         return out
 
     def close_workers(self) -> None:
@@ -404,8 +404,3 @@ def make_iterator(
         task=task,
     )
     return InputIterator(batches, cfg)
-
-
-def iterator_stats(iterator: InputIterator) -> dict[str, int]:
-    """``{"skipped/<reason>": count, "skipped/total": count}`` so far (restored with the state)."""
-    return iterator.stats()

@@ -6,7 +6,8 @@ Every image holds 1-4 small shapes (side 1/8 to 1/4 of the image) on a dark back
   * ``pretrain``  captions listing every shape and its position;
   * ``sft``       3-turn conversations: colour / shape / count / position QA and grounding
                   (``[x1,y1,x2,y2]`` in 0-1 with 3 decimals, and the reverse "what is at [box]?");
-  * ``eval``      held-out single-question conversations of the same kinds (own random stream).
+  * ``eval``      held-out single-question conversations of the same kinds (own random stream);
+  * ``val``       held-out captions (own random stream): stage 1's validation loss.
 
 Everything is a pure function of (seed, split, index). ``build()`` writes the TFDS ArrayRecord
 dataset ``data_dir/shapes/1.0.0`` and a word-level tokenizer in ``data_dir/shapes_tokenizer`` (vocabulary
@@ -49,7 +50,7 @@ POSITIONS = (
     ("bottom left", "bottom", "bottom right"),
 )
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
-SPLITS = {"pretrain": 0, "sft": 1, "eval": 2}
+CAPTION_SPLITS = ("pretrain", "val")
 MAX_SHAPES = 4
 CODEC = BoxCodec("norm3", "square")
 
@@ -169,6 +170,33 @@ def question(kind: str, objects: list[dict[str, Any]], rng: random.Random, size:
     return QUESTIONS[kind].format(**fields), answer
 
 
+# The question kinds the eval split reports: counting questions are one kind.
+KINDS = {"colour": "colour", "shape": "shape", "count": "count", "count_color": "count",
+         "count_shape": "count", "position": "position", "ground": "ground", "refer": "refer"}  # fmt: skip
+
+
+def _question_patterns() -> list[tuple[str, re.Pattern]]:
+    words = {
+        "shape": "|".join(SHAPES), "color": "|".join(COLORS), "plural": "|".join(PLURAL.values()),
+        "box": r"\[[^\]]*\]",
+    }  # fmt: skip
+    out = []
+    for kind, template in QUESTIONS.items():
+        parts = re.split(r"\{(\w+)\}", template)  # text, field, text, ...
+        rx = "".join(re.escape(p) if i % 2 == 0 else f"(?:{words[p]})" for i, p in enumerate(parts))
+        out.append((kind, re.compile(rx)))
+    return out
+
+
+_PATTERNS = _question_patterns()
+
+
+def question_kind(text: str) -> str | None:
+    """The kind (a key of ``KINDS``) of a generated question, or None if it is not one of ours."""
+    text = text.replace(IMAGE_PLACEHOLDER, "").strip()
+    return next((kind for kind, rx in _PATTERNS if rx.fullmatch(text)), None)
+
+
 def make_record(split: str, index: int, *, seed: int = 0, image_size: int = 64) -> Record:
     """The record ``index`` of ``split``: a pure function of its arguments."""
     rng = _rng(seed, split, index)
@@ -177,7 +205,7 @@ def make_record(split: str, index: int, *, seed: int = 0, image_size: int = 64) 
     boxes = np.array([o["box"] for o in objects], np.float32).reshape(-1, 4)
     labels = [f"{o['color']} {o['shape']}" for o in objects]
     rid = f"shapes/{split}/{index}"
-    if split == "pretrain":
+    if split in CAPTION_SPLITS:
         return Record(rid, image, caption=caption(objects), boxes=boxes, labels=labels)
     num_turns = 3 if split == "sft" else 1
     kinds = rng.sample(list(QUESTIONS), num_turns)
@@ -265,9 +293,11 @@ class ShapesBuilder(ConverterBuilder, skip_registration=True):
 
     name = "shapes"
 
-    def __init__(self, *, image_size=64, num_pretrain=2000, num_sft=2000, num_eval=200, seed=0, **kw):
+    def __init__(
+        self, *, image_size=64, num_pretrain=2000, num_sft=2000, num_eval=200, num_val=200, seed=0, **kw
+    ):
         self.image_size, self.seed = image_size, seed
-        self.sizes = {"pretrain": num_pretrain, "sft": num_sft, "eval": num_eval}
+        self.sizes = {"pretrain": num_pretrain, "sft": num_sft, "eval": num_eval, "val": num_val}
         super().__init__(**kw)
 
     def _split_names(self):
@@ -291,6 +321,7 @@ def build(
     num_pretrain: int = 2000,
     num_sft: int = 2000,
     num_eval: int = 200,
+    num_val: int = 200,
     seed: int = 0,
     num_workers: int = 2,
     progress: bool = False,
@@ -306,6 +337,7 @@ def build(
         num_pretrain=num_pretrain,
         num_sft=num_sft,
         num_eval=num_eval,
+        num_val=num_val,
         seed=seed,
         num_workers=num_workers,
         progress=progress,
@@ -313,7 +345,12 @@ def build(
     summary = builder.build()
     tokenizer = write_tokenizer(os.path.join(data_dir, "shapes_tokenizer"))
     params = dict(
-        image_size=image_size, num_pretrain=num_pretrain, num_sft=num_sft, num_eval=num_eval, seed=seed
+        image_size=image_size,
+        num_pretrain=num_pretrain,
+        num_sft=num_sft,
+        num_eval=num_eval,
+        num_val=num_val,
+        seed=seed,
     )
     with open(os.path.join(data_dir, STAMP), "w") as f:
         json.dump(params, f, sort_keys=True)
@@ -331,7 +368,7 @@ def ensure(data_dir: str, **kwargs) -> dict[str, Any]:
 
     Returns the same keys as ``build`` (``summary`` is None and ``seconds`` 0 when reused).
     """
-    params = dict(image_size=64, num_pretrain=2000, num_sft=2000, num_eval=200, seed=0)
+    params = dict(image_size=64, num_pretrain=2000, num_sft=2000, num_eval=200, num_val=200, seed=0)
     unknown = set(kwargs) - set(params) - {"num_workers", "progress"}
     if unknown:
         raise TypeError(f"Unknown shapes.ensure arguments {sorted(unknown)}; use {sorted(params)}.")

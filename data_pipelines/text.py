@@ -18,6 +18,7 @@ import numpy as np
 from data_pipelines.schema import IMAGE_PLACEHOLDER, BadRecord
 
 Message = dict[str, str]
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
 
 
 def _token_str(value: Any) -> str | None:
@@ -79,6 +80,29 @@ class Tokenizer:
             with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as fh:
                 config["chat_template"] = fh.read()
         return cls(HFTokenizer.from_file(tj), config, path)
+
+    def save(self, path: str) -> str:
+        """Writes ``tokenizer.json`` + ``tokenizer_config.json`` (chat template included) to ``path``
+        (local or any ``etils.epath`` URL); :meth:`load` reads them back. Returns ``path``."""
+        from etils import epath
+
+        out = epath.Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tokenizer.json").write_text(self._tok.to_str())
+        config = dict(self.config, chat_template=self.chat_template)
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return str(path)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end an answer: ``eos_token`` and the end-of-turn tokens of common chat templates
+        that this vocabulary has as single tokens."""
+        ids = [self.eos_id] if self.eos_id is not None else []
+        for token in END_OF_TURN:
+            tid = self._tok.token_to_id(token)
+            if tid is not None and tid not in ids:
+                ids.append(tid)
+        return ids
 
     def _single_id(self, token: str, what: str) -> int:
         tid = self._tok.token_to_id(token)
@@ -192,6 +216,30 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.load(path)
 
 
+def expand_image_token(
+    ids: np.ndarray, image_token_id: int, num_image_tokens: int, record_id: str = "?"
+) -> tuple[np.ndarray, int]:
+    """``ids`` with its one image token repeated ``num_image_tokens`` times, and that token's index;
+    ``BadRecord`` when there is no image token or more than one."""
+    pos = np.flatnonzero(ids == image_token_id)
+    if len(pos) == 0:
+        raise BadRecord("no_image_placeholder", record_id, "the rendered chat has no image token")
+    if len(pos) > 1:
+        raise BadRecord("misplaced_image_placeholder", record_id, f"{len(pos)} image tokens")
+    p = int(pos[0])
+    image = np.full(num_image_tokens, image_token_id, np.int32)
+    return np.concatenate([ids[:p], image, ids[p + 1 :]]).astype(np.int32), p
+
+
+def prompt_ids(
+    tok: Tokenizer, messages: Sequence[Message], *, num_image_tokens: int, record_id: str = "?"
+) -> np.ndarray:
+    """The ids a model reads before answering ``messages`` (which end with a user turn): the chat
+    template with its generation prompt, the image token expanded as in training."""
+    ids = np.asarray(tok.apply_chat_template(messages, add_generation_prompt=True), np.int32)
+    return expand_image_token(ids, tok.image_token_id, num_image_tokens, record_id)[0]
+
+
 def pack_example(
     tok: Tokenizer,
     messages: Sequence[Message],
@@ -205,18 +253,14 @@ def pack_example(
 
     The single image token is expanded to ``num_image_tokens`` copies. Returns ``input_ids``,
     ``targets`` (ids shifted left, last = pad), ``loss_mask`` (1 where the target is an answer
-    token) and ``attention_mask``, all of length ``max_len``.
+    token) and ``attention_mask``, all of length ``max_len``, and ``truncated`` (whether tokens past
+    ``max_len`` were cut, with ``overlong="truncate"``).
     """
     ids, answer = tok.tokenize_chat(messages, record_id)
-    pos = np.flatnonzero(ids == tok.image_token_id)
-    if len(pos) == 0:
-        raise BadRecord("no_image_placeholder", record_id, "the rendered chat has no image token")
-    if len(pos) > 1:
-        raise BadRecord("misplaced_image_placeholder", record_id, f"{len(pos)} image tokens")
-    p = int(pos[0])
-    ids = np.concatenate([ids[:p], np.full(num_image_tokens, tok.image_token_id, np.int32), ids[p + 1 :]])
+    ids, p = expand_image_token(ids, tok.image_token_id, num_image_tokens, record_id)
     answer = np.concatenate([answer[:p], np.zeros(num_image_tokens, bool), answer[p + 1 :]])
-    if len(ids) > max_len:
+    truncated = len(ids) > max_len
+    if truncated:
         if overlong == "skip":
             raise BadRecord("too_long", record_id, f"{len(ids)} tokens > max_len {max_len}")
         if p + num_image_tokens > max_len:
@@ -238,4 +282,5 @@ def pack_example(
         "targets": targets,
         "loss_mask": loss_mask,
         "attention_mask": attention_mask,
+        "truncated": truncated,
     }

@@ -38,14 +38,14 @@ def base() -> ml_collections.ConfigDict:
     )  # fmt: skip
     c.shapes = None  # dict(...) of data_pipelines.shapes.build arguments: build the demo set on first run
     c.optim = dict(
-        lr=1e-3, warmup_steps=30, total_steps=c.total_steps, schedule="cosine", min_lr_ratio=0.0,
+        lr=1e-3, warmup_steps=30, schedule="cosine", min_lr_ratio=0.0,
         weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, grad_accum_steps=1,
     )  # fmt: skip
     # Regex over param paths -> LR multiplier; params matching none are frozen.
     c.trainable = regex_dict({"projector/.*": 1.0})
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.checkpoint = dict(every_steps=500, keep=3, init_from=placeholder(str), init_from_parts=("projector",))
-    c.evals = {}
+    c.evals = {}  # {name: dict(type=..., data=..., log_steps=...)}: see pargo_jax/evaluators
     return c
 
 
@@ -65,7 +65,7 @@ def demo_model(c: ml_collections.ConfigDict) -> None:
                     head_dim=32, max_position_embeddings=256, tie_word_embeddings=True),
         overrides={},
     )  # fmt: skip
-    c.shapes = dict(image_size=64, num_pretrain=2000, num_sft=2000, num_eval=200)
+    c.shapes = dict(image_size=64, num_pretrain=2000, num_sft=2000, num_eval=200, num_val=200)
     c.input.update(image_size=64, max_len=64, batch_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, resize="squash")
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.sample_at_end = "eval"
@@ -124,6 +124,6 @@ def preset(arg: str | None) -> tuple[str, ml_collections.ConfigDict]:
 
 
 def set_steps(c: ml_collections.ConfigDict, total: int, warmup: int) -> None:
+    """``total_steps`` is the one source of the run length: the LR schedule ends there too."""
     c.total_steps = total
-    c.optim.total_steps = total
     c.optim.warmup_steps = warmup

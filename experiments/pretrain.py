@@ -9,7 +9,7 @@ into the workdir on first run). The demo has no pretrained LLM, so its stage 1 a
 (``trainable`` includes ``llm/.*``); real presets train the projector only, as ParGo and LLaVA do.
 """
 
-from experiments import base
+from experiments import base, evals
 
 
 def get_config(arg: str | None = None):
@@ -22,6 +22,8 @@ def get_config(arg: str | None = None):
         c.trainable = base.regex_dict({"projector/.*": 1.0, "llm/.*": 1.0})
         c.input.sources = [dict(name="shapes", split="pretrain")]
         c.checkpoint.every_steps = 200
+        c.evals = evals.get_config("val")
+        c.evals.val.log_steps = 200
     else:  # LLaVA-Pretrain 558K: python -m data_pipelines.build --dataset llava --config pretrain
         base.set_steps(c, total=2180, warmup=65)  # one epoch at batch 256
         c.input.batch_size = 256

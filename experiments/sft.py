@@ -9,7 +9,7 @@ their own checkpoints. ``paper`` trains the projector and LoRA adapters (r=256, 
 InternLM2 attention projections (its fused ``wqkv`` maps to our q, k, v), LLM weights frozen.
 """
 
-from experiments import base
+from experiments import base, evals
 
 
 def get_config(arg: str | None = None):
@@ -23,6 +23,7 @@ def get_config(arg: str | None = None):
         c.checkpoint.init_from = "workdir/pretrain"
         c.checkpoint.init_from_parts = ("projector", "llm")
         c.checkpoint.every_steps = 150
+        c.evals = evals.get_config("shapes")
     else:  # LLaVA-Instruct 665K (python -m data_pipelines.build --dataset llava --config instruct)
         base.set_steps(c, total=5200, warmup=156)  # one epoch at batch 128
         c.input.batch_size = 128

@@ -110,30 +110,36 @@ def _absolute(path: str | epath.Path) -> epath.Path:
     return epath.Path(path if "://" in str(path) else os.path.abspath(path))
 
 
-def _step_dir(path: str | epath.Path) -> epath.Path:
-    """A step directory (holding ``state/``) from a workdir, a ``checkpoints`` dir or a step dir."""
+def step_dir(path: str | epath.Path, step: int | None = None) -> epath.Path:
+    """The directory of checkpoint ``step`` (None: the newest finished one) from a run's workdir, its
+    ``checkpoints/`` directory or a step directory (holding ``state/``); FileNotFoundError names the
+    path and the steps it does hold."""
     p = _absolute(path)
     if (p / STATE).is_dir():
         return p
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    meta = ocp.step.latest_step_metadata(root, ocp.step.standard_name_format()) if root.is_dir() else None
-    if meta is None:
+    steps = sorted(ocp.step.checkpoint_steps(root)) if root.is_dir() else []
+    if step is None and steps:
+        step = steps[-1]
+    if step not in steps:
+        have = f"it holds steps {steps}" if steps else "it holds no finished checkpoint"
+        which = f" of step {step}" if step is not None else ""
         raise FileNotFoundError(
-            f"No checkpoint at {str(path)!r}: pass a run's workdir, its checkpoints/ directory or a step "
-            "directory (containing state/)."
+            f"No checkpoint{which} at {str(path)!r} ({have}): pass a trained run's workdir, its "
+            "checkpoints/ directory or a step directory (containing state/)."
         )
-    return epath.Path(meta.path)
+    return ocp.step.find_step_path(root, ocp.step.standard_name_format(), step=step)
 
 
-def restore_subtree(path_or_workdir: str, abstract_subtree: Any, select: str) -> Any:
+def restore_subtree(path_or_workdir: str, abstract_subtree: Any, select: str, step: int | None = None) -> Any:
     """Restores only the part of a saved train state at ``select``, a ``/``-joined key path into the
     state (e.g. ``"params/projector"``), shaped and sharded like ``abstract_subtree`` (a pytree of
     ``jax.ShapeDtypeStruct`` with shardings). Nothing else of the checkpoint is read, so an SFT run can
     ``init_from`` a pretraining run's projector without loading its (frozen) LLM or optimizer state.
 
-    ``path_or_workdir``: another run's workdir (its latest checkpoint), its ``checkpoints/`` dir, or
-    one step directory."""
-    step_dir = _step_dir(path_or_workdir)
+    ``path_or_workdir``: another run's workdir, its ``checkpoints/`` dir, or one step directory;
+    ``step``: which checkpoint (None: the newest)."""
+    directory = step_dir(path_or_workdir, step)
     keys = [k for k in select.strip("/").split("/") if k]
     if not keys:
         raise ValueError("restore_subtree needs a non-empty select path such as 'params/projector'.")
@@ -144,11 +150,11 @@ def restore_subtree(path_or_workdir: str, abstract_subtree: Any, select: str) ->
     with ocp.PyTreeCheckpointer() as ckptr:
         try:
             out = ckptr.restore(
-                step_dir / STATE,
+                directory / STATE,
                 args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
             )
         except (KeyError, ValueError) as e:
-            raise ValueError(f"Checkpoint {step_dir} has no state subtree {select!r} matching: {e}") from e
+            raise ValueError(f"Checkpoint {directory} has no state subtree {select!r} matching: {e}") from e
     for k in keys:
         out = out[k]
     return out

@@ -20,10 +20,9 @@ useful model FLOPs, not hardware FLOPs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from pargo_jax.models.llm import LLMConfig
-from pargo_jax.models.projectors.mlp import MLPConfig
-from pargo_jax.models.projectors.pargo import ParGoConfig
 from pargo_jax.models.vision import VisionConfig
 
 # Dense bf16 peak FLOP/s per chip (device_kind as reported by jax.devices()[0].device_kind, lowercase
@@ -55,30 +54,6 @@ def vision_flops(config: VisionConfig) -> float:
     return float(patch + c.num_blocks * (attn_proj + attn + mlp))
 
 
-def projector_flops(config: ParGoConfig | MLPConfig, num_patches: int) -> float:
-    """Forward FLOPs of the projector on one image's ``num_patches`` features.
-
-    ParGo is counted with dense masked attention (what ``impl="dense"`` computes; the official
-    EVA02-L/Vicuna shape gives 17.2 GFLOP): per layer self q/k/v/out, self attention, cross q/out, the
-    cross keys/values of all patches, cross attention, the FFN; then the projection to the LLM."""
-    c = config
-    if isinstance(c, MLPConfig):
-        t = c.num_tokens(num_patches)
-        return float(2 * t * (c.group * c.vision_width) * c.llm_width + 2 * t * c.llm_width * c.llm_width)
-    if not isinstance(c, ParGoConfig):
-        raise TypeError(f"No FLOP count for projector config {type(c).__name__}.")
-    q, n, h, cv = c.num_queries, num_patches, c.hidden, c.vision_width
-    per_layer = (
-        2 * q * h * 4 * h  # self q, k, v, out
-        + 2 * 2 * q * q * h  # self attention
-        + 2 * q * h * 2 * h  # cross q, out
-        + 2 * n * cv * 2 * h  # cross k, v over the patches
-        + 2 * 2 * q * n * h  # cross attention
-        + 2 * 2 * q * h * c.mlp_dim  # fc1, fc2
-    )
-    return float(c.layers * per_layer + 2 * q * h * c.llm_width)
-
-
 def llm_matmul_params(config: LLMConfig) -> int:
     """Weights that multiply every token: attention + MLP of all layers + the output head (also when
     tied to the embeddings)."""
@@ -108,7 +83,7 @@ def training_flops(stages: Sequence[tuple[float, bool]]) -> float:
 
 def mllm_training_flops(
     vision: VisionConfig,
-    projector: ParGoConfig | MLPConfig,
+    projector: Any,
     llm: LLMConfig,
     seq_len: int,
     *,
@@ -117,12 +92,13 @@ def mllm_training_flops(
     train_llm: bool = False,
     images_per_example: int = 1,
 ) -> float:
-    """Training FLOPs of one example: ``images_per_example`` images through tower and projector, then
-    ``seq_len`` tokens (image tokens included) through the LLM."""
+    """Training FLOPs of one example: ``images_per_example`` images through tower and projector (any
+    registered projector config: its ``flops(num_patches)``), then ``seq_len`` tokens (image tokens
+    included) through the LLM."""
     return training_flops(
         [
             (images_per_example * vision_flops(vision), train_vision),
-            (images_per_example * projector_flops(projector, vision.num_tokens), train_projector),
+            (images_per_example * projector.flops(vision.num_tokens), train_projector),
             (llm_flops(llm, seq_len), train_llm),
         ]
     )

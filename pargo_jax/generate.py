@@ -14,7 +14,7 @@ beam search: 2K candidates, finished hypotheses scored ``sum_logprob / generated
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pargo_jax.models.llm import CausalLM
+from pargo_jax.sharding import to_host
 
 NEG = -1.0e9
 
@@ -95,7 +96,7 @@ def generate(
         variables, input_ids, inputs_embeds, attention_mask, key, knobs, module=module,
         max_new_tokens=int(max_new_tokens), method=method, num_beams=beams,
     )  # fmt: skip
-    tokens, lengths, scores = np.asarray(tokens), np.asarray(lengths), np.asarray(scores)
+    tokens, lengths, scores = to_host(tokens), to_host(lengths), to_host(scores)
     if stop_strings:
         tokens, lengths = apply_stop_strings(tokens, lengths, stop_strings, detokenize, pad_token_id)
     return GenerateOutput(tokens, lengths, scores)
@@ -118,6 +119,66 @@ def apply_stop_strings(
                 lengths[row] = n
                 break
     return tokens, lengths
+
+
+def stream(
+    module: CausalLM,
+    variables: Any,
+    *,
+    input_ids: jax.Array | None = None,
+    inputs_embeds: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    max_new_tokens: int,
+    method: str = "greedy",
+    eos_token_id: int | Sequence[int] | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> Iterator[int]:
+    """Yields the tokens of ONE prompt as they are decoded (EOS included), for interactive use: a host
+    loop over a jitted step, so each token can be shown at once. Greedy and sampling give the same
+    tokens as :func:`generate` with the same settings; use :func:`generate` for batches and beams."""
+    if method not in ("greedy", "sample"):
+        raise ValueError(f"stream() decodes with 'greedy' or 'sample', not {method!r}; use generate().")
+    prompt = input_ids if input_ids is not None else inputs_embeds
+    if prompt is None or prompt.shape[0] != 1:
+        raise ValueError("stream() decodes one prompt: pass input_ids or inputs_embeds of batch size 1.")
+    t = prompt.shape[1]
+    if max_new_tokens < 1 or t + max_new_tokens > module.config.max_position_embeddings:
+        raise ValueError(
+            f"Prompt length {t} + max_new_tokens {max_new_tokens} exceeds max_position_embeddings="
+            f"{module.config.max_position_embeddings}; shorten the prompt or max_new_tokens."
+        )
+    mask = jnp.ones((1, t), jnp.int32) if attention_mask is None else attention_mask
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    key = jax.random.key(seed)
+    knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    length = t + max_new_tokens
+    logits, cache = _prefill(variables, input_ids, inputs_embeds, mask, module=module, length=length)
+    for i in range(max_new_tokens):
+        tok = _choose_jit(logits, key, jnp.int32(i), *knobs, method=method)
+        token = int(tok[0])
+        yield token
+        if token in eos or i == max_new_tokens - 1:
+            return
+        logits, cache = _step(variables, tok, cache, module=module)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "length"))
+def _prefill(variables, input_ids, inputs_embeds, attention_mask, *, module, length):
+    cache = module.init_cache(attention_mask.shape[0], length)
+    logits, cache = module.apply(
+        variables, input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+        last_logits_only=True,
+    )  # fmt: skip
+    return logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("module",), donate_argnames=("cache",))
+def _step(variables, tok, cache, *, module):
+    logits, cache = module.apply(variables, tok[:, None], cache=cache)
+    return logits[:, 0], cache
 
 
 # --- logits processing -----------------------------------------------------------------------------
@@ -164,20 +225,24 @@ def _generate_jit(
     return _sample_loop(step, logits[:, 0], cache, key, max_new_tokens, kw["method"], **knobs)
 
 
+def _choose(logits, key, i, temperature, top_k, top_p, *, method: str) -> jax.Array:
+    """Token ``i`` of each row: argmax (greedy) or a sample of the processed logits."""
+    if method == "greedy":
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    key = jax.random.fold_in(key, i)
+    return jax.random.categorical(key, process_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+_choose_jit = jax.jit(_choose, static_argnames=("method",))
+
+
 def _sample_loop(step, logits, cache, key, n, method, *, eos, pad, temperature, top_k, top_p, **_):
     """Greedy (argmax) or sampled decoding; one row stops at its first EOS."""
     b = logits.shape[0]
 
     def pick(i, logits, done, tokens, lengths, scores):
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-        if method == "greedy":
-            tok = jnp.argmax(logits, -1).astype(jnp.int32)
-        else:
-            tok = jax.random.categorical(
-                jax.random.fold_in(key, i), process_logits(logits, temperature, top_k, top_p)
-            )
-            tok = tok.astype(jnp.int32)
-        tok = jnp.where(done, pad, tok)
+        tok = jnp.where(done, pad, _choose(logits, key, i, temperature, top_k, top_p, method=method))
         scores = scores + jnp.where(done, 0.0, jnp.take_along_axis(logp, tok[:, None], -1)[:, 0])
         lengths = jnp.where(done, lengths, i + 1)
         done = done | jnp.isin(tok, eos)

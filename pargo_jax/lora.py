@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pargo_jax.models.llm import LLMConfig, lora_a_init
+from pargo_jax.models.layers import lora_a_init
+from pargo_jax.models.llm import LLMConfig
 
 LORA_PARAMS = ("lora_a", "lora_b")
 LORA_PATH_REGEX = r"(.*/)?lora_(a|b)"
@@ -90,7 +91,7 @@ def init_lora_params(
     stacked: Callable[[str], int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Fresh adapters for flat ``{"a/b/lora_a": shape}`` entries (as a checkpoint never holds them):
-    ``lora_a`` from the same initializer :class:`~pargo_jax.models.llm.Proj` uses, ``lora_b`` zeros.
+    ``lora_a`` from the same initializer :class:`~pargo_jax.models.layers.Dense` uses, ``lora_b`` zeros.
 
     ``lora_a`` (lead..., in..., r): ``stacked(path)`` gives the number of leading stacked axes (default:
     1 for paths under a scanned ``layers/``, else 0); ``in`` is one axis except for ``attn/o`` (heads,

@@ -1,24 +1,11 @@
-"""Training metrics: clu.metrics collections (aggregated on device between logs), writers (a
-``metrics.jsonl`` line + TensorBoard scalars per log), and a one-line console progress report.
+"""Training metrics out: a ``metrics.jsonl`` line + TensorBoard scalars per log, and a one-line console
+progress report, and the ``clu.metrics`` collection a training step returns (merged on device
+between logs).
 
 No TensorFlow: ``clu.metric_writers`` imports it, so TensorBoard events go through tensorboardX.
 Only process 0 writes files on multi-host runs.
-
-In the loop::
-
-    writer, progress = MetricWriter(workdir), Progress(total_steps, every=c.log_every_steps,
-                                                       tokens_per_step=batch * max_len)
-    acc = None
-    for step in ...:
-        state, m = train_step(state, batch)     # m = TrainMetrics.single_from_model_output(loss=..)
-        acc = m if acc is None else acc.merge(m)
-        if step % every == 0:
-            scalars = acc.compute() ; acc = None
-            scalars |= progress.update(step, scalars)   # prints, returns timing scalars
-            writer.write(step, scalars)
 """
 
-# No `from __future__ import annotations`: clu.metrics reads the collection annotations as classes.
 import json
 import os
 import sys
@@ -28,29 +15,37 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
 
 @flax.struct.dataclass
+class Sum(clu_metrics.Metric):
+    """A clu metric summing a value over the steps between two logs."""
+
+    total: jax.Array
+
+    @classmethod
+    def from_model_output(cls, values: jax.Array, **_) -> "Sum":
+        return cls(total=jnp.sum(values))
+
+    def merge(self, other: "Sum") -> "Sum":
+        return type(self)(total=self.total + other.total)
+
+    def compute(self) -> jax.Array:
+        return self.total
+
+
+@flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
-    """Default train collection: means of ``loss``/``grad_norm`` over the steps between logs, last
-    ``lr``. Build it in the step with ``TrainMetrics.single_from_model_output(loss=.., grad_norm=..,
-    lr=..)`` and ``merge`` across steps; ``compute()`` gives a dict of scalars."""
+    """What a step reports, merged on device between logs: mean loss and grad norm, the last learning
+    rate, and the number of steps skipped for non-finite values."""
 
     loss: clu_metrics.Average.from_output("loss")
     grad_norm: clu_metrics.Average.from_output("grad_norm")
     lr: clu_metrics.LastValue.from_output("lr")
-
-
-def metrics_collection(
-    average: tuple[str, ...] = ("loss", "grad_norm"), last: tuple[str, ...] = ("lr",)
-) -> type[clu_metrics.Collection]:
-    """A collection averaging the model outputs named in ``average`` and keeping the last value of
-    those in ``last`` (e.g. ``average=("loss", "accuracy", "grad_norm")``)."""
-    fields = {n: clu_metrics.Average.from_output(n) for n in average}
-    fields.update({n: clu_metrics.LastValue.from_output(n) for n in last})
-    return clu_metrics.Collection.create(**fields)
+    skipped_nonfinite: Sum.from_output("skipped_nonfinite")
 
 
 def _scalar(v: Any) -> float | int:
@@ -59,17 +54,6 @@ def _scalar(v: Any) -> float | int:
         raise ValueError(f"Metric value of shape {x.shape} is not a scalar.")
     x = x.reshape(())
     return int(x) if np.issubdtype(x.dtype, np.integer) else float(x)
-
-
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (d.to_dict() if hasattr(d, "to_dict") else d).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) or hasattr(v, "to_dict"):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 class MetricWriter:
@@ -101,23 +85,6 @@ class MetricWriter:
                 self._tb.add_scalar(k, v, int(step))
             self._tb.flush()
 
-    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        """Flattened (``a.b``) hyperparameters to ``{workdir}/hparams.json`` and a TensorBoard text."""
-        if not self._active:
-            return
-        flat = {
-            k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
-            for k, v in _flat(hparams).items()
-        }
-        with open(os.path.join(self.workdir, "hparams.json"), "w") as f:
-            json.dump(flat, f, indent=1, sort_keys=True)
-        if self._tb is not None:
-            table = "| key | value |\n|---|---|\n" + "".join(
-                f"| {k} | {v} |\n" for k, v in sorted(flat.items())
-            )
-            self._tb.add_text("hparams", table, 0)
-            self._tb.flush()
-
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
@@ -134,7 +101,8 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def _fmt_value(key: str, v: float) -> str:
+def format_value(key: str, v: float) -> str:
+    """A scalar for the console: learning rates in e-notation, others with 4 significant digits."""
     if "lr" in key.split("/")[-1] or "learning_rate" in key:
         return f"{v:.1e}"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -179,7 +147,7 @@ class Progress:
             timing["eta_s"] = sps * max(self.total_steps - step, 0)
         self._last = (int(step), now)
         parts = [f"step {step}/{self.total_steps}"]
-        parts += [f"{k} {_fmt_value(k, _scalar(v))}" for k, v in (scalars or {}).items()]
+        parts += [f"{k} {format_value(k, _scalar(v))}" for k, v in (scalars or {}).items()]
         if "s_per_step" in timing:
             parts.append(f"{timing['s_per_step']:.3g} s/step")
         if "tokens_per_s" in timing:

@@ -32,6 +32,9 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from pargo_jax.configs import check_keys
+from pargo_jax.param_tree import path_tree
+
 FROZEN = "frozen"
 
 _DEFAULTS: dict[str, Any] = dict(
@@ -51,18 +54,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 _NO_DECAY = re.compile(r".*(bias|scale|norm).*", re.IGNORECASE)
 
 
-def _key_str(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def param_paths(tree):
     """The same tree with every leaf replaced by its ``"a/b/c"`` path (``nn.Partitioned`` unboxed)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "/".join(_key_str(k) for k in path), nn.meta.unbox(tree)
-    )
+    return path_tree(nn.meta.unbox(tree))
 
 
 def trainable_labels(params, trainable: Mapping[str, float]):
@@ -97,9 +91,7 @@ def trainable_mask(labels):
 
 def _options(optim_cfg) -> dict[str, Any]:
     cfg = dict(optim_cfg.to_dict() if hasattr(optim_cfg, "to_dict") else optim_cfg)
-    unknown = sorted(set(cfg) - set(_DEFAULTS))
-    if unknown:
-        raise ValueError(f"Unknown optim option(s) {unknown}; known: {sorted(_DEFAULTS)}.")
+    check_keys(cfg, _DEFAULTS, "config.optim")
     return {**_DEFAULTS, **cfg}
 
 

@@ -18,6 +18,7 @@ Activation axes: ``batch`` (data + fsdp), ``length`` and ``act_embed`` (replicat
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -85,3 +86,39 @@ def logical_shardings(abstract_tree, mesh: jax.sharding.Mesh, rules=LOGICAL_RULE
     """NamedShardings for a (possibly abstract) variable tree carrying ``nn.Partitioned`` metadata."""
     specs = nn.get_partition_spec(abstract_tree)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+BATCH_AXES = ("data", "fsdp")  # a batch's leading axis is split over these mesh axes
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    return jax.NamedSharding(mesh, jax.P(BATCH_AXES))
+
+
+def batch_divisor(mesh: jax.sharding.Mesh) -> int:
+    """A global batch must be a multiple of this (the data x fsdp mesh size)."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """This process's slice of a batch (numpy, leading batch axis) -> global jax.Arrays sharded over
+    (data, fsdp); every process passes its own slice, in process order."""
+    s = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in batch.items()}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process) global array as numpy, on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: jax.sharding.Mesh):
+    """Where models run: ``mesh`` set (flax >= 0.12.2 needs it for logical constraints) and the
+    logical-axis rules active."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        yield

@@ -8,7 +8,9 @@ from pargo_jax.benchmarks import projector as bench
 
 
 def test_flop_count_of_the_official_shape():
-    gflop = bench.forward_flops(bench.OFFICIAL, 576) / 1e9
+    from pargo_jax.models.projectors import projector_config
+
+    gflop = projector_config("pargo", bench.OFFICIAL).flops(576) / 1e9
     assert gflop == pytest.approx(17.22, abs=0.01)
 
 

@@ -242,6 +242,7 @@ def test_overlong_truncate_keeps_record(bad_data):
     it = make_iterator(cfg, num_image_tokens=N_IMG, seed=0)
     rows = [(r, b["attention_mask"][i], b["loss_mask"][i]) for b in it for i, r in enumerate(b["record_id"])]
     assert it.stats()["skipped/too_long"] == 0
+    assert it.stats()["truncated"] == 1 and it.get_state()["truncated"] == 1  # kept, and counted
     long_rows = [(att, loss) for r, att, loss in rows if r == "long"]
     assert len(long_rows) == 1  # kept, cut to max_len, still trains on the caption tokens that fit
     att, loss = long_rows[0]
@@ -261,7 +262,7 @@ def test_strict_mode_raises_with_record_id(bad_data):
 
 
 def test_config_errors_name_the_bad_value(shapes_data):
-    with pytest.raises(ValueError, match="Unknown input config keys \\['batchsize'\\]"):
+    with pytest.raises(ValueError, match="Unknown key\\(s\\) 'batchsize'"):
         InputConfig.from_config(dict(_cfg(shapes_data), batchsize=3))
     with pytest.raises(ValueError, match="resize='crop'"):
         InputConfig.from_config(_cfg(shapes_data, resize="crop"))

@@ -77,13 +77,14 @@ def test_caption_lists_every_shape_with_position():
 
 def test_build_writes_splits_tokenizer_and_is_fast(tmp_path):
     t0 = time.perf_counter()
-    out = shapes.build(str(tmp_path), num_pretrain=200, num_sft=200, num_eval=40, seed=4)
+    out = shapes.build(str(tmp_path), num_pretrain=200, num_sft=200, num_eval=40, num_val=20, seed=4)
     elapsed = time.perf_counter() - t0
     assert elapsed < 30, elapsed  # generous bound on a loaded 2-CPU machine; ~1-2 s typical
     assert out["summary"] == {
         "pretrain": {"read": 200, "written": 200, "skipped": {}},
         "sft": {"read": 200, "written": 200, "skipped": {}},
         "eval": {"read": 40, "written": 40, "skipped": {}},
+        "val": {"read": 20, "written": 20, "skipped": {}},
     }
     assert "eval" in format_summary("shapes", out["summary"])
     src = open_source(out["data_dir"], "shapes", "eval")
@@ -94,6 +95,10 @@ def test_build_writes_splits_tokenizer_and_is_fast(tmp_path):
     assert all(len(r.conversation) == 2 for r in recs.values())  # eval: one question each
     sft = open_source(out["data_dir"], "shapes", "sft")
     assert len(from_example(sft[0]).conversation) == 6  # sft: three QA turns
+    val = open_source(out["data_dir"], "shapes", "val")
+    captions = {r.id: r.caption for r in (from_example(val[i]) for i in range(len(val)))}
+    assert captions["shapes/val/0"] == shapes.make_record("val", 0, seed=4).caption  # held-out captions
+    assert shapes.make_record("val", 0, seed=4).image != shapes.make_record("pretrain", 0, seed=4).image
 
 
 def test_ensure_reuses_an_identical_build(tmp_path):

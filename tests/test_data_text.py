@@ -170,7 +170,8 @@ def test_pack_example_overlong_truncate_or_skip():
     msgs = shapes.make_record("sft", 0).messages()
     full = len(tok.apply_chat_template(msgs)) - 1 + 8
     out = pack_example(tok, msgs, num_image_tokens=8, max_len=full - 3, overlong="truncate")
-    assert out["attention_mask"].all() and out["loss_mask"].sum() > 0
+    assert out["attention_mask"].all() and out["loss_mask"].sum() > 0 and out["truncated"]
+    assert not pack_example(tok, msgs, num_image_tokens=8, max_len=full + 1)["truncated"]
     with pytest.raises(BadRecord) as e:
         pack_example(tok, msgs, num_image_tokens=8, max_len=full - 3, overlong="skip", record_id="r1")
     assert e.value.reason == "too_long" and e.value.record_id == "r1"

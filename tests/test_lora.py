@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from pargo_jax.convert.tables import flatten, unflatten
 from pargo_jax.lora import lora_param_count, merge_lora
-from pargo_jax.models.llm import CausalLM, LLMConfig, lora_matches
+from pargo_jax.models.layers import path_matches
+from pargo_jax.models.llm import CausalLM, LLMConfig
+from pargo_jax.param_tree import flatten, unflatten
 
 BASE = LLMConfig(
     vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4
@@ -36,11 +37,11 @@ def _perturb(params):
     )
 
 
-def test_lora_matches_suffixes():
-    assert lora_matches(r"layers_\d+/attn/(q|v)", "llm/layers_1/attn/q")
-    assert lora_matches(r"layers_\d+/attn/(q|v)", ("layers_0", "attn", "v"))
-    assert not lora_matches(r"layers_\d+/attn/(q|v)", "layers_0/attn/k")
-    assert not lora_matches(r"attn/q", "layers_0/attn/qq")
+def test_lora_path_matches_suffixes():
+    assert path_matches(r"layers_\d+/attn/(q|v)", "llm/layers_1/attn/q")
+    assert path_matches(r"layers_\d+/attn/(q|v)", ("layers_0", "attn", "v"))
+    assert not path_matches(r"layers_\d+/attn/(q|v)", "layers_0/attn/k")
+    assert not path_matches(r"attn/q", "layers_0/attn/qq")
 
 
 @pytest.mark.parametrize("scan", [False, True])

@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from pargo_jax import sharding
 from pargo_jax.models import masks
-from pargo_jax.models.projectors import MLPConfig, ParGo, ParGoConfig, build_projector
+from pargo_jax.models.projectors import MLPConfig, ParGo, ParGoConfig, projector_config, projector_module
 
 SMALL = dict(hidden=32, heads=4, layers=2, mlp_dim=48, vision_width=24, llm_width=20, max_positions=64)
 
@@ -143,10 +143,10 @@ def test_bf16_compute_close_to_f32():
 
 def test_qformer_and_mlp_baselines_share_the_face():
     x = features(n=16)
-    qformer = build_projector("qformer", {**SMALL, "num_global": 5})
+    qformer = projector_module(projector_config("qformer", {**SMALL, "num_global": 5}))
     assert qformer.config.num_partial == 0 and qformer.config.num_tokens(16) == 5
     assert jax.eval_shape(qformer.init_with_output, jax.random.key(0), x)[0].shape == (2, 5, 20)
-    mlp = build_projector("mlp", dict(vision_width=24, llm_width=20, group=4))
+    mlp = projector_module(projector_config("mlp", dict(vision_width=24, llm_width=20, group=4)))
     v = jax.jit(mlp.init)(jax.random.key(0), x)
     y = jax.jit(mlp.apply)(v, x)
     assert mlp.config.num_tokens(16) == 4 and y.shape == (2, 4, 20)
@@ -159,8 +159,15 @@ def test_qformer_and_mlp_baselines_share_the_face():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: build_projector("perceiver"), "Unknown projector 'perceiver'"),
-        (lambda: build_projector("qformer", {"num_partial": 4}), "has no partial queries"),
+        (lambda: projector_config("perceiver", {}), "Unknown projector 'perceiver'"),
+        (
+            lambda: projector_config("qformer", {"num_partial": 4}),
+            "qformer projector fixes {'num_partial': 0}",
+        ),
+        (
+            lambda: projector_config("pargo", {"num_partials": 4}),
+            "'num_partials' (did you mean 'num_partial'?)",
+        ),
         (lambda: ParGoConfig(hidden=30, heads=4), "hidden=30 is not divisible by heads=4"),
         (lambda: ParGoConfig(num_partial=400, num_global=200), "600 queries exceed max_positions=512"),
         (lambda: ParGoConfig(impl="flash"), "impl='flash'"),

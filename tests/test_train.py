@@ -11,49 +11,34 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from experiments import base, pretrain, sft
 from pargo_jax import checkpoints, sharding, train
+from pargo_jax.models import factory
+from tests.demo import SMALL_SHAPES, build_shapes, demo_config, losses
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES_ARGS = [f"--config.shapes.{k}={v}" for k, v in SMALL_SHAPES.items()]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """One small shapes build shared by every run of this module."""
-    from data_pipelines import shapes
-
-    path = str(tmp_path_factory.mktemp("shapes"))
-    shapes.ensure(path, image_size=64, num_pretrain=256, num_sft=256, num_eval=16)
-    return path
+    return build_shapes(str(tmp_path_factory.mktemp("shapes")))
 
 
 def demo(data_dir, steps, *, stage=pretrain, **overrides):
-    c = stage.get_config()
-    c.shapes.update(num_pretrain=256, num_sft=256, num_eval=16)
-    c.input.data_dir = data_dir
-    c.total_steps = c.optim.total_steps = steps
-    c.optim.warmup_steps = min(c.optim.warmup_steps, steps)
-    c.log_every_steps = 1
-    c.sample_at_end = ""
-    for key, value in overrides.items():
-        section, _, field = key.rpartition(".")
-        (c[section] if section else c)[field] = value
-    return c
-
-
-def losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in rows}
+    return demo_config(data_dir, steps, stage=stage, **overrides)
 
 
 def initial_and_saved(config, workdir, *, restore_from=None, with_parts=False):
     """The run's initial state, and the state saved at ``restore_from=(workdir, step)`` if given."""
-    mesh = sharding.make_mesh(dict(config.mesh))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        parts = train.build(config, workdir, mesh)
+    from data_pipelines.text import load_tokenizer
+
+    mesh = factory.mesh_for(config)
+    with sharding.mesh_context(mesh):
+        train.prepare_data(config, workdir)
+        parts = train.build_model(config, load_tokenizer(config.input.tokenizer), mesh)
         initial, shardings = train.init_state(parts, config, mesh)
         saved = None
         if restore_from is not None:
@@ -127,8 +112,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(data_dir, tmp
     killed = str(tmp_path / "killed")
     args = [f"--config.{k}={v}" for k, v in common.items()] + [
         "--config.total_steps=1000", "--config.log_every_steps=1", f"--config.input.data_dir={data_dir}",
-        f"--workdir={killed}", "--config.sample_at_end=", "--config.shapes.num_pretrain=256",
-        "--config.shapes.num_sft=256", "--config.shapes.num_eval=16",
+        f"--workdir={killed}", "--config.sample_at_end=", *SHAPES_ARGS,
     ]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "pargo_jax.main", "--config=experiments/pretrain.py", *args],
@@ -155,8 +139,7 @@ def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
     workdir = str(tmp_path / "preempted")
     args = [
         "--config.total_steps=1000", "--config.log_every_steps=1", "--config.checkpoint.every_steps=500",
-        f"--config.input.data_dir={data_dir}", f"--workdir={workdir}", "--config.shapes.num_pretrain=256",
-        "--config.shapes.num_sft=256", "--config.shapes.num_eval=16",
+        f"--config.input.data_dir={data_dir}", f"--workdir={workdir}", *SHAPES_ARGS,
     ]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "pargo_jax.main", "--config=experiments/pretrain.py", *args],
@@ -184,10 +167,27 @@ def test_sft_starts_from_the_pretrain_projector(data_dir, tmp_path):
         assert all(jax.tree.leaves(same)), part
 
 
+def test_sample_at_end_is_the_predictors_answer(data_dir, tmp_path, capsys):
+    from data_pipelines import schema
+    from data_pipelines.builders import open_source
+    from pargo_jax.predict import DecodeOptions, Predictor, conversation
+
+    workdir = str(tmp_path / "sampled")
+    summary = train.run(demo(data_dir, 3, stage=sft, sample_at_end="eval", **{"checkpoint.init_from": None}), workdir)
+    sample = summary["sample"]
+    rec = schema.from_example(open_source(data_dir, "shapes", "eval")[0])
+    assert sample["prompt"] == rec.conversation[0].text and sample["reference"] == rec.conversation[1].text
+    run = factory.load_workdir(workdir)
+    predictor = Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config)
+    query = conversation(rec.id, rec.image, [{"role": "user", "content": rec.conversation[0].text}])
+    assert sample["answer"] == predictor.answers(run.params, [query], DecodeOptions(max_new_tokens=32))[0]["answer"]
+    assert json.dumps(sample, indent=2) in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "mutate, error, message",
     [
-        (lambda c: c.__setitem__("learning_rate", 1.0), ValueError, "Unknown config keys ['learning_rate']"),
+        (lambda c: c.__setitem__("learning_rate", 1.0), ValueError, "Unknown key(s) 'learning_rate'"),
         (lambda c: c.mesh.update(data=3, fsdp=-1), ValueError, "cannot fill 8 devices"),
         (lambda c: c.mesh.update(data=3), ValueError, "has 3 devices but 8 are available"),
         (lambda c: c.model.llm.update(path="/nonexistent/llm"), FileNotFoundError, "'/nonexistent/llm'"),
@@ -233,7 +233,7 @@ def test_real_preset_path_loads_hf_tower_and_llm(data_dir, tmp_path):
     assert summary["step"] == 2 and np.isfinite(summary["loss"])
 
     state, _, parts = initial_and_saved(config, workdir, with_parts=True)
-    assert parts["mcfg"].vision.width == 32 and parts["mcfg"].llm.vocab_size == vocab + 3
+    assert parts.mcfg.vision.width == 32 and parts.mcfg.llm.vocab_size == vocab + 3
     for part, (_, variables) in {"vision_tower": load_vision(tower_dir), "llm": load_llm(llm_dir)}.items():
         same = jax.tree.map(np.array_equal, state.params[part], variables["params"])
         assert all(jax.tree.leaves(same)), part

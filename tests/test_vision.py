@@ -336,7 +336,7 @@ def test_user_errors_name_the_path_or_value(hf_dirs, tmp_path):
         load_vision(str(no_weights))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_eva02(str(tmp_path / "missing.pth"))
-    with pytest.raises(ValueError, match="Unknown vision option.*'feature_layers'"):
+    with pytest.raises(ValueError, match="Unknown key.*'feature_layers'"):
         load_vision(src, feature_layers=-2)
     with pytest.raises(ValueError, match="feature_layer 5"):
         load_vision(src, feature_layer=5)

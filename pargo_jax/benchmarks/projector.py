@@ -64,23 +64,6 @@ def _args(argv=None):
     return p.parse_args(argv)
 
 
-def forward_flops(shape: dict, num_patches: int) -> float:
-    """Matmul FLOPs (2 per multiply-add) of one image's forward pass, attention counted dense."""
-    q, h, f, n = shape["num_partial"] + shape["num_global"], shape["hidden"], shape["mlp_dim"], num_patches
-    c, d, layers = shape["vision_width"], shape["llm_width"], shape["layers"]
-    kv = 2 * n * c * 2 * h  # keys and values of every layer from the vision features
-    per_layer = (
-        2 * q * h * 3 * h  # self q, k, v
-        + 2 * 2 * q * q * h  # self scores and weighted values
-        + 2 * q * h * h  # self output
-        + 2 * q * h * h  # cross query
-        + 2 * 2 * q * n * h  # cross scores and weighted values
-        + 2 * q * h * h  # cross output
-        + 2 * 2 * q * h * f  # feed-forward
-    )
-    return float(layers * (kv + per_layer) + 2 * q * h * d)
-
-
 def _load_avg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -110,7 +93,7 @@ def main(argv=None) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from pargo_jax.models.projectors.pargo import ParGo, ParGoConfig
+    from pargo_jax.models.projectors import projector_config, projector_module
 
     shape = dict(QUICK if a.quick else OFFICIAL)
     n = 16 if a.quick else a.patches
@@ -122,7 +105,8 @@ def main(argv=None) -> dict:
             raise ValueError(f"--xla_options {name!r} is not one of {sorted(XLA_OPTION_SETS)}.")
     impls = [s for s in a.impls.split(",") if s]
     threads = a.threads or os.cpu_count() or 1
-    gflop_fwd = forward_flops(shape, n) / 1e9
+    base = projector_config("pargo", shape)
+    gflop_fwd = base.flops(n) / 1e9
     gflop = {"fwd": gflop_fwd, "fwd+bwd": 3 * gflop_fwd}
 
     rng = np.random.RandomState(0)
@@ -148,16 +132,15 @@ def main(argv=None) -> dict:
             path = os.path.join(d, "pargo.pt")
             torch.save(ref.state_dict(), path)
             _, variables = load_projector(path, num_heads=shape["heads"], num_partial=shape["num_partial"])
-    base = ParGoConfig(**shape)
     if variables is None:
-        variables = jax.jit(ParGo(base).init)(jax.random.key(0), feats[:1])
+        variables = jax.jit(projector_module(base).init)(jax.random.key(0), feats[:1])
     params = jax.tree.map(jnp.asarray, variables["params"])
     x, g = jnp.asarray(feats), jnp.asarray(cot)
 
     fns, outputs, compile_s = {}, {}, {}
 
     def add_jax(label, config, options):
-        module = ParGo(config)
+        module = projector_module(config)
 
         def fwd(p, x):
             return module.apply({"params": p}, x)

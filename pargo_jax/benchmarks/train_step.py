@@ -12,7 +12,7 @@ CPU host its 8 "devices" share the same cores, so its step time says nothing abo
 there for the per-device memory (``state/dev``: params + optimizer state bytes actually held by the
 busiest device, summed over ``addressable_shards``; ``fsdp x``: that over the 1-device number).
 
-Shapes (the model is built from an ``experiments.base`` ConfigDict through ``train.model_config``):
+Shapes (the model is built from an ``experiments.base`` ConfigDict through ``factory.model_config``):
 
   demo  ``experiments/pretrain.py`` demo: tiny SigLIP-style tower 64 px / patch 8 (64 patches),
         ParGo 16 + 4 tokens, tiny Llama (hidden 128, 2 layers, shapes vocabulary of 150), batch 16,
@@ -191,22 +191,21 @@ class JaxSide:
 
     def __init__(self, config, tok, mesh, host_batch):
         import jax
-        from flax import linen as nn
 
         from pargo_jax import sharding, train
 
         self.mesh = mesh
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        with sharding.mesh_context(mesh):
             t0 = time.perf_counter()
-            parts = train.build_model(config, tok, mesh)  # a tokenizer stand-in: no data, no files
-            self.mcfg = parts["mcfg"]
-            self.labels = parts["labels"]
-            self.state, state_shardings = train.init_state(parts, config, mesh)
+            setup = train.build_model(config, tok, mesh)  # a tokenizer stand-in: no data, no files
+            self.mcfg = setup.mcfg
+            self.labels = setup.labels
+            self.state, state_shardings = train.init_state(setup, config, mesh)
             jax.block_until_ready(self.state)
             self.init_seconds = time.perf_counter() - t0
-            step_fn = train.make_train_step(parts["model"], parts["tx"], parts["labels"], parts["schedule"])
-            batch_sharding = jax.NamedSharding(mesh, jax.P(train.BATCH_AXES))
-            self.batch = train.global_batch(host_batch, mesh)
+            step_fn = train.make_train_step(setup.model, setup.tx, setup.labels, setup.schedule)
+            batch_sharding = sharding.batch_sharding(mesh)
+            self.batch = sharding.shard_batch(host_batch, mesh)
             jitted = jax.jit(
                 step_fn,
                 in_shardings=(state_shardings, {k: batch_sharding for k in self.batch}),
@@ -249,7 +248,7 @@ class JaxSide:
         t0 = time.perf_counter()
         self.state, out = self.compiled(self.state, self.batch)
         jax.block_until_ready((self.state, out))
-        return time.perf_counter() - t0, float(out["loss"])
+        return time.perf_counter() - t0, float(out.compute()["loss"])
 
 
 # --- torch -------------------------------------------------------------------------------------------
@@ -353,9 +352,9 @@ def run_devices(a) -> list[dict]:
             projector, train_kind = variant.split(":")
             config, batch, seq, vocab, image_id = shape_config(shape, projector, train_kind, a)
             tok = types.SimpleNamespace(vocab_size=vocab, image_token_id=image_id)
-            from pargo_jax import train as train_mod
+            from pargo_jax.models import factory
 
-            mcfg = train_mod.model_config(config, tok)
+            mcfg = factory.model_config(config, tok)
             host = make_batch(batch, seq, mcfg.vision.image_size, mcfg.num_image_tokens, vocab, image_id)
             print(f"[{n} dev] {shape} {variant}: building + compiling ...", file=sys.stderr, flush=True)
             ours = JaxSide(config, tok, mesh, host)

@@ -24,15 +24,14 @@ from pargo_jax.convert.tables import (
     Rule,
     convert,
     expected_shapes,
-    flatten,
     merge_heads_in,
     split_heads_bias,
     split_heads_out,
     transpose,
-    unflatten,
 )
 from pargo_jax.lora import LORA_PATH_REGEX, init_lora_params
 from pargo_jax.models.llm import CausalLM, LLMConfig, RopeScaling
+from pargo_jax.param_tree import flatten, unflatten
 
 SUPPORTED = ("llama", "qwen2", "internlm2")
 IGNORE = (r".*rotary_emb\.inv_freq",)

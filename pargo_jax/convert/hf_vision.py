@@ -14,7 +14,6 @@ layers after ``feature_layer``, an unused final norm) and every parameter filled
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -26,19 +25,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pargo_jax.configs import check_keys, field_names
 from pargo_jax.convert.tables import (
     LazySource,
     Rule,
     conv_oihw_to_hwio,
     convert,
     expected_shapes,
-    flatten,
     merge_heads_in,
     split_heads_bias,
     split_heads_out,
     transpose,
 )
 from pargo_jax.models.vision import VisionConfig, VisionTower
+from pargo_jax.param_tree import flatten
 from pargo_jax.sharding import logical_shardings
 
 HF_MODEL_TYPES = ("siglip", "siglip_vision_model", "clip", "clip_vision_model")
@@ -251,10 +251,7 @@ def _dropped_layers(prefix: str, cfg: VisionConfig) -> list[str]:
 
 
 def _options(cfg: VisionConfig, dtype, compute_dtype, options: dict) -> VisionConfig:
-    known = {f.name for f in dataclasses.fields(VisionConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"Unknown vision option(s) {unknown}; VisionConfig fields are {sorted(known)}.")
+    check_keys(options, field_names(VisionConfig), "the vision options (VisionConfig fields)")
     return cfg.replace(
         **{"param_dtype": dtype, "dtype": compute_dtype if compute_dtype is not None else dtype, **options}
     )
@@ -400,6 +397,32 @@ def eva02_config(source: Mapping[str, Any], heads: int | None = None) -> VisionC
     )
 
 
+def _eva02_tower(
+    path_or_state_dict: str | Mapping[str, Any], prefix: str | None, heads: int | None, rope_ref_grid: int
+) -> tuple[Mapping[str, Any], str, VisionConfig]:
+    """(the tower's tensors without prefix, the prefix, the config they define). ``prefix`` None:
+    auto-detect ``visual_encoder.`` (official ParGo checkpoint), ``visual.trunk.``, ``visual.`` or none.
+    Without a final ``norm`` in the checkpoint the config's output is the last block's."""
+    state = _read_state(path_or_state_dict)
+    if prefix is None:
+        prefix = next((p for p in EVA_PREFIXES if f"{p}pos_embed" in state), "")
+    tower = _View(state, prefix)
+    cfg = eva02_config(tower, heads).replace(rope_ref_grid=rope_ref_grid)
+    if "norm.weight" not in tower:
+        cfg = cfg.replace(final_norm=False)
+    return tower, prefix, cfg
+
+
+def vision_config_from(path: str, fmt: str = "hf") -> VisionConfig:
+    """The :class:`VisionConfig` a checkpoint defines: ``fmt="hf"`` (SigLIP / CLIP directory) or
+    ``"eva02"`` (timm / EVA-CLIP / official ParGo state dict, prefix auto-detected)."""
+    if fmt == "hf":
+        return hf_vision_config(path)
+    if fmt == "eva02":
+        return _eva02_tower(path, None, None, 16)[2]
+    raise ValueError(f"model.vision.format={fmt!r} is unknown; use 'hf' or 'eva02'.")
+
+
 def load_eva02(
     path_or_state_dict: str | Mapping[str, Any],
     dtype=np.float32,
@@ -419,13 +442,7 @@ def load_eva02(
     shape comes from the tensors; ``heads`` defaults to width // 64, ``rope_ref_grid`` to timm's 16.
     Without a final ``norm`` in the checkpoint the output is the last block's (``final_norm=False``).
     Other arguments as in :func:`load_vision`."""
-    state = _read_state(path_or_state_dict)
-    if prefix is None:
-        prefix = next((p for p in EVA_PREFIXES if f"{p}pos_embed" in state), "")
-    tower = _View(state, prefix)
-    base = eva02_config(tower, heads).replace(rope_ref_grid=rope_ref_grid)
-    if "norm.weight" not in tower:
-        options.setdefault("final_norm", False)
+    tower, prefix, base = _eva02_tower(path_or_state_dict, prefix, heads, rope_ref_grid)
     cfg = _options(base, dtype, compute_dtype, options)
     drop = _dropped_layers(r"blocks\.", cfg)
     if not cfg.apply_final_norm:

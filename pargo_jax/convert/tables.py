@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pargo_jax.param_tree import flatten, unflatten
+
 Transform = Callable[[np.ndarray], np.ndarray]
 _STACK = re.compile(r"^(.*?)((?:\[\d+\])+)$")
 
@@ -126,30 +128,6 @@ def _read_bf16(file: str, name: str) -> np.ndarray:
 
 
 # --- the converter ---------------------------------------------------------------------------------
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
-    """Nested dict -> {"a/b/c": leaf}."""
-    out: dict[str, object] = {}
-    for k, v in tree.items():
-        key = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
-def unflatten(flat: Mapping[str, object]) -> dict:
-    """{"a/b/c": leaf} -> nested dict."""
-    tree: dict = {}
-    for key, v in flat.items():
-        *parents, leaf = key.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
-
-
 def convert(
     source: Mapping[str, np.ndarray],
     rules: Iterable[Rule],

@@ -15,7 +15,6 @@ masks: ``position = (#real tokens before this one)``, i.e. ``cumsum(mask) - 1`` 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 from typing import Any, NamedTuple
@@ -24,6 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+from pargo_jax.models.attention import attention
+from pargo_jax.models.layers import Dense
 
 Dtype = Any
 
@@ -61,7 +63,7 @@ class LLMConfig:
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None  # None (XLA picks) | "xla" | "cudnn"
-    # LoRA adapters on every Proj whose module path matches ``lora_targets`` (see :class:`Proj`).
+    # LoRA adapters on every projection whose module path matches ``lora_targets`` (see :func:`proj`).
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = ""
@@ -163,68 +165,22 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
-@functools.cache
-def _lora_regex(pattern: str) -> re.Pattern:
-    return re.compile(pattern)
-
-
-def lora_matches(pattern: str, path: tuple[str, ...] | str) -> bool:
-    """Whether ``pattern`` fully matches the ``/``-joined module ``path`` or any suffix of it that
-    starts at a path component (so ``"layers_\\d+/attn/q"`` also matches ``"llm/layers_0/attn/q"``
-    when the LLM is a submodule)."""
-    parts = path.split("/") if isinstance(path, str) else list(path)
-    rx = _lora_regex(pattern)
-    return any(rx.fullmatch("/".join(parts[i:])) for i in range(len(parts)))
-
-
-def lora_a_init(in_axes: int) -> nn.initializers.Initializer:
-    """PEFT's ``kaiming_uniform_(a=sqrt(5))`` for ``lora_a`` (in..., rank): U(+-1/sqrt(fan_in))."""
-    return nn.initializers.variance_scaling(
-        1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(in_axes)), out_axis=in_axes
-    )
-
-
-class Proj(nn.Module):
-    """Linear map contracting the last ``in_axes`` input axes into ``features`` (a DenseGeneral whose
-    kernel keeps its full (in..., out...) shape, so logical partitioning applies to the real axes).
-
-    With ``config.lora_rank = r > 0`` and ``config.lora_targets`` matching this module's path (see
-    :func:`lora_matches`; e.g. ``layers_3/attn/q``, or ``layers/attn/q`` under ``scan_layers``) it
-    adds a LoRA adapter ``y += (lora_alpha / r) * (x @ lora_a) @ lora_b`` with ``lora_a`` (in..., r)
-    (kaiming-uniform) and ``lora_b`` (r, out...) (zeros, so a fresh adapter is the identity)."""
-
-    features: tuple[int, ...]
-    in_axes: int
-    names: tuple[str, ...]
-    config: LLMConfig
-    bias_names: tuple[str, ...] | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.config
-        shape = x.shape[x.ndim - self.in_axes :] + self.features
-        kernel = self.param(
-            "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.names), shape,
-            c.param_dtype,
-        )  # fmt: skip
-        contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
-        y = jax.lax.dot_general(x.astype(c.dtype), kernel.astype(c.dtype), (contract, ((), ())))
-        if c.lora_rank > 0 and lora_matches(c.lora_targets, self.scope.path):
-            r = c.lora_rank
-            in_shape = shape[: self.in_axes]
-            a_init = nn.with_logical_partitioning(
-                lora_a_init(self.in_axes), self.names[: self.in_axes] + (None,)
-            )
-            b_init = nn.with_logical_partitioning(nn.initializers.zeros, (None,) + self.names[self.in_axes :])
-            a = self.param("lora_a", a_init, in_shape + (r,), c.param_dtype)
-            b = self.param("lora_b", b_init, (r,) + self.features, c.param_dtype)
-            h = jax.lax.dot_general(x.astype(c.dtype), a.astype(c.dtype), (contract, ((), ())))
-            h = jax.lax.dot_general(h, b.astype(c.dtype), (((h.ndim - 1,), (0,)), ((), ())))
-            y = y + jnp.asarray(c.lora_alpha / r, c.dtype) * h
-        if self.bias_names is not None:
-            init = nn.with_logical_partitioning(nn.initializers.zeros, self.bias_names)
-            y = y + self.param("bias", init, self.features, c.param_dtype).astype(c.dtype)
-        return y
+def proj(
+    config: LLMConfig,
+    features: tuple[int, ...],
+    in_axes: int,
+    names: tuple[str, ...],
+    name: str,
+    use_bias: bool = False,
+) -> Dense:
+    """A :class:`~pargo_jax.models.layers.Dense` in the LLM's numerics, with LoRA adapters where
+    ``config.lora_targets`` matches its path (e.g. ``layers_3/attn/q``, or ``layers/attn/q`` under
+    ``scan_layers``)."""
+    c = config
+    return Dense(
+        features, names, in_axes, use_bias, c.dtype, c.param_dtype,
+        lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, lora_targets=c.lora_targets, name=name,
+    )  # fmt: skip
 
 
 class Attention(nn.Module):
@@ -239,9 +195,9 @@ class Attention(nn.Module):
         hd = (c.num_heads, c.head_dim)
         kvd = (c.num_kv_heads, c.head_dim)
         qn, kvn = ("heads", "head_dim"), ("kv_heads", "head_dim")
-        q = Proj(hd, 1, ("embed", *qn), c, qn if c.qkv_bias else None, name="q")(x)
-        k = Proj(kvd, 1, ("embed", *kvn), c, kvn if c.qkv_bias else None, name="k")(x)
-        v = Proj(kvd, 1, ("embed", *kvn), c, kvn if c.qkv_bias else None, name="v")(x)
+        q = proj(c, hd, 1, ("embed", *qn), "q", c.qkv_bias)(x)
+        k = proj(c, kvd, 1, ("embed", *kvn), "k", c.qkv_bias)(x)
+        v = proj(c, kvd, 1, ("embed", *kvn), "v", c.qkv_bias)(x)
         q = nn.with_logical_constraint(_rotate(q, cos, sin), ("batch", "length", "act_heads", None))
         k = _rotate(k, cos, sin)
         if kv is not None:
@@ -253,10 +209,8 @@ class Attention(nn.Module):
             k, v = k_all[layer], v_all[layer]
         k = nn.with_logical_constraint(k, ("batch", "length", "act_heads", None))
         v = nn.with_logical_constraint(v, ("batch", "length", "act_heads", None))
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=c.attention_impl
-        )
-        out = Proj((c.hidden_size,), 2, ("heads", "head_dim", "embed"), c, name="o")(out)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=c.attention_impl)
+        out = proj(c, (c.hidden_size,), 2, ("heads", "head_dim", "embed"), "o")(out)
         return out, kv
 
 
@@ -268,10 +222,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = Proj((c.intermediate_size,), 1, ("embed", "mlp"), c, name="gate")(x)
-        up = Proj((c.intermediate_size,), 1, ("embed", "mlp"), c, name="up")(x)
+        gate = proj(c, (c.intermediate_size,), 1, ("embed", "mlp"), "gate")(x)
+        up = proj(c, (c.intermediate_size,), 1, ("embed", "mlp"), "up")(x)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return Proj((c.hidden_size,), 1, ("mlp", "embed"), c, name="down")(h)
+        return proj(c, (c.hidden_size,), 1, ("mlp", "embed"), "down")(h)
 
 
 class DecoderLayer(nn.Module):
@@ -328,7 +282,7 @@ class CausalLM(nn.Module):
             self.blocks = [cls(c, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = Proj((c.vocab_size,), 1, ("embed", "vocab"), c, name="lm_head")
+            self.lm_head = proj(c, (c.vocab_size,), 1, ("embed", "vocab"), "lm_head")
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings (B, T, hidden) in the compute dtype."""

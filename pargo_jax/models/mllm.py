@@ -9,6 +9,7 @@ several). Param tree: ``{"vision_tower": ..., "projector": ..., "llm": ...}``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,14 +17,14 @@ import optax
 from flax import linen as nn
 
 from pargo_jax.models.llm import CausalLM, LLMConfig
-from pargo_jax.models.projectors import MLPConfig, MLPProjector, ParGo, ParGoConfig
+from pargo_jax.models.projectors import projector_module
 from pargo_jax.models.vision import VisionConfig, VisionTower
 
 
 @dataclasses.dataclass(frozen=True)
 class MLLMConfig:
     vision: VisionConfig
-    projector: ParGoConfig | MLPConfig
+    projector: Any  # a registered projector config (see pargo_jax.models.projectors)
     llm: LLMConfig
     image_token_id: int
     pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # for uint8 images normalized on device
@@ -51,8 +52,7 @@ class VisionLanguageModel(nn.Module):
     def setup(self):
         c = self.config
         self.vision_tower = VisionTower(c.vision)
-        projector_cls = ParGo if isinstance(c.projector, ParGoConfig) else MLPProjector
-        self.projector = projector_cls(c.projector)
+        self.projector = projector_module(c.projector)
         self.llm = CausalLM(c.llm)
 
     def encode_images(self, images: jax.Array, deterministic: bool = True) -> jax.Array:

@@ -30,6 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from pargo_jax.models.attention import attention
+from pargo_jax.models.layers import KERNEL_INIT, Dense
+
 KINDS = ("siglip", "clip", "eva02")
 _ACTS = ("gelu_tanh", "gelu", "quick_gelu", "swiglu")
 _DEFAULT_ACT = {"siglip": "gelu_tanh", "clip": "quick_gelu", "eva02": "swiglu"}
@@ -202,9 +205,6 @@ def vision_preset(name: str, **overrides) -> VisionConfig:
 
 
 # --- building blocks -------------------------------------------------------------------------------
-_INIT = nn.initializers.normal(0.02)
-
-
 def _p(init: Callable, *names: str | None) -> Callable:
     return nn.with_logical_partitioning(init, names)
 
@@ -218,32 +218,6 @@ def _layer_norm(cfg: VisionConfig, name: str) -> nn.LayerNorm:
         scale_init=_p(nn.initializers.ones, "norm"),
         bias_init=_p(nn.initializers.zeros, "norm"),
     )
-
-
-class Dense(nn.Module):
-    """y = x . kernel + bias contracting the last ``contract`` axes of x; kernel shape
-    ``x.shape[-contract:] + features``, annotated with logical ``names`` (bias: the trailing ones).
-
-    (flax's DenseGeneral initializes a flat 2D kernel and reshapes it, which breaks logical
-    partitioning constraints under a mesh for multi-axis kernels.)"""
-
-    features: tuple[int, ...]
-    names: tuple[str | None, ...]
-    contract: int = 1
-    use_bias: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        shape = x.shape[x.ndim - self.contract :] + self.features
-        kernel = self.param("kernel", _p(_INIT, *self.names), shape, self.param_dtype)
-        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.contract)
-        if self.use_bias:
-            bias_names = self.names[len(self.names) - len(self.features) :]
-            bias = self.param("bias", _p(nn.initializers.zeros, *bias_names), self.features, self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
 
 
 def _dense(cfg: VisionConfig, features, names, name: str, contract: int = 1, use_bias: bool = True):
@@ -293,9 +267,7 @@ class Attention(nn.Module):
                 [t[:, :p], apply_rope(t[:, p:].astype(jnp.float32), sin, cos).astype(t.dtype)], axis=1
             )
             q, k = rot(q), rot(k)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * cfg.head_dim**-0.5, k)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = attention(q, k, v)
         if cfg.attn_norm:
             b, n = out.shape[:2]
             out = _layer_norm(cfg, "norm")(out.reshape(b, n, cfg.width)).reshape(b, n, *hd)
@@ -365,16 +337,16 @@ class VisionTower(nn.Module):
             use_bias=cfg.patch_bias,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
-            kernel_init=_p(_INIT, None, None, "conv", "embed"),  # flax: no repeated names
+            kernel_init=_p(KERNEL_INIT, None, None, "conv", "embed"),  # flax: no repeated names
             bias_init=_p(nn.initializers.zeros, "embed"),
             name="patch_embed",
         )(pixels.astype(cfg.dtype))
         x = x.reshape(b, cfg.grid**2, cfg.width)
         if cfg.class_token:
-            cls = self.param("cls_token", _p(_INIT, "embed"), (cfg.width,), cfg.param_dtype)
+            cls = self.param("cls_token", _p(KERNEL_INIT, "embed"), (cfg.width,), cfg.param_dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.width)), x], axis=1)
         pos = self.param(
-            "pos_embed", _p(_INIT, None, "embed"), (cfg.num_positions, cfg.width), cfg.param_dtype
+            "pos_embed", _p(KERNEL_INIT, None, "embed"), (cfg.num_positions, cfg.width), cfg.param_dtype
         )
         x = x + pos.astype(x.dtype)[None]
         if cfg.pre_norm:

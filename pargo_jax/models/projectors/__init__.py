@@ -1,32 +1,76 @@
-"""Vision-language projectors with one face: ``module(features (B, N, C)) -> tokens (B, T, D)`` and
-``module.config.num_tokens(N) -> T``."""
+"""Vision-language projectors with one face, and the registry that names them.
+
+Face: ``module(features (B, N, C), deterministic=...) -> tokens (B, T, D)``; its config (a frozen
+dataclass with fields ``vision_width``, ``llm_width`` and ``dtype``, filled in by the model factory)
+answers ``num_tokens(N) -> T`` and ``flops(N) -> forward FLOPs of one image``. A new projector is
+one :func:`register` call; ``config.model.projector = dict(name=..., **fields)`` then builds it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from flax import linen as nn
 
+from pargo_jax.configs import check_keys, field_names
 from pargo_jax.models.projectors.mlp import MLPConfig, MLPProjector
 from pargo_jax.models.projectors.pargo import ParGo, ParGoConfig
 
-PROJECTORS = ("pargo", "qformer", "mlp")
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorType:
+    """A registry entry: config dataclass, module class, and fields the name fixes (``qformer``:
+    ``num_partial=0``)."""
+
+    config: type
+    module: type[nn.Module]
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def build_projector(name: str, options: Mapping[str, Any] | None = None) -> nn.Module:
-    """``pargo`` (partial + global queries), ``qformer`` (ParGo with no partial queries) or ``mlp``."""
-    options = dict(options or {})
-    if name == "pargo":
-        return ParGo(ParGoConfig(**options))
-    if name == "qformer":
-        if options.setdefault("num_partial", 0) != 0:
-            raise ValueError("The qformer projector has no partial queries; drop num_partial or use 'pargo'.")
-        options.setdefault("num_global", 32)
-        return ParGo(ParGoConfig(**options))
-    if name == "mlp":
-        return MLPProjector(MLPConfig(**options))
-    raise ValueError(f"Unknown projector {name!r}; choose one of {PROJECTORS}.")
+PROJECTORS: dict[str, ProjectorType] = {}
 
 
-__all__ = ["PROJECTORS", "MLPConfig", "MLPProjector", "ParGo", "ParGoConfig", "build_projector"]
+def register(name: str, config: type, module: type[nn.Module], **fixed: Any) -> None:
+    """Makes ``config.model.projector.name = name`` build ``module(config(**fields, **fixed))``."""
+    check_keys(fixed, field_names(config), f"the fixed fields of projector {name!r}")
+    PROJECTORS[name] = ProjectorType(config, module, dict(fixed))
+
+
+def projector_config(name: str, options: Mapping[str, Any]) -> Any:
+    """The config of projector ``name`` from its ``options`` (unknown or fixed fields fail loudly)."""
+    if name not in PROJECTORS:
+        raise ValueError(f"Unknown projector {name!r}; registered: {sorted(PROJECTORS)}.")
+    entry = PROJECTORS[name]
+    options = dict(options)
+    check_keys(options, field_names(entry.config), f"config.model.projector ({name})")
+    clash = {k: v for k, v in options.items() if k in entry.fixed and v != entry.fixed[k]}
+    if clash:
+        raise ValueError(
+            f"The {name} projector fixes {dict(entry.fixed)}; drop {sorted(clash)} or use another."
+        )
+    return entry.config(**{**options, **entry.fixed})
+
+
+def projector_name(config: Any) -> str:
+    """The registered name that builds ``config`` (the first registered for its class)."""
+    for name, entry in PROJECTORS.items():
+        if type(config) is entry.config and all(getattr(config, k) == v for k, v in entry.fixed.items()):
+            return name
+    raise ValueError(f"No registered projector has config class {type(config).__name__}.")
+
+
+def projector_module(config: Any) -> nn.Module:
+    """The projector module for ``config``."""
+    return PROJECTORS[projector_name(config)].module(config)
+
+
+register("pargo", ParGoConfig, ParGo)
+register("qformer", ParGoConfig, ParGo, num_partial=0)  # BLIP-2 style: global queries only
+register("mlp", MLPConfig, MLPProjector)
+
+__all__ = [
+    "PROJECTORS", "MLPConfig", "MLPProjector", "ParGo", "ParGoConfig", "ProjectorType",
+    "projector_config", "projector_module", "projector_name", "register",
+]  # fmt: skip

@@ -23,6 +23,11 @@ class MLPConfig:
             raise ValueError(f"num_patches={num_patches} is not divisible by group={self.group}.")
         return num_patches // self.group
 
+    def flops(self, num_patches: int) -> float:
+        """Forward FLOPs on one image: fc1 over grouped patches, fc2."""
+        t = self.num_tokens(num_patches)
+        return float(2 * t * (self.group * self.vision_width) * self.llm_width + 2 * t * self.llm_width**2)
+
 
 class MLPProjector(nn.Module):
     """features (B, N, C) -> (B, N / group, D)."""

@@ -1,0 +1,72 @@
+"""Evaluate a checkpoint: ``python -m pargo_jax.evaluate --workdir W [--step N]``.
+
+Runs the run's configured evals (``config.evals`` of ``W/config.json``; change any field with
+``--config.evals.<name>.<field>=...``) or the ones an evals file names
+(``--evals=experiments/evals.py:shapes,val``, fields again with ``--evals.<name>.<field>=...``) on
+checkpoint ``N`` (default: the newest), writes ``W/eval/<N>/<name>.json`` and
+``<name>.predictions.jsonl`` and prints a table per evaluator. Same checkpoint, same evals, same mesh
+size: the numbers the run logged when training ended.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+
+
+def _argv_value(argv: list[str], name: str) -> str | None:
+    """``--name=value`` / ``--name value`` from the raw command line (before absl parses it)."""
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+        if a == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def main(argv) -> None:
+    import jax
+
+    from pargo_jax import evaluators
+    from pargo_jax.models.factory import load_workdir
+    from pargo_jax.predict import Predictor
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments {argv[1:]}; use --config.evals.<name>.<field>=value.")
+    config = flags.FLAGS["config"].value
+    chosen = flags.FLAGS["evals"].value
+    with config.unlocked():
+        if chosen is not None:
+            config.evals = chosen
+    evals = evaluators.evals_config(config)
+    if not evals:
+        sys.exit("evaluate: the run configures no evals; name some with --evals=experiments/evals.py:shapes")
+    try:
+        trained = load_workdir(_WORKDIR.value, _STEP.value)
+    except FileNotFoundError as e:
+        sys.exit(f"evaluate: {e}")
+    predictor = Predictor.from_config(trained.model, trained.tokenizer, trained.mesh, config)
+    built = evaluators.build(evals, predictor, config)
+    if jax.process_index() == 0:
+        print(f"Evaluating {trained.workdir} at step {trained.step}: {', '.join(built)}", flush=True)
+    evaluators.run_all(built, trained.params, trained.step, trained.workdir, tables=True)
+
+
+if __name__ == "__main__":
+    from pargo_jax import configs
+
+    workdir = _argv_value(sys.argv[1:], "workdir")
+    if not workdir:
+        sys.exit("evaluate: --workdir is required: the workdir of a training run")
+    try:
+        run_config = configs.load_run_config(workdir)
+    except FileNotFoundError as e:
+        sys.exit(f"evaluate: {e}")
+    config_flags.DEFINE_config_dict("config", run_config, "The run's config (from W/config.json).")
+    config_flags.DEFINE_config_file("evals", None, "An evals file[:names] replacing config.evals.")
+    app.run(main)

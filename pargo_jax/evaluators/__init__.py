@@ -1,0 +1,61 @@
+"""Evaluators, built from ``config.evals = {name: dict(type=..., ...)}``; see ``common.py``.
+
+``type``: ``perplexity`` (masked loss / token accuracy on a held-out split), ``shapes`` (the embedded
+benchmark: accuracy per question kind and grounding Acc@0.5). A new evaluator is a
+:class:`~pargo_jax.evaluators.common.Evaluator` subclass and one entry in ``EVALUATORS``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from pargo_jax.evaluators.common import Evaluator, evals_config
+from pargo_jax.evaluators.perplexity import PerplexityEvaluator
+from pargo_jax.evaluators.shapes import ShapesEvaluator
+
+EVALUATORS: dict[str, type[Evaluator]] = {"perplexity": PerplexityEvaluator, "shapes": ShapesEvaluator}
+
+
+def build(evals: Mapping[str, Mapping[str, Any]], predictor, config) -> dict[str, Evaluator]:
+    """One evaluator per ``evals`` entry (unknown types fail naming the registered ones)."""
+    out = {}
+    for name, options in evals.items():
+        kind = dict(options).get("type")
+        if kind not in EVALUATORS:
+            raise ValueError(
+                f"config.evals.{name}.type={kind!r} is unknown; use one of {sorted(EVALUATORS)}."
+            )
+        out[name] = EVALUATORS[kind](name, options, predictor, config)
+    return out
+
+
+def run_all(
+    evals: Mapping[str, Evaluator], params, step: int, workdir: str, writer=None, *, tables: bool = False
+) -> dict[str, float]:
+    """Runs ``evals`` on ``params``: results in ``{workdir}/eval/{step}/``, scalars ``eval/<name>/<metric>``
+    to ``writer`` (a ``metrics.MetricWriter``), one console line per evaluator (and its table with
+    ``tables``). Returns the scalars."""
+    from pargo_jax import metrics
+
+    logged: dict[str, float] = {}
+    for name, ev in evals.items():
+        t0 = time.perf_counter()
+        values = dict(ev.run(params, out_dir=os.path.join(workdir, "eval", str(step))))
+        scalars = {f"eval/{name}/{k}": float(v) for k, v in values.items()}
+        if writer:
+            writer.write(step, scalars)
+        if jax.process_index() == 0:
+            shown = " | ".join(f"{k} {metrics.format_value(k, v)}" for k, v in values.items())
+            print(f"eval {name} @ step {step} ({time.perf_counter() - t0:.1f} s) | {shown}", flush=True)
+            if tables:
+                print(ev.table(values), flush=True)
+        logged.update(scalars)
+    return logged
+
+
+__all__ = ["EVALUATORS", "Evaluator", "build", "evals_config", "run_all"]

@@ -1,0 +1,115 @@
+"""What every evaluator shares: the base class, its options, reading a built split, writing results.
+
+An evaluator is built from one ``config.evals`` entry, ``{name: dict(type=..., data=..., log_steps=...,
+batch_size=..., ...)}``, and a :class:`~pargo_jax.predict.Predictor`; ``run(params)`` yields
+``(metric, value)`` pairs and writes ``{out_dir}/{name}.json`` (the metrics) and
+``{out_dir}/{name}.predictions.jsonl`` (one line per example) from process 0. Metrics are pure
+functions of the predictions, defined beside each evaluator and unit-tested on their own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+
+from pargo_jax import configs
+from pargo_jax.predict import DecodeOptions, Predictor
+
+COMMON_KEYS = {"type", "data", "log_steps", "batch_size"}
+DATA_KEYS = {"name", "split", "data_dir"}
+
+
+class Evaluator:
+    """Base: ``OPTIONS`` (defaults of the keys an evaluator adds to ``COMMON_KEYS``), ``evaluate``."""
+
+    OPTIONS: Mapping[str, Any] = {}
+
+    def __init__(self, name: str, options: Mapping[str, Any], predictor: Predictor, config):
+        options = dict(options.to_dict() if hasattr(options, "to_dict") else options)
+        configs.check_keys(options, COMMON_KEYS | set(self.OPTIONS), f"config.evals.{name}")
+        self.name, self.predictor, self.config = name, predictor, config
+        self.log_steps = int(options.get("log_steps") or 0)  # 0: only when training ends
+        self.batch_size = int(options.get("batch_size") or 16)
+        self.data = dict(options.get("data") or {})
+        self.options = {**self.OPTIONS, **{k: v for k, v in options.items() if k in self.OPTIONS}}
+
+    def due(self, step: int, final: bool) -> bool:
+        """Whether to evaluate after training step ``step`` (``final``: the last one)."""
+        return final or (self.log_steps > 0 and step % self.log_steps == 0)
+
+    def evaluate(self, params) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """(metrics, one prediction record per example): the evaluator's own work."""
+        raise NotImplementedError
+
+    def run(self, params, out_dir: str | None = None) -> Iterator[tuple[str, float]]:
+        metrics, predictions = self.evaluate(params)
+        if out_dir is not None and jax.process_index() == 0:
+            write_results(out_dir, self.name, metrics, predictions)
+        yield from metrics.items()
+
+    def table(self, metrics: Mapping[str, float]) -> str:
+        """Markdown for the console; evaluators with grouped metrics override it."""
+        rows = "".join(f"| {k} | {_fmt(v)} |\n" for k, v in metrics.items())
+        return f"| {self.name} | value |\n|---|---|\n{rows}"
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def records(self) -> tuple[list, dict[str, int]]:
+        """The records of ``data`` (``name``, ``split``, ``data_dir`` defaulting to ``input.data_dir``)
+        in stored order, and the count of stored records that do not parse, by reason."""
+        from data_pipelines import schema
+        from data_pipelines.builders import open_source
+
+        configs.check_keys(self.data, DATA_KEYS, f"config.evals.{self.name}.data")
+        missing = sorted({"name", "split"} - set(self.data))
+        if missing:
+            raise ValueError(
+                f"config.evals.{self.name}.data needs {missing} (e.g. dict(name='shapes', split='eval'))."
+            )
+        data_dir = self.data.get("data_dir") or self.config.input.get("data_dir")
+        source = open_source(configs.require_path(data_dir, f"evals.{self.name}.data.data_dir"),
+                             self.data["name"], self.data["split"])  # fmt: skip
+        records, bad = [], {}
+        for i in range(len(source)):
+            try:
+                records.append(schema.from_example(source[i]))
+            except schema.BadRecord as e:
+                bad[e.reason] = bad.get(e.reason, 0) + 1
+        return records, bad
+
+    def decode_options(self, **defaults) -> DecodeOptions:
+        fields = {k: self.options[k] for k in ("max_new_tokens", "method", "num_beams") if k in self.options}
+        return DecodeOptions(**{**defaults, **fields})
+
+
+def write_results(out_dir: str, name: str, metrics: Mapping[str, float], predictions: list[dict]) -> None:
+    from etils import epath
+
+    path = epath.Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{name}.json").write_text(json.dumps(dict(metrics), indent=2) + "\n")
+    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+    (path / f"{name}.predictions.jsonl").write_text(lines)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def evals_config(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+    """``config.evals`` as plain dicts (empty when absent)."""
+    evals = config.get("evals") or {}
+    return {k: dict(v.to_dict() if hasattr(v, "to_dict") else v) for k, v in evals.items()}
+
+
+def process_sum(value: float) -> float:
+    """``value`` summed over all processes (each process counts what it prepared)."""
+    if jax.process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return float(np.sum(multihost_utils.process_allgather(np.float64(value))))

@@ -1,0 +1,295 @@
+"""The one model factory: ``config.model`` (+ the checkpoints it names, + a run's workdir) -> model,
+params on a mesh, config and tokenizer. Training, prediction, evaluation, export and the benchmarks
+all build models here.
+
+    mcfg = factory.model_config(config, tokenizer)     # MLLMConfig: tower, projector, LLM shapes
+    parts = factory.build(mcfg, mesh)                  # module, abstract params and their shardings
+    params = factory.init_params(parts, config)        # random init + pretrained parts + init_from
+    run = factory.load_workdir("workdir/sft")          # a trained run: model, params, tokenizer, ...
+
+A run's workdir is self-contained: ``config.json`` (the experiment config), ``model.json`` (the
+resolved :class:`MLLMConfig`, so the tower / LLM checkpoints it started from are not needed to use
+it), ``tokenizer/`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from pargo_jax import checkpoints, configs, sharding
+from pargo_jax.models import projectors
+from pargo_jax.models.llm import LLMConfig, RopeScaling
+from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel
+from pargo_jax.models.vision import VisionConfig, vision_preset
+
+MODEL_FILE = "model.json"
+TOKENIZER_DIR = "tokenizer"
+PARTS = ("vision_tower", "projector", "llm")
+MODEL_KEYS = {"vision", "projector", "llm", "dtype"}
+VISION_KEYS = {"path", "format", "preset", "overrides"}
+LLM_KEYS = {"path", "config", "overrides"}
+
+
+# --- config.model -> MLLMConfig ----------------------------------------------------------------------
+def vision_config(v: Mapping[str, Any], dtype: str) -> VisionConfig:
+    """``config.model.vision``: a checkpoint (``path`` + ``format``) or a named ``preset``, then
+    ``overrides`` (VisionConfig fields)."""
+    configs.check_keys(v, VISION_KEYS, "config.model.vision")
+    if v.get("path"):
+        from pargo_jax.convert import hf_vision
+
+        path = configs.require_path(v["path"], "model.vision")
+        base = hf_vision.vision_config_from(path, v.get("format", "hf"))
+    else:
+        base = vision_preset(v.get("preset", "tiny"))
+    overrides = dict(v.get("overrides") or {})
+    configs.check_keys(overrides, configs.field_names(VisionConfig), "config.model.vision.overrides")
+    return base.replace(**{**overrides, "dtype": jnp.dtype(dtype)})
+
+
+def llm_config(m: Mapping[str, Any], dtype: str, vocab_size: int) -> LLMConfig:
+    """``config.model.llm``: an HF checkpoint ``path`` or random-init ``config`` fields, then
+    ``overrides``. ``vocab_size`` (the tokenizer's) is the default and the minimum."""
+    configs.check_keys(m, LLM_KEYS, "config.model.llm")
+    overrides = dict(m.get("overrides") or {})
+    configs.check_keys(overrides, configs.field_names(LLMConfig), "config.model.llm.overrides")
+    if m.get("path"):
+        from pargo_jax.convert import hf
+
+        path = configs.require_path(m["path"], "model.llm")
+        llm = hf.config_from_hf(hf.read_hf_config(path), **overrides)
+    else:
+        fields = {"vocab_size": vocab_size, **dict(m.get("config") or {}), **overrides}
+        llm = configs.dataclass_from(LLMConfig, fields, "config.model.llm.config")
+    llm = dataclasses.replace(llm, dtype=jnp.dtype(dtype))
+    if llm.vocab_size < vocab_size:
+        raise ValueError(
+            f"The tokenizer has {vocab_size} tokens but the LLM only {llm.vocab_size} embeddings."
+        )
+    return llm
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
+    """The :class:`MLLMConfig` of ``config.model``, the checkpoints it names, the tokenizer (vocabulary,
+    image token) and ``config.input`` (pixel mean / std for on-device normalization)."""
+    m = config.model
+    configs.check_keys(m, MODEL_KEYS, "config.model")
+    dtype = m.get("dtype", "float32")
+    vision = vision_config(m.vision, dtype)
+    llm = llm_config(m.llm, dtype, tokenizer.vocab_size)
+    options = dict(m.projector)
+    name = options.pop("name", "pargo")
+    options.update(vision_width=vision.width, llm_width=llm.hidden_size, dtype=dtype)
+    return MLLMConfig(
+        vision=vision,
+        projector=projectors.projector_config(name, options),
+        llm=llm,
+        image_token_id=tokenizer.image_token_id,
+        pixel_mean=tuple(config.input.mean),
+        pixel_std=tuple(config.input.std),
+    )
+
+
+# --- MLLMConfig <-> model.json ----------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, (jnp.dtype, np.dtype, type)):
+        return jnp.dtype(value).name
+    return value
+
+
+def _fields(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON values back to dataclass field values: lists -> tuples, dtype names -> dtypes."""
+    out = {}
+    for k, v in d.items():
+        if k in ("dtype", "param_dtype"):
+            v = jnp.dtype(v)
+        elif isinstance(v, list):
+            v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+        out[k] = v
+    configs.check_keys(out, configs.field_names(cls), f"{MODEL_FILE} ({cls.__name__})")
+    return out
+
+
+def model_config_to_dict(mcfg: MLLMConfig) -> dict[str, Any]:
+    d = _plain(mcfg)
+    d["projector"] = {"name": projectors.projector_name(mcfg.projector), **d["projector"]}
+    return d
+
+
+def model_config_from_dict(d: Mapping[str, Any]) -> MLLMConfig:
+    d = dict(d)
+    proj = dict(d.pop("projector"))
+    entry = projectors.PROJECTORS[proj.pop("name")]
+    llm = _fields(LLMConfig, d.pop("llm"))
+    if llm.get("rope_scaling"):
+        llm["rope_scaling"] = RopeScaling(**llm["rope_scaling"])
+    return MLLMConfig(
+        vision=VisionConfig(**_fields(VisionConfig, d.pop("vision"))),
+        projector=entry.config(**_fields(entry.config, proj)),
+        llm=LLMConfig(**llm),
+        **_fields(MLLMConfig, d),
+    )
+
+
+def save_run(workdir: str, config: ml_collections.ConfigDict, mcfg: MLLMConfig, tokenizer) -> None:
+    """Writes what :func:`load_workdir` needs besides the checkpoints (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    from etils import epath
+
+    configs.save_run_config(config, workdir)
+    text = json.dumps(model_config_to_dict(mcfg), indent=2) + "\n"
+    (epath.Path(workdir) / MODEL_FILE).write_text(text)
+    tokenizer.save(str(epath.Path(workdir) / TOKENIZER_DIR))
+
+
+# --- module, abstract params, shardings -------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+    """A model before it has weights: ``init(rng)`` gives boxed random params; ``abstract`` is the
+    unboxed param tree of ``jax.ShapeDtypeStruct``; ``shardings`` its NamedShardings on the mesh."""
+
+    mcfg: MLLMConfig
+    model: VisionLanguageModel
+    init: Callable[[jax.Array], Any]
+    abstract: Any
+    shardings: Any
+
+    def abstract_on_mesh(self, part: str | None = None) -> Any:
+        """``abstract`` (or one part of it) with each leaf's sharding set, for restoring."""
+        tree, shards = (self.abstract, self.shardings) if part is None else (
+            self.abstract[part], self.shardings[part]
+        )  # fmt: skip
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shards)
+
+
+def example_inputs(mcfg: MLLMConfig, batch: int = 1, seq: int = 8) -> dict[str, jax.ShapeDtypeStruct]:
+    size = mcfg.vision.image_size
+    return {
+        "image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+        "input_ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32),
+        "attention_mask": jax.ShapeDtypeStruct((batch, seq), jnp.int32),
+    }
+
+
+def build(mcfg: MLLMConfig, mesh: jax.sharding.Mesh) -> ModelParts:
+    """The module of ``mcfg`` and its params' shapes and shardings on ``mesh`` (nothing materialized)."""
+    model = VisionLanguageModel(mcfg)
+    inputs = example_inputs(mcfg)
+
+    def init(rng):
+        return model.init(rng, *(jnp.zeros(s.shape, s.dtype) for s in inputs.values()))["params"]
+
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        shardings = sharding.logical_shardings(boxed, mesh)
+    abstract = jax.eval_shape(lambda r: nn.unbox(init(r)), jax.random.key(0))
+    return ModelParts(mcfg, model, init, abstract, shardings)
+
+
+# --- params ------------------------------------------------------------------------------------------
+def load_pretrained(config: ml_collections.ConfigDict, shardings: Mapping[str, Any]) -> dict[str, Any]:
+    """Params of the tower / LLM read from the checkpoints ``config.model`` names (on the mesh)."""
+    loaded = {}
+    v, llm = config.model.vision, config.model.llm
+    if v.get("path"):
+        from pargo_jax.convert import hf_vision
+
+        fmt = v.get("format", "hf")
+        load = hf_vision.load_vision if fmt == "hf" else hf_vision.load_eva02
+        _, variables = load(v.path, shardings=shardings["vision_tower"], **dict(v.get("overrides") or {}))
+        loaded["vision_tower"] = variables["params"]
+    if llm.get("path"):
+        from pargo_jax.convert import hf
+
+        overrides = dict(llm.get("overrides") or {})
+        _, variables = hf.load_llm(llm.path, shardings=shardings["llm"], **overrides)
+        loaded["llm"] = variables["params"]
+    return loaded
+
+
+def init_params(parts: ModelParts, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A training run's first params: sharded random init (never materialized on one host) of the
+    parts no checkpoint provides, the pretrained tower / LLM, then ``checkpoint.init_from``'s parts."""
+    from absl import logging
+
+    loaded = load_pretrained(config, parts.shardings)  # parts read from checkpoints are not initialized
+    fresh = [k for k in parts.shardings if k not in loaded]
+    init = lambda r: {k: v for k, v in nn.unbox(parts.init(r)).items() if k in fresh}
+    params = jax.jit(init, out_shardings={k: parts.shardings[k] for k in fresh})(jax.random.key(config.seed))
+    params.update(loaded)
+    init_from = config.checkpoint.get("init_from")
+    if init_from:
+        configs.require_path(init_from, "checkpoint.init_from")
+        for part in config.checkpoint.get("init_from_parts", ("projector",)):
+            if part not in PARTS:
+                raise ValueError(f"checkpoint.init_from_parts names {part!r}; choose from {PARTS}.")
+            params[part] = checkpoints.restore_subtree(
+                init_from, parts.abstract_on_mesh(part), f"params/{part}"
+            )
+            logging.info("Initialized %s from %s.", part, init_from)
+    return params
+
+
+# --- a trained run -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainedModel:
+    """What :func:`load_workdir` returns: everything predict, evaluate and export need."""
+
+    model: VisionLanguageModel
+    params: Any
+    mcfg: MLLMConfig
+    tokenizer: Any
+    config: ml_collections.ConfigDict
+    step: int
+    mesh: jax.sharding.Mesh
+    workdir: str
+
+
+def mesh_for(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+    """The mesh ``config.mesh`` asks for over ``devices`` (default: all; ``num_devices`` the first N)."""
+    spec = dict(config.mesh)
+    num = spec.pop("num_devices", None)
+    devices = list(devices if devices is not None else jax.devices())
+    return sharding.make_mesh(spec, devices[:num] if num else devices)
+
+
+def read_model_config(workdir: str) -> MLLMConfig:
+    from etils import epath
+
+    path = epath.Path(workdir) / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"No {MODEL_FILE} in {workdir!r}: it is not the workdir of a training run.")
+    return model_config_from_dict(json.loads(path.read_text()))
+
+
+def load_workdir(
+    workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+) -> TrainedModel:
+    """The model a run trained, with the params of checkpoint ``step`` (None: the newest) restored
+    straight onto ``mesh`` (default: the run's ``config.mesh`` over this host's devices)."""
+    from etils import epath
+
+    from data_pipelines.text import load_tokenizer
+
+    config = configs.load_run_config(workdir)
+    mcfg = read_model_config(workdir)
+    directory = checkpoints.step_dir(workdir, step)
+    mesh = mesh or mesh_for(config)
+    parts = build(mcfg, mesh)
+    params = checkpoints.restore_subtree(directory, parts.abstract_on_mesh(), "params")
+    tokenizer = load_tokenizer(str(epath.Path(workdir) / TOKENIZER_DIR))
+    return TrainedModel(parts.model, params, mcfg, tokenizer, config, int(directory.name), mesh, str(workdir))

@@ -1,0 +1,56 @@
+"""The demo experiment made small for tests: configs on a shared small shapes build, metric readers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from experiments import pretrain
+
+SMALL_SHAPES = dict(image_size=64, num_pretrain=256, num_sft=256, num_eval=16, num_val=16)
+
+
+def build_shapes(path: str) -> str:
+    from data_pipelines import shapes
+
+    shapes.ensure(path, **SMALL_SHAPES)
+    return path
+
+
+def demo_config(data_dir: str, steps: int, *, stage=pretrain, **overrides):
+    """The demo preset of ``stage`` on ``data_dir`` for ``steps`` steps, logging every step, no sample;
+    ``overrides``: ``{"section.field": value}``."""
+    c = stage.get_config()
+    c.shapes.update(SMALL_SHAPES)
+    c.input.data_dir = data_dir
+    c.total_steps = steps
+    c.optim.warmup_steps = min(c.optim.warmup_steps, steps)
+    c.log_every_steps = 1
+    c.sample_at_end = ""
+    for key, value in overrides.items():  # "a.b.c" -> c.a.b.c; top-level keys too
+        section, _, field = key.rpartition(".")
+        node = c
+        for part in section.split(".") if section else ():
+            node = node[part]
+        node[field] = value
+    return c
+
+
+def metric_rows(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(workdir: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metric_rows(workdir) if "loss" in r}  # eval rows hold eval/*
+
+
+def eval_metrics(workdir: str, name: str) -> dict[int, dict[str, float]]:
+    """``{step: {metric: value}}`` of evaluator ``name`` as the run logged them."""
+    prefix = f"eval/{name}/"
+    out: dict[int, dict[str, float]] = {}
+    for r in metric_rows(workdir):
+        vals = {k[len(prefix) :]: v for k, v in r.items() if k.startswith(prefix)}
+        if vals:
+            out.setdefault(r["step"], {}).update(vals)
+    return out

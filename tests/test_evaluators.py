@@ -1,0 +1,168 @@
+"""Evaluators: the metric rules on hand-made cases, question kinds, bad configs, skipped images, and
+one device == eight devices on a trained demo model."""
+
+import json
+import math
+import os
+
+import jax
+import pytest
+
+from data_pipelines import shapes
+from data_pipelines.builders import write_records
+from data_pipelines.schema import Record, Turn, to_example
+from experiments import evals as eval_presets
+from pargo_jax import evaluators, sharding
+from pargo_jax.evaluators.perplexity import perplexity_metrics
+from pargo_jax.evaluators.shapes import normalize, score_item, shapes_metrics
+from pargo_jax.models import factory
+from pargo_jax.predict import Predictor
+
+
+def test_normalize_and_exact_match():
+    assert normalize("  A Red   circle. ") == "a red circle"
+    assert score_item("refer", "a red circle", "a red circle.") == (True, None)
+    assert score_item("colour", "Red.", "red") == (True, None)
+    assert score_item("colour", "dark red", "red") == (False, None)  # exact, not substring
+    assert score_item("count", "", "two") == (False, None)
+
+
+def test_grounding_by_iou_and_unparseable_answers_count_as_wrong():
+    ref = "[0.000,0.000,0.500,0.500]"
+    ok, iou = score_item("ground", "[0.000,0.000,0.500,0.400]", ref)
+    assert ok and iou == pytest.approx(0.8)
+    ok, iou = score_item("ground", "[0.250,0.000,0.750,0.500]", ref)  # IoU 1/3
+    assert not ok and iou == pytest.approx(1 / 3)
+    assert score_item("ground", "[0.00.0.00,0.0.00,0.0", ref) == (False, None)
+    items = [
+        dict(kind="ground", prediction="[0.000,0.000,0.500,0.400]", reference=ref, ended=True),
+        dict(kind="ground", prediction="somewhere", reference=ref, ended=False),
+        dict(kind="colour", prediction="red", reference="red", ended=True),
+        dict(kind="colour", prediction="blue", reference="red", ended=True),
+        dict(kind="count", prediction="two.", reference="two", ended=True),
+    ]
+    m = shapes_metrics(items)
+    assert m["colour"] == 0.5 and m["count"] == 1.0 and m["ground"] == 0.5
+    assert m["ground_unparseable"] == 1 and m["ground_miou"] == pytest.approx(0.4)
+    assert m["accuracy"] == pytest.approx(3 / 5) and m["ended"] == pytest.approx(4 / 5) and m["examples"] == 5
+    assert "shape" not in m  # kinds without questions are not reported as 0
+
+
+def test_question_kinds_of_every_template():
+    assert shapes.question_kind("<image>\nwhat colour is the circle?") == "colour"
+    assert shapes.question_kind("how many shapes are there?") == "count"
+    assert shapes.question_kind("how many circles are there?") == "count_shape"
+    assert shapes.question_kind("how many red shapes are there?") == "count_color"
+    assert shapes.question_kind("what is at [0.1,0.2,0.3,0.4]?") == "refer"
+    assert shapes.question_kind("what colour is the hexagon?") is None
+    for i in range(100):
+        for t in shapes.make_record("sft", i).conversation[::2]:
+            assert shapes.question_kind(t.text) in shapes.KINDS
+
+
+def test_perplexity_metrics_are_token_weighted():
+    m = perplexity_metrics([dict(logprob=-2.0, tokens=2, correct=1), dict(logprob=-6.0, tokens=6, correct=3)])
+    assert m["loss"] == pytest.approx(1.0) and m["perplexity"] == pytest.approx(math.e)
+    assert m["token_accuracy"] == 0.5 and m["tokens"] == 8 and m["examples"] == 2
+
+
+@pytest.fixture(scope="module")
+def trained(trained_workdir):
+    return factory.load_workdir(trained_workdir)
+
+
+def _build(trained, evals, mesh=None):
+    mesh = mesh or trained.mesh
+    predictor = Predictor.from_config(trained.model, trained.tokenizer, mesh, trained.config)
+    return evaluators.build(evals, predictor, trained.config)
+
+
+def test_one_device_equals_eight(trained, tmp_path):
+    cfg = eval_presets.get_config("shapes,val").to_dict()
+    eight = {n: dict(ev.run(trained.params, str(tmp_path / "8"))) for n, ev in _build(trained, cfg).items()}
+    one_dev = factory.load_workdir(trained.workdir, mesh=sharding.make_mesh({}, jax.devices()[:1]))
+    assert one_dev.mesh.size == 1 and trained.mesh.size == 8
+    one = {n: dict(ev.run(one_dev.params, str(tmp_path / "1"))) for n, ev in _build(one_dev, cfg).items()}
+    assert one["shapes"] == eight["shapes"]
+    assert one["shapes"]["examples"] == 16 and one["val"]["examples"] == 16
+    for k, v in eight["val"].items():
+        assert one["val"][k] == pytest.approx(v, rel=1e-5), k
+    preds = [json.loads(x) for x in open(tmp_path / "8" / "shapes.predictions.jsonl")]
+    assert len(preds) == 16 and {"id", "kind", "question", "reference", "prediction", "correct"} <= set(
+        preds[0]
+    )
+    saved = json.loads(open(tmp_path / "8" / "shapes.json").read())
+    assert saved == eight["shapes"]
+
+
+def test_undecodable_images_are_skipped_and_counted(trained, tmp_path):
+    good = [shapes.make_record("eval", i) for i in range(3)]
+    broken = Record("broken/0", b"\x89PNG broken", conversation=list(good[0].conversation))
+    write_records(str(tmp_path), "odd", {"eval": [*good, to_example(broken)]}, progress=False)
+    cfg = {
+        "q": dict(type="shapes", data=dict(name="odd", split="eval", data_dir=str(tmp_path)), batch_size=8),
+        "v": dict(type="perplexity", data=dict(name="odd", split="eval", data_dir=str(tmp_path))),
+    }
+    out = {n: dict(ev.run(trained.params)) for n, ev in _build(trained, cfg).items()}
+    assert out["q"]["examples"] == 3 and out["q"]["skipped"] == 1
+    assert out["v"]["examples"] == 3 and out["v"]["skipped"] == 1
+
+
+def test_text_questions_that_are_not_shapes_questions_are_counted(trained, tmp_path):
+    turns = [Turn("user", "<image>\nwhat is the meaning of life?"), Turn("assistant", "42")]
+    odd = Record("odd/0", shapes.make_record("eval", 0).image, conversation=turns)
+    write_records(str(tmp_path), "other", {"eval": [odd, shapes.make_record("eval", 1)]}, progress=False)
+    cfg = {"q": dict(type="shapes", data=dict(name="other", split="eval", data_dir=str(tmp_path)))}
+    out = dict(_build(trained, cfg)["q"].run(trained.params))
+    assert out["examples"] == 1 and out["skipped"] == 1
+
+
+@pytest.mark.parametrize(
+    "evals, message",
+    [
+        ({"x": dict(type="mme")}, "config.evals.x.type='mme' is unknown"),
+        ({"x": dict(type="shapes", data=dict(name="shapes", split="eval"), log_step=3)}, "'log_step'"),
+        ({"x": dict(type="shapes", data=dict(name="shapes"))}, "needs ['split']"),
+        ({"x": dict(type="shapes", data=dict(name="shapes", split="eval", data_dir="/nope"))}, "'/nope'"),
+        ({"x": dict(type="shapes", data=dict(name="shapes", split="test"))}, "has no split 'test'"),
+    ],
+)
+def test_bad_eval_configs_fail_naming_the_problem(trained, evals, message):
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        for ev in _build(trained, evals).values():
+            dict(ev.run(trained.params))
+    assert message in str(err.value)
+
+
+def test_evals_run_during_training_and_evaluate_reproduces_them(trained, tmp_path):
+    """The fixture run logged eval/<name>/* at its last step; the evaluate command on its workdir
+    gives the same numbers and writes W/eval/<step>/<name>.json."""
+    import subprocess
+    import sys
+
+    from tests.demo import eval_metrics
+
+    logged = eval_metrics(trained.workdir, "shapes")
+    assert list(logged) == [60]  # log_steps=0: only when training ends
+    assert set(logged[60]) >= {"colour", "shape", "count", "position", "accuracy", "examples"}
+    assert set(eval_metrics(trained.workdir, "val")[60]) >= {"loss", "perplexity", "token_accuracy"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pargo_jax.evaluate", f"--workdir={trained.workdir}",
+         "--config.evals.val.batch_size=8"],
+        cwd=repo, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(open(os.path.join(trained.workdir, "eval", "60", "shapes.json")).read())
+    assert again == pytest.approx(logged[60])
+    val = json.loads(open(os.path.join(trained.workdir, "eval", "60", "val.json")).read())
+    assert val == pytest.approx(eval_metrics(trained.workdir, "val")[60], rel=1e-5)
+    assert "| shapes |" in proc.stdout and "| accuracy |" in proc.stdout
+    earlier = subprocess.run(
+        [sys.executable, "-m", "pargo_jax.evaluate", f"--workdir={trained.workdir}", "--step=30",
+         "--evals=experiments/evals.py:val"],
+        cwd=repo, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert earlier.returncode == 0, earlier.stderr[-3000:]
+    assert os.path.exists(os.path.join(trained.workdir, "eval", "30", "val.json"))
+    assert not os.path.exists(os.path.join(trained.workdir, "eval", "30", "shapes.json"))
