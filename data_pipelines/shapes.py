@@ -3,7 +3,7 @@
 Every image holds 1-4 small shapes (side 1/8 to 1/4 of the image) on a dark background; each
 (colour, shape) pair appears at most once, so "the red circle" always names one object. Splits:
 
-  * ``pretrain``  captions listing every shape and its position;
+  * ``pretrain``  captions listing every shape and its position, in reading order;
   * ``sft``       3-turn conversations: colour / shape / count / position QA and grounding
                   (``[x1,y1,x2,y2]`` in 0-1 with 3 decimals, and the reverse "what is at [box]?");
   * ``eval``      held-out single-question conversations of the same kinds (own random stream);
@@ -133,8 +133,14 @@ def draw_scene(objects: list[dict[str, Any]], image_size: int, background: int) 
     return buf.getvalue()
 
 
+def reading_order(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Objects top to bottom, then left to right, by box centre: the order captions list them in, so
+    that the next object a caption names is a function of the image."""
+    return sorted(objects, key=lambda o: (o["box"][1] + o["box"][3], o["box"][0] + o["box"][2]))
+
+
 def caption(objects: list[dict[str, Any]]) -> str:
-    items = [CAPTION_ITEM.format(**o) for o in objects]
+    items = [CAPTION_ITEM.format(**o) for o in reading_order(objects)]
     joined = items[0] if len(items) == 1 else ", ".join(items[:-1]) + CAPTION_AND + items[-1]
     return CAPTION.format(
         count=NUMBERS[len(objects)], noun="shape" if len(objects) == 1 else "shapes", items=joined

@@ -16,14 +16,14 @@ def get_config(arg: str | None = None):
     name, c = base.preset(arg)
     c.input.caption_prompt = ""
     if name == "demo":
-        base.set_steps(c, total=400, warmup=20)
-        c.log_every_steps = 50
-        c.optim.lr = 3e-3
+        base.set_steps(c, total=1500, warmup=50)
+        c.log_every_steps = 100
+        c.optim.lr = 1e-3
         c.trainable = base.regex_dict({"projector/.*": 1.0, "llm/.*": 1.0})
         c.input.sources = [dict(name="shapes", split="pretrain")]
-        c.checkpoint.every_steps = 200
+        c.checkpoint.every_steps = 500
         c.evals = evals.get_config("val")
-        c.evals.val.log_steps = 200
+        c.evals.val.log_steps = 500
     else:  # LLaVA-Pretrain 558K: python -m data_pipelines.build --dataset llava --config pretrain
         base.set_steps(c, total=2180, warmup=65)  # one epoch at batch 256
         c.input.batch_size = 256

@@ -15,14 +15,14 @@ from experiments import base, evals
 def get_config(arg: str | None = None):
     name, c = base.preset(arg)
     if name == "demo":
-        base.set_steps(c, total=300, warmup=20)
-        c.log_every_steps = 50
-        c.optim.lr = 1e-3
+        base.set_steps(c, total=1500, warmup=50)
+        c.log_every_steps = 100
+        c.optim.lr = 3e-4
         c.trainable = base.regex_dict({"projector/.*": 1.0, "llm/.*": 1.0})
         c.input.sources = [dict(name="shapes", split="sft")]
         c.checkpoint.init_from = "workdir/pretrain"
         c.checkpoint.init_from_parts = ("projector", "llm")
-        c.checkpoint.every_steps = 150
+        c.checkpoint.every_steps = 500
         c.evals = evals.get_config("shapes")
     else:  # LLaVA-Instruct 665K (python -m data_pipelines.build --dataset llava --config instruct)
         base.set_steps(c, total=5200, warmup=156)  # one epoch at batch 128

@@ -120,7 +120,7 @@ def test_text_questions_that_are_not_shapes_questions_are_counted(trained, tmp_p
 @pytest.mark.parametrize(
     "evals, message",
     [
-        ({"x": dict(type="mme")}, "config.evals.x.type='mme' is unknown"),
+        ({"x": dict(type="mmbench")}, "config.evals.x.type='mmbench' is unknown"),
         ({"x": dict(type="shapes", data=dict(name="shapes", split="eval"), log_step=3)}, "'log_step'"),
         ({"x": dict(type="shapes", data=dict(name="shapes"))}, "needs ['split']"),
         ({"x": dict(type="shapes", data=dict(name="shapes", split="eval", data_dir="/nope"))}, "'/nope'"),

@@ -145,7 +145,10 @@ def test_the_schedule_ends_at_total_steps(shapes_dir, tmp_path):
     [
         (lambda c: c.model.projector.update(num_partials=4), "'num_partials' (did you mean 'num_partial'?)"),
         (lambda c: c.model.vision.overrides.update(feature_layers=-2), "'feature_layers'"),
-        (lambda c: c.model.llm.config.update(hidden=8), "'hidden' (did you mean 'hidden_size'?) in config.model.llm.config"),
+        (
+            lambda c: c.model.llm.config.update(hidden=8),
+            "'hidden' (did you mean 'hidden_size'?) in config.model.llm.config",
+        ),
         (lambda c: c.model.update(projector=dict(name="perceiver")), "Unknown projector 'perceiver'"),
         (lambda c: c.model.update(towers=1), "'towers' in config.model"),
     ],

@@ -173,14 +173,19 @@ def test_sample_at_end_is_the_predictors_answer(data_dir, tmp_path, capsys):
     from pargo_jax.predict import DecodeOptions, Predictor, conversation
 
     workdir = str(tmp_path / "sampled")
-    summary = train.run(demo(data_dir, 3, stage=sft, sample_at_end="eval", **{"checkpoint.init_from": None}), workdir)
+    summary = train.run(
+        demo(data_dir, 3, stage=sft, sample_at_end="eval", **{"checkpoint.init_from": None}), workdir
+    )
     sample = summary["sample"]
     rec = schema.from_example(open_source(data_dir, "shapes", "eval")[0])
     assert sample["prompt"] == rec.conversation[0].text and sample["reference"] == rec.conversation[1].text
     run = factory.load_workdir(workdir)
     predictor = Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config)
     query = conversation(rec.id, rec.image, [{"role": "user", "content": rec.conversation[0].text}])
-    assert sample["answer"] == predictor.answers(run.params, [query], DecodeOptions(max_new_tokens=32))[0]["answer"]
+    assert (
+        sample["answer"]
+        == predictor.answers(run.params, [query], DecodeOptions(max_new_tokens=32))[0]["answer"]
+    )
     assert json.dumps(sample, indent=2) in capsys.readouterr().out
 
 

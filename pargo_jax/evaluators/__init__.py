@@ -1,12 +1,14 @@
 """Evaluators, built from ``config.evals = {name: dict(type=..., ...)}``; see ``common.py``.
 
 ``type``: ``perplexity`` (masked loss / token accuracy on a held-out split), ``shapes`` (the embedded
-benchmark: accuracy per question kind and grounding Acc@0.5). A new evaluator is a
-:class:`~pargo_jax.evaluators.common.Evaluator` subclass and one entry in ``EVALUATORS``.
+benchmark: accuracy per question kind and grounding Acc@0.5), ``mme`` (MME, official or ParGo rule).
+A new evaluator is a :class:`~pargo_jax.evaluators.common.Evaluator` subclass and one ``EVALUATORS``
+entry.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from collections.abc import Mapping
@@ -15,10 +17,19 @@ from typing import Any
 import jax
 
 from pargo_jax.evaluators.common import Evaluator, evals_config
-from pargo_jax.evaluators.perplexity import PerplexityEvaluator
-from pargo_jax.evaluators.shapes import ShapesEvaluator
 
-EVALUATORS: dict[str, type[Evaluator]] = {"perplexity": PerplexityEvaluator, "shapes": ShapesEvaluator}
+# type -> "module:class", imported when first built (so `python -m pargo_jax.evaluators.mme` and
+# the other standalone scorers load only what they use).
+EVALUATORS: dict[str, str] = {
+    "perplexity": "pargo_jax.evaluators.perplexity:PerplexityEvaluator",
+    "shapes": "pargo_jax.evaluators.shapes:ShapesEvaluator",
+    "mme": "pargo_jax.evaluators.mme:MMEEvaluator",
+}
+
+
+def evaluator_class(kind: str) -> type[Evaluator]:
+    module, _, name = EVALUATORS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build(evals: Mapping[str, Mapping[str, Any]], predictor, config) -> dict[str, Evaluator]:
@@ -30,7 +41,7 @@ def build(evals: Mapping[str, Mapping[str, Any]], predictor, config) -> dict[str
             raise ValueError(
                 f"config.evals.{name}.type={kind!r} is unknown; use one of {sorted(EVALUATORS)}."
             )
-        out[name] = EVALUATORS[kind](name, options, predictor, config)
+        out[name] = evaluator_class(kind)(name, options, predictor, config)
     return out
 
 
@@ -58,4 +69,4 @@ def run_all(
     return logged
 
 
-__all__ = ["EVALUATORS", "Evaluator", "build", "evals_config", "run_all"]
+__all__ = ["EVALUATORS", "Evaluator", "build", "evaluator_class", "evals_config", "run_all"]

@@ -20,13 +20,14 @@ from pargo_jax import configs
 from pargo_jax.predict import DecodeOptions, Predictor
 
 COMMON_KEYS = {"type", "data", "log_steps", "batch_size"}
-DATA_KEYS = {"name", "split", "data_dir"}
 
 
 class Evaluator:
-    """Base: ``OPTIONS`` (defaults of the keys an evaluator adds to ``COMMON_KEYS``), ``evaluate``."""
+    """Base: ``OPTIONS`` (defaults of the keys an evaluator adds to ``COMMON_KEYS``), ``DATA_KEYS``
+    (what its ``data`` dict may hold), ``evaluate``."""
 
     OPTIONS: Mapping[str, Any] = {}
+    DATA_KEYS: frozenset[str] = frozenset({"name", "split", "data_dir"})
 
     def __init__(self, name: str, options: Mapping[str, Any], predictor: Predictor, config):
         options = dict(options.to_dict() if hasattr(options, "to_dict") else options)
@@ -35,18 +36,20 @@ class Evaluator:
         self.log_steps = int(options.get("log_steps") or 0)  # 0: only when training ends
         self.batch_size = int(options.get("batch_size") or 16)
         self.data = dict(options.get("data") or {})
+        configs.check_keys(self.data, self.DATA_KEYS, f"config.evals.{name}.data")
         self.options = {**self.OPTIONS, **{k: v for k, v in options.items() if k in self.OPTIONS}}
 
     def due(self, step: int, final: bool) -> bool:
         """Whether to evaluate after training step ``step`` (``final``: the last one)."""
         return final or (self.log_steps > 0 and step % self.log_steps == 0)
 
-    def evaluate(self, params) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """(metrics, one prediction record per example): the evaluator's own work."""
+    def evaluate(self, params, out_dir: str | None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """(metrics, one prediction record per example): the evaluator's own work; ``out_dir`` is where
+        it may write files of its own (process 0 only)."""
         raise NotImplementedError
 
     def run(self, params, out_dir: str | None = None) -> Iterator[tuple[str, float]]:
-        metrics, predictions = self.evaluate(params)
+        metrics, predictions = self.evaluate(params, out_dir if jax.process_index() == 0 else None)
         if out_dir is not None and jax.process_index() == 0:
             write_results(out_dir, self.name, metrics, predictions)
         yield from metrics.items()
@@ -63,15 +66,12 @@ class Evaluator:
         from data_pipelines import schema
         from data_pipelines.builders import open_source
 
-        configs.check_keys(self.data, DATA_KEYS, f"config.evals.{self.name}.data")
         missing = sorted({"name", "split"} - set(self.data))
         if missing:
             raise ValueError(
                 f"config.evals.{self.name}.data needs {missing} (e.g. dict(name='shapes', split='eval'))."
             )
-        data_dir = self.data.get("data_dir") or self.config.input.get("data_dir")
-        source = open_source(configs.require_path(data_dir, f"evals.{self.name}.data.data_dir"),
-                             self.data["name"], self.data["split"])  # fmt: skip
+        source = open_source(self.data_dir(), self.data["name"], self.data["split"])
         records, bad = [], {}
         for i in range(len(source)):
             try:
@@ -79,6 +79,11 @@ class Evaluator:
             except schema.BadRecord as e:
                 bad[e.reason] = bad.get(e.reason, 0) + 1
         return records, bad
+
+    def data_dir(self, key: str = "data_dir") -> str:
+        """``data[key]`` (``data_dir`` defaults to ``input.data_dir``), which must exist."""
+        path = self.data.get(key) or (self.config.input.get("data_dir") if key == "data_dir" else None)
+        return configs.require_path(path, f"evals.{self.name}.data.{key}")
 
     def decode_options(self, **defaults) -> DecodeOptions:
         fields = {k: self.options[k] for k in ("max_new_tokens", "method", "num_beams") if k in self.options}

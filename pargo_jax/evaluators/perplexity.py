@@ -31,7 +31,7 @@ def perplexity_metrics(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 
 class PerplexityEvaluator(common.Evaluator):
-    def evaluate(self, params):
+    def evaluate(self, params, out_dir):
         from data_pipelines.schema import BadRecord
         from data_pipelines.text import pack_example
         from pargo_jax.predict import PredictError

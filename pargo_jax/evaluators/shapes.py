@@ -78,7 +78,7 @@ def shapes_metrics(items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 class ShapesEvaluator(common.Evaluator):
     OPTIONS = {"max_new_tokens": 32, "method": "greedy", "num_beams": 4}
 
-    def evaluate(self, params):
+    def evaluate(self, params, out_dir):
         from data_pipelines.shapes import KINDS, question_kind
         from pargo_jax.predict import conversation
 

@@ -63,7 +63,9 @@ class ParGoConfig:
     vision_eps: float = 1e-5
     eps: float = 1e-12
     dropout: float = 0.0
-    init: str = "bert"  # kernels: "bert" N(0, 0.02) as BERT / the release's new layers; "fan_in" N(0, 1/fan_in)
+    init: str = (
+        "bert"  # kernels: "bert" N(0, 0.02) as BERT / the release's new layers; "fan_in" N(0, 1/fan_in)
+    )
     dtype: Dtype = "float32"
     param_dtype: Dtype = "float32"
 
