@@ -1,7 +1,9 @@
 """Evaluators, built from ``config.evals = {name: dict(type=..., ...)}``; see ``common.py``.
 
 ``type``: ``perplexity`` (masked loss / token accuracy on a held-out split), ``shapes`` (the embedded
-benchmark: accuracy per question kind and grounding Acc@0.5), ``mme`` (MME, official or ParGo rule).
+benchmark: accuracy per question kind and grounding Acc@0.5), ``mme`` (MME, official or ParGo rule),
+``vqa`` (VQA v2 / TextVQA / VizWiz), ``gqa``, ``pope``, ``multiple_choice`` (MMBench circular,
+ScienceQA-IMG), ``grounding`` (RefCOCO/+/g REC), ``caption`` (COCO: CIDEr-D, BLEU-4).
 A new evaluator is a :class:`~pargo_jax.evaluators.common.Evaluator` subclass and one ``EVALUATORS``
 entry.
 """
@@ -24,6 +26,12 @@ EVALUATORS: dict[str, str] = {
     "perplexity": "pargo_jax.evaluators.perplexity:PerplexityEvaluator",
     "shapes": "pargo_jax.evaluators.shapes:ShapesEvaluator",
     "mme": "pargo_jax.evaluators.mme:MMEEvaluator",
+    "vqa": "pargo_jax.evaluators.vqa:VQAEvaluator",
+    "gqa": "pargo_jax.evaluators.vqa:GQAEvaluator",
+    "pope": "pargo_jax.evaluators.vqa:POPEEvaluator",
+    "multiple_choice": "pargo_jax.evaluators.multiple_choice:MultipleChoiceEvaluator",
+    "grounding": "pargo_jax.evaluators.grounding:GroundingEvaluator",
+    "caption": "pargo_jax.evaluators.caption:CaptionEvaluator",
 }
 
 

@@ -31,8 +31,18 @@ from typing import Any
 
 from pargo_jax.evaluators import common
 
-PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
-              "artwork", "OCR")  # fmt: skip
+PERCEPTION = (
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+)
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 SUBTASKS = PERCEPTION + COGNITION
 RULES = {"official": 4, "pargo": 20}
@@ -118,8 +128,10 @@ def read_results(results_dir: str) -> dict[str, list[Line]]:
             rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
         bad = [i + 1 for i, r in enumerate(rows) if len(r) != 4]
         if bad:
-            raise MMEDataError(f"{path}: lines {bad[:5]} do not have 4 tab-separated fields "
-                               "(image, question, ground truth, prediction).")  # fmt: skip
+            raise MMEDataError(
+                f"{path}: lines {bad[:5]} do not have 4 tab-separated fields "
+                "(image, question, ground truth, prediction)."
+            )
         out[name] = [tuple(r) for r in rows]  # type: ignore[misc]
     if not out:
         raise MMEDataError(f"{results_dir!r} holds no <subtask>.txt result file (e.g. existence.txt).")
@@ -135,8 +147,11 @@ def load_questions(root: str) -> dict[str, list[tuple[str, str, str]]]:
     if os.path.isdir(os.path.join(root, "Data_json")):
         out = _load_pargo(root)
     else:
-        out = {name: _load_release_subtask(os.path.join(root, name)) for name in SUBTASKS
-               if os.path.isdir(os.path.join(root, name))}  # fmt: skip
+        out = {
+            name: _load_release_subtask(os.path.join(root, name))
+            for name in SUBTASKS
+            if os.path.isdir(os.path.join(root, name))
+        }
     if not out:
         raise MMEDataError(
             f"{root!r} has no MME subtask folder (e.g. existence/) and no Data_json/; {_LAYOUT}"

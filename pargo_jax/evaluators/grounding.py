@@ -1,0 +1,135 @@
+"""Referring expression comprehension (RefCOCO / RefCOCO+ / RefCOCOg): one item per referring sentence,
+the answer's box parsed with the box codec and mapped back to the original image, Acc@IoU>=0.5,
+mean IoU and the number of answers without a box (counted wrong, IoU 0).
+
+Data, the official files: ``data=dict(refs=".../refs(unc).p", instances=".../instances.json",
+images="<COCO train2014 dir>", split="val")`` (``testA``, ``testB``, ``test`` ...). The prompt is the
+one the RefCOCO converter trains with (``data_pipelines.converters.REFER_FIRST``); ``box_format`` /
+``box_frame`` must be the codec the model was trained with (the converter's default: norm3 / square).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+from pargo_jax.evaluators import common
+
+
+def grounding_metrics(ious: Sequence[float | None]) -> dict[str, float]:
+    """``acc@0.5``, ``miou`` (an unparseable answer counts IoU 0) and ``unparseable`` of per-item
+    IoUs (None = the answer held no box)."""
+    values = [0.0 if v is None else v for v in ious]
+    n = max(len(values), 1)
+    return {
+        "acc@0.5": sum(v >= 0.5 for v in values) / n,
+        "miou": sum(values) / n,
+        "unparseable": float(sum(v is None for v in ious)),
+    }
+
+
+def load_refcoco(refs: str, instances: str, images: str, split: str) -> list[dict[str, Any]]:
+    """``[{"id", "image", "sentence", "box" (x1, y1, x2, y2 px), "size" (w, h)}]``: one per sentence."""
+    for path, what in ((refs, "refs(<split_by>).p"), (instances, "instances.json")):
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"RefCOCO file {path!r} not found; data needs {what} of the official release."
+            )
+    with open(refs, "rb") as f:  # the official files are pickles (trusted input)
+        ref_list = pickle.load(f, encoding="latin1")
+    with open(instances, encoding="utf-8") as f:
+        inst = json.load(f)
+    imgs = {im["id"]: im for im in inst.get("images", [])}
+    anns = {a["id"]: a for a in inst.get("annotations", [])}
+    splits = sorted({str(r.get("split")) for r in ref_list})
+    if split not in splits:
+        raise ValueError(f"{refs} has no split {split!r}; it has {splits}.")
+    items = []
+    for r in ref_list:
+        if str(r.get("split")) != split:
+            continue
+        ann, im = anns.get(r["ann_id"]), imgs.get(r["image_id"])
+        if ann is None or im is None:
+            raise ValueError(f"ref {r.get('ref_id')}: ann_id / image_id missing from {instances}.")
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        for k, s in enumerate(r.get("sentences", [])):
+            text = (s.get("sent") or s.get("raw") or "").strip()
+            if text:
+                items.append(
+                    {
+                        "id": f"ref{r['ref_id']}/{k}",
+                        "image": os.path.join(images, im["file_name"]),
+                        "sentence": text,
+                        "box": [x, y, x + w, y + h],
+                        "size": (im.get("width"), im.get("height")),
+                    }
+                )
+    return items
+
+
+class GroundingEvaluator(common.Evaluator):
+    OPTIONS = {
+        "box_format": "norm3",
+        "box_frame": "square",
+        "max_new_tokens": 32,
+        "method": "greedy",
+        "num_beams": 4,
+    }
+    DATA_KEYS = frozenset({"refs", "instances", "images", "split"})
+
+    def evaluate(self, params, out_dir):
+        from data_pipelines.boxes import BoxCodec, box_iou
+        from data_pipelines.converters import REFER_FIRST
+        from data_pipelines.images import decode
+        from pargo_jax.predict import PredictError, conversation, read_image
+
+        codec = BoxCodec(self.options["box_format"], self.options["box_frame"])
+        items = load_refcoco(
+            self.data_dir("refs"),
+            self.data_dir("instances"),
+            self.data_dir("images"),
+            self.data.get("split", "val"),
+        )
+        queries, kept, skipped = [], [], 0
+        for it in items:
+            try:
+                image = read_image(it["image"])
+            except PredictError:
+                skipped += 1
+                continue
+            if not all(it["size"]):
+                try:
+                    it["size"] = decode(image, it["id"]).size
+                except Exception:  # noqa: BLE001 (the predictor reports undecodable images below)
+                    pass
+            turn = {"role": "user", "content": REFER_FIRST.format(sent=it["sentence"])}
+            queries.append(conversation(it["id"], image, [turn]))
+            kept.append(it)
+        answers = self.predictor.answers(params, queries, self.decode_options(), batch_size=self.batch_size)
+        rows = []
+        for it, a in zip(kept, answers):
+            if "error" in a:
+                skipped += 1
+                continue
+            w, h = it["size"]
+            try:
+                box = [float(v) for v in codec.decode(a["answer"], w, h)]
+                iou = box_iou(box, it["box"])
+            except ValueError:
+                box, iou = None, None
+            rows.append(
+                {
+                    "id": it["id"],
+                    "sentence": it["sentence"],
+                    "prediction": a["answer"],
+                    "box": box,
+                    "gt_box": it["box"],
+                    "iou": iou,
+                }
+            )
+        metrics = grounding_metrics([r["iou"] for r in rows])
+        metrics.update(items=float(len(rows)), skipped=float(skipped))
+        return metrics, rows
