@@ -337,27 +337,13 @@ def build(
     Returns ``{"name": "shapes", "data_dir", "tokenizer": <dir>, "summary": {...}, "seconds"}``.
     """
     t0 = time.perf_counter()
-    builder = ShapesBuilder(
-        data_dir=data_dir,
-        image_size=image_size,
-        num_pretrain=num_pretrain,
-        num_sft=num_sft,
-        num_eval=num_eval,
-        num_val=num_val,
-        seed=seed,
-        num_workers=num_workers,
-        progress=progress,
-    )
+    params = dict(
+        image_size=image_size, num_pretrain=num_pretrain, num_sft=num_sft, num_eval=num_eval,
+        num_val=num_val, seed=seed,
+    )  # fmt: skip
+    builder = ShapesBuilder(data_dir=data_dir, num_workers=num_workers, progress=progress, **params)
     summary = builder.build()
     tokenizer = write_tokenizer(os.path.join(data_dir, "shapes_tokenizer"))
-    params = dict(
-        image_size=image_size,
-        num_pretrain=num_pretrain,
-        num_sft=num_sft,
-        num_eval=num_eval,
-        num_val=num_val,
-        seed=seed,
-    )
     with open(os.path.join(data_dir, STAMP), "w") as f:
         json.dump(params, f, sort_keys=True)
     return {

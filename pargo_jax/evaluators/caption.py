@@ -167,19 +167,13 @@ class CaptionEvaluator(common.Evaluator):
     DATA_KEYS = frozenset({"annotations", "images"})
 
     def evaluate(self, params, out_dir):
-        from pargo_jax.predict import PredictError, question, read_image
+        from pargo_jax.predict import question
 
         items, refs = load_coco_captions(self.data_dir("annotations"), self.data_dir("images"))
-        queries, kept, skipped = [], [], 0
-        for it in items:
-            try:
-                queries.append(question(it["id"], read_image(it["image"]), self.options["prompt"]))
-                kept.append(it)
-            except PredictError:
-                skipped += 1
-        answers = self.predictor.answers(params, queries, self.decode_options(), batch_size=self.batch_size)
-        got = {it["id"]: a["answer"] for it, a in zip(kept, answers) if "error" not in a}
-        skipped += len(kept) - len(got)
+        done, skipped = self.ask(
+            params, items, lambda it, image: question(it["id"], image, self.options["prompt"])
+        )
+        got = {it["id"]: a["answer"] for it, a in done}
         tokenized = {i: ptb_tokenize(c) for i, c in got.items()}
         ref_tok = {i: [ptb_tokenize(r) for r in refs[i]] for i in got}
         metrics = {

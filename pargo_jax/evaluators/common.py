@@ -10,7 +10,7 @@ functions of the predictions, defined beside each evaluator and unit-tested on t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -84,6 +84,25 @@ class Evaluator:
         """``data[key]`` (``data_dir`` defaults to ``input.data_dir``), which must exist."""
         path = self.data.get(key) or (self.config.input.get("data_dir") if key == "data_dir" else None)
         return configs.require_path(path, f"evals.{self.name}.data.{key}")
+
+    def ask(self, params, items: Sequence[Mapping[str, Any]], query) -> tuple[list[tuple[Any, dict]], int]:
+        """Asks ``query(item, image bytes) -> predict.Query`` of every item (its ``image``: a path or
+        the bytes) and returns ``([(item, answer dict)], skipped)``: an item whose image is missing or
+        does not decode is skipped and counted, never an error."""
+        from pargo_jax.predict import PredictError, read_image
+
+        asked, queries, skipped = [], [], 0
+        for it in items:
+            try:
+                image = it["image"] if isinstance(it["image"], bytes) else read_image(it["image"])
+            except PredictError:
+                skipped += 1
+                continue
+            asked.append(it)
+            queries.append(query(it, image))
+        answers = self.predictor.answers(params, queries, self.decode_options(), batch_size=self.batch_size)
+        done = [(it, a) for it, a in zip(asked, answers) if "error" not in a]
+        return done, skipped + len(asked) - len(done)
 
     def decode_options(self, **defaults) -> DecodeOptions:
         fields = {k: self.options[k] for k in ("max_new_tokens", "method", "num_beams") if k in self.options}

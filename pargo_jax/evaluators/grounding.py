@@ -84,7 +84,8 @@ class GroundingEvaluator(common.Evaluator):
         from data_pipelines.boxes import BoxCodec, box_iou
         from data_pipelines.converters import REFER_FIRST
         from data_pipelines.images import decode
-        from pargo_jax.predict import PredictError, conversation, read_image
+        from data_pipelines.schema import BadRecord
+        from pargo_jax.predict import conversation
 
         codec = BoxCodec(self.options["box_format"], self.options["box_frame"])
         items = load_refcoco(
@@ -93,43 +94,26 @@ class GroundingEvaluator(common.Evaluator):
             self.data_dir("images"),
             self.data.get("split", "val"),
         )
-        queries, kept, skipped = [], [], 0
-        for it in items:
-            try:
-                image = read_image(it["image"])
-            except PredictError:
-                skipped += 1
-                continue
-            if not all(it["size"]):
+
+        def ask(it, image):
+            if not all(it["size"]):  # instances.json without width / height: measure the image
                 try:
                     it["size"] = decode(image, it["id"]).size
-                except Exception:  # noqa: BLE001 (the predictor reports undecodable images below)
-                    pass
+                except BadRecord:
+                    pass  # the predictor skips and counts it
             turn = {"role": "user", "content": REFER_FIRST.format(sent=it["sentence"])}
-            queries.append(conversation(it["id"], image, [turn]))
-            kept.append(it)
-        answers = self.predictor.answers(params, queries, self.decode_options(), batch_size=self.batch_size)
+            return conversation(it["id"], image, [turn])
+
+        done, skipped = self.ask(params, items, ask)
         rows = []
-        for it, a in zip(kept, answers):
-            if "error" in a:
-                skipped += 1
-                continue
-            w, h = it["size"]
+        for it, a in done:
             try:
-                box = [float(v) for v in codec.decode(a["answer"], w, h)]
+                box = [float(v) for v in codec.decode(a["answer"], *it["size"])]
                 iou = box_iou(box, it["box"])
             except ValueError:
                 box, iou = None, None
-            rows.append(
-                {
-                    "id": it["id"],
-                    "sentence": it["sentence"],
-                    "prediction": a["answer"],
-                    "box": box,
-                    "gt_box": it["box"],
-                    "iou": iou,
-                }
-            )
+            rows.append({"id": it["id"], "sentence": it["sentence"], "prediction": a["answer"], "box": box,
+                         "gt_box": it["box"], "iou": iou})  # fmt: skip
         metrics = grounding_metrics([r["iou"] for r in rows])
         metrics.update(items=float(len(rows)), skipped=float(skipped))
         return metrics, rows

@@ -229,36 +229,31 @@ class MMEEvaluator(common.Evaluator):
     }
 
     def evaluate(self, params, out_dir):
-        from pargo_jax.predict import PredictError, question, read_image
+        from pargo_jax.predict import question
 
         rule = self.options["rule"]
         if rule not in RULES:
             raise ValueError(f"config.evals.{self.name}.rule={rule!r}; use one of {sorted(RULES)}.")
         suffix = self.options["prompt_suffix"]
-        pairs, queries, skipped = [], [], 0  # pairs: (subtask, image path, [(question, gt)] x 2)
-        for name, rows in load_questions(self.data_dir("dir")).items():
-            for i in range(0, len(rows), 2):
-                path, pair = rows[i][0], [(q, gt) for _, q, gt in rows[i : i + 2]]
-                try:
-                    image = read_image(path)
-                except PredictError:
-                    skipped += len(pair)
-                    continue
-                pairs.append((name, path, pair))
-                for k, (q, _) in enumerate(pair):
-                    text = f"{q}\n{suffix}" if suffix else q
-                    queries.append(question(f"{name}/{os.path.basename(path)}/{k}", image, text))
-        answers = iter(
-            self.predictor.answers(params, queries, self.decode_options(), batch_size=self.batch_size)
+        items = [
+            {
+                "id": f"{name}/{os.path.basename(path)}/{k % 2}",
+                "subtask": name,
+                "image": path,
+                "question": q,
+                "gt": gt,
+            }
+            for name, rows in load_questions(self.data_dir("dir")).items()
+            for k, (path, q, gt) in enumerate(rows)
+        ]
+        ask = lambda it, image: question(
+            it["id"], image, f"{it['question']}\n{suffix}" if suffix else it["question"]
         )
+        done, skipped = self.ask(params, items, ask)
         results: dict[str, list[Line]] = {}
-        for name, path, pair in pairs:
-            got = [next(answers) for _ in pair]
-            if any("error" in a for a in got):  # the image does not decode: the pair is skipped
-                skipped += len(pair)
-                continue
-            image = os.path.basename(path)
-            results.setdefault(name, []).extend((image, q, gt, a["answer"]) for (q, gt), a in zip(pair, got))
+        for it, a in done:  # both questions of an image share its fate, so pairs stay whole
+            line = (os.path.basename(it["image"]), it["question"], it["gt"], a["answer"])
+            results.setdefault(it["subtask"], []).append(line)
         scores = mme_scores(results, rule)
         if out_dir:
             write_results(os.path.join(out_dir, f"{self.name}_results"), results)

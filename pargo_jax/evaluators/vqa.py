@@ -289,37 +289,18 @@ class _ShortAnswer(common.Evaluator):
         return out
 
     def evaluate(self, params, out_dir):
-        from pargo_jax.predict import PredictError, question, read_image
+        from pargo_jax.predict import question
 
-        items, queries, skipped = self.items(), [], 0
         suffix = self.options["prompt_suffix"]
-        kept = []
-        for it in items:
-            try:
-                image = read_image(it["image"])
-            except PredictError:
-                skipped += 1
-                continue
-            queries.append(
-                question(it["id"], image, f"{it['question']}\n{suffix}" if suffix else it["question"])
-            )
-            kept.append(it)
-        answers = self.predictor.answers(params, queries, self.decode_options(), batch_size=self.batch_size)
-        rows = []
-        for it, a in zip(kept, answers):
-            if "error" in a:
-                skipped += 1
-                continue
-            rows.append(
-                {
-                    "id": it["id"],
-                    "type": it["type"],
-                    "question": it["question"],
-                    "answers": it["answers"],
-                    "prediction": a["answer"],
-                    "score": self.score(a["answer"], it),
-                }
-            )
+        ask = lambda it, image: question(
+            it["id"], image, f"{it['question']}\n{suffix}" if suffix else it["question"]
+        )
+        done, skipped = self.ask(params, self.items(), ask)
+        rows = [
+            {"id": it["id"], "type": it["type"], "question": it["question"], "answers": it["answers"],
+             "prediction": a["answer"], "score": self.score(a["answer"], it)}
+            for it, a in done
+        ]  # fmt: skip
         metrics = self.summarize(rows)
         metrics.update(questions=float(len(rows)), skipped=float(skipped))
         return metrics, rows
