@@ -308,3 +308,24 @@ def test_every_named_eval_builds(trained_workdir):
     assert set(built) == set(evals.EVALS)
     names = {type(e).__name__ for e in built.values()}
     assert names >= {"MMEEvaluator", "VQAEvaluator", "GroundingEvaluator", "CaptionEvaluator"}
+
+
+def test_textvqa_and_vizwiz_files_read_as_vqa(tmp_path):
+    from pargo_jax.evaluators.vqa import load_vqa
+
+    textvqa = {
+        "data": [
+            {"question_id": 7, "question": "what is written?", "image_id": "abc", "answers": ["stop"] * 10}
+        ]
+    }
+    vizwiz = [{"image": "VizWiz_val_00000001.jpg", "question": "what is it?", "answer_type": "other",
+               "answers": [{"answer": "unanswerable", "answer_confidence": "yes"}] * 10}]  # fmt: skip
+    (tmp_path / "t.json").write_text(json.dumps(textvqa))
+    (tmp_path / "v.json").write_text(json.dumps(vizwiz))
+    t = load_vqa(str(tmp_path / "t.json"), "imgs")
+    v = load_vqa(str(tmp_path / "v.json"), "imgs")
+    assert t[0]["id"] == "7" and t[0]["image"] == "imgs/abc.jpg" and t[0]["answers"] == ["stop"] * 10
+    assert v[0]["image"] == "imgs/VizWiz_val_00000001.jpg" and v[0]["answers"] == ["unanswerable"] * 10
+    (tmp_path / "x.json").write_text(json.dumps({"something": 1}))
+    with pytest.raises(ValueError, match="neither VQA v2 annotations"):
+        load_vqa(str(tmp_path / "x.json"), "imgs")
