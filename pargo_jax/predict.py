@@ -172,12 +172,8 @@ def conversation(qid: str, image: bytes, turns: Sequence[Mapping[str, str]]) -> 
 
 
 def _agree(value: int) -> int:
-    """The max of ``value`` over all processes (one small collective on multi-process jobs)."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+    """The max of ``value`` over all processes (prompt widths must agree for one global batch)."""
+    return int(sharding.process_values(np.int32(value)).max())
 
 
 def shares(n: int, batch_size: int) -> Iterator[list[int]]:
@@ -232,7 +228,7 @@ class Predictor:
         try:
             img = images.load(image, self.mcfg.vision.image_size, self.resize, self.mean, qid)
         except BadRecord as e:
-            raise PredictError(f"{qid}: the image does not decode ({e.reason}: {e.detail or 'empty'})") from e
+            raise _undecodable(qid, e) from e
         return images.to_array(img)
 
     def prompt(self, query: Query) -> np.ndarray:
@@ -382,33 +378,25 @@ def _share_errors(errors: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]
     """Every process's preparation errors, on every process."""
     if jax.process_count() == 1:
         return errors
-    from jax.experimental import multihost_utils
-
     text = json.dumps({str(k): v for k, v in errors.items()}).encode()
-    size = _agree(len(text))
-    buf = np.zeros(size, np.uint8)
+    buf = np.zeros(_agree(len(text)), np.uint8)
     buf[: len(text)] = np.frombuffer(text, np.uint8)
     merged: dict[int, dict[str, Any]] = {}
-    for row in np.asarray(multihost_utils.process_allgather(buf)):
+    for row in sharding.process_values(buf):
         raw = bytes(row).rstrip(b"\0")
         merged.update({int(k): v for k, v in json.loads(raw or b"{}").items()})
     return merged
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        del n
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, what: str, show: bool):
-    if not show or jax.process_index() != 0:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=what, unit="batch", file=sys.stderr, dynamic_ncols=True)
+    disable = not show or jax.process_index() != 0
+    return tqdm(total=total, desc=what, unit="batch", file=sys.stderr, dynamic_ncols=True, disable=disable)
+
+
+def _undecodable(qid: str, e) -> PredictError:
+    return PredictError(f"{qid}: the image does not decode ({e.reason}: {e.detail or 'empty'})")
 
 
 # --- the command -------------------------------------------------------------------------------------
@@ -508,9 +496,7 @@ def _check_decodes(query: Query) -> None:
     try:
         images.decode(query.image, query.id)
     except BadRecord as e:
-        raise PredictError(
-            f"{query.id}: the image does not decode ({e.reason}: {e.detail or 'empty'})"
-        ) from e
+        raise _undecodable(query.id, e) from e
 
 
 def _answer_file(predictor: Predictor, params, options: DecodeOptions, src: str, dst: str | None, batch: int):

@@ -107,6 +107,15 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dic
     return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in batch.items()}
 
 
+def process_values(value) -> np.ndarray:
+    """``value`` (a number or a fixed-shape array) of every process, stacked in process order."""
+    if jax.process_count() == 1:
+        return np.asarray(value)[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(value)))
+
+
 def to_host(x: jax.Array) -> np.ndarray:
     """The whole of a (possibly multi-process) global array as numpy, on every process."""
     if getattr(x, "is_fully_addressable", True):

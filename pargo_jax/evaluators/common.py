@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from pargo_jax import configs
 from pargo_jax.predict import DecodeOptions, Predictor
@@ -131,9 +132,6 @@ def evals_config(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]
 
 def process_sum(value: float) -> float:
     """``value`` summed over all processes (each process counts what it prepared)."""
-    if jax.process_count() == 1:
-        return value
-    import numpy as np
-    from jax.experimental import multihost_utils
+    from pargo_jax import sharding
 
-    return float(np.sum(multihost_utils.process_allgather(np.float64(value))))
+    return float(sharding.process_values(np.float64(value)).sum())
