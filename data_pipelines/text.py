@@ -9,7 +9,6 @@ tokens, so ids equal ``AutoTokenizer.apply_chat_template``. ``<image>`` must be 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,21 +64,22 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str) -> Tokenizer:
         """Load ``tokenizer.json`` + ``tokenizer_config.json`` from a checkpoint dir."""
+        from etils import epath
         from tokenizers import Tokenizer as HFTokenizer
 
-        tj, tc = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
+        root = epath.Path(path)  # local or any epath URL (gs://...)
+        tj, tc = root / "tokenizer.json", root / "tokenizer_config.json"
         for f in (tj, tc):
-            if not os.path.exists(f):
+            if not f.exists():
                 raise FileNotFoundError(
                     f"{f} not found; point input.tokenizer at a dir holding tokenizer.json and "
                     "tokenizer_config.json (data_pipelines.shapes.build writes one)."
                 )
-        with open(tc, encoding="utf-8") as fh:
-            config = json.load(fh)
-        if not config.get("chat_template") and os.path.exists(os.path.join(path, "chat_template.jinja")):
-            with open(os.path.join(path, "chat_template.jinja"), encoding="utf-8") as fh:
-                config["chat_template"] = fh.read()
-        return cls(HFTokenizer.from_file(tj), config, path)
+        config = json.loads(tc.read_text())
+        template = root / "chat_template.jinja"
+        if not config.get("chat_template") and template.exists():
+            config["chat_template"] = template.read_text()
+        return cls(HFTokenizer.from_str(tj.read_text()), config, path)
 
     def save(self, path: str) -> str:
         """Writes ``tokenizer.json`` + ``tokenizer_config.json`` (chat template included) to ``path``

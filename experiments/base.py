@@ -86,9 +86,18 @@ def paper_model(c: ml_collections.ConfigDict) -> None:
         overrides=dict(drop_cls=True, final_norm=False),
     )  # fmt: skip
     c.model.projector = dict(
-        name="pargo", num_partial=288, num_global=16, hidden=512, heads=8, layers=4, mlp_dim=2048
+        name="pargo",
+        num_partial=288,
+        num_global=16,
+        hidden=512,
+        heads=8,
+        layers=4,
+        mlp_dim=2048,
+        max_positions=512,  # BERT's position table, as released
     )
-    c.model.llm = dict(path="checkpoints/internlm2-7b", config={}, overrides=dict(scan_layers=True))
+    c.model.llm = dict(  # InternLM2's fused wqkv kept fused: the release's LoRA is one adapter on it
+        path="checkpoints/internlm2-7b", config={}, overrides=dict(scan_layers=True, fused_qkv=True)
+    )
     c.input.update(image_size=336, resize="letterbox", mean=CLIP_MEAN, std=CLIP_STD, max_len=1024)
     c.input.tokenizer = "checkpoints/internlm2-7b"
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
@@ -110,6 +119,7 @@ def siglip_qwen2_model(c: ml_collections.ConfigDict) -> None:
         layers=4,
         mlp_dim=2048,
         layout="grid",
+        max_positions=512,
     )  # fmt: skip  (27 x 27 patches: 243 windows of 1 x 3)
     c.model.llm = dict(path="checkpoints/Qwen2.5-7B-Instruct", config={}, overrides=dict(scan_layers=True))
     c.input.update(image_size=384, resize="letterbox", mean=(0.5,) * 3, std=(0.5,) * 3, max_len=1024)

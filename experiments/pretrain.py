@@ -30,6 +30,7 @@ def get_config(arg: str | None = None):
         c.input.data_dir = "data"
         c.input.sources = [dict(name="llava/pretrain", split="train")]
         c.optim.lr = 1e-3
+        c.model.projector.init_from_bert = "checkpoints/bert-small"  # as the release (prajjwal1/bert-small)
         c.trainable = base.regex_dict({"projector/.*": 1.0})
         c.checkpoint.every_steps = 500
     return c

@@ -5,8 +5,8 @@
 
 ``init_from`` names the pretrain workdir; ``init_from_parts`` says which parts of the model come from it (the
 projector; in the demo everything, since its stage 1 trained the LLM too). Towers and LLM come from
-their own checkpoints. ``paper`` trains the projector and LoRA adapters (r=256, alpha=512) on the
-InternLM2 attention projections (its fused ``wqkv`` maps to our q, k, v), LLM weights frozen.
+their own checkpoints. ``paper`` trains the projector and one LoRA adapter (r=256, alpha=512) on
+InternLM2's fused ``wqkv`` per layer, as released (``siglip_qwen2``: on q, k, v), LLM weights frozen.
 """
 
 from experiments import base, evals
@@ -31,6 +31,7 @@ def get_config(arg: str | None = None):
         c.input.sources = [dict(name="llava/instruct", split="train")]
         c.optim.lr = 2e-4
         c.checkpoint.init_from = "workdir/pretrain_" + name
-        c.model.llm.overrides.update(lora_rank=256, lora_alpha=512.0, lora_targets=r"layers/attn/(q|k|v)")
+        qkv = r"layers/attn/qkv" if c.model.llm.overrides.get("fused_qkv") else r"layers/attn/(q|k|v)"
+        c.model.llm.overrides.update(lora_rank=256, lora_alpha=512.0, lora_targets=qkv)
         c.trainable = base.regex_dict({"projector/.*": 1.0, r"llm/.*lora_(a|b)": 1.0})
     return c

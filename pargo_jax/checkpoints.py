@@ -25,7 +25,6 @@ Typical loop::
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Callable, Mapping
@@ -34,6 +33,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from pargo_jax import paths
 
 STATE, DATA = "state", "data"
 
@@ -47,7 +48,7 @@ class Checkpointer:
         if every_steps < 1:
             raise ValueError(f"checkpoint every_steps={every_steps} must be >= 1.")
         self.every_steps = int(every_steps)
-        self.directory = _absolute(workdir) / "checkpoints"
+        self.directory = paths.path(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every_steps,
             max_to_keep=keep,
@@ -105,16 +106,11 @@ class Checkpointer:
         self._manager.close()
 
 
-def _absolute(path: str | epath.Path) -> epath.Path:
-    """orbax (tensorstore) needs absolute local paths; remote ones (gs://...) pass through."""
-    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
-
-
 def step_dir(path: str | epath.Path, step: int | None = None) -> epath.Path:
     """The directory of checkpoint ``step`` (None: the newest finished one) from a run's workdir, its
     ``checkpoints/`` directory or a step directory (holding ``state/``); FileNotFoundError names the
     path and the steps it does hold."""
-    p = _absolute(path)
+    p = paths.path(path)
     if (p / STATE).is_dir():
         return p
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p

@@ -7,7 +7,6 @@ Only process 0 writes files on multi-host runs.
 """
 
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -18,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
+
+from pargo_jax import paths
 
 
 @flax.struct.dataclass
@@ -67,12 +68,12 @@ class MetricWriter:
         self._tb = None
         if not self._active:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._jsonl = paths.AppendFile(paths.join(workdir, "metrics.jsonl"))
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+            paths.register_tensorboard()
+            self._tb = SummaryWriter(paths.join(workdir, "tensorboard"), flush_secs=30)
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         if not self._active:

@@ -9,7 +9,6 @@ log. The configured evaluators run every ``log_steps`` and when training ends.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +21,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from pargo_jax import checkpoints, configs, flops, metrics, optim, sharding
+from pargo_jax import checkpoints, configs, flops, metrics, optim, paths, sharding
 from pargo_jax.models import factory
 from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel, next_token_loss
 from pargo_jax.param_tree import flatten, unflatten
@@ -62,9 +61,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
         return
     from data_pipelines import shapes
 
-    data_dir = config.input.get("data_dir") or os.path.join(workdir, "data")
-    if "://" not in data_dir:
-        data_dir = os.path.abspath(data_dir)
+    data_dir = paths.join(config.input.get("data_dir") or paths.join(workdir, "data"))
     built = None
     if jax.process_index() == 0:
         built = shapes.ensure(data_dir, progress=True, **config.shapes.to_dict())
@@ -75,7 +72,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
     with config.unlocked():
         config.input.data_dir = data_dir
         if not config.input.get("tokenizer"):
-            config.input.tokenizer = os.path.join(data_dir, "shapes_tokenizer")
+            config.input.tokenizer = paths.join(data_dir, "shapes_tokenizer")
     if built and built["summary"] is not None:
         logging.info("Built the shapes dataset in %s (%.1f s).", data_dir, built["seconds"])
 

@@ -4,6 +4,8 @@ and HF import with fresh adapters."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -110,3 +112,77 @@ def test_hf_import_initializes_adapters():
     np.testing.assert_allclose(
         jax.jit(lmod.apply)(lvars, ids), jax.jit(module.apply)(variables, ids), atol=1e-5
     )
+
+
+def _internlm2_logits(path, ids, **overrides):
+    from pargo_jax.convert.hf import load_llm
+
+    module, variables = load_llm(path, **overrides)
+    return np.asarray(jax.jit(module.apply)(variables, ids)), module, variables
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_fused_wqkv_and_a_peft_adapter_on_it(tmp_path, scan):
+    """InternLM2 with ``fused_qkv`` equals the split layout (itself checked against transformers); a PEFT
+    adapter on ``wqkv`` (one A, one B over the fused output) equals its merge W + (alpha / r) B A done
+    in torch's layout on the checkpoint file."""
+    from safetensors.numpy import load_file, save_file
+
+    from pargo_jax.convert.hf import load_peft_adapter
+    from tests.torch_refs.tiny_llm import checkpoint, write_internlm2
+
+    llama, path = checkpoint("internlm2")
+    ids = jnp.asarray(np.random.RandomState(1).randint(3, 128, (2, 9)))
+    split, _, _ = _internlm2_logits(path, ids, scan_layers=scan)
+    fused, module, variables = _internlm2_logits(path, ids, scan_layers=scan, fused_qkv=True)
+    kernel = variables["params"]["layers" if scan else "layers_0"]["attn"]["qkv"]["kernel"]
+    assert kernel.shape == ((2,) if scan else ()) + (64, 2, 4, 16)  # (in, kv heads, 2 q + k + v, head_dim)
+    np.testing.assert_allclose(fused, split, atol=1e-5)
+
+    r, alpha, rng = 4, 8.0, np.random.RandomState(2)
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    adapter.mkdir()
+    write_internlm2(llama, str(merged))
+    shards = {f: load_file(str(merged / f)) for f in os.listdir(merged) if f.endswith(".safetensors")}
+    tensors = {}
+    for i in range(2):
+        a, b = rng.normal(0, 0.3, (r, 64)), rng.normal(0, 0.3, (128, r))
+        name = f"model.layers.{i}.attention.wqkv"
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.astype(np.float32)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.astype(np.float32)
+        for shard in shards.values():
+            if f"{name}.weight" in shard:
+                shard[f"{name}.weight"] = (shard[f"{name}.weight"] + alpha / r * b @ a).astype(np.float32)
+    for f, shard in shards.items():
+        save_file(shard, str(merged / f))
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["wqkv"]})
+    )
+    want, _, _ = _internlm2_logits(str(merged), ids)  # the merged file, loaded through the split path
+    cfg, lora = load_peft_adapter(str(adapter), module.config, "internlm2")
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.fused_qkv) == (r, alpha, True)
+    assert sorted({k.rsplit("/", 2)[-2] for k in lora}) == ["qkv"]  # one adapter per layer, not three
+    params = unflatten({**flatten(variables["params"]), **lora})
+    got = np.asarray(jax.jit(CausalLM(cfg).apply)({"params": params}, ids))
+    assert np.abs(want - fused).max() > 1e-2  # the adapter matters
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    folded = merge_lora(params, cfg)
+    plain = dataclasses.replace(cfg, lora_rank=0, lora_targets="")
+    np.testing.assert_allclose(jax.jit(CausalLM(plain).apply)({"params": folded}, ids), want, atol=2e-4)
+
+
+def test_peft_adapter_mismatches_are_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    from pargo_jax.convert.hf import load_llm, load_peft_adapter
+    from tests.torch_refs.tiny_llm import checkpoint
+
+    module, _ = load_llm(checkpoint("llama")[1])
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "target_modules": ["q_proj", "qq"]}))
+    save_file({"x": np.zeros(1, np.float32)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"unknown: \['qq'\]"):
+        load_peft_adapter(str(tmp_path), module.config, "llama")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "target_modules": ["q_proj"]}))
+    with pytest.raises(ValueError, match=r"unused tensor.*: x \|.*not filled: layers_0/attn/q/lora_a"):
+        load_peft_adapter(str(tmp_path), module.config, "llama")

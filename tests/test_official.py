@@ -1,6 +1,7 @@
 """Official ParGo checkpoint import: parity with an independent PyTorch reference, loud failures."""
 
 import dataclasses
+import sys
 
 import jax
 import numpy as np
@@ -159,3 +160,13 @@ def test_export_to_pytorch_matches_jax(tmp_path):
     _, reloaded = load_projector(save(state, tmp_path, "export.safetensors"), num_heads=2, num_partial=8)
     for k, v in reloaded["params"].items():
         np.testing.assert_array_equal(v, np.asarray(params[k], np.float32), err_msg=k)
+
+
+def test_torch_files_without_torch_name_the_extra(tmp_path, monkeypatch):
+    from pargo_jax.convert.tables import read_torch_file
+
+    file = tmp_path / "eva.pt"
+    torch.save({"visual.pos_embed": torch.zeros(1, 5, 8)}, file)
+    monkeypatch.setitem(sys.modules, "torch", None)  # as in a core install
+    with pytest.raises(ImportError, match=r"needs PyTorch.*pip install -r requirements-torch.txt"):
+        read_torch_file(str(file))

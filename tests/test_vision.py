@@ -18,7 +18,7 @@ from pargo_jax.convert.hf_vision import load_eva02, load_vision
 from pargo_jax.convert.tables import ConversionError
 from pargo_jax.models.vision import PRESETS, VisionTower, rope_tables, vision_preset
 from pargo_jax.sharding import LOGICAL_RULES, make_mesh
-from tests.torch_refs.eva02 import Eva, rope_embed_cat
+from tests.torch_refs.eva02 import Eva, evaclip_state, rope_embed_cat
 
 TOL = 1e-4
 TINY = dict(
@@ -236,22 +236,7 @@ def test_eva02_fused_qkv_safetensors_and_evaclip_names(tmp_path):
     # as a state dict of torch tensors; without a final norm the output is the last block's.
     ref = _eva_ref(seed=9)
     want, hidden = _eva_out(ref, x)
-    renames = [
-        ("attn.q_proj.bias", "attn.q_bias"),
-        ("attn.v_proj.bias", "attn.v_bias"),
-        ("mlp.fc1_g", "mlp.w1"),
-        ("mlp.fc1_x", "mlp.w2"),
-        ("mlp.norm", "mlp.ffn_ln"),
-        ("mlp.fc2", "mlp.w3"),
-        ("attn.norm", "attn.inner_attn_ln"),
-    ]
-    state = {}
-    for k, v in ref.state_dict().items():
-        if k.startswith(("norm.", "head.")):
-            continue
-        for a, b in renames:
-            k = k.replace(a, b)
-        state[f"visual.{k}"] = v
+    state = {f"visual.{k}": v for k, v in evaclip_state(ref).items()}
     module, variables = load_eva02(state, heads=4)
     assert not module.config.apply_final_norm
     assert _diff(module.apply(variables, x), hidden[-1]) <= TOL

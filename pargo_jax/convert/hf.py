@@ -93,28 +93,41 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> LLMConfig:
     return LLMConfig(**fields)
 
 
+# Our module per projection (the table's keys) and each family's HF module names.
+MODULES = dict(q="attn/q", k="attn/k", v="attn/v", qkv="attn/qkv", o="attn/o", gate="mlp/gate", up="mlp/up",
+               down="mlp/down")  # fmt: skip
+
+
+def hf_names(kind: str) -> dict[str, str]:
+    """HF module names of ``kind`` (``model.layers.N.`` omitted for per-layer ones)."""
+    if kind == "internlm2":
+        return dict(
+            embed="model.tok_embeddings", head="output", qkv="attention.wqkv", q="attention.wq",
+            k="attention.wk", v="attention.wv", o="attention.wo", gate="feed_forward.w1",
+            up="feed_forward.w3", down="feed_forward.w2", in_norm="attention_norm", post_norm="ffn_norm",
+        )  # fmt: skip
+    return dict(
+            embed="model.embed_tokens", head="lm_head", q="self_attn.q_proj", k="self_attn.k_proj",
+            v="self_attn.v_proj", o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
+            down="mlp.down_proj", in_norm="input_layernorm", post_norm="post_attention_layernorm",
+        )  # fmt: skip
+
+
 def llm_rules(kind: str, cfg: LLMConfig) -> list[Rule]:
     """The conversion table of one family; layer targets are stacked (``[{0}]``) when scanned."""
     L = r"model\.layers\.(\d+)\."
     lay = (lambda dst: f"layers/{dst}[{{0}}]") if cfg.scan_layers else (lambda dst: f"layers_{{0}}/{dst}")
     esc = lambda name: name.replace(".", r"\.")
     qo, kvo = split_heads_out(cfg.num_heads), split_heads_out(cfg.num_kv_heads)
-    if kind == "internlm2":
-        names = dict(
-            embed="model.tok_embeddings", head="output", q="attention.wq", k="attention.wk",
-            v="attention.wv", o="attention.wo", gate="feed_forward.w1", up="feed_forward.w3",
-            down="feed_forward.w2", in_norm="attention_norm", post_norm="ffn_norm",
-        )  # fmt: skip
-    else:
-        names = dict(
-            embed="model.embed_tokens", head="lm_head", q="self_attn.q_proj", k="self_attn.k_proj",
-            v="self_attn.v_proj", o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
-            down="mlp.down_proj", in_norm="input_layernorm", post_norm="post_attention_layernorm",
-        )  # fmt: skip
-    per_layer = [
+    names = hf_names(kind)
+    if cfg.fused_qkv and kind != "internlm2":
+        raise ValueError(f"fused_qkv=True needs an InternLM2 checkpoint (fused wqkv); this one is {kind}.")
+    qkv = [("qkv", "attn/qkv/kernel", fused_qkv_out(cfg))] if cfg.fused_qkv else [
         ("q", "attn/q/kernel", qo),
         ("k", "attn/k/kernel", kvo),
         ("v", "attn/v/kernel", kvo),
+    ]  # fmt: skip
+    per_layer = qkv + [
         ("o", "attn/o/kernel", merge_heads_in(cfg.num_heads)),
         ("gate", "mlp/gate/kernel", transpose),
         ("up", "mlp/up/kernel", transpose),
@@ -134,6 +147,13 @@ def llm_rules(kind: str, cfg: LLMConfig) -> list[Rule]:
                 Rule(rf"{L}{esc(names[src])}\.bias", lay(f"attn/{src}/bias"), split_heads_bias(heads))
             )
     return rules
+
+
+def fused_qkv_out(cfg: LLMConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """torch ``wqkv`` (kv_heads * (q_per_kv + 2) * head_dim, in) -> ours (in, kv_heads, q_per_kv + 2,
+    head_dim)."""
+    shape = (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim)
+    return lambda x: np.ascontiguousarray(x.T.reshape(x.shape[1], *shape))
 
 
 class _SplitFusedQKV(Mapping[str, np.ndarray]):
@@ -244,7 +264,7 @@ def load_llm(
     else:
         place = lambda name, x: jnp.asarray(x)
     source: Mapping[str, np.ndarray] = LazySource.from_dir(path)
-    if hf["model_type"] == "internlm2":
+    if hf["model_type"] == "internlm2" and not cfg.fused_qkv:
         source = _SplitFusedQKV(source, cfg)
     params = convert(
         source,
@@ -259,3 +279,73 @@ def load_llm(
         fresh = init_lora_params(lora_expected, seed=lora_seed, dtype=np.dtype(dtype))
         params = unflatten({**flatten(params), **{k: place(k, x) for k, x in fresh.items()}})
     return module, {"params": params}
+
+
+# --- PEFT LoRA adapters ------------------------------------------------------------------------------
+PEFT_PREFIX = "base_model.model."
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def peft_overrides(adapter_config: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """LLMConfig fields of a PEFT ``adapter_config.json``: rank, alpha and the targets as our regex
+    (InternLM2's ``wqkv`` -> ``fused_qkv=True``, one adapter on ``attn/qkv``)."""
+    by_hf = {hf.split(".")[-1]: ours for ours, hf in hf_names(kind).items() if ours in MODULES}
+    targets = adapter_config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    unknown = [t for t in targets if t not in by_hf]
+    if unknown or not targets:
+        raise ValueError(
+            f"PEFT target_modules {targets} name no (or unknown: {unknown}) {kind} projections; "
+            f"known: {sorted(by_hf)}."
+        )
+    ours = sorted({by_hf[t] for t in targets})
+    regex = r".*(" + "|".join(MODULES[o] for o in ours) + ")"
+    return dict(
+        lora_rank=int(adapter_config["r"]),
+        lora_alpha=float(adapter_config.get("lora_alpha", 8)),
+        lora_targets=regex,
+        fused_qkv="qkv" in ours,
+    )
+
+
+def lora_rules(kind: str, cfg: LLMConfig, expected: Mapping[str, tuple[int, ...]]) -> list[Rule]:
+    """PEFT ``model.layers.N.<module>.lora_A[.default].weight`` (r, in) / ``lora_B`` (out, r) -> our
+    ``lora_a`` (in..., r) / ``lora_b`` (r, out...), in the shapes ``expected`` holds."""
+    names = hf_names(kind)
+    L = r"model\.layers\.(\d+)\."
+    rules = []
+    for mod, ours in MODULES.items():
+        for ab, part in (("A", "lora_a"), ("B", "lora_b")):
+            flat = f"layers/{ours}/{part}" if cfg.scan_layers else f"layers_0/{ours}/{part}"
+            if flat not in expected:
+                continue
+            shape = expected[flat][1:] if cfg.scan_layers else expected[flat]
+            target = f"layers/{ours}/{part}[{{0}}]" if cfg.scan_layers else f"layers_{{0}}/{ours}/{part}"
+            pattern = L + re.escape(names[mod]) + rf"\.lora_{ab}(?:\.default)?\.weight"
+            rules.append(
+                Rule(pattern, target, lambda x, shape=shape: np.ascontiguousarray(x.T.reshape(shape)))
+            )
+    return rules
+
+
+def load_peft_adapter(path: str, cfg: LLMConfig, kind: str) -> tuple[LLMConfig, dict[str, np.ndarray]]:
+    """A PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) for a
+    ``kind`` LLM of ``cfg``: the config with the adapter's rank / alpha / targets, and the adapter's
+    params as ``{flat path: array}`` (every adapter tensor used, every adapter param filled)."""
+    import dataclasses
+
+    config_file, weights = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_FILE)
+    for f in (config_file, weights):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"No {os.path.basename(f)} in PEFT adapter directory {path!r}.")
+    with open(config_file) as f:
+        cfg = dataclasses.replace(cfg, **peft_overrides(json.load(f), kind))
+    source = LazySource([weights])
+    source = {k.removeprefix(PEFT_PREFIX): source[k] for k in source}
+    module = CausalLM(cfg)
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.ones((1, 1), jnp.int32)))
+    expected = {
+        k: v for k, v in expected_shapes(abstract["params"]).items() if re.fullmatch(LORA_PATH_REGEX, k)
+    }
+    params = convert(source, lora_rules(kind, cfg, expected), expected, what=f"PEFT adapter {path!r}")
+    return cfg, flatten(params)

@@ -29,10 +29,12 @@ from pargo_jax.configs import check_keys, field_names
 from pargo_jax.convert.tables import (
     LazySource,
     Rule,
+    TorchSource,
     conv_oihw_to_hwio,
     convert,
     expected_shapes,
     merge_heads_in,
+    read_torch_file,
     split_heads_bias,
     split_heads_out,
     transpose,
@@ -184,32 +186,6 @@ class _SplitQKV(Mapping[str, Any]):
         return len(self._keys)
 
 
-class _TorchSource(Mapping[str, np.ndarray]):
-    """A torch state dict read as numpy one tensor at a time (bfloat16/float16 kept via ml_dtypes)."""
-
-    def __init__(self, state: Mapping[str, Any]):
-        self._state = state
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        t = self._state[name]
-        if isinstance(t, np.ndarray):
-            return t
-        import torch
-
-        t = t.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._state)
-
-    def __len__(self) -> int:
-        return len(self._state)
-
-
 # --- shared loading --------------------------------------------------------------------------------
 def _load(
     cfg: VisionConfig,
@@ -337,7 +313,7 @@ def load_vision(
 # --- EVA02 (timm / EVA-CLIP) -----------------------------------------------------------------------
 def _read_state(path_or_state: str | Mapping[str, Any]) -> Mapping[str, Any]:
     if isinstance(path_or_state, Mapping):
-        return _TorchSource(path_or_state)
+        return TorchSource(path_or_state)
     path = str(path_or_state)
     if os.path.isdir(path):
         return LazySource.from_dir(path)
@@ -348,22 +324,7 @@ def _read_state(path_or_state: str | Mapping[str, Any]) -> Mapping[str, Any]:
         )
     if path.endswith(".safetensors"):
         return LazySource([path])
-    import torch
-
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"Cannot read {path!r} as a tensor-only torch state dict ({e}); if you trust the file, load it "
-            "yourself (torch.load(..., weights_only=False)) and pass the state dict to load_eva02."
-        ) from e
-    for key in ("model_ema", "model", "module", "state_dict"):  # timm's checkpoint_filter_fn wrappers
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-    return _TorchSource(state)
+    return TorchSource(read_torch_file(path))
 
 
 def eva02_config(source: Mapping[str, Any], heads: int | None = None) -> VisionConfig:

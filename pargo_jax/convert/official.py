@@ -16,7 +16,15 @@ import jax
 import numpy as np
 from absl import logging
 
-from pargo_jax.convert.tables import ConversionError, Rule, convert, expected_shapes, transpose
+from pargo_jax.convert.tables import (
+    ConversionError,
+    Rule,
+    TorchSource,
+    convert,
+    expected_shapes,
+    read_torch_file,
+    transpose,
+)
 from pargo_jax.models.projectors.pargo import ParGo, ParGoConfig
 
 PROJECTOR_PREFIXES = ("ParGo.", "Q_former.", "Qformer.")
@@ -43,7 +51,8 @@ def _add_batch_axis(x: np.ndarray) -> np.ndarray:
 _INVERSE = {None: None, transpose: transpose, _drop_batch_axis: _add_batch_axis}
 
 
-def _rules() -> list[Rule]:
+def projector_rules() -> list[Rule]:
+    """The table: official projector tensor name (after the prefix) -> our ParGo param."""
     attn = {"attention": "self", "crossattention": "cross"}
     rules = [
         Rule(r"ln_vision\.weight", "ln_vision_scale"),
@@ -98,13 +107,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         return dict(load_file(path))
     if not path.endswith((".bin", ".pth", ".pt")):
         raise ValueError(f"Checkpoint {path!r}: expected a .safetensors, .bin, .pth or .pt file.")
-    import torch  # Lazy: torch is an export/test extra, not a core dependency.
-
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in obj.items()}
+    source = TorchSource(read_torch_file(path))
+    widen = lambda x: x.astype(np.float32) if x.dtype.name == "bfloat16" else x
+    return {k: widen(source[k]) for k in source}
 
 
 def _canonical(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
@@ -189,7 +194,7 @@ def load_projector(
     features = jax.ShapeDtypeStruct((1, max(config.num_partial, 1), config.vision_width), np.float32)
     abstract = jax.eval_shape(module.init, jax.random.key(0), features)
     expected = expected_shapes(abstract["params"])
-    params = convert(state, _rules(), expected, dtype=dtype, what=f"ParGo checkpoint {path!r}")
+    params = convert(state, projector_rules(), expected, dtype=dtype, what=f"ParGo checkpoint {path!r}")
     logging.info(
         "Loaded ParGo projector from %s: %d tensors converted, %d text-branch tensors ignored, "
         "%d tower/LLM tensors left for their loaders.",
@@ -207,7 +212,7 @@ def to_official_state_dict(params: Mapping[str, np.ndarray]) -> dict[str, np.nda
     once its deleted text-branch modules are dropped. The inverse of :func:`load_projector`'s table."""
     params = {k: np.asarray(v) for k, v in params.items()}
     out: dict[str, np.ndarray] = {}
-    for rule in _rules():
+    for rule in projector_rules():
         name, index = rule.target.split("[")[0], re.findall(r"\[([^\]]*)\]", rule.target)
         value = params[name]
         layers = range(value.shape[0]) if index and index[0] == "{0}" else [None]

@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -222,3 +223,61 @@ def expected_shapes(abstract_params: Mapping) -> dict[str, tuple[int, ...]]:
         k: tuple((v.unbox(apply_constraint=False) if isinstance(v, meta.AxisMetadata) else v).shape)
         for k, v in flatten(abstract_params).items()
     }
+
+
+# --- torch files (.pt / .pth / .bin) ----------------------------------------------------------------
+TORCH_EXTRA = (
+    "pip install -r requirements-torch.txt (the CPU build: --index-url https://download.pytorch.org/whl/cpu)"
+)
+
+
+def read_torch_file(path: str) -> Mapping[str, Any]:
+    """The tensor state dict in a torch pickle, memory-mapped where the format allows, unwrapped from
+    the usual ``{"state_dict" | "model" | "model_ema" | "module": ...}`` wrappers. Needs torch (an extra
+    of this package): one clear error without it, or for a file that holds more than tensors."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"Reading {path!r} needs PyTorch, which the core install leaves out: {TORCH_EXTRA}."
+        ) from e
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"Cannot read {path!r} as a tensor-only torch state dict ({e}); if you trust the file, load it "
+            "yourself (torch.load(..., weights_only=False)) and pass the state dict."
+        ) from e
+    for key in ("model_ema", "model", "module", "state_dict"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    return state
+
+
+class TorchSource(Mapping[str, np.ndarray]):
+    """A torch state dict read as numpy one tensor at a time (bfloat16/float16 kept via ml_dtypes)."""
+
+    def __init__(self, state: Mapping[str, Any]):
+        self._state = state
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self._state[name]
+        if isinstance(t, np.ndarray):
+            return t
+        import torch
+
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)

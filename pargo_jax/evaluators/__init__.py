@@ -11,13 +11,13 @@ entry.
 from __future__ import annotations
 
 import importlib
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 
+from pargo_jax import paths
 from pargo_jax.evaluators.common import Evaluator, evals_config
 
 # type -> "module:class", imported when first built (so `python -m pargo_jax.evaluators.mme` and
@@ -64,7 +64,7 @@ def run_all(
     logged: dict[str, float] = {}
     for name, ev in evals.items():
         t0 = time.perf_counter()
-        values = dict(ev.run(params, out_dir=os.path.join(workdir, "eval", str(step))))
+        values = dict(ev.run(params, out_dir=paths.join(workdir, "eval", str(step))))
         scalars = {f"eval/{name}/{k}": float(v) for k, v in values.items()}
         if writer:
             writer.write(step, scalars)

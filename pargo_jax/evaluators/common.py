@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from pargo_jax import configs
+from pargo_jax import configs, paths
 from pargo_jax.predict import DecodeOptions, Predictor
 
 COMMON_KEYS = {"type", "data", "log_steps", "batch_size"}
@@ -111,9 +111,7 @@ class Evaluator:
 
 
 def write_results(out_dir: str, name: str, metrics: Mapping[str, float], predictions: list[dict]) -> None:
-    from etils import epath
-
-    path = epath.Path(out_dir)
+    path = paths.path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
     (path / f"{name}.json").write_text(json.dumps(dict(metrics), indent=2) + "\n")
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)

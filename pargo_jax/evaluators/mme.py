@@ -29,6 +29,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pargo_jax import paths
 from pargo_jax.evaluators import common
 
 PERCEPTION = (
@@ -109,10 +110,11 @@ def _clean(text: str) -> str:
 
 def write_results(results_dir: str, results: Mapping[str, Sequence[Line]]) -> None:
     """``<results_dir>/<subtask>.txt`` in the MME tool's format (tabs / newlines in answers become spaces)."""
-    os.makedirs(results_dir, exist_ok=True)
+    root = paths.path(results_dir)
+    root.mkdir(parents=True, exist_ok=True)
     for name, lines in results.items():
-        with open(os.path.join(results_dir, f"{name}.txt"), "w", encoding="utf-8") as f:
-            f.writelines("\t".join(_clean(x) for x in line) + "\n" for line in lines)
+        text = "".join("\t".join(_clean(x) for x in line) + "\n" for line in lines)
+        (root / f"{name}.txt").write_text(text)
 
 
 def read_results(results_dir: str) -> dict[str, list[Line]]:
@@ -256,7 +258,7 @@ class MMEEvaluator(common.Evaluator):
             results.setdefault(it["subtask"], []).append(line)
         scores = mme_scores(results, rule)
         if out_dir:
-            write_results(os.path.join(out_dir, f"{self.name}_results"), results)
+            write_results(paths.join(out_dir, f"{self.name}_results"), results)
         metrics = {
             "perception": scores["perception"],
             "cognition": scores["cognition"],

@@ -88,6 +88,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
     llm = llm_config(m.llm, dtype, tokenizer.vocab_size)
     options = dict(m.projector)
     name = options.pop("name", "pargo")
+    options.pop("init_from_bert", None)  # where the weights start, not the model: see init_params
     options.update(vision_width=vision.width, llm_width=llm.hidden_size, dtype=dtype)
     return MLLMConfig(
         vision=vision,
@@ -231,6 +232,10 @@ def init_params(parts: ModelParts, config: ml_collections.ConfigDict) -> dict[st
     init = lambda r: {k: v for k, v in nn.unbox(parts.init(r)).items() if k in fresh}
     params = jax.jit(init, out_shardings={k: parts.shardings[k] for k in fresh})(jax.random.key(config.seed))
     params.update(loaded)
+    bert = config.model.projector.get("init_from_bert")
+    if bert:
+        path = configs.require_path(bert, "model.projector.init_from_bert")
+        params["projector"] = _projector_from_bert(parts, params["projector"], path)
     init_from = config.checkpoint.get("init_from")
     if init_from:
         configs.require_path(init_from, "checkpoint.init_from")
@@ -242,6 +247,16 @@ def init_params(parts: ModelParts, config: ml_collections.ConfigDict) -> dict[st
             )
             logging.info("Initialized %s from %s.", part, init_from)
     return params
+
+
+def _projector_from_bert(parts: ModelParts, fresh: dict[str, Any], path: str) -> dict[str, Any]:
+    """The ``fresh`` projector params with what the release's ``init_ParGo`` takes from BERT put in."""
+    from pargo_jax.convert import bert
+    from pargo_jax.convert.tables import expected_shapes
+
+    taken = bert.pargo_from_bert(path, parts.mcfg.projector, expected_shapes(parts.abstract["projector"]))
+    shardings = parts.shardings["projector"]
+    return {**fresh, **{k: jax.device_put(v, shardings[k]) for k, v in taken.items()}}
 
 
 # --- a trained run -----------------------------------------------------------------------------------

@@ -57,6 +57,9 @@ class LLMConfig:
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    # One fused q/k/v projection in InternLM2's ``wqkv`` layout (per kv head: its q heads, k, v), so a
+    # LoRA adapter on ``attn/qkv`` is one adapter over all three, as the ParGo release trains it.
+    fused_qkv: bool = False
     max_position_embeddings: int = 4096
     scan_layers: bool = False
     remat_policy: str = "none"
@@ -195,9 +198,16 @@ class Attention(nn.Module):
         hd = (c.num_heads, c.head_dim)
         kvd = (c.num_kv_heads, c.head_dim)
         qn, kvn = ("heads", "head_dim"), ("kv_heads", "head_dim")
-        q = proj(c, hd, 1, ("embed", *qn), "q", c.qkv_bias)(x)
-        k = proj(c, kvd, 1, ("embed", *kvn), "k", c.qkv_bias)(x)
-        v = proj(c, kvd, 1, ("embed", *kvn), "v", c.qkv_bias)(x)
+        if c.fused_qkv:
+            g = c.num_heads // c.num_kv_heads
+            fused = (c.num_kv_heads, g + 2, c.head_dim)
+            qkv = proj(c, fused, 1, ("embed", "kv_heads", None, "head_dim"), "qkv", c.qkv_bias)(x)
+            q = qkv[..., :g, :].reshape(*qkv.shape[:-3], *hd)  # query head h belongs to kv head h // g
+            k, v = qkv[..., g, :], qkv[..., g + 1, :]
+        else:
+            q = proj(c, hd, 1, ("embed", *qn), "q", c.qkv_bias)(x)
+            k = proj(c, kvd, 1, ("embed", *kvn), "k", c.qkv_bias)(x)
+            v = proj(c, kvd, 1, ("embed", *kvn), "v", c.qkv_bias)(x)
         q = nn.with_logical_constraint(_rotate(q, cos, sin), ("batch", "length", "act_heads", None))
         k = _rotate(k, cos, sin)
         if kv is not None:

@@ -124,3 +124,28 @@ class Eva(nn.Module):
             hidden.append(x)
         x = self.norm(x)
         return (x, hidden) if return_hidden else x
+
+
+EVACLIP_NAMES = (  # timm name part -> original EVA-CLIP name part
+    ("attn.q_proj.bias", "attn.q_bias"),
+    ("attn.v_proj.bias", "attn.v_bias"),
+    ("mlp.fc1_g", "mlp.w1"),
+    ("mlp.fc1_x", "mlp.w2"),
+    ("mlp.norm", "mlp.ffn_ln"),
+    ("mlp.fc2", "mlp.w3"),
+    ("attn.norm", "attn.inner_attn_ln"),
+)
+
+
+def evaclip_state(ref: Eva) -> dict[str, torch.Tensor]:
+    """``ref``'s tower tensors under the original EVA-CLIP names (separate q/k/v with q_bias/v_bias,
+    w1/w2/ffn_ln/w3, inner_attn_ln), without the final norm and head, as EVA-CLIP's visual tower
+    saves them (prefix ``visual.`` not included)."""
+    state = {}
+    for k, v in ref.state_dict().items():
+        if k.startswith(("norm.", "head.")):
+            continue
+        for a, b in EVACLIP_NAMES:
+            k = k.replace(a, b)
+        state[k] = v
+    return state

@@ -1,0 +1,144 @@
+"""Every non-demo preset starts through ``python -m pargo_jax.main`` on tiny random checkpoints in the
+files' real layouts and trains a few steps, pretrain then SFT from it:
+
+  paper         EVA-CLIP ``.pt`` (a whole CLIP: ``visual.*`` tower keys with EVA-CLIP's names, text
+                tower beside it), InternLM2 HF directory (fused ``wqkv``, sharded safetensors),
+                bert-small-shaped HF BERT (``pytorch_model.bin``, ``bert.`` / ``cls.`` keys)
+  siglip_qwen2  SigLIP HF directory (a whole SiglipModel), Qwen2 HF directory (sharded), BERT
+
+Shapes are shrunk with ``--config.*`` flags only (tower / LLM sizes come from the files); data is a
+small LLaVA-format JSON built with ``python -m data_pipelines.build``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests import demo
+from tests.test_bert_init import tiny_bert
+from tests.torch_refs.eva02 import Eva, evaclip_state
+from tests.torch_refs.tiny_llm import COMMON, write_internlm2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 160  # the shapes tokenizer's 143 words fit
+PROJECTOR = dict(num_partial=4, num_global=2, hidden=64, heads=4, layers=2, mlp_dim=96, max_positions=64)
+
+
+def _llms(root: str) -> dict[str, str]:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from data_pipelines import shapes
+
+    torch.manual_seed(0)
+    common = {**COMMON, "vocab_size": VOCAB, "max_position_embeddings": 128}
+    dirs = {"internlm2": os.path.join(root, "internlm2"), "qwen2": os.path.join(root, "qwen2")}
+    write_internlm2(LlamaForCausalLM(LlamaConfig(**common)), dirs["internlm2"])
+    Qwen2ForCausalLM(Qwen2Config(**common)).save_pretrained(dirs["qwen2"], max_shard_size="100KB")
+    for d in dirs.values():  # the LLM directory carries its tokenizer, as HF checkpoints do
+        shapes.write_tokenizer(d)
+    return dirs
+
+
+def _towers(root: str) -> dict[str, str]:
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(0)
+    eva = Eva(img_size=28, patch_size=7, dim=64, depth=2, heads=1, hidden=80, ref_grid=16)  # 64-wide heads
+    state = {f"visual.{k}": v for k, v in evaclip_state(eva).items()}
+    state.update({"text.token_embedding.weight": torch.randn(50, 16), "logit_scale": torch.ones(())})
+    eva_file = os.path.join(root, "EVA02_CLIP_tiny.pt")
+    torch.save(state, eva_file)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=28, patch_size=7)  # fmt: skip
+    text = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    )
+    siglip = os.path.join(root, "siglip")
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(siglip)
+    return {"eva": eva_file, "siglip": siglip}
+
+
+def _llava(root: str) -> str:
+    """A few LLaVA-Pretrain and LLaVA-Instruct records built into ``root/data``."""
+    from PIL import Image
+
+    from data_pipelines import build
+
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    for i in range(8):
+        pixels = rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(root, "images", f"{i}.jpg"))
+    turns = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    record = lambda i, q, a: {"id": f"{q[:1]}{i}", "image": f"{i}.jpg", "conversations": turns(q, a)}
+    pretrain = [record(i, "<image>", "a red circle.") for i in range(8)]
+    instruct = [record(i, "<image>\nwhat colour is the circle?", "red") for i in range(8)]
+    data = os.path.join(root, "data")
+    for name, records in (("pretrain", pretrain), ("instruct", instruct)):
+        src = os.path.join(root, f"{name}.json")
+        with open(src, "w") as f:
+            json.dump(records, f)
+        build.main(["--dataset", "llava", "--config", name, "--src", src, "--image_dir",
+                    os.path.join(root, "images"), "--data_dir", data, "--num_workers", "1"])  # fmt: skip
+    return data
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    root = str(tmp_path_factory.mktemp("preset_checkpoints"))
+    bert = os.path.join(root, "bert-small")
+    tiny_bert(bert, pretraining=True, intermediate_size=96)
+    return {**_llms(root), **_towers(root), "bert": bert, "data": _llava(root)}
+
+
+def _main(experiment: str, workdir: str, flags: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pargo_jax.main", f"--config={experiment}", f"--workdir={workdir}"]
+    cmd += [f"--config.{k}={v}" for k, v in flags.items()]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+PRESETS = {"paper": ("eva", "internlm2", 28), "siglip_qwen2": ("siglip", "qwen2", 28)}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_pretrain_then_sft_through_main(preset, checkpoints, tmp_path):
+    tower, llm, size = PRESETS[preset]
+    common = {
+        "model.vision.path": checkpoints[tower],
+        "model.llm.path": checkpoints[llm],
+        "input.tokenizer": checkpoints[llm],
+        "input.data_dir": checkpoints["data"],
+        "input.image_size": size,
+        "input.batch_size": 2,
+        "input.max_len": 64,
+        "total_steps": 3,
+        "optim.warmup_steps": 1,
+        "log_every_steps": 1,
+        "checkpoint.every_steps": 3,
+        **{f"model.projector.{k}": v for k, v in PROJECTOR.items()},
+    }
+    pre, sft = str(tmp_path / "pretrain"), str(tmp_path / "sft")
+    run = _main(
+        f"experiments/pretrain.py:{preset}",
+        pre,
+        {**common, "model.projector.init_from_bert": checkpoints["bert"]},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "ParGo from BERT" in run.stderr and "Initialized" not in run.stderr
+    losses = demo.losses(pre)
+    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))
+    run = _main(f"experiments/sft.py:{preset}", sft, {**common, "checkpoint.init_from": pre})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"Initialized projector from {pre}" in run.stderr
+    assert sorted(demo.losses(sft)) == [1, 2, 3]
+    model = json.load(open(os.path.join(sft, "model.json")))
+    assert model["llm"]["lora_rank"] == 256 and model["projector"]["num_partial"] == 4
+    assert model["llm"]["fused_qkv"] == (preset == "paper")  # the release's one adapter on wqkv
