@@ -32,14 +32,17 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 @dataclasses.dataclass
 class SplitStats:
-    """Accounting of one converted split: ``read == written + sum(skipped.values())``."""
+    """Accounting of one converted split: ``read == written + sum(skipped.values())``; ``text_only`` of
+    the written records have no image."""
 
     read: int = 0
     written: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    text_only: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"read": self.read, "written": self.written, "skipped": dict(sorted(self.skipped.items()))}
+        out = {"read": self.read, "written": self.written, "skipped": dict(sorted(self.skipped.items()))}
+        return {**out, "text_only": self.text_only} if self.text_only else out
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], num_workers: int, window: int = 256):
@@ -134,14 +137,19 @@ class ConverterBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         stats = self.stats.setdefault(split, SplitStats())
         results = ordered_map(self._safe_convert, self._items(split), self.num_workers)
         bar = tqdm(results, total=self._count(split), desc=f"{self.name} {split}", disable=not self.progress)
+        seen: set[str] = set()  # the first record of an id is kept: boxes and evaluations join by id
         for index, res in enumerate(bar):
             stats.read += 1
+            if not isinstance(res, BadRecord) and res.id in seen:
+                res = BadRecord("duplicate_id", res.id, "an earlier record has this id")
             if isinstance(res, BadRecord):
                 stats.skipped[res.reason] += 1
                 if self.strict:
                     raise res
                 continue
+            seen.add(res.id)
             stats.written += 1
+            stats.text_only += res.text_only
             yield index, schema.to_example(res)
 
     def build(self, overwrite: bool = True) -> dict[str, dict[str, Any]]:
@@ -176,6 +184,8 @@ def format_summary(name: str, summary: Mapping[str, Mapping[str, Any]]) -> str:
     for split, s in summary.items():
         skipped = sum(s["skipped"].values())
         reasons = ", ".join(f"{k}={v}" for k, v in s["skipped"].items()) or "-"
+        if s.get("text_only"):
+            reasons += f" (written: {s['text_only']} text-only)"
         lines.append(
             f"{' ' * len(name)}  {split:<10} {s['read']:>9} {s['written']:>9} {skipped:>9}  {reasons}"
         )

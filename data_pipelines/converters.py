@@ -100,8 +100,10 @@ class LlavaBuilder(ConverterBuilder, skip_registration=True):
                 t.text.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise BadRecord("invalid_utf8", rid) from e
-        if not ex.get("image"):
-            raise BadRecord("missing_image", rid, "text-only record (no 'image')")
+        if not ex.get("image"):  # text-only (LLaVA-1.5 trains these too), unless it asks for an image
+            if any(IMAGE_PLACEHOLDER in t.text for t in turns):
+                raise BadRecord("missing_image", rid, "no 'image' but the conversation has <image>")
+            return Record(rid, b"", conversation=turns)
         image = read_image_file(os.path.join(self.image_dir, ex["image"]), rid)
         return Record(rid, image, conversation=turns)
 

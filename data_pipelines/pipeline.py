@@ -141,12 +141,17 @@ class Preprocessor:
             max_len=self.cfg.max_len,
             overlong=self.cfg.overlong,
             record_id=rec.id,
+            text_only=rec.text_only,
         )
         out["record_id"] = rec.id
         return rec, out
 
     def image(self, rec: schema.Record) -> np.ndarray:
-        """Decode + resize: uint8 (S, S, 3) pixels (normalized per batch, in ``Collate``)."""
+        """Decode + resize: uint8 (S, S, 3) pixels (normalized per batch, in ``Collate``). A text-only
+        record gets black pixels: its sequence has no image token, so the tower's output is unused."""
+        if rec.text_only:
+            size = self.cfg.image_size
+            return np.zeros((size, size, 3), np.uint8)
         img = images.load(rec.image, self.cfg.image_size, self.cfg.resize, self.cfg.mean, rec.id)
         return images.to_array(img)
 

@@ -38,6 +38,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "no_answer_tokens",  # after truncation no answer token is left to train on
     "template_error",  # the tokenizer's chat template rejected the conversation (raise_exception)
     "truncated_archive",  # a tar/WebDataset shard ends in the middle of a member
+    "duplicate_id",  # a converter met this record id before: the first record of an id is kept
 )
 REASON_INDEX = {r: i for i, r in enumerate(SKIP_REASONS)}
 
@@ -60,7 +61,9 @@ class Turn:
 
 @dataclasses.dataclass
 class Record:
-    """One training example, independent of its source format."""
+    """One training example, independent of its source format. ``image == b""`` with a conversation
+    that has no ``<image>`` is a text-only example (LLaVA-Instruct has ~40K): it trains the LLM with no
+    image tokens."""
 
     id: str
     image: bytes
@@ -68,6 +71,10 @@ class Record:
     conversation: list[Turn] = dataclasses.field(default_factory=list)
     boxes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 4), np.float32))
     labels: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def text_only(self) -> bool:
+        return len(self.image) == 0
 
     def messages(self, caption_prompt: str = "") -> list[dict[str, str]]:
         """Chat messages for the template; a caption becomes user ``<image>`` -> assistant caption."""
@@ -156,7 +163,8 @@ def validate(rec: Record) -> Record:
     rid = rec.id
     if not isinstance(rec.image, (bytes, np.bytes_)) or rec.image is None:
         raise BadRecord("missing_image", rid)
-    if len(rec.image) == 0:
+    placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in rec.conversation)
+    if len(rec.image) == 0 and not (rec.conversation and placeholders == 0):
         raise BadRecord("zero_byte_image", rid)
     if rec.conversation:
         roles = [t.role for t in rec.conversation]
@@ -168,9 +176,9 @@ def validate(rec: Record) -> Record:
         if not any(t.role == "assistant" and t.text.strip() for t in rec.conversation):
             raise BadRecord("empty_conversation", rid, "no assistant turn with text")
         counts = [t.text.count(IMAGE_PLACEHOLDER) for t in rec.conversation]
-        if sum(counts) == 0:
+        if sum(counts) == 0 and not rec.text_only:
             raise BadRecord("no_image_placeholder", rid)
-        if sum(counts) > 1 or counts[first_user] != 1:
+        if not rec.text_only and (sum(counts) > 1 or counts[first_user] != 1):
             raise BadRecord("misplaced_image_placeholder", rid, f"placeholder counts per turn {counts}")
     else:
         if not rec.caption.strip():

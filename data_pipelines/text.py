@@ -248,17 +248,23 @@ def pack_example(
     max_len: int,
     overlong: str = "truncate",
     record_id: str = "?",
+    text_only: bool = False,
 ) -> dict[str, np.ndarray]:
     """Render + tokenize a conversation into fixed-length training arrays.
 
-    The single image token is expanded to ``num_image_tokens`` copies. Returns ``input_ids``,
-    ``targets`` (ids shifted left, last = pad), ``loss_mask`` (1 where the target is an answer
-    token) and ``attention_mask``, all of length ``max_len``, and ``truncated`` (whether tokens past
-    ``max_len`` were cut, with ``overlong="truncate"``).
+    The single image token is expanded to ``num_image_tokens`` copies (``text_only``: there is none).
+    Returns ``input_ids``, ``targets`` (ids shifted left, last = pad), ``loss_mask`` (1 where the
+    target is an answer token) and ``attention_mask``, all of length ``max_len``, and ``truncated``
+    (whether tokens past ``max_len`` were cut, with ``overlong="truncate"``).
     """
     ids, answer = tok.tokenize_chat(messages, record_id)
-    ids, p = expand_image_token(ids, tok.image_token_id, num_image_tokens, record_id)
-    answer = np.concatenate([answer[:p], np.zeros(num_image_tokens, bool), answer[p + 1 :]])
+    if text_only:
+        if (ids == tok.image_token_id).any():
+            raise BadRecord("misplaced_image_placeholder", record_id, "a text-only record has an image token")
+        p, num_image_tokens = 0, 0
+    else:
+        ids, p = expand_image_token(ids, tok.image_token_id, num_image_tokens, record_id)
+        answer = np.concatenate([answer[:p], np.zeros(num_image_tokens, bool), answer[p + 1 :]])
     truncated = len(ids) > max_len
     if truncated:
         if overlong == "skip":

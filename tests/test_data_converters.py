@@ -20,6 +20,7 @@ from data_pipelines.boxes import BoxCodec
 from data_pipelines.builders import open_source
 from data_pipelines.converters import CocoCaptionsBuilder, LlavaBuilder, RefCocoBuilder, WebDatasetBuilder
 from data_pipelines.schema import BadRecord, from_example
+from data_pipelines.text import load_tokenizer
 
 
 def _jpeg(w=48, h=32, color=(30, 120, 200)) -> bytes:
@@ -95,7 +96,8 @@ def _llava_files(root):
         "missing_file": ("missing_image", rec("missing_file", image="nope/none.jpg", conv=qa)),
         "zero": ("zero_byte_image", rec("zero", image="zero.jpg", conv=qa)),
         "trunc": ("bad_image", rec("trunc", image="trunc.jpg", conv=qa)),
-        "textonly": ("missing_image", {"id": "textonly", "conversations": qa}),
+        "noimage": ("missing_image", {"id": "noimage", "conversations": qa}),  # asks for an image
+        "dup": ("duplicate_id", rec("i0", image="0001/1.jpg", conv=qa)),  # i0 again: the first is kept
         "noconv": ("missing_field", {"id": "noconv", "image": "0000/0.jpg"}),
         "empty": ("empty_conversation", rec("empty", conv=[])),
         "noph": ("no_image_placeholder", rec("noph", conv=[{"from": "human", "value": "q"}, qa[1]])),
@@ -107,7 +109,9 @@ def _llava_files(root):
         "novalue": ("missing_field", rec("novalue", conv=[{"from": "human"}, qa[1]])),
         "noanswer": ("empty_conversation", rec("noanswer", conv=[qa[0]])),
     }
-    data = good_pretrain + good_instruct + [r for _, r in bad.values()]
+    text_only = {"id": "t0", "conversations": [{"from": "human", "value": "What is 2 + 2?"},
+                                               {"from": "gpt", "value": "4"}]}  # fmt: skip
+    data = good_pretrain + good_instruct + [text_only] + [r for _, r in bad.values()]
     text = json.dumps(data).encode()
     # one record with invalid UTF-8 bytes inside a JSON string
     text = (
@@ -126,13 +130,15 @@ def test_llava_pretrain_and_instruct_formats(tmp_path):
     summary = b.build()
     _check_accounting(summary)
     s = summary["train"]
-    assert s["read"] == 4 + len(bad) and s["written"] == 4
+    assert s["read"] == 5 + len(bad) and s["written"] == 5 and s["text_only"] == 1
     expected = {}
     for reason, _ in bad.values():
         expected[reason] = expected.get(reason, 0) + 1
     assert s["skipped"] == expected
     recs = _read_all(out, "llava/mix", "train")
-    assert set(recs) == {"p0", "p1", "i0", "i1"}
+    assert set(recs) == {"p0", "p1", "i0", "i1", "t0"}
+    assert recs["t0"].text_only and recs["t0"].image == b"" and not recs["i0"].text_only
+    assert recs["i0"].conversation[1].text == "A white square on blue."  # the first i0, not the duplicate
     assert [t.role for t in recs["p0"].conversation] == ["user", "assistant"]
     assert recs["p0"].conversation[0].text.endswith("<image>")  # pretrain puts it last
     assert [t.role for t in recs["i0"].conversation] == ["user", "assistant"] * 2
@@ -315,7 +321,8 @@ def test_cli_prints_summary_and_output_feeds_the_pipeline(tmp_path, capsys):
     assert "llava/instruct" in printed and "missing_image=2" in printed and "zero_byte_image=1" in printed
     assert "Downloading" not in printed and "downloaded and prepared" not in printed  # no TFDS chatter
     saved = json.load(open(summary_path))
-    assert saved["splits"]["train"]["read"] == 4 + len(bad)
+    assert saved["splits"]["train"]["read"] == 5 + len(bad)
+    assert "duplicate_id=1" in printed and "(written: 1 text-only)" in printed
     # the converted records go through the training pipeline (with a tokenizer that knows <image>)
     cfg = dict(
         sources=[dict(name="llava/instruct", data_dir=out, split="train")],
@@ -324,8 +331,13 @@ def test_cli_prints_summary_and_output_feeds_the_pipeline(tmp_path, capsys):
         image_size=16,
         max_len=96,
     )
-    b = next(make_iterator(cfg, num_image_tokens=4, seed=0))
-    assert b["image"].shape == (2, 16, 16, 3) and set(b["record_id"]) <= {"p0", "p1", "i0", "i1"}
+    it = make_iterator({**cfg, "batch_size": 5}, num_image_tokens=4, seed=0)
+    b = next(it)
+    assert b["image"].shape == (5, 16, 16, 3) and set(b["record_id"]) == {"p0", "p1", "i0", "i1", "t0"}
+    t = list(b["record_id"]).index("t0")  # text-only: no image token, black pixels, answer tokens trained
+    image_id = load_tokenizer(shapes.ASSET_TOKENIZER).image_token_id
+    assert not (b["input_ids"][t] == image_id).any() and not b["image"][t].any() and b["loss_mask"][t].any()
+    assert all((b["input_ids"][i] == image_id).sum() == 4 for i in range(5) if i != t)
     assert "tensorflow" not in sys.modules  # building and reading never imports TensorFlow
 
 
