@@ -10,8 +10,9 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from data_pipelines.images import CLIP_MEAN, CLIP_STD
+
 PRESETS = ("demo", "paper", "siglip_qwen2")
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def regex_dict(d: dict[str, float]) -> ml_collections.ConfigDict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -126,12 +125,12 @@ def test_fused_wqkv_and_a_peft_adapter_on_it(tmp_path, scan):
     """InternLM2 with ``fused_qkv`` equals the split layout (itself checked against transformers); a PEFT
     adapter on ``wqkv`` (one A, one B over the fused output) equals its merge W + (alpha / r) B A done
     in torch's layout on the checkpoint file."""
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import save_file
 
     from pargo_jax.convert.hf import load_peft_adapter
-    from tests.torch_refs.tiny_llm import checkpoint, write_internlm2
+    from tests.torch_refs.tiny_llm import checkpoint, edit_checkpoint
 
-    llama, path = checkpoint("internlm2")
+    _, path = checkpoint("internlm2")
     ids = jnp.asarray(np.random.RandomState(1).randint(3, 128, (2, 9)))
     split, _, _ = _internlm2_logits(path, ids, scan_layers=scan)
     fused, module, variables = _internlm2_logits(path, ids, scan_layers=scan, fused_qkv=True)
@@ -142,19 +141,14 @@ def test_fused_wqkv_and_a_peft_adapter_on_it(tmp_path, scan):
     r, alpha, rng = 4, 8.0, np.random.RandomState(2)
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
     adapter.mkdir()
-    write_internlm2(llama, str(merged))
-    shards = {f: load_file(str(merged / f)) for f in os.listdir(merged) if f.endswith(".safetensors")}
-    tensors = {}
+    tensors, edits = {}, {}
     for i in range(2):
         a, b = rng.normal(0, 0.3, (r, 64)), rng.normal(0, 0.3, (128, r))
         name = f"model.layers.{i}.attention.wqkv"
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.astype(np.float32)
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.astype(np.float32)
-        for shard in shards.values():
-            if f"{name}.weight" in shard:
-                shard[f"{name}.weight"] = (shard[f"{name}.weight"] + alpha / r * b @ a).astype(np.float32)
-    for f, shard in shards.items():
-        save_file(shard, str(merged / f))
+        edits[f"{name}.weight"] = lambda w, a=a, b=b: w + alpha / r * b @ a  # PEFT: W + (alpha / r) B A
+    edit_checkpoint(path, str(merged), edits)
     save_file(tensors, str(adapter / "adapter_model.safetensors"))
     (adapter / "adapter_config.json").write_text(
         json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["wqkv"]})

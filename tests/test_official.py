@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from pargo_jax.convert.official import load_projector
 from pargo_jax.convert.tables import ConversionError
 from pargo_jax.models.projectors import ParGo
+from pargo_jax.param_tree import flatten
 from tests.torch_refs.pargo_ref import ParGoReference, randomize
 
 SHAPE = dict(num_partial=8, num_global=4, hidden=64, heads=2, layers=2, mlp_dim=96, vision_width=48,
@@ -170,3 +171,83 @@ def test_torch_files_without_torch_name_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # as in a core install
     with pytest.raises(ImportError, match=r"needs PyTorch.*pip install -r requirements-torch.txt"):
         read_torch_file(str(file))
+
+
+def official_checkpoint(path: str, seed: int = 0) -> dict:
+    """A tiny checkpoint in the release's whole-model layout: EVA02 under ``visual_encoder.`` (EVA-CLIP
+    names), ``ln_vision``, ``query_tokens``, ``ParGo.bert.*`` (text branch included), ``llm_proj``, and the
+    PEFT-wrapped InternLM2: LoRA on ``wqkv`` plus two saved base weights (``base_layer`` naming).
+    Returns the torch references and what was written."""
+    from tests.torch_refs.eva02 import Eva, evaclip_state
+
+    torch.manual_seed(seed)
+    eva = randomize(Eva(img_size=28, patch_size=7, dim=48, depth=2, heads=2, hidden=64, ref_grid=16), seed)
+    pargo = randomize(ParGoReference(**{**SHAPE, "llm_width": 64}), seed + 1).eval()
+    state = {f"visual_encoder.{k}": v for k, v in evaclip_state(eva).items()}
+    state.update(official_state(pargo, wrap=""))
+    del state["visual_encoder.blocks.0.attn.qkv.weight"], state["llm_model.base_model.model.output.weight"]
+    rng = np.random.RandomState(seed)
+    lora = {i: (rng.normal(0, 0.3, (4, 64)), rng.normal(0, 0.3, (128, 4))) for i in range(2)}
+    peft = "llm_model.base_model.model.model.layers.{}.attention.wqkv"
+    for i, (a, b) in lora.items():
+        state[peft.format(i) + ".lora_A.default.weight"] = torch.tensor(a, dtype=torch.float32)
+        state[peft.format(i) + ".lora_B.default.weight"] = torch.tensor(b, dtype=torch.float32)
+    saved = {  # LLM weights the checkpoint saved: they replace llm_path's, as the release's load does
+        peft.format(0) + ".base_layer.weight": rng.normal(0, 0.2, (128, 64)),
+        "llm_model.base_model.model.output.weight": rng.normal(0, 0.2, (128, 64)),
+    }
+    state.update({k: torch.tensor(v, dtype=torch.float32) for k, v in saved.items()})
+    torch.save({"module." + k: v for k, v in state.items()}, path)
+    return dict(eva=eva.eval(), pargo=pargo, lora=lora, saved=saved)
+
+
+def test_official_model_runs_as_released(tmp_path):
+    from pargo_jax.convert.hf import load_llm
+    from pargo_jax.convert.official import load_model
+    from tests.torch_refs.tiny_llm import checkpoint, edit_checkpoint
+
+    _, llm_path = checkpoint("internlm2")
+    ref = official_checkpoint(str(tmp_path / "pargo.bin"))
+    model, variables = load_model(
+        str(tmp_path / "pargo.bin"), llm_path, num_partial=8, num_heads=2, vision_heads=2
+    )
+    assert model.config.projector.num_queries == 12 and not model.config.vision.apply_final_norm
+    # Image tokens: EVA last block, no final norm, CLS dropped -> ln_vision -> ParGo -> llm_proj.
+    x = np.random.RandomState(3).randn(2, 28, 28, 3).astype(np.float32)
+    with torch.no_grad():
+        _, hidden = ref["eva"].forward_features(torch.from_numpy(x).permute(0, 3, 1, 2), return_hidden=True)
+        want = ref["pargo"](hidden[-1][:, 1:]).numpy()
+    got = np.asarray(jax.jit(lambda v, im: model.apply(v, im, method=model.encode_images))(variables, x))
+    assert got.shape == (2, 12, 64)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    # The LLM: llm_path with the saved weights put over it and W + (alpha / r) B A merged (alpha 512, r 4).
+    saved, edits = ref["saved"], {}
+    edits["output.weight"] = lambda w: saved["llm_model.base_model.model.output.weight"]
+    for i, (a, b) in ref["lora"].items():
+        base = saved.get(f"llm_model.base_model.model.model.layers.{i}.attention.wqkv.base_layer.weight")
+        edits[f"model.layers.{i}.attention.wqkv.weight"] = lambda w, a=a, b=b, base=base: (
+            (w if base is None else base) + 512.0 / 4 * b @ a
+        )
+    edit_checkpoint(llm_path, str(tmp_path / "merged"), edits)
+    _, merged = load_llm(str(tmp_path / "merged"), fused_qkv=True)
+    for k, v in flatten(merged["params"]).items():
+        np.testing.assert_allclose(flatten(variables["params"]["llm"])[k], v, atol=1e-4, err_msg=k)
+
+
+def test_official_model_accounts_for_every_tensor(tmp_path):
+    from pargo_jax.convert.official import load_model
+    from tests.torch_refs.tiny_llm import checkpoint
+
+    file = str(tmp_path / "pargo.bin")
+    official_checkpoint(file)
+    state = torch.load(file)
+    state["module.llm_model.base_model.model.model.layers.0.attention.wq.weight"] = torch.zeros(2, 2)
+    state["module.mystery.weight"] = torch.zeros(2)
+    torch.save(state, file)
+    with pytest.raises(ConversionError) as err:
+        load_model(file, checkpoint("internlm2")[1], num_partial=8, num_heads=2, vision_heads=2)
+    assert "mystery.weight" in str(err.value)
+    del state["module.mystery.weight"]
+    torch.save(state, file)
+    with pytest.raises(ConversionError, match=r"unused tensor.*model\.layers\.0\.attention\.wq\.weight"):
+        load_model(file, checkpoint("internlm2")[1], num_partial=8, num_heads=2, vision_heads=2)

@@ -8,6 +8,7 @@ per kv head as ``[q_0 .. q_{g-1}, k, v]``) is presented to the table as three vi
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -232,10 +233,13 @@ def load_llm(
     scan_layers: bool = False,
     compute_dtype: Any = jnp.float32,
     lora_seed: int = 0,
+    overlay: Mapping[str, np.ndarray] | None = None,
     **overrides,
 ) -> tuple[CausalLM, dict]:
     """Loads a local HF LLM directory into ``(CausalLM, {"params": ...})``.
 
+    ``overlay``: tensors (HF names) that replace the directory's, e.g. an LLM a checkpoint saved
+    whole; a name the directory lacks is an error like any unused tensor.
     ``dtype`` is the parameter dtype (``param_dtype``), ``compute_dtype`` the activation dtype;
     ``overrides`` set other :class:`LLMConfig` fields (e.g. ``remat_policy``, ``attention_impl``,
     ``lora_rank``/``lora_alpha``/``lora_targets``: LoRA adapters are not in the checkpoint, so they are
@@ -264,6 +268,8 @@ def load_llm(
     else:
         place = lambda name, x: jnp.asarray(x)
     source: Mapping[str, np.ndarray] = LazySource.from_dir(path)
+    if overlay:
+        source = collections.ChainMap(dict(overlay), source)
     if hf["model_type"] == "internlm2" and not cfg.fused_qkv:
         source = _SplitFusedQKV(source, cfg)
     params = convert(
@@ -340,12 +346,18 @@ def load_peft_adapter(path: str, cfg: LLMConfig, kind: str) -> tuple[LLMConfig, 
             raise FileNotFoundError(f"No {os.path.basename(f)} in PEFT adapter directory {path!r}.")
     with open(config_file) as f:
         cfg = dataclasses.replace(cfg, **peft_overrides(json.load(f), kind))
-    source = LazySource([weights])
+    return cfg, peft_params(LazySource([weights]), cfg, kind, what=f"PEFT adapter {path!r}")
+
+
+def peft_params(
+    source: Mapping[str, np.ndarray], cfg: LLMConfig, kind: str, what: str = "PEFT adapter"
+) -> dict[str, np.ndarray]:
+    """PEFT LoRA tensors (names with or without ``base_model.model.``) -> ``{flat path: array}`` of the
+    ``lora_a`` / ``lora_b`` params of a ``kind`` LLM of ``cfg`` (whose LoRA fields describe them)."""
     source = {k.removeprefix(PEFT_PREFIX): source[k] for k in source}
     module = CausalLM(cfg)
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.ones((1, 1), jnp.int32)))
     expected = {
         k: v for k, v in expected_shapes(abstract["params"]).items() if re.fullmatch(LORA_PATH_REGEX, k)
     }
-    params = convert(source, lora_rules(kind, cfg, expected), expected, what=f"PEFT adapter {path!r}")
-    return cfg, flatten(params)
+    return flatten(convert(source, lora_rules(kind, cfg, expected), expected, what=what))

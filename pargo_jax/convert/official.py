@@ -188,22 +188,112 @@ def load_projector(
 
     ``num_heads`` defaults to H // 64; ``num_partial`` cannot be read from weights (released: 288).
     ``overrides`` set other ParGoConfig fields (``impl``, ``cpp``, ``dtype``, ...)."""
-    state, others, text = _canonical(read_state_dict(path))
-    config = infer_config(state, num_partial=num_partial, num_heads=num_heads, **overrides)
-    module = ParGo(config)
-    features = jax.ShapeDtypeStruct((1, max(config.num_partial, 1), config.vision_width), np.float32)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), features)
-    expected = expected_shapes(abstract["params"])
-    params = convert(state, projector_rules(), expected, dtype=dtype, what=f"ParGo checkpoint {path!r}")
+    module, params, counts = _projector(read_state_dict(path), num_partial, num_heads, dtype, overrides, path)
     logging.info(
         "Loaded ParGo projector from %s: %d tensors converted, %d text-branch tensors ignored, "
         "%d tower/LLM tensors left for their loaders.",
         path,
-        len(state),
-        len(text),
-        len(others),
+        *counts,
     )
     return module, {"params": params}
+
+
+def _projector(state, num_partial, num_heads, dtype, overrides, path):
+    """(ParGo, params, (converted, text-branch, other components) counts) of a checkpoint's tensors."""
+    ours, others, text = _canonical(state)
+    config = infer_config(ours, num_partial=num_partial, num_heads=num_heads, **overrides)
+    module = ParGo(config)
+    features = jax.ShapeDtypeStruct((1, max(config.num_partial, 1), config.vision_width), np.float32)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), features)
+    expected = expected_shapes(abstract["params"])
+    params = convert(ours, projector_rules(), expected, dtype=dtype, what=f"ParGo checkpoint {path!r}")
+    return module, params, (len(ours), len(text), len(others))
+
+
+# --- the whole official model ----------------------------------------------------------------------
+LLM_PREFIX = "llm_model."
+RELEASED_LORA_ALPHA = 512.0  # configs/MMEBench_interLM2-7B.json: lora_r 256, lora_alpha 512 on wqkv
+
+
+def _llm_tensors(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The checkpoint's LLM tensors in HF names: (base weights, PEFT LoRA tensors). PEFT wraps the model
+    as ``base_model.model.`` and a LoRA-wrapped Linear keeps its weight as ``<name>.base_layer.weight``."""
+    base, lora = {}, {}
+    for key, value in state.items():
+        name = key.removeprefix("module.")
+        if not name.startswith(LLM_PREFIX):
+            continue
+        name = name.removeprefix(LLM_PREFIX).removeprefix("base_model.model.")
+        if ".lora_" in name:
+            lora[name] = value
+        else:
+            base[name.replace(".base_layer.", ".")] = value
+    return base, lora
+
+
+def load_model(
+    checkpoint: str,
+    llm_path: str,
+    *,
+    num_partial: int = 288,
+    num_heads: int | None = None,
+    vision_heads: int | None = None,
+    lora_alpha: float = RELEASED_LORA_ALPHA,
+    image_token_id: int = 0,
+    dtype=np.float32,
+    **projector_overrides,
+):
+    """The official ParGo model, runnable: ``(VisionLanguageModel, {"params": ...})``.
+
+    EVA02 from ``visual_encoder.*`` (last block, no final norm, CLS dropped), ParGo with ``ln_vision``
+    and ``llm_proj`` (as :func:`load_projector`), and the LLM from ``llm_path`` (config, weights)
+    with any LLM weights the checkpoint saved put over it and the checkpoint's LoRA
+    (``llm_model.base_model.model.*.lora_A/B``, r from the tensors, ``lora_alpha`` as released)
+    merged into the weights. Every tensor is accounted for: converted, or a text-branch tensor the
+    release deletes; anything else is an error listing it. ``image_token_id``: the id a caller puts at
+    the image positions (the release splices embeddings at ``<ImageHere>``, not a vocabulary token).
+    """
+    import dataclasses
+
+    from pargo_jax.convert import hf, hf_vision
+    from pargo_jax.lora import merge_lora
+    from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel
+    from pargo_jax.param_tree import flatten, unflatten
+
+    state = {k.removeprefix("module."): v for k, v in read_state_dict(checkpoint).items()}
+    tower, tower_vars = hf_vision.load_eva02(
+        state, dtype, prefix="visual_encoder.", heads=vision_heads, drop_cls=True, final_norm=False
+    )
+    projector, proj_params, (n_proj, n_text, _) = _projector(
+        state, num_partial, num_heads, dtype, projector_overrides, checkpoint
+    )
+    base, lora = _llm_tensors(state)
+    kind = hf.read_hf_config(llm_path)["model_type"]
+    llm, llm_vars = hf.load_llm(llm_path, dtype, overlay=base, fused_qkv=kind == "internlm2")
+    llm_cfg, llm_params = llm.config, llm_vars["params"]
+    if lora:
+        modules = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora})
+        rank = next(v.shape[0] for n, v in lora.items() if ".lora_A" in n)
+        peft = dict(r=rank, lora_alpha=lora_alpha, target_modules=modules)
+        lora_cfg = dataclasses.replace(llm_cfg, **hf.peft_overrides(peft, kind))
+        adapters = hf.peft_params(lora, lora_cfg, kind, what=f"LoRA of {checkpoint!r}")
+        llm_params = merge_lora(unflatten({**flatten(llm_params), **adapters}), lora_cfg)
+    vision_width = tower.config.width
+    if projector.config.vision_width != vision_width or projector.config.llm_width != llm_cfg.hidden_size:
+        raise ConversionError(
+            f"{checkpoint!r}: ParGo maps {projector.config.vision_width} -> {projector.config.llm_width} but "
+            f"the tower is {vision_width} wide and the LLM {llm_cfg.hidden_size}."
+        )
+    from data_pipelines.images import CLIP_MEAN, CLIP_STD
+
+    mcfg = MLLMConfig(tower.config, projector.config, llm_cfg, image_token_id, CLIP_MEAN, CLIP_STD)
+    logging.info(
+        "Loaded the official ParGo model from %s + %s: EVA02 tower, %d projector tensors (%d text-branch "
+        "ignored), %d LLM weights over %s, %d LoRA tensors merged.",
+        checkpoint, llm_path, n_proj, n_text, len(base), llm_path, len(lora),
+    )  # fmt: skip
+    params = {"vision_tower": tower_vars["params"], "projector": proj_params, "llm": llm_params}
+    return VisionLanguageModel(mcfg), {"params": params}
 
 
 def to_official_state_dict(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

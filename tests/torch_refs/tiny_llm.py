@@ -143,3 +143,21 @@ def write_internlm2(llama_model, path: str) -> None:
     )
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
+
+
+def edit_checkpoint(src: str, dst: str, edits: dict) -> None:
+    """Copies the HF directory ``src`` to ``dst`` with ``edits[name](array) -> array`` applied to the
+    named tensors (shards and index kept)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in os.listdir(dst):
+        if f.endswith(".safetensors"):
+            tensors = load_file(os.path.join(dst, f))
+            hit = {
+                k: np.ascontiguousarray(edits[k](v)).astype(v.dtype) for k, v in tensors.items() if k in edits
+            }
+            if hit:
+                save_file({**tensors, **hit}, os.path.join(dst, f))
