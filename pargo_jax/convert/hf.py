@@ -9,6 +9,7 @@ per kv head as ``[q_0 .. q_{g-1}, k, v]``) is presented to the table as three vi
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -23,8 +24,10 @@ from pargo_jax.convert.tables import (
     ConversionError,
     LazySource,
     Rule,
+    Transform,
     convert,
     expected_shapes,
+    linear_to,
     merge_heads_in,
     split_heads_bias,
     split_heads_out,
@@ -150,11 +153,11 @@ def llm_rules(kind: str, cfg: LLMConfig) -> list[Rule]:
     return rules
 
 
-def fused_qkv_out(cfg: LLMConfig) -> Callable[[np.ndarray], np.ndarray]:
+def fused_qkv_out(cfg: LLMConfig) -> Transform:
     """torch ``wqkv`` (kv_heads * (q_per_kv + 2) * head_dim, in) -> ours (in, kv_heads, q_per_kv + 2,
     head_dim)."""
     shape = (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim)
-    return lambda x: np.ascontiguousarray(x.T.reshape(x.shape[1], *shape))
+    return Transform(lambda x: x.T.reshape(x.shape[1], *shape), lambda x: x.reshape(x.shape[0], -1).T)
 
 
 class _SplitFusedQKV(Mapping[str, np.ndarray]):
@@ -328,9 +331,7 @@ def lora_rules(kind: str, cfg: LLMConfig, expected: Mapping[str, tuple[int, ...]
             shape = expected[flat][1:] if cfg.scan_layers else expected[flat]
             target = f"layers/{ours}/{part}[{{0}}]" if cfg.scan_layers else f"layers_{{0}}/{ours}/{part}"
             pattern = L + re.escape(names[mod]) + rf"\.lora_{ab}(?:\.default)?\.weight"
-            rules.append(
-                Rule(pattern, target, lambda x, shape=shape: np.ascontiguousarray(x.T.reshape(shape)))
-            )
+            rules.append(Rule(pattern, target, linear_to(shape, len(shape) - 1 if part == "lora_a" else 1)))
     return rules
 
 
@@ -338,8 +339,6 @@ def load_peft_adapter(path: str, cfg: LLMConfig, kind: str) -> tuple[LLMConfig, 
     """A PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) for a
     ``kind`` LLM of ``cfg``: the config with the adapter's rank / alpha / targets, and the adapter's
     params as ``{flat path: array}`` (every adapter tensor used, every adapter param filled)."""
-    import dataclasses
-
     config_file, weights = os.path.join(path, ADAPTER_CONFIG), os.path.join(path, ADAPTER_FILE)
     for f in (config_file, weights):
         if not os.path.isfile(f):
@@ -361,3 +360,76 @@ def peft_params(
         k: v for k, v in expected_shapes(abstract["params"]).items() if re.fullmatch(LORA_PATH_REGEX, k)
     }
     return flatten(convert(source, lora_rules(kind, cfg, expected), expected, what=what))
+
+
+# --- export: our LLM -> a Hugging Face directory ----------------------------------------------------
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "internlm2": "InternLM2ForCausalLM",
+}
+
+
+def hf_config(cfg: LLMConfig, kind: str) -> dict[str, Any]:
+    """The ``config.json`` of ``cfg`` as a ``kind`` model (the inverse of :func:`config_from_hf`)."""
+    out = dict(
+        model_type=kind,
+        architectures=[ARCHITECTURES[kind]],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        torch_dtype="float32",
+    )
+    if cfg.rope_scaling is not None:
+        out["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(cfg.rope_scaling)}
+    if kind == "internlm2":
+        out["bias"] = False  # transformers runs InternLM2 only with its own remote code
+    return out
+
+
+def fuse_qkv(params: Mapping[str, np.ndarray], cfg: LLMConfig) -> dict[str, np.ndarray]:
+    """Flat LLM params with each layer's q / k / v kernels joined into InternLM2's ``qkv`` layout."""
+    g = cfg.num_heads // cfg.num_kv_heads
+    out = dict(params)
+    for key in [k for k in params if k.endswith("attn/q/kernel")]:
+        q, k, v = (np.asarray(out.pop(key.replace("/q/", f"/{p}/"))) for p in "qkv")
+        q = q.reshape(*q.shape[:-2], cfg.num_kv_heads, g, cfg.head_dim)
+        out[key.replace("/q/", "/qkv/")] = np.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+    return out
+
+
+def export_llm(params: Mapping[str, Any], cfg: LLMConfig, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json, HF tensors) of our LLM params (nested or flat; LoRA must be merged first)."""
+    from pargo_jax.convert.tables import export
+
+    flat = {k: np.asarray(v) for k, v in (params if "/" in next(iter(params)) else flatten(params)).items()}
+    if any(re.fullmatch(LORA_PATH_REGEX, k) for k in flat):
+        raise ValueError("The LLM params hold LoRA adapters; merge them first (pargo_jax.lora.merge_lora).")
+    if kind == "internlm2" and not cfg.fused_qkv:
+        flat, cfg = fuse_qkv(flat, cfg), dataclasses.replace(cfg, fused_qkv=True)
+    return hf_config(cfg, kind), export(flat, llm_rules(kind, cfg), what=f"{kind} LLM")
+
+
+def save_llm(
+    path: str, params: Mapping[str, Any], cfg: LLMConfig, kind: str, max_shard_bytes: int = 2 << 30
+) -> str:
+    """Writes our LLM as a standard HF directory (``config.json``, safetensors, sharded with an index
+    past ``max_shard_bytes``) that :func:`load_llm` (and, for llama / qwen2, transformers'
+    ``AutoModelForCausalLM``) reads back."""
+    from pargo_jax.convert.tables import save_safetensors
+
+    config, tensors = export_llm(params, cfg, kind)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_safetensors(path, tensors, max_shard_bytes)
+    return path

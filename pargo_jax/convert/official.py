@@ -22,7 +22,9 @@ from pargo_jax.convert.tables import (
     TorchSource,
     convert,
     expected_shapes,
+    export,
     read_torch_file,
+    reshape,
     transpose,
 )
 from pargo_jax.models.projectors.pargo import ParGo, ParGoConfig
@@ -40,15 +42,7 @@ TEXT_BRANCH = (
 )
 
 
-def _drop_batch_axis(x: np.ndarray) -> np.ndarray:
-    return x.reshape(x.shape[-2:])
-
-
-def _add_batch_axis(x: np.ndarray) -> np.ndarray:
-    return x[None]
-
-
-_INVERSE = {None: None, transpose: transpose, _drop_batch_axis: _add_batch_axis}
+_BATCH_AXIS = reshape(lambda x: (1, *x.shape), lambda x: x.shape[-2:])  # query_tokens (1, Q, H) <-> (Q, H)
 
 
 def projector_rules() -> list[Rule]:
@@ -57,7 +51,7 @@ def projector_rules() -> list[Rule]:
     rules = [
         Rule(r"ln_vision\.weight", "ln_vision_scale"),
         Rule(r"ln_vision\.bias", "ln_vision_bias"),
-        Rule(r"query_tokens", "query_tokens", _drop_batch_axis),
+        Rule(r"query_tokens", "query_tokens", _BATCH_AXIS),
         Rule(r"llm_proj\.weight", "llm_proj_kernel", transpose),
         Rule(r"llm_proj\.bias", "llm_proj_bias"),
         Rule(r"bert\.embeddings\.position_embeddings\.weight", "position_embeddings"),
@@ -300,19 +294,5 @@ def to_official_state_dict(params: Mapping[str, np.ndarray]) -> dict[str, np.nda
     """Our projector params -> the official state dict (``ln_vision``, ``query_tokens``,
     ``ParGo.bert...``, ``llm_proj``), loadable by the released PyTorch model with ``strict=True``
     once its deleted text-branch modules are dropped. The inverse of :func:`load_projector`'s table."""
-    params = {k: np.asarray(v) for k, v in params.items()}
-    out: dict[str, np.ndarray] = {}
-    for rule in projector_rules():
-        name, index = rule.target.split("[")[0], re.findall(r"\[([^\]]*)\]", rule.target)
-        value = params[name]
-        layers = range(value.shape[0]) if index and index[0] == "{0}" else [None]
-        for layer in layers:
-            x = value if layer is None else value[layer]
-            for i in index[1:]:
-                x = x[int(i)]
-            source = rule.pattern if layer is None else rule.pattern.replace(r"(\d+)", str(layer))
-            source = source.replace("\\.", ".")
-            inverse = _INVERSE[rule.transform]
-            key = ("ParGo." if source.startswith("bert.") else "") + source
-            out[key] = np.ascontiguousarray(inverse(x) if inverse else x)
-    return out
+    out = export(params, projector_rules(), what="ParGo projector")
+    return {("ParGo." if k.startswith("bert.") else "") + k: v for k, v in out.items()}

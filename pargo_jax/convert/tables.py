@@ -25,8 +25,8 @@ import numpy as np
 
 from pargo_jax.param_tree import flatten, unflatten
 
-Transform = Callable[[np.ndarray], np.ndarray]
 _STACK = re.compile(r"^(.*?)((?:\[\d+\])+)$")
+_STACK_TEMPLATE = re.compile(r"^(.*?)((?:\[(?:\{\d+\}|\d+)\])+)$")  # a rule's target: [{0}] or [1]
 
 
 class ConversionError(ValueError):
@@ -40,36 +40,56 @@ class Rule:
     pattern: str
     target: str
     transform: Transform | None = None
+    exported: bool = True  # False for an alias of another rule's source name (import only)
 
     def match(self, name: str) -> str | None:
         m = re.fullmatch(self.pattern, name)
         return None if m is None else self.target.format(*m.groups(), **m.groupdict())
 
 
-# --- transforms ------------------------------------------------------------------------------------
-def transpose(x: np.ndarray) -> np.ndarray:
-    """torch Linear weight (out, in) -> flax Dense kernel (in, out)."""
-    return np.ascontiguousarray(x.T)
+# --- transforms (each with its inverse, so a table also exports) -------------------------------------
+@dataclass(frozen=True)
+class Transform:
+    """``forward``: source tensor -> our param; ``inverse``: back (export)."""
+
+    forward: Callable[[np.ndarray], np.ndarray]
+    inverse: Callable[[np.ndarray], np.ndarray]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.forward(np.asarray(x)))
+
+    def back(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.inverse(np.asarray(x)))
+
+
+def reshape(source_shape: tuple[int, ...] | Callable, ours: tuple[int, ...] | Callable) -> Transform:
+    """A pure reshape between a source shape and ours (each a tuple, or a function of the array)."""
+    shape = lambda s, x: s(x) if callable(s) else s
+    return Transform(lambda x: x.reshape(shape(ours, x)), lambda x: x.reshape(shape(source_shape, x)))
+
+
+transpose = Transform(lambda x: x.T, lambda x: x.T)  # torch Linear (out, in) <-> flax kernel (in, out)
+conv_oihw_to_hwio = Transform(lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
 
 
 def split_heads_out(num_heads: int) -> Transform:
-    """torch (H*D, in) -> flax DenseGeneral kernel (in, H, D)."""
-    return lambda x: np.ascontiguousarray(x.T.reshape(x.shape[1], num_heads, -1))
+    """torch (H*D, in) <-> flax DenseGeneral kernel (in, H, D)."""
+    return Transform(lambda x: x.T.reshape(x.shape[1], num_heads, -1), lambda x: x.reshape(x.shape[0], -1).T)
 
 
 def split_heads_bias(num_heads: int) -> Transform:
-    """(H*D,) -> (H, D)."""
-    return lambda x: x.reshape(num_heads, -1)
+    """(H*D,) <-> (H, D)."""
+    return Transform(lambda x: x.reshape(num_heads, -1), lambda x: x.reshape(-1))
 
 
 def merge_heads_in(num_heads: int) -> Transform:
-    """torch (out, H*D) -> flax DenseGeneral kernel (H, D, out) contracting heads."""
-    return lambda x: np.ascontiguousarray(x.T.reshape(num_heads, -1, x.shape[0]))
+    """torch (out, H*D) <-> flax DenseGeneral kernel (H, D, out) contracting heads."""
+    return Transform(lambda x: x.T.reshape(num_heads, -1, x.shape[0]), lambda x: x.reshape(-1, x.shape[-1]).T)
 
 
-def conv_oihw_to_hwio(x: np.ndarray) -> np.ndarray:
-    """torch Conv2d weight (out, in, kh, kw) -> flax Conv kernel (kh, kw, in, out)."""
-    return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+def linear_to(shape: tuple[int, ...], num_in: int) -> Transform:
+    """torch Linear (out, in) <-> our kernel of ``shape`` whose first ``num_in`` axes are the input."""
+    return Transform(lambda x: x.T.reshape(shape), lambda x: x.reshape(int(np.prod(shape[:num_in])), -1).T)
 
 
 # --- sources ---------------------------------------------------------------------------------------
@@ -225,6 +245,74 @@ def expected_shapes(abstract_params: Mapping) -> dict[str, tuple[int, ...]]:
     }
 
 
+# --- export: a table read backwards ------------------------------------------------------------------
+def source_name(pattern: str, groups: tuple) -> str:
+    """The source name ``pattern`` matches with its capture groups set to ``groups``: groups and
+    escapes are filled in, a non-capturing ``(?:a|b)`` becomes its first alternative."""
+    out, i, g = [], 0, iter(groups)
+    while i < len(pattern):
+        if pattern.startswith("(?:", i):
+            depth, j = 1, i + 3
+            while depth:
+                depth += {"(": 1, ")": -1}.get(pattern[j], 0)
+                j += 1
+            out.append(source_name(pattern[i + 3 : j - 1].split("|")[0], ()))
+            i = j
+        elif pattern[i] == "(":
+            depth, j = 1, i + 1
+            while depth:
+                depth += {"(": 1, ")": -1}.get(pattern[j], 0)
+                j += 1
+            out.append(str(next(g)))
+            i = j
+        elif pattern[i] == "\\":
+            out.append(pattern[i + 1])
+            i += 2
+        else:
+            out.append(pattern[i])
+            i += 1
+    return "".join(out)
+
+
+def export(
+    params: Mapping[str, np.ndarray], rules: Iterable[Rule], *, what: str = "model"
+) -> dict[str, np.ndarray]:
+    """Our flat params (``{"a/b": array}``) -> source tensors by the rules read backwards: each rule's
+    target template is matched against our paths (``{k}`` in a path is a group, ``[{k}]`` a stacked
+    axis, ``[j]`` a fixed index), the tensor is cut out, inverse-transformed and named by the
+    pattern. Raises :class:`ConversionError` naming any param no rule exports."""
+    params = {k: np.asarray(v) for k, v in params.items()}
+    out: dict[str, np.ndarray] = {}
+    used: set[str] = set()
+    for rule in rules:
+        if not rule.exported:
+            continue
+        m = _STACK_TEMPLATE.match(rule.target)
+        path_t, stack = (m.group(1), re.findall(r"\[([^\]]*)\]", m.group(2))) if m else (rule.target, [])
+        path_re = re.compile(re.sub(r"\\\{(\d+)\\\}", r"(?P<g\1>[^/]+)", re.escape(path_t)))
+        for path, value in params.items():
+            hit = path_re.fullmatch(path)
+            if hit is None:
+                continue
+            used.add(path)
+            fixed = {int(k[1:]): v for k, v in hit.groupdict().items()}
+            axes = [int(t[1:-1]) for t in stack if t.startswith("{")]
+            for idx in np.ndindex(*value.shape[: len(axes)]):
+                groups, x, it = dict(fixed), value, iter(idx)
+                for t in stack:
+                    if t.startswith("{"):
+                        groups[int(t[1:-1])] = j = next(it)
+                    else:
+                        j = int(t)
+                    x = x[j]
+                name = source_name(rule.pattern, tuple(groups[k] for k in sorted(groups)))
+                out[name] = rule.transform.back(x) if rule.transform else np.ascontiguousarray(x)
+    missing = sorted(set(params) - used)
+    if missing:
+        raise ConversionError(f"Cannot export the {what}: no rule exports {', '.join(missing)}.")
+    return out
+
+
 # --- torch files (.pt / .pth / .bin) ----------------------------------------------------------------
 TORCH_EXTRA = (
     "pip install -r requirements-torch.txt (the CPU build: --index-url https://download.pytorch.org/whl/cpu)"
@@ -281,3 +369,32 @@ class TorchSource(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._state)
+
+
+def save_safetensors(
+    path: str, tensors: Mapping[str, np.ndarray], max_shard_bytes: int = 2 << 30
+) -> list[str]:
+    """``tensors`` as ``model.safetensors``, or as shards + ``model.safetensors.index.json`` (the HF
+    layout :meth:`LazySource.from_dir` reads) when larger than ``max_shard_bytes``. Returns the files."""
+    from safetensors.numpy import save_file
+
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        x = np.ascontiguousarray(tensors[name])
+        if current and size + x.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = x, size + x.nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"))
+        return ["model.safetensors"]
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for file, shard in zip(files, shards, strict=True):
+        save_file(shard, os.path.join(path, file))
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(x.nbytes for x in tensors.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": int(total)}, "weight_map": weight_map}, f, indent=2)
+    return files
