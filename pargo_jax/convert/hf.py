@@ -92,6 +92,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> LLMConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=kind == "qwen2",
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        family=kind,
     )
     fields.update(overrides)
     return LLMConfig(**fields)
@@ -407,10 +408,14 @@ def fuse_qkv(params: Mapping[str, np.ndarray], cfg: LLMConfig) -> dict[str, np.n
     return out
 
 
-def export_llm(params: Mapping[str, Any], cfg: LLMConfig, kind: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json, HF tensors) of our LLM params (nested or flat; LoRA must be merged first)."""
+def export_llm(
+    params: Mapping[str, Any], cfg: LLMConfig, kind: str | None = None
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json, HF tensors) of our LLM params (nested or flat; LoRA must be merged first) in the
+    layout of ``kind`` (default: the family it came from)."""
     from pargo_jax.convert.tables import export
 
+    kind = kind or cfg.family
     flat = {k: np.asarray(v) for k, v in (params if "/" in next(iter(params)) else flatten(params)).items()}
     if any(re.fullmatch(LORA_PATH_REGEX, k) for k in flat):
         raise ValueError("The LLM params hold LoRA adapters; merge them first (pargo_jax.lora.merge_lora).")
@@ -420,7 +425,11 @@ def export_llm(params: Mapping[str, Any], cfg: LLMConfig, kind: str) -> tuple[di
 
 
 def save_llm(
-    path: str, params: Mapping[str, Any], cfg: LLMConfig, kind: str, max_shard_bytes: int = 2 << 30
+    path: str,
+    params: Mapping[str, Any],
+    cfg: LLMConfig,
+    kind: str | None = None,
+    max_shard_bytes: int = 2 << 30,
 ) -> str:
     """Writes our LLM as a standard HF directory (``config.json``, safetensors, sharded with an index
     past ``max_shard_bytes``) that :func:`load_llm` (and, for llama / qwen2, transformers'
@@ -433,3 +442,15 @@ def save_llm(
         json.dump(config, f, indent=2)
     save_safetensors(path, tensors, max_shard_bytes)
     return path
+
+
+def unfuse_qkv(params: Mapping[str, np.ndarray], cfg: LLMConfig) -> dict[str, np.ndarray]:
+    """The inverse of :func:`fuse_qkv`: each ``qkv`` kernel cut back into q / k / v kernels."""
+    g = cfg.num_heads // cfg.num_kv_heads
+    out = dict(params)
+    for key in [k for k in params if k.endswith("attn/qkv/kernel")]:
+        w = np.asarray(out.pop(key))
+        out[key.replace("/qkv/", "/q/")] = w[..., :g, :].reshape(*w.shape[:-3], cfg.num_heads, cfg.head_dim)
+        out[key.replace("/qkv/", "/k/")] = w[..., g, :]
+        out[key.replace("/qkv/", "/v/")] = w[..., g + 1, :]
+    return out

@@ -414,3 +414,63 @@ def load_eva02(
     ignore = [r"head\..*", r"fc_norm\..*", r"(?:.*\.)?rope\..*"]
     what = f"EVA02 state dict (prefix {prefix!r})"
     return _load(cfg, source, eva02_rules(cfg.heads), ignore, dtype, mesh, shardings, what=what)
+
+
+# --- export ----------------------------------------------------------------------------------------
+_ACT_NAMES = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
+_KIND_ACTS = {"siglip": "gelu_tanh", "clip": "quick_gelu"}
+
+
+def export_vision(
+    params: Mapping[str, Any], cfg: VisionConfig
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(HF ``config.json``, tensors in transformers v5's names) of a SigLIP / CLIP tower: the blocks it
+    runs (``num_hidden_layers`` = those up to ``feature_layer``), so its features are the HF model's
+    ``hidden_states[-1]`` (with ``post_layernorm`` when ``cfg.apply_final_norm``; identity weights are
+    written when the tower has none, as HF requires them)."""
+    from pargo_jax.convert.tables import export
+    from pargo_jax.param_tree import flatten
+
+    if cfg.kind not in _KIND_ACTS:
+        raise ValueError(f"Only SigLIP / CLIP towers export to an HF vision directory, not {cfg.kind!r}.")
+    flat = params if "/" in next(iter(params)) else flatten(params)
+    tensors = export(
+        {k: np.asarray(v) for k, v in flat.items()}, hf_rules(cfg.heads), what=f"{cfg.kind} tower"
+    )
+    for name, value in (("weight", 1.0), ("bias", 0.0)):
+        tensors.setdefault(f"post_layernorm.{name}", np.full((cfg.width,), value, np.float32))
+    config = dict(
+        model_type=f"{cfg.kind}_vision_model",
+        hidden_size=cfg.width,
+        intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.num_blocks,
+        num_attention_heads=cfg.heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        layer_norm_eps=cfg.layer_norm_eps,
+        hidden_act=_ACT_NAMES[cfg.act or _KIND_ACTS[cfg.kind]],
+        num_channels=3,
+    )
+    if cfg.kind == "siglip":
+        config["vision_use_head"] = False
+    return config, tensors
+
+
+def save_vision(path: str, params: Mapping[str, Any], cfg: VisionConfig) -> str:
+    """The tower in its source format: an HF ``SiglipVisionModel`` / ``CLIPVisionModel`` directory
+    (see :func:`export_vision`), or for EVA02 a timm-named ``model.safetensors`` state dict."""
+    from pargo_jax.convert.tables import export, save_safetensors
+    from pargo_jax.param_tree import flatten
+
+    os.makedirs(path, exist_ok=True)
+    if cfg.kind == "eva02":
+        flat = {
+            k: np.asarray(v) for k, v in (params if "/" in next(iter(params)) else flatten(params)).items()
+        }
+        save_safetensors(path, export(flat, eva02_rules(cfg.heads), what="EVA02 tower"))
+        return path
+    config, tensors = export_vision(params, cfg)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_safetensors(path, tensors)
+    return path

@@ -70,6 +70,7 @@ class LLMConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = ""
+    family: str = "llama"  # the checkpoint layout it came from / exports to: llama, qwen2 or internlm2
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

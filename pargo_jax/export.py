@@ -1,0 +1,186 @@
+"""Export a trained run to PyTorch: ``python -m pargo_jax.export --workdir W [--step N] --out DIR``.
+
+Writes, with LoRA merged into the LLM weights:
+
+  DIR/               a transformers model directory with custom code (``config.json`` with ``auto_map``,
+                     ``configuration_pargo.py``, ``modeling_pargo.py``, safetensors, tokenizer files,
+                     ``generation_config.json``, ``preprocessor_config.json``):
+                     ``AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)``
+                     computes the JAX model's logits; its ``generate`` takes ``input_ids`` with the
+                     image token expanded (as ``pargo_jax.predict`` builds them) and ``pixel_values``
+                     (B, 3, H, W), normalized with the preprocessor's mean / std.
+                     SigLIP / CLIP towers (EVA02: see ``DIR/vision_tower`` and ``DIR/official``).
+  DIR/llm/           the LLM alone as a standard HF directory (``AutoModelForCausalLM`` for Llama /
+                     Qwen2; InternLM2 in its own layout, which transformers runs with its remote code)
+  DIR/vision_tower/  the tower in its source format (HF dir for SigLIP / CLIP, EVA02 state dict)
+  DIR/official/pytorch_model.bin  the official ParGo layout, when the release can run the model
+
+Every part that cannot be written for this model is named with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from pargo_jax.models.mllm import MLLMConfig
+from pargo_jax.param_tree import flatten
+
+HF_CODE = os.path.join(os.path.dirname(__file__), "convert", "hf_code")
+CODE_FILES = ("configuration_pargo.py", "modeling_pargo.py")
+
+
+def merged_llm(params: Mapping[str, Any], mcfg: MLLMConfig):
+    """(LLM params with LoRA folded in, the LLMConfig without LoRA)."""
+    from pargo_jax.lora import merge_lora
+
+    llm = mcfg.llm
+    if not llm.lora_rank:
+        return params["llm"], llm
+    return merge_lora(params["llm"], llm), dataclasses.replace(llm, lora_rank=0, lora_targets="")
+
+
+def projector_tensors(params: Mapping[str, Any], mcfg: MLLMConfig) -> tuple[dict, dict[str, np.ndarray]]:
+    """(projector_config, tensors) of the exported model: ParGo in the official names plus its masks
+    as buffers, or the MLP's two Linears."""
+    from pargo_jax.convert import official
+    from pargo_jax.models import masks, projectors
+
+    p, flat = mcfg.projector, {k: np.asarray(v) for k, v in flatten(params).items()}
+    name = projectors.projector_name(p)
+    if name == "mlp":
+        out = {f"{fc}.{w}": (flat[f"{fc}/kernel"].T if w == "weight" else flat[f"{fc}/bias"])
+               for fc in ("fc1", "fc2") for w in ("weight", "bias")}  # fmt: skip
+        return {"name": "mlp", "group": p.group}, out
+    if not hasattr(p, "num_partial"):
+        raise ValueError(f"The {name!r} projector has no PyTorch export.")
+    if p.num_crops != 1:
+        raise ValueError(f"num_crops={p.num_crops}: the exported model runs one crop per image.")
+    n = mcfg.vision.num_tokens
+    out = official.to_official_state_dict(flat)
+    out["self_masks"] = masks.self_masks(p.num_partial, p.num_global, p.layers, p.cpp, p.cascade_schedule)
+    out["cross_mask"] = masks.partial_global_cross_mask(
+        p.num_partial, p.num_global, n, layout=p.layout, num_crops=1, grid=p.grid
+    )
+    fields = ("hidden", "heads", "layers", "mlp_dim", "num_queries", "max_positions", "eps", "vision_eps")
+    config = {"name": "pargo", **{f: getattr(p, f) for f in fields}}
+    return config, out
+
+
+def save_transformers(
+    out: str, mcfg: MLLMConfig, params: Mapping[str, Any], tokenizer, *, max_shard_bytes=2 << 30
+) -> str:
+    """The transformers custom-code directory of a model (params as numpy or jax arrays)."""
+    from pargo_jax.convert import hf, hf_vision
+    from pargo_jax.convert.tables import save_safetensors
+
+    v = mcfg.vision
+    if v.kind not in ("siglip", "clip"):
+        raise ValueError(f"{v.kind} towers have no transformers class; use DIR/vision_tower or DIR/official.")
+    vision_config, vision = hf_vision.export_vision(params["vision_tower"], v)
+    projector_config, projector = projector_tensors(params["projector"], mcfg)
+    llm_params, llm_cfg = merged_llm(params, mcfg)
+    flat_llm = {k: np.asarray(v) for k, v in flatten(llm_params).items()}
+    if llm_cfg.fused_qkv:  # transformers runs InternLM2's function as Llama with q / k / v apart
+        flat_llm, llm_cfg = hf.unfuse_qkv(flat_llm, llm_cfg), dataclasses.replace(llm_cfg, fused_qkv=False)
+    kind = "qwen2" if llm_cfg.family == "qwen2" else "llama"
+    text_config, llm = hf.export_llm(flat_llm, llm_cfg, kind)
+    tensors = {f"vision_tower.{k}": x for k, x in vision.items()}
+    tensors.update({f"projector.{k}": np.asarray(x) for k, x in projector.items()})
+    tensors.update({f"language_model.{k}": x for k, x in llm.items()})
+    os.makedirs(out, exist_ok=True)
+    config = dict(
+        model_type="pargo",
+        architectures=["PargoForConditionalGeneration"],
+        auto_map={
+            "AutoConfig": "configuration_pargo.PargoConfig",
+            "AutoModelForImageTextToText": "modeling_pargo.PargoForConditionalGeneration",
+        },
+        tower_config={**vision_config, "final_norm": v.apply_final_norm, "drop_cls": v.drop_cls},
+        projector_config=projector_config,
+        lm_config=text_config,
+        image_token_id=mcfg.image_token_id,
+        num_image_tokens=mcfg.num_image_tokens,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    _write_json(out, "config.json", config)
+    for f in CODE_FILES:
+        shutil.copy(os.path.join(HF_CODE, f), os.path.join(out, f))
+    save_safetensors(out, tensors, max_shard_bytes)
+    _write_json(out, "generation_config.json", dict(
+        eos_token_id=list(tokenizer.stop_ids), pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id,
+        do_sample=False, max_new_tokens=64,
+    ))  # fmt: skip
+    _write_json(out, "preprocessor_config.json", dict(
+        image_size=v.image_size, image_mean=list(mcfg.pixel_mean), image_std=list(mcfg.pixel_std),
+        input="(B, 3, H, W) float pixels in [0, 1], normalized (x - mean) / std",
+    ))  # fmt: skip
+    tokenizer.save(out)
+    return out
+
+
+def _write_json(out: str, name: str, data: dict) -> None:
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def export_workdir(
+    workdir: str, out: str, step: int | None = None, *, max_shard_bytes: int = 2 << 30
+) -> dict:
+    """Everything :mod:`pargo_jax.export` writes for a run's checkpoint ``step`` (None: the newest);
+    returns ``{part: path or "skipped: reason"}``."""
+    import jax
+
+    from pargo_jax.convert import hf, hf_vision
+    from pargo_jax.models import factory
+
+    run = factory.load_workdir(workdir, step=step)
+    params = jax.device_get(run.params)
+    mcfg, done = run.mcfg, {}
+    try:
+        done["transformers"] = save_transformers(
+            out, mcfg, params, run.tokenizer, max_shard_bytes=max_shard_bytes
+        )
+    except ValueError as e:
+        done["transformers"] = f"skipped: {e}"
+    llm_params, llm_cfg = merged_llm(params, mcfg)
+    done["llm"] = hf.save_llm(os.path.join(out, "llm"), llm_params, llm_cfg, max_shard_bytes=max_shard_bytes)
+    run.tokenizer.save(done["llm"])
+    done["vision_tower"] = hf_vision.save_vision(
+        os.path.join(out, "vision_tower"), params["vision_tower"], mcfg.vision
+    )
+    done["official"] = (
+        "skipped: the official whole-model layout is not written yet (projector only: "
+        "pargo_jax.convert.official.to_official_state_dict)"
+    )
+    _write_json(out, "export.json", {"workdir": str(workdir), "step": run.step, "parts": done})
+    return {"step": run.step, **done}
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    parts = export_workdir(f.workdir, f.out, f.step if f.step >= 0 else None)
+    print(f"Exported {f.workdir} step {parts.pop('step')} to {f.out}:")
+    for part, where in parts.items():
+        print(f"  {part:<13} {where}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "Training run directory (config.json, model.json, checkpoints/).")
+    flags.DEFINE_integer("step", -1, "Checkpoint step (default: the newest).")
+    flags.DEFINE_string("out", None, "Output directory.")
+    flags.mark_flags_as_required(["workdir", "out"])
+    app.run(main)
