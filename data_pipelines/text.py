@@ -9,6 +9,7 @@ tokens, so ids equal ``AutoTokenizer.apply_chat_template``. ``<image>`` must be 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -290,3 +291,44 @@ def pack_example(
         "attention_mask": attention_mask,
         "truncated": truncated,
     }
+
+
+def prepare_tokenizer(src: str, dst: str, *, image_token: str = IMAGE_PLACEHOLDER) -> str:
+    """An LLM's tokenizer directory made usable for training: ``image_token`` added as a special token
+    (the next free id, which must fit the LLM's embedding rows) and named in ``tokenizer_config.json``,
+    the chat template kept (``tokenizer_config.json`` or ``chat_template.jinja``). Writes ``dst``.
+
+    ``python -m data_pipelines.text SRC DST``"""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if not os.path.exists(os.path.join(src, "tokenizer.json")):
+        found = sorted(os.listdir(src)) if os.path.isdir(src) else []
+        raise FileNotFoundError(
+            f"No tokenizer.json in {src!r} (found {found}); save a sentencepiece-only tokenizer "
+            "(tokenizer.model) as a fast one first: AutoTokenizer.from_pretrained(src).save_pretrained(dir)."
+        )
+    tok = HFTokenizer.from_file(os.path.join(src, "tokenizer.json"))
+    config_file = os.path.join(src, "tokenizer_config.json")
+    config = json.load(open(config_file, encoding="utf-8")) if os.path.exists(config_file) else {}
+    template = os.path.join(src, "chat_template.jinja")
+    if not config.get("chat_template") and os.path.exists(template):
+        config["chat_template"] = open(template, encoding="utf-8").read()
+    if tok.token_to_id(image_token) is None:
+        tok.add_special_tokens([AddedToken(image_token, special=True, normalized=False)])
+    config["image_token"] = image_token
+    os.makedirs(dst, exist_ok=True)
+    tok.save(os.path.join(dst, "tokenizer.json"))
+    with open(os.path.join(dst, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    Tokenizer.load(dst)  # the same checks training makes: chat template, single-token specials
+    return dst
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m data_pipelines.text SRC_TOKENIZER_DIR DST_DIR")
+    out = Tokenizer.load(prepare_tokenizer(sys.argv[1], sys.argv[2]))
+    print(f"{sys.argv[2]}: {out.vocab_size} tokens, {out.image_token!r} = id {out.image_token_id}")

@@ -214,3 +214,33 @@ def test_tokenizer_pickles_for_worker_processes():
     tok.render(CHAT)  # compiled template must not break pickling
     tok2 = pickle.loads(pickle.dumps(tok))
     assert tok2.apply_chat_template(CHAT) == tok.apply_chat_template(CHAT)
+
+
+def test_prepare_tokenizer_adds_the_image_token(tmp_path):
+    """An HF LLM tokenizer (tokenizer.json + chat_template.jinja, no <image>) becomes a training one."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from data_pipelines.text import prepare_tokenizer
+
+    words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "user", "assistant", "hi", "\n"]
+    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    src = tmp_path / "qwen"
+    src.mkdir()
+    hf.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    )
+    (src / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}"
+    )
+    with pytest.raises(ValueError, match="'<image>' is not a single token"):
+        Tokenizer.load(str(src))  # as it comes: training would stop here
+    tok = Tokenizer.load(prepare_tokenizer(str(src), str(tmp_path / "ready")))
+    assert tok.image_token_id == len(words) and tok.vocab_size == len(words) + 1
+    ids = tok.apply_chat_template([{"role": "user", "content": "<image>\nhi"}])
+    assert ids.count(tok.image_token_id) == 1
+    with pytest.raises(FileNotFoundError, match=r"No tokenizer.json.*save a sentencepiece-only"):
+        prepare_tokenizer(str(tmp_path), str(tmp_path / "x"))
