@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from pargo_jax.models.mllm import MLLMConfig
-from pargo_jax.param_tree import flatten
+from pargo_jax.param_tree import flat_arrays
 
 HF_CODE = os.path.join(os.path.dirname(__file__), "convert", "hf_code")
 CODE_FILES = ("configuration_pargo.py", "modeling_pargo.py")
@@ -52,7 +52,7 @@ def projector_tensors(params: Mapping[str, Any], mcfg: MLLMConfig) -> tuple[dict
     from pargo_jax.convert import official
     from pargo_jax.models import masks, projectors
 
-    p, flat = mcfg.projector, {k: np.asarray(v) for k, v in flatten(params).items()}
+    p, flat = mcfg.projector, flat_arrays(params)
     name = projectors.projector_name(p)
     if name == "mlp":
         out = {f"{fc}.{w}": (flat[f"{fc}/kernel"].T if w == "weight" else flat[f"{fc}/bias"])
@@ -86,7 +86,7 @@ def save_transformers(
     vision_config, vision = hf_vision.export_vision(params["vision_tower"], v)
     projector_config, projector = projector_tensors(params["projector"], mcfg)
     llm_params, llm_cfg = merged_llm(params, mcfg)
-    flat_llm = {k: np.asarray(v) for k, v in flatten(llm_params).items()}
+    flat_llm = flat_arrays(llm_params)
     if llm_cfg.fused_qkv:  # transformers runs InternLM2's function as Llama with q / k / v apart
         flat_llm, llm_cfg = hf.unfuse_qkv(flat_llm, llm_cfg), dataclasses.replace(llm_cfg, fused_qkv=False)
     kind = "qwen2" if llm_cfg.family == "qwen2" else "llama"

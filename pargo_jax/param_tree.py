@@ -42,3 +42,10 @@ def path_tree(tree: Mapping, prefix: str = "") -> dict:
         key = f"{prefix}/{k}" if prefix else str(k)
         out[k] = path_tree(v, key) if isinstance(v, Mapping) else key
     return out
+
+
+def flat_arrays(tree: Mapping) -> dict[str, Any]:
+    """``flatten`` (a flat dict stays as it is) with every leaf as a host numpy array."""
+    import numpy as np
+
+    return {k: np.asarray(v) for k, v in flatten(tree).items()}

@@ -35,7 +35,7 @@ from pargo_jax.convert.tables import (
 )
 from pargo_jax.lora import LORA_PATH_REGEX, init_lora_params
 from pargo_jax.models.llm import CausalLM, LLMConfig, RopeScaling
-from pargo_jax.param_tree import flatten, unflatten
+from pargo_jax.param_tree import flat_arrays, flatten, unflatten
 
 SUPPORTED = ("llama", "qwen2", "internlm2")
 IGNORE = (r".*rotary_emb\.inv_freq",)
@@ -416,7 +416,7 @@ def export_llm(
     from pargo_jax.convert.tables import export
 
     kind = kind or cfg.family
-    flat = {k: np.asarray(v) for k, v in (params if "/" in next(iter(params)) else flatten(params)).items()}
+    flat = flat_arrays(params)
     if any(re.fullmatch(LORA_PATH_REGEX, k) for k in flat):
         raise ValueError("The LLM params hold LoRA adapters; merge them first (pargo_jax.lora.merge_lora).")
     if kind == "internlm2" and not cfg.fused_qkv:

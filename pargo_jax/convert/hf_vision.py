@@ -41,7 +41,7 @@ from pargo_jax.convert.tables import (
     transpose,
 )
 from pargo_jax.models.vision import VisionConfig, VisionTower
-from pargo_jax.param_tree import flatten
+from pargo_jax.param_tree import flat_arrays, flatten
 from pargo_jax.sharding import logical_shardings
 
 HF_MODEL_TYPES = ("siglip", "siglip_vision_model", "clip", "clip_vision_model")
@@ -429,14 +429,10 @@ def export_vision(
     ``hidden_states[-1]`` (with ``post_layernorm`` when ``cfg.apply_final_norm``; identity weights are
     written when the tower has none, as HF requires them)."""
     from pargo_jax.convert.tables import export
-    from pargo_jax.param_tree import flatten
 
     if cfg.kind not in _KIND_ACTS:
         raise ValueError(f"Only SigLIP / CLIP towers export to an HF vision directory, not {cfg.kind!r}.")
-    flat = params if "/" in next(iter(params)) else flatten(params)
-    tensors = export(
-        {k: np.asarray(v) for k, v in flat.items()}, hf_rules(cfg.heads), what=f"{cfg.kind} tower"
-    )
+    tensors = export(flat_arrays(params), hf_rules(cfg.heads), what=f"{cfg.kind} tower")
     for name, value in (("weight", 1.0), ("bias", 0.0)):
         tensors.setdefault(f"post_layernorm.{name}", np.full((cfg.width,), value, np.float32))
     config = dict(
@@ -460,13 +456,10 @@ def save_vision(path: str, params: Mapping[str, Any], cfg: VisionConfig) -> str:
     """The tower in its source format: an HF ``SiglipVisionModel`` / ``CLIPVisionModel`` directory
     (see :func:`export_vision`), or for EVA02 a timm-named ``model.safetensors`` state dict."""
     from pargo_jax.convert.tables import export, save_safetensors
-    from pargo_jax.param_tree import flatten
 
     os.makedirs(path, exist_ok=True)
     if cfg.kind == "eva02":
-        flat = {
-            k: np.asarray(v) for k, v in (params if "/" in next(iter(params)) else flatten(params)).items()
-        }
+        flat = flat_arrays(params)
         save_safetensors(path, export(flat, eva02_rules(cfg.heads), what="EVA02 tower"))
         return path
     config, tensors = export_vision(params, cfg)

@@ -46,10 +46,12 @@ class _BertAttention(nn.Module):
         return self.output.LayerNorm(self.output.dense(ctx) + h)
 
 
-class _FFN(nn.Module):
-    def __init__(self, hidden, mlp_dim, eps):
+class _Dense(nn.Module):
+    """A module holding one ``dense`` Linear (BERT's ``intermediate_query`` naming)."""
+
+    def __init__(self, width_in, width_out):
         super().__init__()
-        self.dense = nn.Linear(hidden, mlp_dim)
+        self.dense = nn.Linear(width_in, width_out)
 
 
 class _ParGoLayer(nn.Module):
@@ -57,7 +59,7 @@ class _ParGoLayer(nn.Module):
         super().__init__()
         self.attention = _BertAttention(hidden, hidden, eps)
         self.crossattention = _BertAttention(hidden, vision_width, eps)
-        self.intermediate_query = _FFN(hidden, mlp_dim, eps)
+        self.intermediate_query = _Dense(hidden, mlp_dim)
         self.output_query = nn.Module()
         self.output_query.dense = nn.Linear(mlp_dim, hidden)
         self.output_query.LayerNorm = nn.LayerNorm(hidden, eps=eps)
