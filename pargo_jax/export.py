@@ -13,7 +13,8 @@ Writes, with LoRA merged into the LLM weights:
   DIR/llm/           the LLM alone as a standard HF directory (``AutoModelForCausalLM`` for Llama /
                      Qwen2; InternLM2 in its own layout, which transformers runs with its remote code)
   DIR/vision_tower/  the tower in its source format (HF dir for SigLIP / CLIP, EVA02 state dict)
-  DIR/official/pytorch_model.bin  the official ParGo layout, when the release can run the model
+  DIR/official/pytorch_model.bin  the release's whole-model layout (EVA02 + released raster ParGo +
+                     InternLM2), read back by ``pargo_jax.convert.official.load_model``
 
 Every part that cannot be written for this model is named with the reason, never silently dropped.
 """
@@ -157,12 +158,24 @@ def export_workdir(
     done["vision_tower"] = hf_vision.save_vision(
         os.path.join(out, "vision_tower"), params["vision_tower"], mcfg.vision
     )
-    done["official"] = (
-        "skipped: the official whole-model layout is not written yet (projector only: "
-        "pargo_jax.convert.official.to_official_state_dict)"
-    )
+    done["official"] = save_official(os.path.join(out, "official"), mcfg, params)
     _write_json(out, "export.json", {"workdir": str(workdir), "step": run.step, "parts": done})
     return {"step": run.step, **done}
+
+
+def save_official(out: str, mcfg: MLLMConfig, params: Mapping[str, Any]) -> str:
+    """``out/pytorch_model.bin`` in the release's layout, or ``"skipped: why"``."""
+    from pargo_jax.convert.official import to_official_checkpoint
+
+    try:
+        state = to_official_checkpoint(mcfg, params)
+        import torch
+    except (ValueError, ImportError) as e:
+        return f"skipped: {e}"
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "pytorch_model.bin")
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
+    return path
 
 
 def main(argv) -> None:

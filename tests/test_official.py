@@ -251,3 +251,28 @@ def test_official_model_accounts_for_every_tensor(tmp_path):
     torch.save(state, file)
     with pytest.raises(ConversionError, match=r"unused tensor.*model\.layers\.0\.attention\.wq\.weight"):
         load_model(file, checkpoint("internlm2")[1], num_partial=8, num_heads=2, vision_heads=2)
+
+
+def test_official_layout_round_trip(tmp_path):
+    """load_model -> official_checkpoint -> a .bin -> load_model: identical params; the file has the
+    release's names (no text branch, EVA-CLIP tower names, PEFT-wrapped InternLM2)."""
+    import re
+
+    from pargo_jax.convert.official import TEXT_BRANCH, load_model, to_official_checkpoint
+    from tests.torch_refs.tiny_llm import checkpoint
+
+    src = str(tmp_path / "pargo.bin")
+    official_checkpoint(src)
+    kw = dict(num_partial=8, num_heads=2, vision_heads=2)
+    model, variables = load_model(src, checkpoint("internlm2")[1], **kw)
+    state = to_official_checkpoint(model.config, variables["params"])
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, tmp_path / "out.bin")
+    _, again = load_model(str(tmp_path / "out.bin"), checkpoint("internlm2")[1], **kw)
+    jax.tree.map(np.testing.assert_array_equal, again["params"], variables["params"])
+    names = set(state)
+    source = {k.removeprefix("module.") for k in torch.load(src)}
+    text = lambda k: any(re.fullmatch(p, k.removeprefix("ParGo.")) for p in TEXT_BRANCH)
+    assert {k for k in source if not k.startswith("llm_model.") and not text(k)} <= names
+    assert "visual_encoder.blocks.0.attn.q_bias" in names and "visual_encoder.blocks.0.mlp.w1.weight" in names
+    assert "llm_model.base_model.model.model.layers.1.attention.wqkv.base_layer.weight" in names
+    assert not any("lora_" in k or "word_embeddings" in k for k in names)

@@ -142,3 +142,25 @@ def test_preset_pretrain_then_sft_through_main(preset, checkpoints, tmp_path):
     model = json.load(open(os.path.join(sft, "model.json")))
     assert model["llm"]["lora_rank"] == 256 and model["projector"]["num_partial"] == 4
     assert model["llm"]["fused_qkv"] == (preset == "paper")  # the release's one adapter on wqkv
+    if preset != "paper":
+        return
+    # The paper model exports to the release's layout, which load_model reads back to the same function.
+    out = str(tmp_path / "export")
+    run = subprocess.run([sys.executable, "-m", "pargo_jax.export", f"--workdir={sft}", f"--out={out}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "transformers  skipped: eva02 towers have no transformers class" in run.stdout
+    import jax
+
+    from pargo_jax.convert.official import load_model
+    from pargo_jax.models import factory
+
+    trained = factory.load_workdir(sft)
+    official = os.path.join(out, "official", "pytorch_model.bin")
+    model, variables = load_model(
+        official, checkpoints["internlm2"], num_partial=4, num_heads=4, vision_heads=1
+    )
+    images = np.random.RandomState(0).randn(2, 28, 28, 3).astype(np.float32)
+    encode = lambda m, v: np.asarray(jax.jit(lambda v, x: m.apply(v, x, method=m.encode_images))(v, images))
+    want = encode(trained.model, {"params": trained.params})  # the preset computes in bfloat16
+    assert np.abs(encode(model, variables) - want).max() <= 0.02 * np.abs(want).max()

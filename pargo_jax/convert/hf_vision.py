@@ -101,10 +101,13 @@ def hf_rules(heads: int) -> list[Rule]:
     ]
 
 
-def eva02_rules(heads: int) -> list[Rule]:
-    """timm ``Eva`` names (and the original EVA-CLIP aliases: ``q_bias``, ``inner_attn_ln``, ``w1``,
-    ``w2``, ``ffn_ln``, ``w3``) -> our params. A fused ``attn.qkv.weight`` is split beforehand."""
+def eva02_rules(heads: int, naming: str = "timm") -> list[Rule]:
+    """timm ``Eva`` names and the original EVA-CLIP aliases (``q_bias``, ``inner_attn_ln``, ``w1``,
+    ``w2``, ``ffn_ln``, ``w3``) -> our params; both import, ``naming`` ("timm" | "evaclip") is the one
+    exported. A fused ``attn.qkv.weight`` is split beforehand."""
     B = r"blocks\.(\d+)\."
+    timm = naming == "timm"
+    alias = lambda t, orig: f"(?:{t}|{orig})" if timm else f"(?:{orig}|{t})"
     return [
         Rule(r"patch_embed\.proj\.weight", "patch_embed/kernel", conv_oihw_to_hwio),
         Rule(r"patch_embed\.proj\.bias", "patch_embed/bias"),
@@ -115,23 +118,29 @@ def eva02_rules(heads: int) -> list[Rule]:
         Rule(B + r"norm([12])\.weight", "blocks/norm{1}/scale[{0}]"),
         Rule(B + r"norm([12])\.bias", "blocks/norm{1}/bias[{0}]"),
         Rule(B + r"attn\.([qkv])_proj\.weight", "blocks/attn/{1}/kernel[{0}]", split_heads_out(heads)),
-        Rule(B + r"attn\.([qv])_proj\.bias", "blocks/attn/{1}/bias[{0}]", split_heads_bias(heads)),
-        Rule(B + r"attn\.([qv])_bias", "blocks/attn/{1}/bias[{0}]", split_heads_bias(heads), exported=False),
-        Rule(B + r"attn\.(?:norm|inner_attn_ln)\.weight", "blocks/attn/norm/scale[{0}]"),
-        Rule(B + r"attn\.(?:norm|inner_attn_ln)\.bias", "blocks/attn/norm/bias[{0}]"),
+        Rule(
+            B + r"attn\.([qv])_proj\.bias",
+            "blocks/attn/{1}/bias[{0}]",
+            split_heads_bias(heads),
+            exported=timm,
+        ),
+        Rule(
+            B + r"attn\.([qv])_bias", "blocks/attn/{1}/bias[{0}]", split_heads_bias(heads), exported=not timm
+        ),
+        Rule(B + rf"attn\.{alias('norm', 'inner_attn_ln')}\.weight", "blocks/attn/norm/scale[{0}]"),
+        Rule(B + rf"attn\.{alias('norm', 'inner_attn_ln')}\.bias", "blocks/attn/norm/bias[{0}]"),
         Rule(B + r"attn\.proj\.weight", "blocks/attn/out/kernel[{0}]", merge_heads_in(heads)),
         Rule(B + r"attn\.proj\.bias", "blocks/attn/out/bias[{0}]"),
         *(
-            Rule(B + rf"mlp\.(?:{timm}|{orig})\.{w}", f"blocks/mlp/{ours}/{p}[{{0}}]", t)
-            for timm, orig, ours in (("fc1_g", "w1", "gate"), ("fc1_x", "w2", "up"), ("fc2", "w3", "down"))
-            for w, p, t in (("weight", "kernel", transpose), ("bias", "bias", None))
+            Rule(B + rf"mlp\.{alias(t, orig)}\.{w}", f"blocks/mlp/{ours}/{p}[{{0}}]", tf)
+            for t, orig, ours in (("fc1_g", "w1", "gate"), ("fc1_x", "w2", "up"), ("fc2", "w3", "down"))
+            for w, p, tf in (("weight", "kernel", transpose), ("bias", "bias", None))
         ),
-        Rule(B + r"mlp\.(?:norm|ffn_ln)\.weight", "blocks/mlp/norm/scale[{0}]"),
-        Rule(B + r"mlp\.(?:norm|ffn_ln)\.bias", "blocks/mlp/norm/bias[{0}]"),
+        Rule(B + rf"mlp\.{alias('norm', 'ffn_ln')}\.weight", "blocks/mlp/norm/scale[{0}]"),
+        Rule(B + rf"mlp\.{alias('norm', 'ffn_ln')}\.bias", "blocks/mlp/norm/bias[{0}]"),
     ]
 
 
-# --- source views ----------------------------------------------------------------------------------
 class _View(Mapping[str, Any]):
     """The tensors of ``base`` whose name starts with ``prefix`` (removed), minus those fully matching a
     ``drop`` pattern: parts of the checkpoint the built tower deliberately does not use."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -296,3 +297,41 @@ def to_official_state_dict(params: Mapping[str, np.ndarray]) -> dict[str, np.nda
     once its deleted text-branch modules are dropped. The inverse of :func:`load_projector`'s table."""
     out = export(params, projector_rules(), what="ParGo projector")
     return {("ParGo." if k.startswith("bert.") else "") + k: v for k, v in out.items()}
+
+
+def to_official_checkpoint(mcfg, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A model the release can run (EVA02 tower, ParGo released with raster windows over one crop, an
+    InternLM2 LLM) as the release's whole-model state dict: ``visual_encoder.*`` in EVA-CLIP names,
+    ``ln_vision`` / ``query_tokens`` / ``ParGo.bert.*`` / ``llm_proj``, and the LLM under PEFT's
+    ``llm_model.base_model.model.`` (``wqkv`` as ``base_layer``; a LoRA the model was trained with is
+    merged first, so the release's own LoRA starts at its identity init). ValueError names why a model
+    does not fit. :func:`load_model` reads it back to the same params."""
+    from pargo_jax.convert import hf, hf_vision
+    from pargo_jax.lora import merge_lora
+    from pargo_jax.param_tree import flat_arrays
+
+    v, p, llm = mcfg.vision, mcfg.projector, mcfg.llm
+    why = [
+        f"the tower is {v.kind}, the release runs EVA02" if v.kind != "eva02" else "",
+        "the projector is not ParGo" if not isinstance(p, ParGoConfig) else "",
+        f"the LLM is {llm.family}, the release runs InternLM2" if llm.family != "internlm2" else "",
+    ]
+    if isinstance(p, ParGoConfig):
+        why += [
+            f"cpp={p.cpp!r}" if p.cpp != "released" else "",
+            f"layout={p.layout!r}" if p.layout != "raster" else "",
+            f"num_crops={p.num_crops}" if p.num_crops != 1 else "",
+        ]
+    why = [w for w in why if w]
+    if why:
+        raise ValueError("not a model the official release can run: " + "; ".join(why))
+    out = {f"visual_encoder.{k}": x for k, x in export(
+        flat_arrays(params["vision_tower"]), hf_vision.eva02_rules(v.heads, "evaclip"), what="EVA02 tower"
+    ).items()}  # fmt: skip
+    out.update(to_official_state_dict(flat_arrays(params["projector"])))
+    llm_params = merge_lora(params["llm"], llm) if llm.lora_rank else params["llm"]
+    _, tensors = hf.export_llm(llm_params, llm, "internlm2")
+    for name, x in tensors.items():
+        peft = name.replace("attention.wqkv.weight", "attention.wqkv.base_layer.weight")
+        out[f"{LLM_PREFIX}base_model.model.{peft}"] = x
+    return out

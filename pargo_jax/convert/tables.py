@@ -294,7 +294,6 @@ def export(
             hit = path_re.fullmatch(path)
             if hit is None:
                 continue
-            used.add(path)
             fixed = {int(k[1:]): v for k, v in hit.groupdict().items()}
             axes = [int(t[1:-1]) for t in stack if t.startswith("{")]
             for idx in np.ndindex(*value.shape[: len(axes)]):
@@ -306,6 +305,9 @@ def export(
                         j = int(t)
                     x = x[j]
                 name = source_name(rule.pattern, tuple(groups[k] for k in sorted(groups)))
+                if not re.fullmatch(rule.pattern, name):  # a path group the pattern does not allow
+                    break
+                used.add(path)
                 out[name] = rule.transform.back(x) if rule.transform else np.ascontiguousarray(x)
     missing = sorted(set(params) - used)
     if missing:
