@@ -6,6 +6,10 @@ Resize modes (output is always ``size x size``):
                   (LLaVA / ParGo ``expand2square``); padding becomes exactly 0 after normalization.
   * ``pad``       resize the longer side to ``size`` keeping aspect, place at the top-left and pad
                   the bottom/right with the mean colour (pix2seq / OWL-ViT style).
+  * ``bug_compatible_448_crop``  what the ParGo release's MME evaluation feeds its 336 px tower:
+                  ``resize_and_pad`` onto a centred ``4/3 * size`` (448) square in the mean colour
+                  (``int(255 * m)``), then the top-left ``size`` crop of it (its ``split_into_patches``
+                  keeps one 336 patch). Only to reproduce released numbers; ``letterbox`` is the clean one.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from PIL import Image, ImageFile
 
 from data_pipelines.schema import BadRecord
 
-RESIZE_MODES = ("letterbox", "squash", "pad")
+RESIZE_MODES = ("letterbox", "squash", "pad", "bug_compatible_448_crop")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files must fail, not be silently padded grey
@@ -63,6 +67,13 @@ def resize(img: Image.Image, size: int, mode: str, mean: Sequence[float] = CLIP_
             canvas.paste(img, ((side - w) // 2, (side - h) // 2))
             img = canvas
         return img.resize((size, size), Image.BICUBIC)
+    if mode == "bug_compatible_448_crop":
+        big = size * 4 // 3
+        ratio = min(big / w, big / h)
+        nw, nh = int(w * ratio), int(h * ratio)
+        canvas = Image.new("RGB", (big, big), tuple(int(255 * m) for m in mean))
+        canvas.paste(img.resize((nw, nh), Image.BICUBIC), ((big - nw) // 2, (big - nh) // 2))
+        return canvas.crop((0, 0, size, size))
     if mode == "pad":
         scale = size / max(w, h)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))

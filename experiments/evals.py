@@ -15,9 +15,9 @@ SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
 
 
-def entry(kind: str, data: dict, *, max_new_tokens: int = 16, **options) -> dict:
+def entry(kind: str, data: dict, *, max_new_tokens: int = 16, method: str = "greedy", **options) -> dict:
     """One eval with every field it reads listed, so any of them can be set on the command line."""
-    decode = dict(max_new_tokens=max_new_tokens, method="greedy", num_beams=4)
+    decode = dict(max_new_tokens=max_new_tokens, method=method, num_beams=4)
     return dict(type=kind, data=data, log_steps=0, batch_size=16, **decode, **options)
 
 
@@ -31,6 +31,12 @@ EVALS = {
     "mme_pargo": entry(
         "mme", dict(dir=f"{B}/MME_Benchmark_release_version"), rule="pargo",
         prompt_suffix="Answer the question using a single word(Yes or No)",
+    ),
+    # MME as the ParGo release runs it (with an official-checkpoint workdir, see README): its rule and
+    # suffix, 4-beam search, 100 new tokens.
+    "mme_release": entry(
+        "mme", dict(dir=f"{B}/MME_Benchmark_release_version"), max_new_tokens=100, rule="pargo",
+        prompt_suffix="Answer the question using a single word(Yes or No)", method="beam",
     ),
     "vqav2": entry(
         "vqa", dict(questions=f"{B}/vqav2/v2_OpenEnded_mscoco_val2014_questions.json",

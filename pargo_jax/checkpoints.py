@@ -153,6 +153,10 @@ def restore_subtree(path_or_workdir: str, abstract_subtree: Any, select: str, st
             raise ValueError(f"Checkpoint {directory} has no state subtree {select!r} matching: {e}") from e
     for k in keys:
         out = out[k]
+    missing = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(out)
+               if isinstance(x, jax.ShapeDtypeStruct)]  # fmt: skip
+    if missing:  # partial_restore hands back the placeholders of what the checkpoint lacks
+        raise ValueError(f"Checkpoint {directory} has no {select}{missing[0]} (and {len(missing) - 1} more).")
     return out
 
 

@@ -133,3 +133,22 @@ def test_to_array_falls_back_without_the_private_encoder(monkeypatch):
     monkeypatch.setattr(images, "Image", types.SimpleNamespace())  # a PIL without _getencoder
     got = images.to_array(img)
     assert got.shape == (4, 5, 3) and (got == [1, 2, 3]).all()
+
+
+def _release_mme_image(image, mean=images.CLIP_MEAN):
+    """The ParGo release's MME input (``mmebench_datasets.resize_and_pad`` to 448, then
+    ``split_into_patches(patch_size=336)``'s first patch), written from its code."""
+    ratio = min(448 / image.width, 448 / image.height)
+    new_size = (int(image.width * ratio), int(image.height * ratio))
+    resized = image.resize(new_size, Image.BICUBIC)
+    padded = Image.new("RGB", (448, 448), tuple(int(x * 255) for x in mean))
+    padded.paste(resized, ((448 - new_size[0]) // 2, (448 - new_size[1]) // 2))
+    return np.asarray(padded)[:336, :336]
+
+
+@pytest.mark.parametrize("size", [(500, 300), (300, 500), (448, 448), (200, 120)])
+def test_bug_compatible_448_crop_is_the_release_input(size):
+    rng = np.random.RandomState(sum(size))
+    img = Image.fromarray(rng.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    got = np.asarray(images.resize(img, 336, "bug_compatible_448_crop"))
+    np.testing.assert_array_equal(got, _release_mme_image(img))

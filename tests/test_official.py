@@ -1,6 +1,10 @@
 """Official ParGo checkpoint import: parity with an independent PyTorch reference, loud failures."""
 
 import dataclasses
+import json
+import os
+import random
+import subprocess
 import sys
 
 import jax
@@ -276,3 +280,81 @@ def test_official_layout_round_trip(tmp_path):
     assert "visual_encoder.blocks.0.attn.q_bias" in names and "visual_encoder.blocks.0.mlp.w1.weight" in names
     assert "llm_model.base_model.model.model.layers.1.attention.wqkv.base_layer.weight" in names
     assert not any("lora_" in k or "word_embeddings" in k for k in names)
+
+
+def _tiny_llm_tokenizer(path) -> str:
+    """A word-level LLM tokenizer (no <image>) prepared for training, small enough for the tiny LLM."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from data_pipelines.text import prepare_tokenizer
+
+    words = ["<unk>", "<s>", "</s>", "yes", "no", "is", "there", "a", "circle", "?", "red"]
+    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens(["<unk>", "<s>", "</s>"])
+    src = path / "internlm2_tok"
+    src.mkdir()
+    hf.save(str(src / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": "{{ messages[0]['content'] }}"}
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    return prepare_tokenizer(str(src), str(path / "tokenizer"))
+
+
+def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir):
+    """python -m pargo_jax.convert.official -> a workdir that predict answers from (the release's
+    prompt and input crop) and that fine-tuning starts from."""
+    from data_pipelines import shapes
+    from data_pipelines.text import load_tokenizer
+    from experiments import base
+    from pargo_jax import configs, train
+    from pargo_jax.convert.official import load_model
+    from pargo_jax.models import factory
+    from tests.torch_refs.tiny_llm import checkpoint
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src, llm, tok = str(tmp_path / "pargo.bin"), checkpoint("internlm2")[1], _tiny_llm_tokenizer(tmp_path)
+    official_checkpoint(src)
+    work = str(tmp_path / "official")
+    cmd = [sys.executable, "-m", "pargo_jax.convert.official", f"--checkpoint={src}", f"--llm_path={llm}",
+           f"--tokenizer={tok}", f"--workdir={work}", "--num_partial=8", "--num_heads=2",
+           "--vision_heads=2"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "--evals=experiments/evals.py:mme_release" in proc.stdout, proc.stderr[
+        -2000:
+    ]
+    run = factory.load_workdir(work)
+    model, variables = load_model(src, llm, num_partial=8, num_heads=2, vision_heads=2)
+    x = np.random.RandomState(0).randn(2, 28, 28, 3).astype(np.float32)
+    encode = lambda m, v: np.asarray(jax.jit(lambda v, im: m.apply(v, im, method=m.encode_images))(v, x))
+    np.testing.assert_allclose(encode(run.model, {"params": run.params}), encode(model, variables), atol=1e-5)
+    assert run.config.input.resize == "bug_compatible_448_crop"
+    prompt = run.tokenizer.render(
+        [{"role": "user", "content": "<image>\nis there a circle?\nAnswer yes"}], True
+    )
+    assert prompt == (
+        "<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the user's questions. USER: <Img><image></Img> "
+        "is there a circle?\nAnswer yes\nASSISTANT: "
+    )
+    image = tmp_path / "x.png"
+    image.write_bytes(shapes.draw_scene(shapes.sample_scene(random.Random(0), 64), 64, 20))
+    proc = subprocess.run([sys.executable, "-m", "pargo_jax.predict", f"--workdir={work}", f"--image={image}",
+                           "--prompt=is there a circle?", "--max_new_tokens=3"],
+                          cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # Fine-tuning starts from it: every part from the workdir, full training, two steps on shapes data.
+    config = configs.load_run_config(work)
+    with config.unlocked():
+        config.input.update(data_dir=shapes_dir, sources=[dict(name="shapes", split="sft")], batch_size=8,
+                            max_len=128)  # fmt: skip
+        config.model.llm.overrides.update(lora_rank=0, lora_targets="")
+        config.model.projector.init_from_bert = None
+        config.checkpoint.update(init_from=work, init_from_parts=("vision_tower", "projector", "llm"))
+        config.update(total_steps=2, log_every_steps=1, sample_at_end="", evals={})
+        config.optim.warmup_steps = 1
+        config.trainable = base.regex_dict({".*": 1.0})
+        config.model.dtype = "float32"
+    assert load_tokenizer(tok).vocab_size == 12
+    out = train.run(config, str(tmp_path / "finetune"))
+    assert np.isfinite(out["loss"])

@@ -74,7 +74,7 @@ _HF_ACTS = {
     "gelu": "gelu",
     "quick_gelu": "quick_gelu",
 }
-EVA_PREFIXES = ("visual_encoder.", "visual.trunk.", "visual.", "")
+EVA_PREFIXES = ("visual_encoder.", "module.visual_encoder.", "visual.trunk.", "visual.", "")
 
 
 # --- rule tables -----------------------------------------------------------------------------------
@@ -384,13 +384,14 @@ def _eva02_tower(
     return tower, prefix, cfg
 
 
-def vision_config_from(path: str, fmt: str = "hf") -> VisionConfig:
+def vision_config_from(path: str, fmt: str = "hf", heads: int | None = None) -> VisionConfig:
     """The :class:`VisionConfig` a checkpoint defines: ``fmt="hf"`` (SigLIP / CLIP directory) or
-    ``"eva02"`` (timm / EVA-CLIP / official ParGo state dict, prefix auto-detected)."""
+    ``"eva02"`` (timm / EVA-CLIP / official ParGo state dict, prefix auto-detected; ``heads`` as in
+    :func:`load_eva02`)."""
     if fmt == "hf":
         return hf_vision_config(path)
     if fmt == "eva02":
-        return _eva02_tower(path, None, None, 16)[2]
+        return _eva02_tower(path, None, heads, 16)[2]
     raise ValueError(f"model.vision.format={fmt!r} is unknown; use 'hf' or 'eva02'.")
 
 

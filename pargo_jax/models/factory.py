@@ -44,14 +44,14 @@ def vision_config(v: Mapping[str, Any], dtype: str) -> VisionConfig:
     """``config.model.vision``: a checkpoint (``path`` + ``format``) or a named ``preset``, then
     ``overrides`` (VisionConfig fields)."""
     configs.check_keys(v, VISION_KEYS, "config.model.vision")
+    overrides = dict(v.get("overrides") or {})
     if v.get("path"):
         from pargo_jax.convert import hf_vision
 
         path = configs.require_path(v["path"], "model.vision")
-        base = hf_vision.vision_config_from(path, v.get("format", "hf"))
+        base = hf_vision.vision_config_from(path, v.get("format", "hf"), heads=overrides.get("heads"))
     else:
         base = vision_preset(v.get("preset", "tiny"))
-    overrides = dict(v.get("overrides") or {})
     configs.check_keys(overrides, configs.field_names(VisionConfig), "config.model.vision.overrides")
     return base.replace(**{**overrides, "dtype": jnp.dtype(dtype)})
 
