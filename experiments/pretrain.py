@@ -4,9 +4,10 @@
   python -m pargo_jax.main --config=experiments/pretrain.py:paper --workdir=gs://bucket/pargo_pt
   python -m pargo_jax.main --config=experiments/pretrain.py:siglip_qwen2 --workdir=/runs/sq_pt
 
-``demo``: tiny random SigLIP-style tower and tiny random Llama on the synthetic shapes captions (built
-into the workdir on first run). The demo has no pretrained LLM, so its stage 1 also trains the LLM
-(``trainable`` includes ``llm/.*``); real presets train the projector only, as ParGo and LLaVA do.
+``demo``: tiny SigLIP-style tower (pretrained into ``workdir/demo_tower`` on first run, then tuned)
+and tiny random Llama on the synthetic shapes captions (built into the workdir on first run). The demo
+has no pretrained LLM, so its stage 1 also trains the LLM (``trainable`` includes ``llm/.*``); real
+presets train the projector only, as ParGo and LLaVA do.
 """
 
 from experiments import base, evals
@@ -19,7 +20,7 @@ def get_config(arg: str | None = None):
         base.set_steps(c, total=1500, warmup=50)
         c.log_every_steps = 100
         c.optim.lr = 1e-3
-        c.trainable = base.regex_dict({"projector/.*": 1.0, "llm/.*": 1.0})
+        c.trainable = base.regex_dict({"vision_tower/.*": 0.3, "projector/.*": 1.0, "llm/.*": 1.0})
         c.input.sources = [dict(name="shapes", split="pretrain")]
         c.checkpoint.every_steps = 500
         c.evals = evals.get_config("val")

@@ -3,10 +3,11 @@
   python -m pargo_jax.main --config=experiments/sft.py                        # demo: after the demo pretrain
   python -m pargo_jax.main --config=experiments/sft.py:paper --config.checkpoint.init_from=gs://bucket/pargo_pt
 
-``init_from`` names the pretrain workdir; ``init_from_parts`` says which parts of the model come from it (the
-projector; in the demo everything, since its stage 1 trained the LLM too). Towers and LLM come from
-their own checkpoints. ``paper`` trains the projector and one LoRA adapter (r=256, alpha=512) on
-InternLM2's fused ``wqkv`` per layer, as released (``siglip_qwen2``: on q, k, v), LLM weights frozen.
+``init_from`` names the pretrain workdir; ``init_from_parts`` says which parts of the model come from it
+(the projector; in the demo everything, since its stage 1 trained the LLM and tuned the tower too).
+Towers and LLM come from their own checkpoints. ``paper`` trains the projector and one LoRA adapter
+(r=256, alpha=512) on InternLM2's fused ``wqkv`` per layer, as released (``siglip_qwen2``: on q, k,
+v), LLM weights frozen.
 """
 
 from experiments import base, evals
@@ -18,10 +19,10 @@ def get_config(arg: str | None = None):
         base.set_steps(c, total=1500, warmup=50)
         c.log_every_steps = 100
         c.optim.lr = 3e-4
-        c.trainable = base.regex_dict({"projector/.*": 1.0, "llm/.*": 1.0})
+        c.trainable = base.regex_dict({"vision_tower/.*": 0.3, "projector/.*": 1.0, "llm/.*": 1.0})
         c.input.sources = [dict(name="shapes", split="sft")]
         c.checkpoint.init_from = "workdir/pretrain"
-        c.checkpoint.init_from_parts = ("projector", "llm")
+        c.checkpoint.init_from_parts = ("vision_tower", "projector", "llm")
         c.checkpoint.every_steps = 500
         c.evals = evals.get_config("shapes")
     else:  # LLaVA-Instruct 665K (python -m data_pipelines.build --dataset llava --config instruct)

@@ -28,7 +28,7 @@ from pargo_jax.param_tree import flatten, unflatten
 
 SECTIONS = {
     "seed", "total_steps", "log_every_steps", "sample_at_end", "max_nonfinite_steps",
-    "model", "input", "shapes", "optim", "trainable", "mesh", "checkpoint", "evals",
+    "model", "input", "shapes", "demo_tower", "optim", "trainable", "mesh", "checkpoint", "evals",
 }  # fmt: skip
 CHECKPOINT_KEYS = {"every_steps", "keep", "init_from", "init_from_parts"}
 TEXT_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask")
@@ -75,6 +75,24 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
             config.input.tokenizer = paths.join(data_dir, "shapes_tokenizer")
     if built and built["summary"] is not None:
         logging.info("Built the shapes dataset in %s (%.1f s).", data_dir, built["seconds"])
+
+
+def prepare_demo_tower(config: ml_collections.ConfigDict) -> None:
+    """The demo's pretrained tower is built at ``model.vision.path`` on first run (``config.demo_tower``
+    holds the build options), by process 0 while the others wait."""
+    if config.get("demo_tower") is None:
+        return
+    from pargo_jax import demo_tower
+
+    path = paths.join(config.model.vision.path)
+    if jax.process_index() == 0 and demo_tower.ensure(path, **config.demo_tower.to_dict()):
+        logging.info("Built the demo tower in %s.", path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("demo tower built")
+    with config.unlocked():
+        config.model.vision.path = path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +239,8 @@ def check_batch(batch, mcfg: MLLMConfig) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns final metrics."""
     check_config(config)
+    prepare_data(config, workdir)
+    prepare_demo_tower(config)  # before the mesh: its pretraining runs on one device
     mesh = factory.mesh_for(config)
     logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
     with sharding.mesh_context(mesh):
@@ -233,7 +253,6 @@ def _run(config, workdir, mesh):
     from pargo_jax import evaluators
     from pargo_jax.predict import Predictor
 
-    prepare_data(config, workdir)
     tokenizer = load_tokenizer(configs.require_path(config.input.get("tokenizer"), "input.tokenizer"))
     setup = build_model(config, tokenizer, mesh)
     mcfg = setup.mcfg

@@ -8,6 +8,7 @@ import os
 from experiments import pretrain
 
 SMALL_SHAPES = dict(image_size=64, num_pretrain=256, num_sft=256, num_eval=16, num_val=16)
+SMALL_TOWER = dict(steps=20, batch_size=16)  # a barely pretrained demo tower: seconds, not minutes
 
 
 def build_shapes(path: str) -> str:
@@ -17,11 +18,21 @@ def build_shapes(path: str) -> str:
     return path
 
 
+def demo_flags(data_dir: str) -> list[str]:
+    """``--config.*`` flags giving ``python -m pargo_jax.main``'s demo the small shapes build and tower of
+    :func:`demo_config`."""
+    flags = [f"--config.shapes.{k}={v}" for k, v in SMALL_SHAPES.items()]
+    flags += [f"--config.demo_tower.{k}={v}" for k, v in SMALL_TOWER.items()]
+    return flags + [f"--config.model.vision.path={os.path.join(data_dir, 'demo_tower')}"]
+
+
 def demo_config(data_dir: str, steps: int, *, stage=pretrain, **overrides):
     """The demo preset of ``stage`` on ``data_dir`` for ``steps`` steps, logging every step, no sample;
     ``overrides``: ``{"section.field": value}``."""
     c = stage.get_config()
     c.shapes.update(SMALL_SHAPES)
+    c.demo_tower.update(SMALL_TOWER)
+    c.model.vision.path = os.path.join(data_dir, "demo_tower")  # built once per shapes build
     c.input.data_dir = data_dir
     c.total_steps = steps
     c.optim.warmup_steps = min(c.optim.warmup_steps, steps)

@@ -15,6 +15,7 @@ from flax import linen as nn
 from data_pipelines.text import load_tokenizer
 from experiments import pretrain, sft
 from pargo_jax import checkpoints, sharding, train
+from pargo_jax.benchmarks.train_step import random_demo_tower
 from pargo_jax.models import factory, projectors
 from pargo_jax.models.layers import Dense
 from pargo_jax.models.llm import LLMConfig, RopeScaling
@@ -121,9 +122,8 @@ def test_load_workdir_restores_the_saved_params(trained_workdir):
 
 def test_the_schedule_ends_at_total_steps(shapes_dir, tmp_path):
     """``--config.total_steps=1000`` on the demo: the cosine schedule spans 1000 steps (one value)."""
-    config = pretrain.get_config()
-    config.total_steps = 1000
-    config.input.data_dir = shapes_dir
+    config = demo_config(shapes_dir, 1000)
+    config.optim.warmup_steps = pretrain.get_config().optim.warmup_steps
     tok = load_tokenizer(os.path.join(shapes_dir, "shapes_tokenizer"))
     mesh = factory.mesh_for(config)
     with sharding.mesh_context(mesh):
@@ -156,6 +156,7 @@ def test_the_schedule_ends_at_total_steps(shapes_dir, tmp_path):
 def test_model_config_mistakes_are_named(shapes_dir, mutate, message):
     config = sft.get_config()
     with config.unlocked():
+        config.model.vision = random_demo_tower()
         mutate(config)
     tok = load_tokenizer(os.path.join(shapes_dir, "shapes_tokenizer"))
     with pytest.raises(ValueError) as err:

@@ -343,6 +343,16 @@ def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir):
                            "--prompt=is there a circle?", "--max_new_tokens=3"],
                           cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # MME as released: its rule and suffix, 4-beam search (3 new tokens here instead of 100).
+    from tests.test_mme import _pairs, _release
+
+    _release(tmp_path / "MME", "color", {f"img{i}": _pairs(i) for i in range(2)})
+    proc = subprocess.run([sys.executable, "-m", "pargo_jax.evaluate", f"--workdir={work}",
+                           "--evals=experiments/evals.py:mme_release",
+                           f"--config.evals.mme_release.data.dir={tmp_path / 'MME'}",
+                           "--config.evals.mme_release.max_new_tokens=3"],
+                          cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0 and "perception" in proc.stdout, proc.stderr[-2000:]
     # Fine-tuning starts from it: every part from the workdir, full training, two steps on shapes data.
     config = configs.load_run_config(work)
     with config.unlocked():

@@ -107,6 +107,13 @@ def _args(argv=None):
 
 
 # --- shapes ------------------------------------------------------------------------------------------
+def random_demo_tower() -> dict:
+    """``config.model.vision`` for a random tower of the demo tower's shape (no checkpoint needed)."""
+    from pargo_jax.demo_tower import SHAPE
+
+    return dict(path=None, format="hf", preset="tiny", overrides=dict(SHAPE))
+
+
 def shape_config(name: str, projector: str, train: str, a):
     """(ConfigDict as the experiments build it, batch, seq, vocab_size, image_token_id)."""
     import ml_collections
@@ -117,6 +124,7 @@ def shape_config(name: str, projector: str, train: str, a):
         from data_pipelines import shapes
 
         c = pretrain.get_config("demo")
+        c.model.vision = random_demo_tower()  # the demo tower's shape; its pretraining is not timed here
         vocab = len(dict.fromkeys([*shapes.SPECIAL_TOKENS, *shapes.vocabulary()]))
         image_token_id = shapes.SPECIAL_TOKENS.index("<image>")
         batch, seq = (8 if a.quick else c.input.batch_size), c.input.max_len
