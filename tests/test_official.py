@@ -304,6 +304,8 @@ def _tiny_llm_tokenizer(path) -> str:
 def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir):
     """python -m pargo_jax.convert.official -> a workdir that predict answers from (the release's
     prompt and input crop) and that fine-tuning starts from."""
+    import shutil
+
     from data_pipelines import shapes
     from data_pipelines.text import load_tokenizer
     from experiments import base
@@ -313,7 +315,11 @@ def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir):
     from tests.torch_refs.tiny_llm import checkpoint
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    src, llm, tok = str(tmp_path / "pargo.bin"), checkpoint("internlm2")[1], _tiny_llm_tokenizer(tmp_path)
+    llm = str(tmp_path / "internlm2")  # the tiny InternLM2 with room for the release's long prompt
+    shutil.copytree(checkpoint("internlm2")[1], llm)
+    hf = json.load(open(os.path.join(llm, "config.json")))
+    json.dump({**hf, "max_position_embeddings": 256}, open(os.path.join(llm, "config.json"), "w"))
+    src, tok = str(tmp_path / "pargo.bin"), _tiny_llm_tokenizer(tmp_path)
     official_checkpoint(src)
     work = str(tmp_path / "official")
     cmd = [sys.executable, "-m", "pargo_jax.convert.official", f"--checkpoint={src}", f"--llm_path={llm}",
@@ -349,8 +355,8 @@ def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir):
     _release(tmp_path / "MME", "color", {f"img{i}": _pairs(i) for i in range(2)})
     proc = subprocess.run([sys.executable, "-m", "pargo_jax.evaluate", f"--workdir={work}",
                            "--evals=experiments/evals.py:mme_release",
-                           f"--config.evals.mme_release.data.dir={tmp_path / 'MME'}",
-                           "--config.evals.mme_release.max_new_tokens=3"],
+                           f"--evals.mme_release.data.dir={tmp_path / 'MME'}",
+                           "--evals.mme_release.max_new_tokens=3"],
                           cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0 and "perception" in proc.stdout, proc.stderr[-2000:]
     # Fine-tuning starts from it: every part from the workdir, full training, two steps on shapes data.
