@@ -65,3 +65,19 @@ def eval_metrics(workdir: str, name: str) -> dict[int, dict[str, float]]:
         if vals:
             out.setdefault(r["step"], {}).update(vals)
     return out
+
+
+def word_tokenizer(path, words: list[str], specials: list[str], config: dict) -> str:
+    """A word-level HF tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``), as an LLM
+    ships it: no ``<image>`` token. ``words[0]`` is the unknown token."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens(specials)
+    os.makedirs(path, exist_ok=True)
+    hf.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return str(path)

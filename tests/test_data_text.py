@@ -218,21 +218,13 @@ def test_tokenizer_pickles_for_worker_processes():
 
 def test_prepare_tokenizer_adds_the_image_token(tmp_path):
     """An HF LLM tokenizer (tokenizer.json + chat_template.jinja, no <image>) becomes a training one."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers
-
     from data_pipelines.text import prepare_tokenizer
+    from tests.demo import word_tokenizer
 
     words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "user", "assistant", "hi", "\n"]
-    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
-    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     src = tmp_path / "qwen"
-    src.mkdir()
-    hf.save(str(src / "tokenizer.json"))
-    (src / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
-    )
+    word_tokenizer(src, words, words[:3], config)
     (src / "chat_template.jinja").write_text(
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}"
     )

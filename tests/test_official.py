@@ -284,21 +284,13 @@ def test_official_layout_round_trip(tmp_path):
 
 def _tiny_llm_tokenizer(path) -> str:
     """A word-level LLM tokenizer (no <image>) prepared for training, small enough for the tiny LLM."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers
-
     from data_pipelines.text import prepare_tokenizer
+    from tests.demo import word_tokenizer
 
     words = ["<unk>", "<s>", "</s>", "yes", "no", "is", "there", "a", "circle", "?", "red"]
-    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf.add_special_tokens(["<unk>", "<s>", "</s>"])
-    src = path / "internlm2_tok"
-    src.mkdir()
-    hf.save(str(src / "tokenizer.json"))
     config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": "{{ messages[0]['content'] }}"}
-    (src / "tokenizer_config.json").write_text(json.dumps(config))
-    return prepare_tokenizer(str(src), str(path / "tokenizer"))
+    src = word_tokenizer(path / "internlm2_tok", words, words[:3], config)
+    return prepare_tokenizer(src, str(path / "tokenizer"))
 
 
 def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir):
