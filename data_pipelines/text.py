@@ -94,6 +94,10 @@ class Tokenizer:
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return str(path)
 
+    def with_chat_template(self, template: str) -> Tokenizer:
+        """The same vocabulary rendering chats with ``template``."""
+        return Tokenizer(self._tok, {**self.config, "chat_template": template}, self.path)
+
     @property
     def stop_ids(self) -> list[int]:
         """Ids that end an answer: ``eos_token`` and the end-of-turn tokens of common chat templates

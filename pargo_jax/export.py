@@ -30,21 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from pargo_jax.lora import merged
 from pargo_jax.models.mllm import MLLMConfig
 from pargo_jax.param_tree import flat_arrays
 
 HF_CODE = os.path.join(os.path.dirname(__file__), "convert", "hf_code")
 CODE_FILES = ("configuration_pargo.py", "modeling_pargo.py")
-
-
-def merged_llm(params: Mapping[str, Any], mcfg: MLLMConfig):
-    """(LLM params with LoRA folded in, the LLMConfig without LoRA)."""
-    from pargo_jax.lora import merge_lora
-
-    llm = mcfg.llm
-    if not llm.lora_rank:
-        return params["llm"], llm
-    return merge_lora(params["llm"], llm), dataclasses.replace(llm, lora_rank=0, lora_targets="")
 
 
 def projector_tensors(params: Mapping[str, Any], mcfg: MLLMConfig) -> tuple[dict, dict[str, np.ndarray]]:
@@ -86,7 +77,7 @@ def save_transformers(
         raise ValueError(f"{v.kind} towers have no transformers class; use DIR/vision_tower or DIR/official.")
     vision_config, vision = hf_vision.export_vision(params["vision_tower"], v)
     projector_config, projector = projector_tensors(params["projector"], mcfg)
-    llm_params, llm_cfg = merged_llm(params, mcfg)
+    llm_params, llm_cfg = merged(params["llm"], mcfg.llm)
     flat_llm = flat_arrays(llm_params)
     if llm_cfg.fused_qkv:  # transformers runs InternLM2's function as Llama with q / k / v apart
         flat_llm, llm_cfg = hf.unfuse_qkv(flat_llm, llm_cfg), dataclasses.replace(llm_cfg, fused_qkv=False)
@@ -152,7 +143,7 @@ def export_workdir(
         )
     except ValueError as e:
         done["transformers"] = f"skipped: {e}"
-    llm_params, llm_cfg = merged_llm(params, mcfg)
+    llm_params, llm_cfg = merged(params["llm"], mcfg.llm)
     done["llm"] = hf.save_llm(os.path.join(out, "llm"), llm_params, llm_cfg, max_shard_bytes=max_shard_bytes)
     run.tokenizer.save(done["llm"])
     done["vision_tower"] = hf_vision.save_vision(

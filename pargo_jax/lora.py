@@ -111,3 +111,12 @@ def init_lora_params(
         x = jax.vmap(init)(keys).reshape(shape)
         out[path] = np.asarray(x).astype(dtype)
     return out
+
+
+def merged(params, config: LLMConfig):
+    """``(params with every adapter folded in, config without LoRA)``: the plain LLM a LoRA run is."""
+    import dataclasses
+
+    if not config.lora_rank:
+        return params, config
+    return merge_lora(params, config), dataclasses.replace(config, lora_rank=0, lora_targets="")

@@ -310,7 +310,7 @@ def to_official_checkpoint(mcfg, params: Mapping[str, Any]) -> dict[str, np.ndar
     merged first, so the release's own LoRA starts at its identity init). ValueError names why a model
     does not fit. :func:`load_model` reads it back to the same params."""
     from pargo_jax.convert import hf, hf_vision
-    from pargo_jax.lora import merge_lora
+    from pargo_jax.lora import merged
     from pargo_jax.param_tree import flat_arrays
 
     v, p, llm = mcfg.vision, mcfg.projector, mcfg.llm
@@ -332,7 +332,7 @@ def to_official_checkpoint(mcfg, params: Mapping[str, Any]) -> dict[str, np.ndar
         flat_arrays(params["vision_tower"]), hf_vision.eva02_rules(v.heads, "evaclip"), what="EVA02 tower"
     ).items()}  # fmt: skip
     out.update(to_official_state_dict(flat_arrays(params["projector"])))
-    llm_params = merge_lora(params["llm"], llm) if llm.lora_rank else params["llm"]
+    llm_params, llm = merged(params["llm"], llm)
     _, tensors = hf.export_llm(llm_params, llm, "internlm2")
     for name, x in tensors.items():
         peft = name.replace("attention.wqkv.weight", "attention.wqkv.base_layer.weight")
@@ -382,7 +382,7 @@ def to_workdir(
 
     tok = Tokenizer.load(tokenizer)
     if release_input:
-        tok = Tokenizer(tok._tok, {**tok.config, "chat_template": RELEASE_CHAT_TEMPLATE}, tok.path)
+        tok = tok.with_chat_template(RELEASE_CHAT_TEMPLATE)
     config = sft.get_config("paper")
     scan = bool(config.model.llm.overrides.get("scan_layers"))
     model, variables = load_model(
