@@ -9,10 +9,12 @@ Writes, with LoRA merged into the LLM weights:
                      computes the JAX model's logits; its ``generate`` takes ``input_ids`` with the
                      image token expanded (as ``pargo_jax.predict`` builds them) and ``pixel_values``
                      (B, 3, H, W), normalized with the preprocessor's mean / std.
-                     SigLIP / CLIP towers (EVA02: see ``DIR/vision_tower`` and ``DIR/official``).
+                     SigLIP / CLIP towers from transformers, EVA02 in the written code.
   DIR/llm/           the LLM alone as a standard HF directory (``AutoModelForCausalLM`` for Llama /
                      Qwen2; InternLM2 in its own layout, which transformers runs with its remote code)
   DIR/vision_tower/  the tower in its source format (HF dir for SigLIP / CLIP, EVA02 state dict)
+  DIR/llm_adapter/   the LoRA adapters as a PEFT directory over the LLM the run started from (when
+                     only they trained in the LLM)
   DIR/official/pytorch_model.bin  the release's whole-model layout (EVA02 + released raster ParGo +
                      InternLM2), read back by ``pargo_jax.convert.official.load_model``
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from typing import Any
@@ -32,7 +35,7 @@ import numpy as np
 
 from pargo_jax.lora import merged
 from pargo_jax.models.mllm import MLLMConfig
-from pargo_jax.param_tree import flat_arrays
+from pargo_jax.param_tree import flat_arrays, flatten
 
 HF_CODE = os.path.join(os.path.dirname(__file__), "convert", "hf_code")
 CODE_FILES = ("configuration_pargo.py", "modeling_pargo.py")
@@ -73,8 +76,6 @@ def save_transformers(
     from pargo_jax.convert.tables import save_safetensors
 
     v = mcfg.vision
-    if v.kind not in ("siglip", "clip"):
-        raise ValueError(f"{v.kind} towers have no transformers class; use DIR/vision_tower or DIR/official.")
     vision_config, vision = hf_vision.export_vision(params["vision_tower"], v)
     projector_config, projector = projector_tensors(params["projector"], mcfg)
     llm_params, llm_cfg = merged(params["llm"], mcfg.llm)
@@ -146,12 +147,30 @@ def export_workdir(
     llm_params, llm_cfg = merged(params["llm"], mcfg.llm)
     done["llm"] = hf.save_llm(os.path.join(out, "llm"), llm_params, llm_cfg, max_shard_bytes=max_shard_bytes)
     run.tokenizer.save(done["llm"])
+    done["llm_adapter"] = save_adapter(os.path.join(out, "llm_adapter"), params["llm"], run)
     done["vision_tower"] = hf_vision.save_vision(
         os.path.join(out, "vision_tower"), params["vision_tower"], mcfg.vision
     )
     done["official"] = save_official(os.path.join(out, "official"), mcfg, params)
     _write_json(out, "export.json", {"workdir": str(workdir), "step": run.step, "parts": done})
     return {"step": run.step, **done}
+
+
+def save_adapter(out: str, llm_params: Mapping[str, Any], run) -> str:
+    """The run's LoRA adapters as a PEFT directory over the LLM it started from (``model.llm.path``),
+    or ``"skipped: why"`` (no LoRA, or LLM weights besides the adapters trained: use ``DIR/llm``)."""
+    from pargo_jax.convert import hf
+    from pargo_jax.lora import LORA_PATH_REGEX
+    from pargo_jax.optim import trainable_labels
+
+    labels = flatten(trainable_labels({"llm": llm_params}, dict(run.config.trainable), strict=False))
+    lora = lambda path: re.fullmatch(LORA_PATH_REGEX, path)
+    if not any(map(lora, labels)):
+        return "skipped: the LLM has no LoRA adapters"
+    base = sorted(k for k, label in labels.items() if label != "frozen" and not lora(k))
+    if base:
+        return f"skipped: LLM weights besides the LoRA adapters were trained ({base[0]}, ...); use DIR/llm"
+    return hf.save_peft_adapter(out, llm_params, run.mcfg.llm)
 
 
 def save_official(out: str, mcfg: MLLMConfig, params: Mapping[str, Any]) -> str:

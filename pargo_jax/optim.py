@@ -59,10 +59,11 @@ def param_paths(tree):
     return path_tree(nn.meta.unbox(tree))
 
 
-def trainable_labels(params, trainable: Mapping[str, float]):
+def trainable_labels(params, trainable: Mapping[str, float], strict: bool = True):
     """Tree of labels: each param's first fully-matching regex in ``trainable``, else ``"frozen"``.
 
-    Raises ValueError naming any regex that matches no param (a typo would silently freeze it)."""
+    ``strict``: raise ValueError naming any regex that matches no param (a typo would silently freeze
+    it); off when ``params`` is only part of the model."""
     patterns = [(p, re.compile(p)) for p in trainable]
     used: set[str] = set()
 
@@ -75,7 +76,7 @@ def trainable_labels(params, trainable: Mapping[str, float]):
 
     labels = jax.tree.map(label, param_paths(params))
     unused = [p for p, _ in patterns if p not in used]
-    if unused:
+    if unused and strict:
         some = sorted(jax.tree.leaves(param_paths(params)))[:8]
         raise ValueError(
             f"trainable regex(es) {unused} match no parameter path (re.fullmatch); fix the pattern. "

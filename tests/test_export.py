@@ -105,6 +105,22 @@ def test_clip_tower_penultimate_layer_without_cls_exports(tmp_path):
     _close(got, want)
 
 
+@pytest.mark.parametrize("final_norm", [False, True], ids=["as-released", "final-norm"])
+def test_eva02_tower_exports_in_the_written_code(final_norm, tmp_path):
+    """EVA02 (RoPE, sub-LNs, SwiGLU) in ``modeling_pargo.Eva02Tower``; as released: last block, no final
+    norm, CLS dropped."""
+    tok = load_tokenizer(shapes.ASSET_TOKENIZER)
+    model, params, mcfg = random_model(
+        "released-raster", tok, kind="eva02", drop_cls=True, final_norm=final_norm, rope_ref_grid=3
+    )
+    pixels, ids = inputs(tok, mcfg)
+    want = np.asarray(jax.jit(model.apply)({"params": params}, pixels, ids, np.ones_like(ids)))
+    path = save_transformers(str(tmp_path / "hf"), mcfg, params, tok)
+    got, hf = torch_logits(path, pixels, ids)
+    _close(got, want)
+    assert (hf.vision_tower.norm is not None) == final_norm
+
+
 def test_demo_workdir_exports_through_the_command_line(trained_workdir, shapes_dir, tmp_path):
     """Demo workdir -> ``python -m pargo_jax.export`` -> transformers: forward equals the JAX logits,
     greedy ``generate`` the tokens ``pargo_jax.predict`` answers; DIR/llm and DIR/vision_tower load."""

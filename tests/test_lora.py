@@ -166,6 +166,53 @@ def test_fused_wqkv_and_a_peft_adapter_on_it(tmp_path, scan):
     np.testing.assert_allclose(jax.jit(CausalLM(plain).apply)({"params": folded}, ids), want, atol=2e-4)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_peft_adapters_in_and_out_equal_peft(tmp_path, scan):
+    """An adapter saved by ``peft`` (q / v / down on Llama) imports to our logits; ours exported with
+    ``save_peft_adapter`` has PEFT's names, shapes and config, and ``PeftModel`` over the base gives our
+    logits again; export -> import is the identity."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.numpy import load_file
+    from transformers import LlamaForCausalLM
+
+    from pargo_jax.convert.hf import load_llm, load_peft_adapter, save_peft_adapter
+    from tests.torch_refs.tiny_llm import checkpoint
+
+    _, path = checkpoint("llama")
+    ids = np.random.RandomState(3).randint(3, 128, (2, 9))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(path), lora).eval()
+    torch.manual_seed(4)
+    for name, w in peft_model.named_parameters():
+        if "lora_" in name:
+            w.data = 0.3 * torch.randn_like(w)  # lora_B starts at zero: make the adapter matter
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    with torch.no_grad():
+        want = peft_model(torch.tensor(ids)).logits.numpy()
+
+    module, variables = load_llm(path, scan_layers=scan)
+    cfg, adapter = load_peft_adapter(str(tmp_path / "theirs"), module.config, "llama")
+    params = unflatten({**flatten(variables["params"]), **adapter})
+    got = np.asarray(jax.jit(CausalLM(cfg).apply)({"params": params}, jnp.asarray(ids)))
+    assert np.abs(want - np.asarray(module.apply(variables, jnp.asarray(ids)))).max() > 1e-2
+    np.testing.assert_allclose(got, want, atol=2e-4)
+
+    save_peft_adapter(str(tmp_path / "ours"), params, cfg)
+    theirs = load_file(str(tmp_path / "theirs" / "adapter_model.safetensors"))
+    ours = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        np.testing.assert_array_equal(ours[k], theirs[k])
+    reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(path), str(tmp_path / "ours"))
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded.eval()(torch.tensor(ids)).logits.numpy(), want, atol=1e-6)
+    cfg2, again = load_peft_adapter(str(tmp_path / "ours"), module.config, "llama")
+    fields = lambda c: (c.lora_rank, c.lora_alpha, c.lora_targets)
+    assert fields(cfg2) == fields(cfg)
+    jax.tree.map(np.testing.assert_array_equal, again, adapter)
+
+
 def test_peft_adapter_mismatches_are_named(tmp_path):
     from safetensors.numpy import save_file
 

@@ -149,7 +149,8 @@ def test_preset_pretrain_then_sft_through_main(preset, checkpoints, tmp_path):
     run = subprocess.run([sys.executable, "-m", "pargo_jax.export", f"--workdir={sft}", f"--out={out}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "transformers  skipped: eva02 towers have no transformers class" in run.stdout
+    parts = json.load(open(os.path.join(out, "export.json")))["parts"]
+    assert not any(str(where).startswith("skipped") for where in parts.values()), parts
     import jax
 
     from pargo_jax.convert.official import load_model
@@ -164,3 +165,21 @@ def test_preset_pretrain_then_sft_through_main(preset, checkpoints, tmp_path):
     encode = lambda m, v: np.asarray(jax.jit(lambda v, x: m.apply(v, x, method=m.encode_images))(v, images))
     want = encode(trained.model, {"params": trained.params})  # the preset computes in bfloat16
     assert np.abs(encode(model, variables) - want).max() <= 0.02 * np.abs(want).max()
+    # ... and to transformers (EVA02 in the written code, InternLM2 run as Llama with q / k / v apart).
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    hf = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
+    with torch.no_grad():
+        got = hf.image_tokens(torch.tensor(images).permute(0, 3, 1, 2)).numpy()
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    # ... and its LoRA to a PEFT adapter on wqkv, which reads back to the trained adapter.
+    from pargo_jax.convert.hf import load_peft_adapter
+    from pargo_jax.param_tree import flat_arrays
+
+    cfg, adapter = load_peft_adapter(parts["llm_adapter"], trained.mcfg.llm, "internlm2")
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.fused_qkv) == (256, 512.0, True)
+    trained_llm = flat_arrays(trained.params["llm"])
+    assert sorted(adapter) == sorted(k for k in trained_llm if "lora_" in k)
+    for k, x in adapter.items():
+        np.testing.assert_array_equal(x, trained_llm[k].astype(np.float32))

@@ -363,6 +363,46 @@ def peft_params(
     return flatten(convert(source, lora_rules(kind, cfg, expected), expected, what=what))
 
 
+def export_peft_adapter(
+    params: Mapping[str, Any], cfg: LLMConfig, kind: str | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(``adapter_config.json``, PEFT tensors) of the LoRA adapters in our LLM params (nested or flat),
+    for the HF base model of ``kind`` (default: the family it came from): the inverse of
+    :func:`load_peft_adapter`. PEFT merges them as ``W + (lora_alpha / r) B A``, as we do."""
+    from pargo_jax.convert.tables import export
+
+    kind = kind or cfg.family
+    flat = {k: v for k, v in flat_arrays(params).items() if re.fullmatch(LORA_PATH_REGEX, k)}
+    if not flat:
+        raise ValueError("The LLM has no LoRA adapters to export.")
+    expected = {k: np.shape(v) for k, v in flat.items()}
+    tensors = export(flat, lora_rules(kind, cfg, expected), what=f"{kind} LoRA adapter")
+    names = hf_names(kind)
+    adapted = [m for m, ours in MODULES.items() if any(k.endswith(f"{ours}/lora_a") for k in flat)]
+    targets = sorted(names[m].split(".")[-1] for m in adapted)
+    config = dict(
+        peft_type="LORA", task_type="CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+        target_modules=targets, lora_dropout=0.0, bias="none", fan_in_fan_out=False, inference_mode=True,
+        base_model_name_or_path=None,
+    )  # fmt: skip
+    return config, {PEFT_PREFIX + k: v for k, v in tensors.items()}
+
+
+def save_peft_adapter(path: str, params: Mapping[str, Any], cfg: LLMConfig, kind: str | None = None) -> str:
+    """Writes the LoRA adapters of our LLM params as a PEFT adapter directory (``adapter_config.json``
+    + ``adapter_model.safetensors``), loadable by ``peft.PeftModel.from_pretrained`` over the base LLM
+    and by :func:`load_peft_adapter`."""
+    from safetensors.numpy import save_file
+
+    config, tensors = export_peft_adapter(params, cfg, kind)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+              os.path.join(path, ADAPTER_FILE))  # fmt: skip
+    return path
+
+
 # --- export: our LLM -> a Hugging Face directory ----------------------------------------------------
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",

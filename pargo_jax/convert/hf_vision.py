@@ -440,6 +440,8 @@ def export_vision(
     written when the tower has none, as HF requires them)."""
     from pargo_jax.convert.tables import export
 
+    if cfg.kind == "eva02":
+        return _export_eva02(params, cfg)
     if cfg.kind not in _KIND_ACTS:
         raise ValueError(f"Only SigLIP / CLIP towers export to an HF vision directory, not {cfg.kind!r}.")
     tensors = export(flat_arrays(params), hf_rules(cfg.heads), what=f"{cfg.kind} tower")
@@ -459,6 +461,23 @@ def export_vision(
     )
     if cfg.kind == "siglip":
         config["vision_use_head"] = False
+    return config, tensors
+
+
+def _export_eva02(params: Mapping[str, Any], cfg: VisionConfig) -> tuple[dict, dict[str, np.ndarray]]:
+    """(tower config of the exported ``modeling_pargo.Eva02Tower``, timm-named tensors) of an EVA02
+    tower: the blocks it runs, its final ``norm`` only when applied."""
+    from pargo_jax.convert.tables import export
+
+    if cfg.activation != "swiglu":
+        raise ValueError(f"The exported EVA02 tower runs SwiGLU, not {cfg.activation!r}.")
+    tensors = export(flat_arrays(params), eva02_rules(cfg.heads), what="EVA02 tower")
+    config = dict(
+        model_type="eva02", hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.num_blocks, num_attention_heads=cfg.heads, image_size=cfg.image_size,
+        patch_size=cfg.patch_size, layer_norm_eps=cfg.layer_norm_eps, attn_norm=cfg.attn_norm,
+        mlp_norm=cfg.mlp_norm, rope_ref_grid=cfg.rope_ref_grid,
+    )  # fmt: skip
     return config, tensors
 
 

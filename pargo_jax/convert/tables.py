@@ -248,7 +248,8 @@ def expected_shapes(abstract_params: Mapping) -> dict[str, tuple[int, ...]]:
 # --- export: a table read backwards ------------------------------------------------------------------
 def source_name(pattern: str, groups: tuple) -> str:
     """The source name ``pattern`` matches with its capture groups set to ``groups``: groups and
-    escapes are filled in, a non-capturing ``(?:a|b)`` becomes its first alternative."""
+    escapes are filled in, a non-capturing ``(?:a|b)`` becomes its first alternative, ``(?:a)?``
+    nothing."""
     out, i, g = [], 0, iter(groups)
     while i < len(pattern):
         if pattern.startswith("(?:", i):
@@ -256,7 +257,10 @@ def source_name(pattern: str, groups: tuple) -> str:
             while depth:
                 depth += {"(": 1, ")": -1}.get(pattern[j], 0)
                 j += 1
-            out.append(source_name(pattern[i + 3 : j - 1].split("|")[0], ()))
+            if pattern.startswith("?", j):
+                j += 1
+            else:
+                out.append(source_name(pattern[i + 3 : j - 1].split("|")[0], ()))
             i = j
         elif pattern[i] == "(":
             depth, j = 1, i + 1

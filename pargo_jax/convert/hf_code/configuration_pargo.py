@@ -4,8 +4,9 @@ from transformers import PretrainedConfig
 
 
 class PargoConfig(PretrainedConfig):
-    """``tower_config``: ``{"model_type": "siglip_vision_model" | "clip_vision_model", ...HF fields}``
-    plus ``final_norm`` (apply the tower's post-layernorm to its last hidden state) and ``drop_cls``;
+    """``tower_config``: ``{"model_type": "siglip_vision_model" | "clip_vision_model" | "eva02",
+    ...HF fields}`` (EVA02 adds ``attn_norm``, ``mlp_norm``, ``rope_ref_grid``) plus
+    ``final_norm`` (apply the tower's post-layernorm to its last hidden state) and ``drop_cls``;
     ``projector_config``: ``{"name": "pargo" | "mlp", ...}`` (ParGo: ``hidden``, ``heads``, ``layers``,
     ``mlp_dim``, ``num_queries``, ``max_positions``, ``eps``, ``vision_eps``; masks are weights);
     ``lm_config``: an HF causal-LM config dict; ``image_token_id``: the placeholder the image tokens

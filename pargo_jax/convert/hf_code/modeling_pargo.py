@@ -1,8 +1,9 @@
 """ParGo vision-language model in plain torch + transformers (written by ``python -m pargo_jax.export``).
 
-tower (SigLIP / CLIP from transformers) -> projector (ParGo with the release's module names, or an
-MLP) -> image tokens spliced at ``image_token_id`` -> causal LM (AutoModelForCausalLM). ParGo's
-attention masks (partial windows, cascade) are stored as buffers, so this file holds no mask logic.
+tower (SigLIP / CLIP from transformers, or EVA02 written here) -> projector (ParGo with the release's
+module names, or an MLP) -> image tokens spliced at ``image_token_id`` -> causal LM
+(AutoModelForCausalLM). ParGo's attention masks (partial windows, cascade) are stored as buffers, so
+this file holds no mask logic.
 """
 
 import math
@@ -123,6 +124,77 @@ class MLPProjector(nn.Module):
 PROJECTORS = {"pargo": ParGoProjector, "mlp": MLPProjector}
 
 
+def _eva_rope(head_dim, grid, ref_grid, like):
+    """EVA02's 2-D RoPE (timm ``RotaryEmbeddingCat``, ``in_pixels=False``): (sin, cos) of (grid^2,
+    head_dim), y bands then x bands, each angle used for one interleaved pair of channels."""
+    bands = head_dim // 4
+    freqs = 10000.0 ** -(torch.arange(bands, dtype=torch.float32) / bands)
+    t = torch.arange(grid, dtype=torch.float32) / grid * ref_grid
+    yx = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1)[..., None] * freqs  # (grid, grid, 2, bands)
+    angles = yx.reshape(grid * grid, -1).repeat_interleave(2, -1).to(like.device)
+    return angles.sin().to(like.dtype), angles.cos().to(like.dtype)
+
+
+def _rotate_pairs(x, sin, cos):
+    """x * cos + rot(x) * sin, rot turning each channel pair (a, b) into (-b, a)."""
+    rot = torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+    return x * cos + rot * sin
+
+
+class _Eva02Block(nn.Module):
+    """Pre-LN block: attention (q / v bias, no k bias, RoPE on the patch tokens, optional LayerNorm
+    before ``proj``) and SwiGLU (optional LayerNorm before ``fc2``), in timm's ``EvaBlock`` names."""
+
+    def __init__(self, c):
+        super().__init__()
+        d, h, eps = c["hidden_size"], c["intermediate_size"], c["layer_norm_eps"]
+        norm = lambda width, on: nn.LayerNorm(width, eps=eps) if on else nn.Identity()
+        self.norm1, self.norm2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
+        self.attn = nn.Module()
+        self.attn.q_proj, self.attn.v_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.attn.k_proj = nn.Linear(d, d, bias=False)
+        self.attn.norm, self.attn.proj = norm(d, c["attn_norm"]), nn.Linear(d, d)
+        self.mlp = nn.Module()
+        self.mlp.fc1_g, self.mlp.fc1_x = nn.Linear(d, h), nn.Linear(d, h)
+        self.mlp.norm, self.mlp.fc2 = norm(h, c["mlp_norm"]), nn.Linear(h, d)
+
+    def forward(self, x, sin, cos, heads):
+        a, m, y = self.attn, self.mlp, self.norm1(x)
+        b, n, d = y.shape
+        heads_first = lambda t: t.view(b, n, heads, d // heads).transpose(1, 2)
+        q, k, v = heads_first(a.q_proj(y)), heads_first(a.k_proj(y)), heads_first(a.v_proj(y))
+        q, k = (torch.cat([t[:, :, :1], _rotate_pairs(t[:, :, 1:], sin, cos)], 2) for t in (q, k))
+        y = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + a.proj(a.norm(y))
+        y = self.norm2(x)
+        return x + m.fc2(m.norm(nn.functional.silu(m.fc1_g(y)) * m.fc1_x(y)))
+
+
+class Eva02Tower(nn.Module):
+    """EVA02-CLIP's vision tower in timm's ``Eva`` names: patch conv, CLS + absolute positions, the
+    blocks, and the final ``norm`` only when the exported model applies it."""
+
+    def __init__(self, c):
+        super().__init__()
+        d, patch = c["hidden_size"], c["patch_size"]
+        self.heads, self.grid = c["num_attention_heads"], c["image_size"] // patch
+        self.ref_grid = c["rope_ref_grid"]
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, d, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid**2 + 1, d))
+        self.blocks = nn.ModuleList([_Eva02Block(c) for _ in range(c["num_hidden_layers"])])
+        self.norm = nn.LayerNorm(d, eps=c["layer_norm_eps"]) if c["final_norm"] else None
+
+    def forward(self, pixel_values):
+        x = self.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        sin, cos = _eva_rope(x.shape[-1] // self.heads, self.grid, self.ref_grid, x)
+        for block in self.blocks:
+            x = block(x, sin, cos, self.heads)
+        return x if self.norm is None else self.norm(x)
+
+
 class PargoForConditionalGeneration(PreTrainedModel, GenerationMixin):
     config_class = PargoConfig
     _no_split_modules = []
@@ -132,13 +204,17 @@ class PargoForConditionalGeneration(PreTrainedModel, GenerationMixin):
         from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
         v = dict(config.tower_config)
-        self.final_norm, self.drop_cls = v.pop("final_norm"), v.pop("drop_cls")
+        self.final_norm, self.drop_cls = v["final_norm"], v.pop("drop_cls")
         kind = v.pop("model_type")
-        tower_cls, tower_cfg = {
-            "siglip_vision_model": (SiglipVisionModel, SiglipVisionConfig),
-            "clip_vision_model": (CLIPVisionModel, CLIPVisionConfig),
-        }[kind]
-        self.vision_tower = tower_cls(tower_cfg(**v))
+        if kind == "eva02":
+            self.vision_tower = Eva02Tower(v)
+        else:
+            v.pop("final_norm")
+            tower_cls, tower_cfg = {
+                "siglip_vision_model": (SiglipVisionModel, SiglipVisionConfig),
+                "clip_vision_model": (CLIPVisionModel, CLIPVisionConfig),
+            }[kind]
+            self.vision_tower = tower_cls(tower_cfg(**v))
         num_patches = (v["image_size"] // v["patch_size"]) ** 2
         text = AutoConfig.for_model(**config.lm_config)
         p = config.projector_config
@@ -154,10 +230,12 @@ class PargoForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def image_tokens(self, pixel_values):
         """(B, 3, H, W) normalized pixels -> (B, T_img, D_llm)."""
-        out = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
-        x = out.hidden_states[-1]
-        if self.final_norm:
-            x = self.vision_tower.post_layernorm(x)  # transformers >= 5 layout
+        if isinstance(self.vision_tower, Eva02Tower):
+            x = self.vision_tower(pixel_values)  # final norm included when applied
+        else:
+            x = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1]
+            if self.final_norm:
+                x = self.vision_tower.post_layernorm(x)  # transformers >= 5 layout
         if self.drop_cls:
             x = x[:, 1:]
         return self.projector(x)
