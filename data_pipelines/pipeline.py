@@ -3,15 +3,18 @@
 Order of operations (all on ``grain.MapDataset``, so batch ``k`` is a pure function of
 ``(seed, k)`` whatever the worker count)::
 
-    per source: data_source -> slice[process_index::process_count] -> shuffle(seed) -> repeat
-    mix(sources, weights) -> batches of host_batch records, each preprocessed (template, tokenize,
-      mask, pad; decode, resize; optional float normalization), a bad record replaced by a
-      deterministic substitute and counted by reason -> to_iter_dataset(ReadOptions)
+    per source: data_source -> shuffle(seed) -> repeat
+    mix(sources, weights) -> global batch k = records [k * batch_size, (k + 1) * batch_size); this
+      host reads only its rows of it (host i of n: the i-th of n equal slices), each preprocessed
+      (template, tokenize, mask, pad; decode, resize; optional float normalization), a bad record
+      replaced by a deterministic substitute and counted by reason -> to_iter_dataset(ReadOptions)
       -> mp_prefetch(num_workers)
 
 ``InputIterator`` (a ``grain.DatasetIterator``) tracks the next batch index and the skip counters,
 so ``get_state``/``set_state`` (and grain's orbax ``CheckpointHandler``) resume exactly: a restored
-iterator yields the same batches as an uninterrupted one, with any worker count.
+iterator yields the same batches as an uninterrupted one, with any worker count. The global batches do
+not depend on the number of hosts, so a run may resume on a different number of processes (the state
+is the global batch index).
 """
 
 from __future__ import annotations
@@ -168,7 +171,8 @@ def _substitute(seed: int, index: int, attempt: int) -> int:
 
 
 class _PreprocessedBatches(grain.MapDataset):
-    """Element ``k`` = the collated, preprocessed records ``[k * B, (k + 1) * B)`` of ``parent``.
+    """Element ``k`` = the collated, preprocessed records ``[k * G + offset, k * G + offset + B)`` of
+    ``parent``: this host's ``B`` rows of global batch ``k`` (``G`` records).
 
     A bad record is replaced by another, deterministic one (a pure function of seed, position and
     attempt) and counted: each batch carries ``_skipped``, counts per ``SKIP_REASONS``. In strict
@@ -178,14 +182,21 @@ class _PreprocessedBatches(grain.MapDataset):
     """
 
     def __init__(
-        self, parent: grain.MapDataset, fn: Preprocessor, batch_size: int, collate, seed: int, strict: bool
+        self,
+        parent: grain.MapDataset,
+        fn: Preprocessor,
+        rows: tuple[int, int, int],
+        collate,
+        seed: int,
+        strict: bool,
     ):
         super().__init__(parent)
-        self._fn, self._batch, self._collate = fn, batch_size, collate
+        self._fn, self._collate = fn, collate
+        self._global, self._offset, self._batch = rows  # (G, offset, B)
         self._seed, self._strict = seed, strict
 
     def __len__(self) -> int:
-        return len(self._parent) // self._batch
+        return len(self._parent) // self._global
 
     def __str__(self) -> str:
         return f"PreprocessedBatches(batch_size={self._batch})"
@@ -216,7 +227,8 @@ class _PreprocessedBatches(grain.MapDataset):
         if isinstance(index, slice):
             return self.slice(index)
         skipped = np.zeros(len(SKIP_REASONS), np.int64)
-        first = range(index * self._batch, (index + 1) * self._batch)
+        start = index * self._global + self._offset
+        first = range(start, start + self._batch)
         records = self._parent._getitems(list(first))  # one batched read through grain's layers
         texts = [self._attempt(self._fn.text, ex, skipped) for ex in records]
         pixels = [None if t is None else self._attempt(self._fn.image, t[0], skipped) for t in texts]
@@ -271,7 +283,8 @@ def make_dataset(
     process_count: int = 1,
     task: str | None = None,
 ) -> grain.MapDataset:
-    """The ``MapDataset`` whose element ``k`` is this host's batch ``k`` (before ``_skipped`` removal)."""
+    """The ``MapDataset`` whose element ``k`` is this host's rows of global batch ``k`` (before
+    ``_skipped`` removal)."""
     from data_pipelines.builders import open_source
 
     cfg = InputConfig.from_config(input_cfg)
@@ -283,13 +296,12 @@ def make_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
     tok = load_tokenizer(cfg.tokenizer)
+    host_batch = cfg.batch_size // process_count
     datasets, weights = [], []
     for i, s in enumerate(_sources(cfg, task)):
         ds = grain.MapDataset.source(open_source(s.data_dir, s.name, s.split))
-        if process_count > 1:
-            ds = ds[process_index::process_count]
         if len(ds) == 0:
-            raise ValueError(f"Source {s.name}/{s.split} has no records for host {process_index}; add data.")
+            raise ValueError(f"Source {s.name}/{s.split} has no records; add data.")
         if cfg.shuffle:
             ds = ds.shuffle(seed=_derive(seed, "shuffle", i))
         if cfg.repeat:
@@ -300,7 +312,7 @@ def make_dataset(
     return _PreprocessedBatches(
         ds,
         Preprocessor(cfg, tok, num_image_tokens),
-        cfg.batch_size // process_count,
+        (cfg.batch_size, process_index * host_batch, host_batch),
         Collate(cfg.mean, cfg.std, cfg.normalize),
         _derive(seed, "skip"),
         cfg.strict,
@@ -395,7 +407,7 @@ def make_iterator(
     ``input_ids`` i32 (B, T) with the image placeholder expanded to ``num_image_tokens`` image-token
     ids; ``targets`` i32 (B, T) next tokens (last = pad); ``loss_mask`` f32 (B, T), 1 where the
     target is an answer token; ``attention_mask`` i32 (B, T); ``record_id`` str (B,).
-    B = batch_size // process_count, T = max_len. ``task`` keeps only
+    B = batch_size // process_count (this host's rows of the global batch), T = max_len. ``task`` keeps only
     sources tagged ``task`` (a source's tag is its ``task`` field, else its split).
     Skip counts: ``iterator.stats()``.
     """

@@ -26,7 +26,7 @@ def base() -> ml_collections.ConfigDict:
     c.total_steps = 1000
     c.log_every_steps = 50
     c.sample_at_end = ""  # split to answer one held-out example from when training ends ("" = off)
-    c.max_nonfinite_steps = 5  # consecutive non-finite losses that stop the run
+    c.max_nonfinite_steps = 5  # consecutive non-finite losses that stop the run (checked at log steps)
     c.model = ml_collections.ConfigDict()
     c.model.dtype = "float32"  # compute dtype of tower, projector and LLM ("bfloat16" on accelerators)
     c.model.vision = dict(path=placeholder(str), format="hf", preset="tiny", overrides={})
@@ -101,9 +101,12 @@ def paper_model(c: ml_collections.ConfigDict) -> None:
         mlp_dim=2048,
         max_positions=512,  # BERT's position table, as released
     )
-    c.model.llm = dict(  # InternLM2's fused wqkv kept fused: the release's LoRA is one adapter on it
-        path="checkpoints/internlm2-7b", config={}, overrides=dict(scan_layers=True, fused_qkv=True)
-    )
+    # InternLM2's fused wqkv kept fused: the release's LoRA is one adapter on it. Full remat: without it
+    # one example's saved activations are ~1.6 GB per layer (python -m pargo_jax.benchmarks.memory).
+    c.model.llm = dict(
+        path="checkpoints/internlm2-7b", config={},
+        overrides=dict(scan_layers=True, fused_qkv=True, remat_policy="full"),
+    )  # fmt: skip
     c.input.update(image_size=336, resize="letterbox", mean=CLIP_MEAN, std=CLIP_STD, max_len=1024)
     c.input.tokenizer = "checkpoints/internlm2-7b"
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
@@ -127,7 +130,11 @@ def siglip_qwen2_model(c: ml_collections.ConfigDict) -> None:
         layout="grid",
         max_positions=512,
     )  # fmt: skip  (27 x 27 patches: 243 windows of 1 x 3)
-    c.model.llm = dict(path="checkpoints/Qwen2.5-7B-Instruct", config={}, overrides=dict(scan_layers=True))
+    c.model.llm = dict(
+        path="checkpoints/Qwen2.5-7B-Instruct",
+        config={},
+        overrides=dict(scan_layers=True, remat_policy="full"),
+    )
     c.input.update(image_size=384, resize="letterbox", mean=(0.5,) * 3, std=(0.5,) * 3, max_len=1024)
     c.input.tokenizer = "checkpoints/Qwen2.5-7B-Instruct"
     c.mesh = dict(data=1, fsdp=-1, tensor=1)

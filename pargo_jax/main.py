@@ -2,7 +2,12 @@
 
 ``--workdir`` defaults to ``./workdir/<experiment>`` (``_<preset>`` appended for non-default presets);
 a run resumes from the newest checkpoint in its workdir. Multi-host: ``jax.distributed.initialize()``
-runs when a cluster is detected (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS) or with --multihost=yes.
+runs when a cluster is detected (TPU pod, SLURM, or JAX_COORDINATOR_ADDRESS) or with --multihost=yes;
+``--coordinator_address``, ``--num_processes`` and ``--process_id`` start a job by hand (e.g. several
+processes on one machine; on CPU they talk through gloo collectives):
+
+  python -m pargo_jax.main --config=... --multihost=yes --coordinator_address=localhost:12355 \
+      --num_processes=2 --process_id=0     # and --process_id=1 in a second shell
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file[:preset].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
 _MULTIHOST = flags.DEFINE_enum("multihost", "auto", ["auto", "yes", "no"], "jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (by hand).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (by hand).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (by hand).")
 CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
 
 
@@ -46,7 +54,8 @@ def main(argv) -> None:
     import jax
 
     if multihost_wanted(_MULTIHOST.value):
-        jax.distributed.initialize()
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only; else unused
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from pargo_jax import train
 
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[1])

@@ -39,14 +39,33 @@ class Sum(clu_metrics.Metric):
 
 
 @flax.struct.dataclass
+class Max(clu_metrics.Metric):
+    """A clu metric keeping the largest value over the steps between two logs."""
+
+    value: jax.Array
+
+    @classmethod
+    def from_model_output(cls, values: jax.Array, **_) -> "Max":
+        return cls(value=jnp.max(values))
+
+    def merge(self, other: "Max") -> "Max":
+        return type(self)(value=jnp.maximum(self.value, other.value))
+
+    def compute(self) -> jax.Array:
+        return self.value
+
+
+@flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
     """What a step reports, merged on device between logs: mean loss and grad norm, the last learning
-    rate, and the number of steps skipped for non-finite values."""
+    rate, the number of steps skipped for non-finite values and the longest run of consecutive ones
+    (which stops training at ``max_nonfinite_steps``)."""
 
     loss: clu_metrics.Average.from_output("loss")
     grad_norm: clu_metrics.Average.from_output("grad_norm")
     lr: clu_metrics.LastValue.from_output("lr")
     skipped_nonfinite: Sum.from_output("skipped_nonfinite")
+    nonfinite_streak: Max.from_output("nonfinite_streak")
 
 
 def _scalar(v: Any) -> float | int:

@@ -217,7 +217,7 @@ def make_train_step(model: VisionLanguageModel, tx, labels, schedule, *, grad_ac
         )
         out = metrics.TrainMetrics.single_from_model_output(
             loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
-            skipped_nonfinite=1 - finite.astype(jnp.int32),
+            skipped_nonfinite=1 - finite.astype(jnp.int32), nonfinite_streak=new_state.nonfinite,
         )  # fmt: skip
         return new_state, out
 
@@ -322,13 +322,7 @@ def _run(config, workdir, mesh):
         batch = sharding.shard_batch({k: host_batch[k] for k in ("image", *TEXT_KEYS)}, mesh)
         state, out = jit_step(state, batch)
         step += 1
-        acc, steps_acc = (out if acc is None else acc.merge(out)), steps_acc + 1
-        if int(jax.device_get(state.nonfinite)) >= config.get("max_nonfinite_steps", 5):
-            ckpt.close()
-            raise FloatingPointError(
-                f"{int(state.nonfinite)} consecutive non-finite steps ending at step {step}; last records: "
-                f"{last_ids[:8]}. Lower the learning rate or check these records."
-            )
+        acc, steps_acc = (out if acc is None else acc.merge(out)), steps_acc + 1  # stays on device
         if step % config.log_every_steps == 0 or step == total:
             seconds = (time.perf_counter() - timer) / steps_acc
             tokens = float(np.sum(host_batch["attention_mask"])) * jax.process_count()
@@ -346,6 +340,12 @@ def _run(config, workdir, mesh):
             if writer:
                 writer.write(step, summary)
             progress.update(step, {k: summary[k] for k in CONSOLE if k in summary})
+            if summary["nonfinite_streak"] >= config.get("max_nonfinite_steps", 5):
+                ckpt.close()
+                raise FloatingPointError(
+                    f"{int(summary['nonfinite_streak'])} consecutive non-finite steps by step {step}; "
+                    f"records of the last batch: {last_ids[:8]}. Lower the learning rate or check them."
+                )
             cut = data.stats()["truncated"] - truncated_before
             seen = (step - first_step) * batch_size // jax.process_count()
             warned_truncation = warned_truncation or warn_truncation(cut, seen, config.input.max_len)

@@ -122,19 +122,22 @@ def test_epochs_reshuffle_and_cover_all_records(shapes_data):
     assert list(epochs[0]) != list(epochs[1])
 
 
-def test_per_host_slicing_covers_every_record_exactly_once(shapes_data):
+def test_hosts_read_their_rows_of_the_same_global_batches(shapes_data):
+    """3 hosts read disjoint rows whose concatenation is the 1-host batch (so losses and the resume
+    point do not depend on the number of processes); together they cover every record once."""
+    cfg = _cfg(shapes_data, batch_size=6, repeat=False)
+    one = make_dataset(cfg, num_image_tokens=N_IMG, seed=0)
+    hosts = [
+        make_dataset(cfg, num_image_tokens=N_IMG, seed=0, process_index=h, process_count=3) for h in range(3)
+    ]
+    assert len(one) == len(hosts[0]) == 8  # 48 records / global batch 6
     seen = []
-    for host in range(3):
-        ds = make_dataset(
-            _cfg(shapes_data, batch_size=3, repeat=False),
-            num_image_tokens=N_IMG,
-            seed=0,
-            process_index=host,
-            process_count=3,
-        )
-        ids = [r for i in range(len(ds)) for r in ds[i]["record_id"]]
-        assert len(ids) == 16  # 48 records / 3 hosts, host batch = 1
-        seen += ids
+    for k in range(len(one)):
+        rows = [ds[k] for ds in hosts]
+        assert all(len(r["record_id"]) == 2 for r in rows)
+        for key in ("record_id", "input_ids", "image"):
+            np.testing.assert_array_equal(np.concatenate([r[key] for r in rows]), one[k][key])
+        seen += [i for r in rows for i in r["record_id"]]
     assert sorted(seen) == sorted(f"shapes/sft/{i}" for i in range(48))
     with pytest.raises(ValueError, match="not divisible"):
         make_iterator(_cfg(shapes_data, batch_size=4), num_image_tokens=N_IMG, seed=0, process_count=3)

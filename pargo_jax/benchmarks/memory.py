@@ -1,0 +1,199 @@
+"""Per-device memory of the ``paper`` preset's training (both stages) at 1 / 8 / 64 / 256 devices.
+
+  python -m pargo_jax.benchmarks.memory --out /tmp/memory.json            # a few minutes on a CPU
+  python -m pargo_jax.benchmarks.memory --devices 1,8 --activations=false  # state only, seconds
+
+Nothing is allocated and no checkpoint is read: the model is built from the released shapes
+(EVA02-CLIP-L/14-336, ParGo 288 + 16, InternLM2-7B), on virtual CPU devices.
+
+  params, optimizer state  exact: every array's shard on the busiest device of a data x fsdp mesh
+                           (``jax.eval_shape`` + the shardings training uses);
+  activations              XLA's temp bytes of the compiled train step for one example on one
+                           device, compiled with 2 and 4 LLM layers and extrapolated linearly to the
+                           LLM's depth, times the per-device microbatch (the global batch over the
+                           data x fsdp devices, split into ``grad_accum_steps`` of at most
+                           ``--microbatch``). A CPU compile: TPU / GPU fuse differently, and FSDP
+                           adds one gathered layer (~0.9 GB in bfloat16) to the working set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+
+INTERNLM2_7B = dict(  # internlm/internlm2-7b config.json
+    vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+    num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=1_000_000.0, max_position_embeddings=32768,
+    tie_word_embeddings=False,
+)  # fmt: skip
+IMAGE_TOKEN_ID = 92543
+GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokenizer:
+    """What the model factory reads from a tokenizer."""
+
+    vocab_size: int = INTERNLM2_7B["vocab_size"]
+    image_token_id: int = IMAGE_TOKEN_ID
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", default="1,8,64,256", help="device counts (virtual CPU devices)")
+    p.add_argument("--microbatch", type=int, default=2, help="largest per-device microbatch")
+    p.add_argument("--remat", default="none,full", help="LLM remat policies to measure")
+    p.add_argument("--activations", default="true", choices=("true", "false"))
+    p.add_argument("--out", default="memory_benchmark.json")
+    return p.parse_args(argv)
+
+
+def paper_config(stage: str, *, layers: int | None = None, remat: str = "none"):
+    """The ``paper`` preset of ``stage`` ("pretrain" | "sft") with the released shapes and no files."""
+    from experiments import pretrain, sft
+
+    c = (pretrain if stage == "pretrain" else sft).get_config("paper")
+    c.model.vision.path = None  # the preset's EVA02 shape, random: nothing to read
+    llm = dict(INTERNLM2_7B, num_layers=layers or INTERNLM2_7B["num_layers"])
+    c.model.llm = dict(path=None, config=llm, overrides=dict(c.model.llm.overrides, remat_policy=remat))
+    c.model.projector.init_from_bert = None
+    return c
+
+
+def _bytes(tree, shardings) -> int:
+    """Bytes of ``tree``'s (ShapeDtypeStruct) leaves on one device under ``shardings``."""
+    import jax
+    import numpy as np
+
+    leaves, specs = jax.tree.leaves(tree), jax.tree.leaves(shardings)
+    return sum(
+        int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(leaves, specs, strict=True)
+    )
+
+
+def state_bytes(stage: str, mesh) -> dict[str, int]:
+    """Params and optimizer-state bytes per device of ``stage`` on ``mesh``, and the global counts."""
+    import jax
+
+    from pargo_jax import sharding, train
+
+    config = paper_config(stage)
+    with sharding.mesh_context(mesh):
+        setup = train.build_model(config, _Tokenizer(), mesh)
+        abstract, shardings = setup.parts.abstract, setup.parts.shardings
+        trainable, _ = train.split_params(abstract, setup.labels)
+        train_shardings, _ = train.split_params(shardings, setup.labels)
+        opt = jax.eval_shape(setup.tx.init, trainable)
+        opt_shardings = train.optimizer_shardings(setup.tx, trainable, train_shardings,
+                                                  jax.NamedSharding(mesh, jax.P()))  # fmt: skip
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    return dict(
+        params=_bytes(abstract, shardings), optimizer=_bytes(opt, opt_shardings),
+        num_params=count(abstract), num_trainable=count(trainable),
+    )  # fmt: skip
+
+
+def activation_bytes(stage: str, remat: str) -> dict[str, float]:
+    """XLA temp bytes of one example's train step on one device, per LLM layer and the rest."""
+    import jax
+    import jax.numpy as jnp
+
+    from pargo_jax import sharding, train
+
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    temps = {}
+    for layers in (2, 4):  # (a 1-layer scan compiles differently)
+        config = paper_config(stage, layers=layers, remat=remat)
+        with sharding.mesh_context(mesh):
+            setup = train.build_model(config, _Tokenizer(), mesh)
+            trainable, _ = train.split_params(setup.parts.abstract, setup.labels)
+            scalar = jax.ShapeDtypeStruct((), jnp.int32)
+            opt = jax.eval_shape(setup.tx.init, trainable)
+            state = train.TrainState(
+                step=scalar, params=setup.parts.abstract, opt_state=opt, nonfinite=scalar
+            )
+            size, seq = setup.mcfg.vision.image_size, int(config.input.max_len)
+            batch = {"image": jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)}
+            batch |= {k: jax.ShapeDtypeStruct((1, seq), jnp.int32) for k in train.TEXT_KEYS}
+            batch["loss_mask"] = jax.ShapeDtypeStruct((1, seq), jnp.float32)
+            step = train.make_train_step(setup.model, setup.tx, setup.labels, setup.schedule)
+            print(
+                f"  compiling {stage} with {layers} LLM layer(s), remat={remat} ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            temps[layers] = jax.jit(step).lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    per_layer = (temps[4] - temps[2]) / 2
+    return {"per_layer": float(per_layer), "rest": float(temps[2] - 2 * per_layer)}
+
+
+def mesh_choices(n: int) -> list[dict[str, int]]:
+    """FSDP over every device, and for pods data-parallel groups of 8- / 64-way FSDP."""
+    out = [{"data": 1, "fsdp": n}]
+    out += [{"data": n // f, "fsdp": f} for f in (64, 8) if n > f and n % f == 0]
+    return out
+
+
+def main(argv=None) -> dict:
+    a = _args(argv)
+    counts = [int(x) for x in a.devices.split(",")]
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={max(counts)}"
+    import jax
+
+    from experiments import pretrain, sft
+    from pargo_jax import sharding
+
+    stages = {"pretrain": pretrain.get_config("paper"), "sft": sft.get_config("paper")}
+    acts = {}
+    if a.activations == "true":
+        for stage in stages:
+            for remat in a.remat.split(","):
+                acts[stage, remat] = activation_bytes(stage, remat)
+    layers, rows = INTERNLM2_7B["num_layers"], []
+    for stage, config in stages.items():
+        global_batch = int(config.input.batch_size)
+        for n in counts:
+            for spec in mesh_choices(n):
+                mesh = sharding.make_mesh(spec, jax.devices()[:n])
+                state = state_bytes(stage, mesh)
+                ways = spec["data"] * spec["fsdp"]
+                if global_batch % ways:
+                    continue
+                per_device = global_batch // ways
+                micro = math.gcd(per_device, a.microbatch)
+                row = dict(stage=stage, devices=n, mesh=f"data {spec['data']} x fsdp {spec['fsdp']}",
+                           global_batch=global_batch, per_device_batch=per_device, microbatch=micro,
+                           grad_accum_steps=per_device // micro, **state)  # fmt: skip
+                for remat in a.remat.split(","):
+                    if (stage, remat) in acts:
+                        act = acts[stage, remat]
+                        row[f"activations_{remat}"] = micro * (act["rest"] + layers * act["per_layer"])
+                rows.append(row)
+    report = dict(preset="paper", llm=INTERNLM2_7B, rows=rows, activation_fit=dict(
+        {f"{s}/{r}": v for (s, r), v in acts.items()}))  # fmt: skip
+    with open(a.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(table(rows, a.remat.split(",") if acts else []))
+    return report
+
+
+def table(rows: list[dict], remats: list[str]) -> str:
+    head = "| stage | devices | mesh | batch / device (micro x accum) | params | optimizer |"
+    head += "".join(f" activations (remat {r}) |" for r in remats) + " total |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        acts = [r[f"activations_{m}"] for m in remats]
+        total = r["params"] + r["optimizer"] + (min(acts) if acts else 0)
+        cells = [r["stage"], r["devices"], r["mesh"], f"{r['per_device_batch']} ({r['microbatch']} x "
+                 f"{r['grad_accum_steps']})", f"{r['params'] / GB:.1f} GB", f"{r['optimizer'] / GB:.2f} GB",
+                 *(f"{x / GB:.1f} GB" for x in acts), f"{total / GB:.1f} GB"]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
