@@ -14,7 +14,8 @@ Training multiplies each component of the forward chain ``tower -> projector -> 
     1  frozen and nothing before it trains (e.g. the vision tower): forward only
 
 LoRA adapters, rematerialization (recomputed forwards) and padding are not counted: MFU measures
-useful model FLOPs, not hardware FLOPs.
+useful model FLOPs, not hardware FLOPs (training counts each batch's non-pad tokens:
+:func:`batch_training_flops`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from pargo_jax.models.llm import LLMConfig
 from pargo_jax.models.vision import VisionConfig
 
 # Dense bf16 peak FLOP/s per chip (device_kind as reported by jax.devices()[0].device_kind, lowercase
-# substring match). "cpu" is a rough placeholder (a few cores with AVX-512 FMA), not a measurement:
-# CPU MFU numbers are only good for spotting regressions.
+# substring match). CPUs have no entry: their peak depends on the cores a run gets, so no MFU there.
 PEAK_FLOPS: dict[str, float] = {
     "tpu v4": 275e12,
     "tpu v5 lite": 197e12,  # v5e
@@ -39,7 +39,6 @@ PEAK_FLOPS: dict[str, float] = {
     "h200": 989e12,
     "h100": 989e12,
     "a100": 312e12,
-    "cpu": 1e11,
 }
 
 
@@ -102,6 +101,15 @@ def mllm_training_flops(
             (llm_flops(llm, seq_len), train_llm),
         ]
     )
+
+
+def batch_training_flops(
+    vision: VisionConfig, projector: Any, llm: LLMConfig, lengths: Sequence[int], **trains: bool
+) -> float:
+    """Training FLOPs of a batch whose examples hold ``lengths`` non-pad tokens each (image tokens
+    included; one image per example): :func:`mllm_training_flops` summed over the examples, so
+    padding counts for nothing. ``trains``: its ``train_*`` flags."""
+    return sum(mllm_training_flops(vision, projector, llm, int(n), **trains) for n in lengths)
 
 
 def peak_flops(device_kind: str) -> float | None:

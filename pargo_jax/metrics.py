@@ -39,20 +39,15 @@ class Sum(clu_metrics.Metric):
 
 
 @flax.struct.dataclass
-class Max(clu_metrics.Metric):
-    """A clu metric keeping the largest value over the steps between two logs."""
-
-    value: jax.Array
+class Max(Sum):
+    """A clu metric keeping the largest value over the steps between two logs (in ``total``)."""
 
     @classmethod
     def from_model_output(cls, values: jax.Array, **_) -> "Max":
-        return cls(value=jnp.max(values))
+        return cls(total=jnp.max(values))
 
     def merge(self, other: "Max") -> "Max":
-        return type(self)(value=jnp.maximum(self.value, other.value))
-
-    def compute(self) -> jax.Array:
-        return self.value
+        return type(self)(total=jnp.maximum(self.total, other.total))
 
 
 @flax.struct.dataclass

@@ -9,6 +9,7 @@ log. The configured evaluators run every ``log_steps`` and when training ends.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -23,11 +24,11 @@ from flax import struct
 
 from pargo_jax import checkpoints, configs, flops, metrics, optim, paths, sharding
 from pargo_jax.models import factory
-from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel, next_token_loss
+from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel, chunked_next_token_loss, next_token_loss
 from pargo_jax.param_tree import flatten, unflatten
 
 SECTIONS = {
-    "seed", "total_steps", "log_every_steps", "sample_at_end", "max_nonfinite_steps",
+    "seed", "total_steps", "log_every_steps", "sample_at_end", "max_nonfinite_steps", "loss_chunk",
     "model", "input", "shapes", "demo_tower", "optim", "trainable", "mesh", "checkpoint", "evals",
 }  # fmt: skip
 CHECKPOINT_KEYS = {"every_steps", "keep", "init_from", "init_from_parts"}
@@ -173,15 +174,28 @@ def init_state(setup: TrainSetup, config, mesh) -> tuple[TrainState, Any]:
 
 
 # --- the step --------------------------------------------------------------------------------------
-def make_train_step(model: VisionLanguageModel, tx, labels, schedule, *, grad_accum: int = 1, seed: int = 0):
-    """``train_step(state, batch) -> (state, metrics.TrainMetrics)``; pure, to be jitted with shardings."""
+def make_train_step(
+    model: VisionLanguageModel,
+    tx,
+    labels,
+    schedule,
+    *,
+    grad_accum: int = 1,
+    seed: int = 0,
+    loss_chunk: int = 0,
+):
+    """``train_step(state, batch) -> (state, metrics.TrainMetrics)``; pure, to be jitted with shardings.
+    ``loss_chunk`` > 0: the cross-entropy takes that many positions at a time (never the whole logits)."""
 
     def loss_fn(train, frozen, batch, rng):
-        params = join_params(train, frozen)
-        logits = model.apply(
-            {"params": params}, batch["image"], batch["input_ids"], batch["attention_mask"],
-            deterministic=False, rngs={"dropout": rng},
-        )  # fmt: skip
+        variables = {"params": join_params(train, frozen)}
+        inputs = (batch["image"], batch["input_ids"], batch["attention_mask"])
+        options = dict(deterministic=False, rngs={"dropout": rng})
+        if loss_chunk:
+            hidden = model.apply(variables, *inputs, hidden_only=True, **options)
+            kernel = model.apply(variables, method=model.output_kernel)
+            return chunked_next_token_loss(hidden, kernel, batch["targets"], batch["loss_mask"], loss_chunk)
+        logits = model.apply(variables, *inputs, **options)
         return next_token_loss(logits, batch["targets"], batch["loss_mask"])
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -286,8 +300,9 @@ def _run(config, workdir, mesh):
         logging.info("Resumed from step %d in %s.", latest, workdir)
 
     step_fn = make_train_step(
-        setup.model, setup.tx, setup.labels, setup.schedule, grad_accum=grad_accum, seed=config.seed
-    )
+        setup.model, setup.tx, setup.labels, setup.schedule, grad_accum=grad_accum, seed=config.seed,
+        loss_chunk=int(config.get("loss_chunk", 0)),
+    )  # fmt: skip
     batch_sharding = sharding.batch_sharding(mesh)
     jit_step = jax.jit(
         step_fn,
@@ -298,17 +313,22 @@ def _run(config, workdir, mesh):
     trains = {
         part: any(v != optim.FROZEN for v in flatten(setup.labels[part]).values()) for part in setup.labels
     }
-    flops_per_step = batch_size * flops.mllm_training_flops(
-        mcfg.vision, mcfg.projector, mcfg.llm, config.input.max_len,
-        train_vision=trains["vision_tower"], train_projector=trains["projector"], train_llm=trains["llm"],
-    )  # fmt: skip
+    batch_flops = functools.partial(
+        flops.batch_training_flops,
+        mcfg.vision,
+        mcfg.projector,
+        mcfg.llm,
+        train_vision=trains["vision_tower"],
+        train_projector=trains["projector"],
+        train_llm=trains["llm"],
+    )  # fmt: skip  (of this host's rows; the others' are taken to be alike)
     writer = metrics.MetricWriter(workdir) if jax.process_index() == 0 else None
     total = config.total_steps
     progress = metrics.Progress(total, config.log_every_steps)
     step = int(jax.device_get(state.step))
     progress.start(step)
     preempted = checkpoints.install_preemption_handler()
-    acc, steps_acc, data_wait = None, 0, 0.0
+    acc, steps_acc, data_wait, flops_acc = None, 0, 0.0, 0.0
     first_step, truncated_before, warned_truncation = step, data.stats()["truncated"], False
     timer = time.perf_counter()
     last_ids: list[str] = []
@@ -323,6 +343,7 @@ def _run(config, workdir, mesh):
         state, out = jit_step(state, batch)
         step += 1
         acc, steps_acc = (out if acc is None else acc.merge(out)), steps_acc + 1  # stays on device
+        flops_acc += batch_flops(host_batch["attention_mask"].sum(1)) * jax.process_count()
         if step % config.log_every_steps == 0 or step == total:
             seconds = (time.perf_counter() - timer) / steps_acc
             tokens = float(np.sum(host_batch["attention_mask"])) * jax.process_count()
@@ -334,7 +355,7 @@ def _run(config, workdir, mesh):
                 "images_per_second": batch_size / seconds,
                 **{k: float(v) for k, v in data.stats().items()},
             }
-            mfu = flops.mfu(flops_per_step, seconds, jax.device_count(), jax.devices()[0].device_kind)
+            mfu = flops.mfu(flops_acc / steps_acc, seconds, jax.device_count(), jax.devices()[0].device_kind)
             if mfu is not None:
                 summary["mfu"] = mfu
             if writer:
@@ -349,7 +370,7 @@ def _run(config, workdir, mesh):
             cut = data.stats()["truncated"] - truncated_before
             seen = (step - first_step) * batch_size // jax.process_count()
             warned_truncation = warned_truncation or warn_truncation(cut, seen, config.input.max_len)
-            acc, steps_acc, data_wait, timer = None, 0, 0.0, time.perf_counter()
+            acc, steps_acc, data_wait, flops_acc, timer = None, 0, 0.0, 0.0, time.perf_counter()
         stop = preempted(step)
         if ckpt.should_save(step) or step == total or stop:
             ckpt.save(step, state, {"data": data.get_state()}, force=stop or step == total)

@@ -63,7 +63,7 @@ def test_a_new_projector_is_one_registry_entry(toy_registered, shapes_dir, tmp_p
     config.model.projector = dict(name="toy", groups=8)
     workdir = str(tmp_path / "toy")
     summary = train.run(config, workdir)
-    assert summary["step"] == 4 and np.isfinite(summary["loss"]) and summary["mfu"] > 0
+    assert summary["step"] == 4 and np.isfinite(summary["loss"]) and "mfu" not in summary  # CPU: no peak
     assert len(losses(workdir)) == 4
     run = factory.load_workdir(workdir)
     assert isinstance(run.mcfg.projector, ToyConfig) and run.mcfg.num_image_tokens == 8

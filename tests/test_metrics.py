@@ -62,15 +62,16 @@ def test_progress_line():
 
 def test_train_metrics_aggregate_on_device():
     step = jax.jit(
-        lambda loss, g, lr, bad: TrainMetrics.single_from_model_output(
-            loss=loss, grad_norm=g, lr=lr, skipped_nonfinite=bad
+        lambda loss, g, lr, bad, streak: TrainMetrics.single_from_model_output(
+            loss=loss, grad_norm=g, lr=lr, skipped_nonfinite=bad, nonfinite_streak=streak
         )
     )
-    acc = step(1.0, 3.0, 0.1, 1).merge(step(3.0, 5.0, 0.2, 0)).merge(step(2.0, 4.0, 0.3, 1))
+    acc = step(1.0, 3.0, 0.1, 1, 1).merge(step(3.0, 5.0, 0.2, 0, 0)).merge(step(2.0, 4.0, 0.3, 1, 1))
     assert isinstance(acc.loss.total, jax.Array)  # nothing left the device until compute()
     out = jax.device_get(acc.compute())
     assert out["loss"] == pytest.approx(2.0) and out["grad_norm"] == pytest.approx(4.0)
     assert out["lr"] == pytest.approx(0.3) and out["skipped_nonfinite"] == 2
+    assert out["nonfinite_streak"] == 1  # the longest run of consecutive non-finite steps
 
 
 def test_pargo_flops_official_shape():
@@ -111,4 +112,17 @@ def test_mfu():
     assert flops.mfu(1e12, 0.5, 4, "TPU v4") == pytest.approx(2e12 / (4 * 275e12))
     assert flops.peak_flops("TPU v5 lite") == 197e12 and flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert flops.mfu(1e12, 1.0, 1, "mystery accelerator") is None
-    assert flops.mfu(1e11, 1.0, 1, "cpu") == pytest.approx(1.0)
+    assert flops.mfu(1e11, 1.0, 1, "cpu") is None  # no peak without a measurement: no MFU on CPU
+
+
+def test_batch_flops_count_non_pad_tokens_only():
+    from pargo_jax.models.llm import LLMConfig
+    from pargo_jax.models.projectors import MLPConfig
+    from pargo_jax.models.vision import vision_preset
+
+    v, p = vision_preset("tiny"), MLPConfig(vision_width=32, llm_width=16)
+    llm = LLMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                    num_kv_heads=1, head_dim=8)  # fmt: skip
+    one = lambda n: flops.mllm_training_flops(v, p, llm, n, train_llm=True)
+    assert flops.batch_training_flops(v, p, llm, [10, 30], train_llm=True) == pytest.approx(one(10) + one(30))
+    assert flops.batch_training_flops(v, p, llm, [10, 30], train_llm=True) < 2 * one(30)  # padding is free

@@ -6,6 +6,9 @@ files' real layouts and trains a few steps, pretrain then SFT from it:
                 bert-small-shaped HF BERT (``pytorch_model.bin``, ``bert.`` / ``cls.`` keys)
   siglip_qwen2  SigLIP HF directory (a whole SiglipModel), Qwen2 HF directory (sharded), BERT
 
+and the other layouts the presets take (a whole CLIPModel directory, a Llama directory) in the
+``siglip_qwen2`` preset's place.
+
 Shapes are shrunk with ``--config.*`` flags only (tower / LLM sizes come from the files); data is a
 small LLaVA-format JSON built with ``python -m data_pipelines.build``.
 """
@@ -38,16 +41,17 @@ def _llms(root: str) -> dict[str, str]:
 
     torch.manual_seed(0)
     common = {**COMMON, "vocab_size": VOCAB, "max_position_embeddings": 128}
-    dirs = {"internlm2": os.path.join(root, "internlm2"), "qwen2": os.path.join(root, "qwen2")}
+    dirs = {name: os.path.join(root, name) for name in ("internlm2", "qwen2", "llama")}
     write_internlm2(LlamaForCausalLM(LlamaConfig(**common)), dirs["internlm2"])
     Qwen2ForCausalLM(Qwen2Config(**common)).save_pretrained(dirs["qwen2"], max_shard_size="100KB")
+    LlamaForCausalLM(LlamaConfig(**common)).save_pretrained(dirs["llama"])
     for d in dirs.values():  # the LLM directory carries its tokenizer, as HF checkpoints do
         shapes.write_tokenizer(d)
     return dirs
 
 
 def _towers(root: str) -> dict[str, str]:
-    from transformers import SiglipConfig, SiglipModel
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 
     torch.manual_seed(0)
     eva = Eva(img_size=28, patch_size=7, dim=64, depth=2, heads=1, hidden=80, ref_grid=16)  # 64-wide heads
@@ -62,7 +66,9 @@ def _towers(root: str) -> dict[str, str]:
     )
     siglip = os.path.join(root, "siglip")
     SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(siglip)
-    return {"eva": eva_file, "siglip": siglip}
+    clip = os.path.join(root, "clip")
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip)
+    return {"eva": eva_file, "siglip": siglip, "clip": clip}
 
 
 def _llava(root: str) -> str:
@@ -108,10 +114,8 @@ def _main(experiment: str, workdir: str, flags: dict) -> subprocess.CompletedPro
 PRESETS = {"paper": ("eva", "internlm2", 28), "siglip_qwen2": ("siglip", "qwen2", 28)}
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_preset_pretrain_then_sft_through_main(preset, checkpoints, tmp_path):
-    tower, llm, size = PRESETS[preset]
-    common = {
+def _common(checkpoints, tower: str, llm: str, size: int) -> dict:
+    return {
         "model.vision.path": checkpoints[tower],
         "model.llm.path": checkpoints[llm],
         "input.tokenizer": checkpoints[llm],
@@ -125,6 +129,11 @@ def test_preset_pretrain_then_sft_through_main(preset, checkpoints, tmp_path):
         "checkpoint.every_steps": 3,
         **{f"model.projector.{k}": v for k, v in PROJECTOR.items()},
     }
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_pretrain_then_sft_through_main(preset, checkpoints, tmp_path):
+    common = _common(checkpoints, *PRESETS[preset])
     pre, sft = str(tmp_path / "pretrain"), str(tmp_path / "sft")
     run = _main(
         f"experiments/pretrain.py:{preset}",
@@ -183,3 +192,22 @@ def test_preset_pretrain_then_sft_through_main(preset, checkpoints, tmp_path):
     assert sorted(adapter) == sorted(k for k in trained_llm if "lora_" in k)
     for k, x in adapter.items():
         np.testing.assert_array_equal(x, trained_llm[k].astype(np.float32))
+
+
+def test_clip_and_llama_directories_train_through_main(checkpoints, tmp_path):
+    """A whole CLIPModel directory (the preset's penultimate layer; its CLS token must be dropped for
+    ParGo's windows, which one line says) and a Llama directory in the ``siglip_qwen2`` preset's place."""
+    workdir = str(tmp_path / "pretrain")
+    flags = {
+        **_common(checkpoints, "clip", "llama", 28),
+        "model.projector.init_from_bert": checkpoints["bert"],
+    }
+    run = _main("experiments/pretrain.py:siglip_qwen2", workdir, flags)
+    assert run.returncode == 1 and "set config.model.vision.overrides.drop_cls=True" in run.stderr
+    flags["model.vision.overrides.drop_cls"] = True
+    run = _main("experiments/pretrain.py:siglip_qwen2", workdir, flags)
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = demo.losses(workdir)
+    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))
+    model = json.load(open(os.path.join(workdir, "model.json")))
+    assert model["vision"]["kind"] == "clip" and model["llm"]["family"] == "llama"

@@ -77,18 +77,20 @@ def test_demo_loss_falls_and_frozen_tower_is_untouched(data_dir, tmp_path):
 
 
 def test_sharded_mesh_and_grad_accumulation_equal_single_device(data_dir, tmp_path):
+    """... and the chunked cross-entropy (32 of the 128 positions at a time) equals the full logits."""
     runs = {}
-    for name, mesh, accum in [
-        ("single", dict(data=1, fsdp=1, tensor=1, num_devices=1), 1),
-        ("2x2x2", dict(data=2, fsdp=2, tensor=2), 1),
-        ("data8_accum2", dict(data=8, fsdp=1, tensor=1), 2),
+    for name, mesh, accum, chunk in [
+        ("single", dict(data=1, fsdp=1, tensor=1, num_devices=1), 1, 0),
+        ("2x2x2", dict(data=2, fsdp=2, tensor=2), 1, 0),
+        ("data8_accum2", dict(data=8, fsdp=1, tensor=1), 2, 0),
+        ("2x2x2_chunked_loss", dict(data=2, fsdp=2, tensor=2), 1, 32),
     ]:
         workdir = str(tmp_path / name)
-        overrides = {"checkpoint.every_steps": 100, "optim.grad_accum_steps": accum}
+        overrides = {"checkpoint.every_steps": 100, "optim.grad_accum_steps": accum, "loss_chunk": chunk}
         train.run(demo(data_dir, 3, mesh=mesh, **overrides), workdir)
         runs[name] = losses(workdir)
     assert runs["single"].keys() == runs["2x2x2"].keys() == {1, 2, 3}
-    for name in ("2x2x2", "data8_accum2"):
+    for name in ("2x2x2", "data8_accum2", "2x2x2_chunked_loss"):
         np.testing.assert_allclose(
             list(runs[name].values()), list(runs["single"].values()), rtol=0, atol=1e-5
         )

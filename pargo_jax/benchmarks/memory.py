@@ -8,22 +8,26 @@ Nothing is allocated and no checkpoint is read: the model is built from the rele
 
   params, optimizer state  exact: every array's shard on the busiest device of a data x fsdp mesh
                            (``jax.eval_shape`` + the shardings training uses);
-  activations              XLA's temp bytes of the compiled train step for one example on one
-                           device, compiled with 2 and 4 LLM layers and extrapolated linearly to the
-                           LLM's depth, times the per-device microbatch (the global batch over the
-                           data x fsdp devices, split into ``grad_accum_steps`` of at most
-                           ``--microbatch``). A CPU compile: TPU / GPU fuse differently, and FSDP
-                           adds one gathered layer (~0.9 GB in bfloat16) to the working set.
+  activations              XLA's temp bytes of the compiled train step on one device, compiled with
+                           2 and 4 LLM layers x microbatches of 1 and 2 examples and extrapolated
+                           linearly to the LLM's depth and the per-device microbatch (the global
+                           batch over the data x fsdp devices, split into ``grad_accum_steps`` of
+                           at most ``--microbatch``), per ``--variants`` (LLM remat policy :
+                           ``loss_chunk``).
+                           A CPU compile: TPU / GPU fuse differently, and FSDP adds one gathered
+                           layer (~0.9 GB in bfloat16) to the working set.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
 import sys
+from collections.abc import Callable
 
 INTERNLM2_7B = dict(  # internlm/internlm2-7b config.json
     vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
@@ -46,7 +50,7 @@ def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", default="1,8,64,256", help="device counts (virtual CPU devices)")
     p.add_argument("--microbatch", type=int, default=2, help="largest per-device microbatch")
-    p.add_argument("--remat", default="none,full", help="LLM remat policies to measure")
+    p.add_argument("--variants", default="none:0,full:0,full:128", help="remat_policy:loss_chunk, ...")
     p.add_argument("--activations", default="true", choices=("true", "false"))
     p.add_argument("--out", default="memory_benchmark.json")
     return p.parse_args(argv)
@@ -97,8 +101,9 @@ def state_bytes(stage: str, mesh) -> dict[str, int]:
     )  # fmt: skip
 
 
-def activation_bytes(stage: str, remat: str) -> dict[str, float]:
-    """XLA temp bytes of one example's train step on one device, per LLM layer and the rest."""
+def activation_bytes(stage: str, remat: str, loss_chunk: int) -> Callable[[int], float]:
+    """``microbatch -> XLA temp bytes`` of the train step on one device at the LLM's depth: a fit
+    ``(a + b m) + layers (c + d m)`` to compiles at 2 / 4 layers and 1 / 2 examples."""
     import jax
     import jax.numpy as jnp
 
@@ -106,7 +111,7 @@ def activation_bytes(stage: str, remat: str) -> dict[str, float]:
 
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     temps = {}
-    for layers in (2, 4):  # (a 1-layer scan compiles differently)
+    for layers, micro in itertools.product((2, 4), (1, 2)):  # (a 1-layer scan compiles differently)
         config = paper_config(stage, layers=layers, remat=remat)
         with sharding.mesh_context(mesh):
             setup = train.build_model(config, _Tokenizer(), mesh)
@@ -117,18 +122,19 @@ def activation_bytes(stage: str, remat: str) -> dict[str, float]:
                 step=scalar, params=setup.parts.abstract, opt_state=opt, nonfinite=scalar
             )
             size, seq = setup.mcfg.vision.image_size, int(config.input.max_len)
-            batch = {"image": jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)}
-            batch |= {k: jax.ShapeDtypeStruct((1, seq), jnp.int32) for k in train.TEXT_KEYS}
-            batch["loss_mask"] = jax.ShapeDtypeStruct((1, seq), jnp.float32)
-            step = train.make_train_step(setup.model, setup.tx, setup.labels, setup.schedule)
-            print(
-                f"  compiling {stage} with {layers} LLM layer(s), remat={remat} ...",
-                file=sys.stderr,
-                flush=True,
+            batch = {"image": jax.ShapeDtypeStruct((micro, size, size, 3), jnp.float32)}
+            batch |= {k: jax.ShapeDtypeStruct((micro, seq), jnp.int32) for k in train.TEXT_KEYS}
+            batch["loss_mask"] = jax.ShapeDtypeStruct((micro, seq), jnp.float32)
+            step = train.make_train_step(
+                setup.model, setup.tx, setup.labels, setup.schedule, loss_chunk=loss_chunk
             )
-            temps[layers] = jax.jit(step).lower(state, batch).compile().memory_analysis().temp_size_in_bytes
-    per_layer = (temps[4] - temps[2]) / 2
-    return {"per_layer": float(per_layer), "rest": float(temps[2] - 2 * per_layer)}
+            what = f"{stage}: {layers} LLM layers, microbatch {micro}, remat={remat}, loss_chunk={loss_chunk}"
+            print(f"  compiling {what} ...", file=sys.stderr, flush=True)
+            compiled = jax.jit(step).lower(state, batch).compile()
+            temps[layers, micro] = float(compiled.memory_analysis().temp_size_in_bytes)
+    depth = INTERNLM2_7B["num_layers"]
+    at_depth = {m: temps[2, m] + (depth - 2) * (temps[4, m] - temps[2, m]) / 2 for m in (1, 2)}
+    return lambda m: at_depth[1] + (m - 1) * (at_depth[2] - at_depth[1])
 
 
 def mesh_choices(n: int) -> list[dict[str, int]]:
@@ -148,12 +154,13 @@ def main(argv=None) -> dict:
     from pargo_jax import sharding
 
     stages = {"pretrain": pretrain.get_config("paper"), "sft": sft.get_config("paper")}
+    variants = a.variants.split(",") if a.activations == "true" else []
     acts = {}
-    if a.activations == "true":
-        for stage in stages:
-            for remat in a.remat.split(","):
-                acts[stage, remat] = activation_bytes(stage, remat)
-    layers, rows = INTERNLM2_7B["num_layers"], []
+    for stage in stages:
+        for v in variants:
+            remat, chunk = v.split(":")
+            acts[stage, v] = activation_bytes(stage, remat, int(chunk))
+    rows = []
     for stage, config in stages.items():
         global_batch = int(config.input.batch_size)
         for n in counts:
@@ -168,25 +175,28 @@ def main(argv=None) -> dict:
                 row = dict(stage=stage, devices=n, mesh=f"data {spec['data']} x fsdp {spec['fsdp']}",
                            global_batch=global_batch, per_device_batch=per_device, microbatch=micro,
                            grad_accum_steps=per_device // micro, **state)  # fmt: skip
-                for remat in a.remat.split(","):
-                    if (stage, remat) in acts:
-                        act = acts[stage, remat]
-                        row[f"activations_{remat}"] = micro * (act["rest"] + layers * act["per_layer"])
+                for v in variants:
+                    row[f"activations_{v}"] = acts[stage, v](micro)
                 rows.append(row)
-    report = dict(preset="paper", llm=INTERNLM2_7B, rows=rows, activation_fit=dict(
-        {f"{s}/{r}": v for (s, r), v in acts.items()}))  # fmt: skip
+    report = dict(preset="paper", llm=INTERNLM2_7B, rows=rows)
     with open(a.out, "w") as f:
         json.dump(report, f, indent=2)
-    print(table(rows, a.remat.split(",") if acts else []))
+    print(table(rows, variants))
     return report
 
 
-def table(rows: list[dict], remats: list[str]) -> str:
+def table(rows: list[dict], variants: list[str]) -> str:
+    """Markdown; ``total`` = params + optimizer + the smallest activations."""
     head = "| stage | devices | mesh | batch / device (micro x accum) | params | optimizer |"
-    head += "".join(f" activations (remat {r}) |" for r in remats) + " total |"
+    for v in variants:
+        remat, chunk = v.split(":")
+        head += (
+            f" activations (remat {remat}, {'CE in chunks of ' + chunk if int(chunk) else 'full logits'}) |"
+        )
+    head += " total |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        acts = [r[f"activations_{m}"] for m in remats]
+        acts = [r[f"activations_{v}"] for v in variants]
         total = r["params"] + r["optimizer"] + (min(acts) if acts else 0)
         cells = [r["stage"], r["devices"], r["mesh"], f"{r['per_device_batch']} ({r['microbatch']} x "
                  f"{r['grad_accum_steps']})", f"{r['params'] / GB:.1f} GB", f"{r['optimizer'] / GB:.2f} GB",

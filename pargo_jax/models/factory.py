@@ -90,9 +90,15 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
     name = options.pop("name", "pargo")
     options.pop("init_from_bert", None)  # where the weights start, not the model: see init_params
     options.update(vision_width=vision.width, llm_width=llm.hidden_size, dtype=dtype)
+    projector = projectors.projector_config(name, options)
+    if getattr(projector, "num_partial", 0) and vision.class_token and not vision.drop_cls:
+        raise ValueError(
+            f"The {vision.kind} tower puts a CLS token before its {vision.grid**2} patches, and ParGo's "
+            "partial windows need patches only: set config.model.vision.overrides.drop_cls=True."
+        )
     return MLLMConfig(
         vision=vision,
-        projector=projectors.projector_config(name, options),
+        projector=projector,
         llm=llm,
         image_token_id=tokenizer.image_token_id,
         pixel_mean=tuple(config.input.mean),

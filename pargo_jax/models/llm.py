@@ -299,6 +299,19 @@ class CausalLM(nn.Module):
         """Token embeddings (B, T, hidden) in the compute dtype."""
         return self.embed_tokens(input_ids)
 
+    def output_kernel(self) -> jax.Array:
+        """The (D, V) matrix in the compute dtype that turns final hidden states into logits: the
+        tied embedding's transpose or ``lm_head``'s kernel."""
+        c = self.config
+        if c.tie_word_embeddings:
+            return jnp.asarray(self.embed_tokens.embedding, c.dtype).T
+        head = self.lm_head.variables["params"]
+        if "lora_a" in head:
+            raise ValueError(
+                "A chunked loss needs lm_head without a LoRA adapter; drop it from lora_targets."
+            )
+        return nn.meta.unbox(head["kernel"]).astype(c.dtype)
+
     def init_cache(self, batch_size: int, max_length: int, dtype: Dtype | None = None) -> KVCache:
         """See :func:`init_cache` (needs no variables: call it on the unbound module)."""
         return init_cache(self.config, batch_size, max_length, dtype)
@@ -312,9 +325,12 @@ class CausalLM(nn.Module):
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         last_logits_only: bool = False,
+        hidden_only: bool = False,
     ):
         """Logits (B, T, V) (or (B, 1, V) with ``last_logits_only``); with ``cache``, returns
-        ``(logits, new_cache)``. ``attention_mask`` (B, T): 1 = real token, 0 = padding."""
+        ``(logits, new_cache)``. ``attention_mask`` (B, T): 1 = real token, 0 = padding.
+        ``hidden_only``: the final-norm hidden states (B, T, D) instead, whose logits are their product
+        with :meth:`output_kernel` (for a loss that never holds all the logits)."""
         c = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -343,6 +359,8 @@ class CausalLM(nn.Module):
         if last_logits_only:
             x = x[:, -1:]
         x = self.norm(x)
+        if hidden_only and cache is None:
+            return x
         logits = self.embed_tokens.attend(x) if c.tie_word_embeddings else self.lm_head(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if cache is None:

@@ -74,10 +74,17 @@ class VisionLanguageModel(nn.Module):
         image_tokens = self.encode_images(images, deterministic)
         return splice_image_tokens(text, image_tokens, input_ids, self.config.image_token_id)
 
-    def __call__(self, images, input_ids, attention_mask, *, deterministic: bool = True) -> jax.Array:
-        """Logits (B, T, V)."""
+    def __call__(
+        self, images, input_ids, attention_mask, *, deterministic: bool = True, hidden_only: bool = False
+    ) -> jax.Array:
+        """Logits (B, T, V); ``hidden_only``: the LLM's final hidden states (B, T, D) instead (see
+        :func:`chunked_next_token_loss`)."""
         embeds = self.embed_inputs(images, input_ids, deterministic)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, hidden_only=hidden_only)
+
+    def output_kernel(self) -> jax.Array:
+        """The LLM's (D, V) hidden-to-logits matrix (:meth:`CausalLM.output_kernel`)."""
+        return self.llm.output_kernel()
 
 
 def next_token_loss(
@@ -87,3 +94,31 @@ def next_token_loss(
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     mask = loss_mask.astype(jnp.float32)
     return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def chunked_next_token_loss(
+    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, loss_mask: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`next_token_loss` of the logits ``hidden @ kernel`` ((B, T, D) @ (D, V)) computed ``chunk``
+    sequence positions at a time: a scan whose rematerialized body holds one (B, chunk, V) block, in
+    the forward and the backward pass, instead of the whole (B, T, V). Same value and gradients."""
+    b, t, d = hidden.shape
+    pad = -t % chunk
+    if pad:  # padded positions carry mask 0
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, loss_mask = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, loss_mask))
+    n = (t + pad) // chunk
+    blocks = lambda x: jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)  # (n, B, chunk, ...)
+
+    @jax.checkpoint
+    def block_loss(h, y, m):
+        ce = optax.softmax_cross_entropy_with_integer_labels((h @ kernel).astype(jnp.float32), y)
+        return jnp.sum(ce * m.astype(jnp.float32))
+
+    def step(total, xs):
+        return total + block_loss(*xs), None
+
+    total, _ = jax.lax.scan(
+        step, jnp.zeros((), jnp.float32), (blocks(hidden), blocks(targets), blocks(loss_mask))
+    )
+    return total, jnp.sum(loss_mask.astype(jnp.float32))
