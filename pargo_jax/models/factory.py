@@ -56,9 +56,13 @@ def vision_config(v: Mapping[str, Any], dtype: str) -> VisionConfig:
     return base.replace(**{**overrides, "dtype": jnp.dtype(dtype)})
 
 
+SCAN_FROM_LAYERS = 8  # LLMs this deep scan their layers unless told otherwise (one compiled layer)
+
+
 def llm_config(m: Mapping[str, Any], dtype: str, vocab_size: int) -> LLMConfig:
     """``config.model.llm``: an HF checkpoint ``path`` or random-init ``config`` fields, then
-    ``overrides``. ``vocab_size`` (the tokenizer's) is the default and the minimum."""
+    ``overrides``. ``vocab_size`` (the tokenizer's) is the default and the minimum; ``scan_layers``
+    defaults to on from :data:`SCAN_FROM_LAYERS` layers."""
     configs.check_keys(m, LLM_KEYS, "config.model.llm")
     overrides = dict(m.get("overrides") or {})
     configs.check_keys(overrides, configs.field_names(LLMConfig), "config.model.llm.overrides")
@@ -71,6 +75,8 @@ def llm_config(m: Mapping[str, Any], dtype: str, vocab_size: int) -> LLMConfig:
         fields = {"vocab_size": vocab_size, **dict(m.get("config") or {}), **overrides}
         llm = configs.dataclass_from(LLMConfig, fields, "config.model.llm.config")
     llm = dataclasses.replace(llm, dtype=jnp.dtype(dtype))
+    if "scan_layers" not in overrides and "scan_layers" not in (m.get("config") or {}):
+        llm = dataclasses.replace(llm, scan_layers=llm.num_layers >= SCAN_FROM_LAYERS)
     if llm.vocab_size < vocab_size:
         raise ValueError(
             f"The tokenizer has {vocab_size} tokens but the LLM only {llm.vocab_size} embeddings."
