@@ -46,3 +46,15 @@ def test_train_step_benchmark_quick(tmp_path, capsys):
     assert ours["speedup_vs_torch"] > 0
     text = capsys.readouterr().out
     assert "| shape | dev |" in text and "tokens/s" in text
+
+
+def test_loss_chunk_variant_gives_the_same_loss(tmp_path):
+    """``projector:train:loss_chunk`` rows: labelled apart, same first-step loss as the full logits."""
+    out = tmp_path / "chunk.json"
+    variants = "pargo:full,pargo:full:32"
+    res = bench.main(
+        ["--quick", "--device_counts", "1", "--variants", variants, "--skip_torch", "--out", str(out)]
+    )
+    rows = {r["train"]: r for r in res["rows"]}
+    assert sorted(rows) == ["full", "full, CE/32"]
+    assert rows["full"]["losses"][0] == pytest.approx(rows["full, CE/32"]["losses"][0], rel=1e-6)

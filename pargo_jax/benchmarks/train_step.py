@@ -15,7 +15,7 @@ busiest device, summed over ``addressable_shards``; ``fsdp x``: that over the 1-
 Shapes (the model is built from an ``experiments.base`` ConfigDict through ``factory.model_config``):
 
   demo  ``experiments/pretrain.py`` demo: tiny SigLIP-style tower 64 px / patch 8 (64 patches),
-        ParGo 16 + 4 tokens, tiny Llama (hidden 128, 2 layers, shapes vocabulary of 150), batch 16,
+        ParGo 16 + 4 tokens, tiny Llama (hidden 128, 4 layers, shapes vocabulary of 150), batch 16,
         max_len 64. The MLP (LLaVA) projector gives 64 image tokens, so its rows use seq 128.
   mid   SmolLM2-135M-sized Llama (hidden 576, intermediate 1536, 30 layers, 9 / 3 heads, head_dim 64,
         vocab 49152, tied embeddings), ViT-B/16-sized SigLIP tower (width 768, depth 12, heads 12,
@@ -25,9 +25,13 @@ Shapes (the model is built from an ``experiments.base`` ConfigDict through ``fac
         (ParGo: 57 image + 199 text tokens; MLP: 196 image + 60 text), batch 8 (the smallest batch
         that the fsdp=8 mesh can split; about 2 TFLOP per full-train step, tens of seconds on 2 cores).
 
-Variants ``projector:train``: ``stage1`` trains the projector only (LLM and tower frozen, as
-``experiments/pretrain.py`` for real checkpoints), ``full`` trains projector + LLM (the tower stays
-frozen). The torch baseline (1 device only) is ``LlavaForConditionalGeneration(LlavaConfig(
+Variants ``projector:train[:loss_chunk]``: ``stage1`` trains the projector only (LLM and tower
+frozen, as ``experiments/pretrain.py`` for real checkpoints), ``full`` trains projector + LLM (the
+tower stays frozen); a ``loss_chunk`` > 0 takes the cross-entropy that many positions at a time
+(``config.loss_chunk``; its row's ``train`` reads e.g. ``full, CE/64``), e.g.
+``pargo:full,pargo:full:64`` for peak memory with and without it.
+
+The torch baseline (1 device only) is ``LlavaForConditionalGeneration(LlavaConfig(
 SiglipVisionConfig, LlamaConfig))`` with random weights, float32, ``torch.set_num_threads(2)``, the
 same trainable set, ``clip_grad_norm_(1.0)`` and ``torch.optim.AdamW`` (weight decay 0, as ours),
 timed in the same process, its repeats interleaved with ours; it exists only for ``mlp`` variants.
@@ -35,7 +39,7 @@ timed in the same process, its repeats interleaved with ours; it exists only for
 Numbers: step seconds are medians over ``--repeats`` timed steps (after ``--warmup`` untimed ones,
 compile apart); tokens/s counts every token of the batch (no padding here); GFLOP/s and MFU use the
 analytic model FLOPs of ``pargo_jax.flops.mllm_training_flops`` (the same for both sides) and its
-peak table (``cpu`` is a placeholder peak). ``peak/dev`` is XLA's compiled memory analysis of the
+peak table (no MFU on CPU: no known peak). ``peak/dev`` is XLA's compiled memory analysis of the
 step: arguments + outputs - aliased (donated) + temporaries, per device.
 """
 
@@ -66,7 +70,9 @@ def _args(argv=None):
     p.add_argument("--shapes", default=None, help="comma list of: demo, mid (default both; --quick: demo)")
     p.add_argument("--device_counts", default="1,8", help="one subprocess per count (mesh fsdp=N)")
     p.add_argument(
-        "--variants", default=None, help=f"comma list of projector:train (default {DEFAULT_VARIANTS})"
+        "--variants",
+        default=None,
+        help=f"comma list of projector:train[:loss_chunk] (default {DEFAULT_VARIANTS})",
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -211,7 +217,13 @@ class JaxSide:
             self.state, state_shardings = train.init_state(setup, config, mesh)
             jax.block_until_ready(self.state)
             self.init_seconds = time.perf_counter() - t0
-            step_fn = train.make_train_step(setup.model, setup.tx, setup.labels, setup.schedule)
+            step_fn = train.make_train_step(
+                setup.model,
+                setup.tx,
+                setup.labels,
+                setup.schedule,
+                loss_chunk=int(config.get("loss_chunk", 0)),
+            )
             batch_sharding = sharding.batch_sharding(mesh)
             self.batch = sharding.shard_batch(host_batch, mesh)
             jitted = jax.jit(
@@ -357,8 +369,10 @@ def run_devices(a) -> list[dict]:
     rows = []
     for shape in a.shapes.split(","):
         for variant in a.variants.split(","):
-            projector, train_kind = variant.split(":")
+            projector, train_kind, *chunk = variant.split(":")
             config, batch, seq, vocab, image_id = shape_config(shape, projector, train_kind, a)
+            config.loss_chunk = int(chunk[0]) if chunk else 0
+            label = f"{train_kind}, CE/{config.loss_chunk}" if config.loss_chunk else train_kind
             tok = types.SimpleNamespace(vocab_size=vocab, image_token_id=image_id)
             from pargo_jax.models import factory
 
@@ -397,7 +411,7 @@ def run_devices(a) -> list[dict]:
                 train_llm=train_kind == "full",
             )  # fmt: skip
             common = dict(
-                shape=shape, devices=n, mesh=dict(mesh.shape), projector=projector, train=train_kind,
+                shape=shape, devices=n, mesh=dict(mesh.shape), projector=projector, train=label,
                 batch=batch, seq=seq, image_size=mcfg.vision.image_size,
                 image_tokens=mcfg.num_image_tokens, model_flops_per_step=flops_step,
             )  # fmt: skip
