@@ -5,7 +5,7 @@
   python -m pargo_jax.main --config=experiments/pretrain.py:siglip_qwen2 --workdir=/runs/sq_pt
 
 ``demo``: tiny SigLIP-style tower (pretrained into ``workdir/demo_tower`` on first run, then tuned)
-and tiny random Llama on the synthetic shapes captions (built into the workdir on first run). The demo
+and a random 4-layer Llama on the synthetic shapes captions (built into the workdir on first run). The demo
 has no pretrained LLM, so its stage 1 also trains the LLM (``trainable`` includes ``llm/.*``); real
 presets train the projector only, as ParGo and LLaVA do.
 """
