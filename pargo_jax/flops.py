@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from pargo_jax.models.llm import LLMConfig
 from pargo_jax.models.vision import VisionConfig
 
@@ -65,9 +67,9 @@ def llm_matmul_params(config: LLMConfig) -> int:
 def llm_flops(config: LLMConfig, seq_len: int) -> float:
     """Forward FLOPs of one sequence of ``seq_len`` tokens: ``2 * matmul params`` per token plus causal
     attention ``2 * 2 * T^2 * heads * head_dim / 2`` per layer."""
-    c = config
+    c = config  # (elementwise for an array of lengths)
     attn = 2 * 2 * seq_len * seq_len * c.num_heads * c.head_dim / 2
-    return float(2 * llm_matmul_params(c) * seq_len + c.num_layers * attn)
+    return 2 * llm_matmul_params(c) * seq_len + c.num_layers * attn
 
 
 def training_flops(stages: Sequence[tuple[float, bool]]) -> float:
@@ -108,8 +110,14 @@ def batch_training_flops(
 ) -> float:
     """Training FLOPs of a batch whose examples hold ``lengths`` non-pad tokens each (image tokens
     included; one image per example): :func:`mllm_training_flops` summed over the examples, so
-    padding counts for nothing. ``trains``: its ``train_*`` flags."""
-    return sum(mllm_training_flops(vision, projector, llm, int(n), **trains) for n in lengths)
+    padding counts for nothing (one closed form per batch: it runs every training step).
+    ``trains``: the ``train_vision`` / ``train_projector`` / ``train_llm`` flags."""
+    n, text = len(lengths), float(np.sum(llm_flops(llm, np.asarray(lengths, np.float64))))
+    return training_flops([
+        (n * vision_flops(vision), trains.get("train_vision", False)),
+        (n * projector.flops(vision.num_tokens), trains.get("train_projector", True)),
+        (text, trains.get("train_llm", False)),
+    ])  # fmt: skip
 
 
 def peak_flops(device_kind: str) -> float | None:
