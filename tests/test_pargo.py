@@ -184,3 +184,33 @@ def test_wrong_feature_width_is_named():
     config = ParGoConfig(**SMALL, num_partial=8, num_global=2)
     with pytest.raises(ValueError, match="features have width 7 but the projector expects vision_width=24"):
         init(config, jnp.zeros((1, 16, 7)))
+
+
+@pytest.mark.parametrize("case", ["released_raster", "cascaded_double", "released_grid_2x2", "partial_only"])
+def test_receptive_fields_are_what_the_model_depends_on(case):
+    """masks.receptive_fields (the pictures of tools.draw_masks) equals the measured dependence of each
+    query on each patch, perturbing one patch at a time, after 1, 2 and 3 layers."""
+    for layers in (1, 2, 3):
+        config = ParGoConfig(**{**SMALL, "layers": layers}, **CASES[case])
+        x = features(b=1)
+        variables = init(config, x)
+        base = apply(config, variables, x)
+        bump = features(n=1, b=1, seed=3)[0, 0]
+        measured = np.stack(
+            [np.abs(np.asarray(apply(config, variables, x.at[:, j].add(bump)) - base))[0].max(-1) > 0
+             for j in range(16)], axis=1,
+        )  # fmt: skip
+        s = masks.self_masks(
+            config.num_partial, config.num_global, layers, config.cpp, config.cascade_schedule
+        )
+        c = masks.partial_global_cross_mask(config.num_partial, config.num_global, 16, layout=config.layout)
+        np.testing.assert_array_equal(measured, masks.receptive_fields(s, c)[-1], err_msg=f"{layers} layers")
+
+
+def test_draw_masks_writes_the_pictures(tmp_path):
+    from pargo_jax.tools import draw_masks
+
+    draw_masks.main(["--out", str(tmp_path), "--num_partial", "4", "--num_global", "1", "--patches", "16"])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["cross_mask.png", "receptive_fields.png", "self_masks.png"]
+    assert all((tmp_path / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)

@@ -223,3 +223,15 @@ def self_masks(
             [cascaded_self_mask(num_partial, num_global, i, num_layers, schedule) for i in range(num_layers)]
         )
     raise ValueError(f"cpp={cpp!r} is not 'released' or 'cascaded'.")
+
+
+def receptive_fields(self_masks_: np.ndarray, cross_mask: np.ndarray) -> np.ndarray:
+    """(L, P+G, N): which patches each query's output depends on after each layer. A layer is
+    self-attention then cross-attention, so ``R_l = (S_l R_{l-1}) | C`` with ``R_{-1}`` empty: a query
+    sees what the queries it attends to saw, plus its own cross-attention patches."""
+    seen = np.zeros(cross_mask.shape, bool)
+    out = []
+    for s in self_masks_:
+        seen = (s.astype(np.int64) @ seen.astype(np.int64) > 0) | cross_mask
+        out.append(seen)
+    return np.stack(out)

@@ -15,8 +15,10 @@ from typing import Any
 from flax import linen as nn
 
 from pargo_jax.configs import check_keys, field_names
+from pargo_jax.models.projectors.c_abstractor import CAbstractor, CAbstractorConfig
 from pargo_jax.models.projectors.mlp import MLPConfig, MLPProjector
 from pargo_jax.models.projectors.pargo import ParGo, ParGoConfig
+from pargo_jax.models.projectors.resampler import Resampler, ResamplerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +71,11 @@ def projector_module(config: Any) -> nn.Module:
 register("pargo", ParGoConfig, ParGo)
 register("qformer", ParGoConfig, ParGo, num_partial=0)  # BLIP-2 style: global queries only
 register("mlp", MLPConfig, MLPProjector)
+register("resampler", ResamplerConfig, Resampler)
+register("c_abstractor", CAbstractorConfig, CAbstractor)
 
 __all__ = [
-    "PROJECTORS", "MLPConfig", "MLPProjector", "ParGo", "ParGoConfig", "ProjectorType",
+    "PROJECTORS", "CAbstractor", "CAbstractorConfig", "MLPConfig", "MLPProjector", "ParGo", "ParGoConfig",
+    "ProjectorType", "Resampler", "ResamplerConfig",
     "projector_config", "projector_module", "projector_name", "register",
 ]  # fmt: skip
