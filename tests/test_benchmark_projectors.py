@@ -1,0 +1,63 @@
+"""``python -m pargo_jax.benchmarks.projectors``: the --quick grid through the command line, resuming
+without retraining, and the table's LR choice and seed statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pargo_jax.benchmarks import projectors as bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_run_writes_the_table_and_resumes(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "pargo_jax.benchmarks.projectors", "--quick", f"--out={out}"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((out / "projectors.json").read_text())
+    assert {r["variant"] for r in report["runs"]} == {"pargo", "resampler"}
+    for run in report["runs"]:
+        assert run["tokens"] == 16 and run["params"] > 0 and run["gflops"] > 0 and run["train_seconds"] > 0
+        assert 0.0 <= run["accuracy"] <= 1.0 and run["sft_loss"] > 0
+    table = (out / "projectors.md").read_text()
+    assert "| pargo (8+8) | 16 |" in table and "| resampler | 16 |" in table
+    assert (out / "projectors.png").read_bytes()[:4] == b"\x89PNG"
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done before, not retrained") == 2
+    assert json.loads((out / "projectors.json").read_text())["runs"] == report["runs"]
+
+
+def _result(variant, lr, seed, loss, accuracy):
+    projector = dict(name="pargo", num_partial=8, num_global=8) if variant == "pargo" else dict(name=variant)
+    return dict(variant=variant, budget=16, seed=seed, lr_scale=lr, sft_loss=loss, accuracy=accuracy,
+                tokens=16, params=10, gflops=1.0, train_seconds=2.0, projector=projector)  # fmt: skip
+
+
+def test_summary_picks_the_lr_by_training_loss_and_averages_seeds():
+    results = [
+        _result("pargo", 1.0, 0, 0.5, 0.9), _result("pargo", 1.0, 1, 0.7, 0.7),  # mean loss 0.6
+        _result("pargo", 3.0, 0, 0.4, 0.2), _result("pargo", 3.0, 1, 0.6, 0.4),  # mean loss 0.5: chosen
+        _result("mlp", 1.0, 0, 0.9, 0.5),
+    ]  # fmt: skip
+    rows = {r["variant"]: r for r in bench.summarize(results)}
+    assert rows["pargo"]["lr_scale"] == 3.0 and rows["pargo"]["split"] == "8+8"
+    assert rows["pargo"]["accuracy"] == pytest.approx(0.3) and rows["pargo"]["accuracy_std"] == pytest.approx(
+        0.1
+    )
+    assert rows["mlp"]["seeds"] == 1 and rows["mlp"]["accuracy_std"] == 0.0
+
+
+def test_budgets_are_met_exactly_or_not_run():
+    assert bench.projector_options("mlp", 36) is None  # 64 patches do not group into 36 tokens
+    assert bench.projector_options("mlp", 16)["group"] == 4
+    p = bench.projector_options("pargo", 36)
+    assert p["num_partial"] + p["num_global"] == 36 and 64 % p["num_partial"] == 0
+    assert bench.projector_options("resampler", 36)["num_queries"] == 36
+    assert bench.projector_options("c_abstractor", 20) is None  # not a square
