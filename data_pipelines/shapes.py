@@ -9,9 +9,12 @@ Every image holds 1-4 small shapes (side 1/8 to 1/4 of the image) on a dark back
   * ``eval``      held-out single-question conversations of the same kinds (own random stream);
   * ``val``       held-out captions (own random stream): stage 1's validation loss.
 
-Everything is a pure function of (seed, split, index). ``build()`` writes the TFDS ArrayRecord
-dataset ``data_dir/shapes/1.0.0`` and a word-level tokenizer in ``data_dir/shapes_tokenizer`` (vocabulary
-derived from the generator's templates, so it is also a pure function of this file).
+``variant="fine"`` (128 px by default) asks for fine detail: 5-8 smaller shapes (side 1/16 to 1/10
+of the image) and a 2-digit number in a 3 x 5-pixel font drawn at scale 2, with three more kinds: reading
+the number (OCR), the colour of the k-th shape from the left, and whether one small shape is left of
+another. Everything is a pure function of (seed, split, index, variant). ``build()`` writes the TFDS
+ArrayRecord dataset ``data_dir/shapes/1.0.0`` and a word-level tokenizer in ``data_dir/shapes_tokenizer``
+(vocabulary derived from the generator's templates, so it is also a pure function of this file).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ POSITIONS = (
     ("left", "center", "right"),
     ("bottom left", "bottom", "bottom right"),
 )
-NUMBERS = ("zero", "one", "two", "three", "four", "five")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 CAPTION_SPLITS = ("pretrain", "val")
 MAX_SHAPES = 4
 CODEC = BoxCodec("norm3", "square")
@@ -64,6 +67,26 @@ QUESTIONS = {
     "ground": "give the bounding box of the {color} {shape}.",
     "refer": "what is at {box}?",
 }
+# The fine variant's extra kinds.
+FINE_QUESTIONS = {
+    "digit": "what number is written in the image?",
+    "kth": "what colour is the {ordinal} shape from the left?",
+    "relation": "is the {color} {shape} left of the {color2} {shape2}?",
+}
+ORDINALS = ("first", "second", "third")
+YES_NO = ("yes", "no")
+FINE_CAPTION = " the number {text} is written at the {position}."
+VARIANTS = ("basic", "fine")
+# 3 x 5 pixel digits, rows top to bottom, drawn at scale 2 in TEXT_COLOR (not a shape colour).
+DIGIT_FONT = {
+    "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
+    "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "111", "001", "111"),
+    "4": ("101", "101", "111", "001", "001"), "5": ("111", "100", "111", "001", "111"),
+    "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "001", "001", "001"),
+    "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
+}  # fmt: skip
+DIGIT_SCALE = 2
+TEXT_COLOR = (200, 200, 200)
 ANSWERS = {"refer": "{article} {color} {shape}."}
 CAPTION = "{count} {noun}: {items}."
 CAPTION_ITEM = "{article} {color} {shape} at the {position}"
@@ -85,11 +108,29 @@ def _rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"shapes/{seed}/{split}/{index}")
 
 
-def sample_scene(rng: random.Random, image_size: int) -> list[dict[str, Any]]:
-    """1..MAX_SHAPES non-overlapping objects: colour, shape, pixel box, position word."""
-    n = rng.randint(1, MAX_SHAPES)
+def _position(box, image_size: int) -> str:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    third = image_size / 3
+    return POSITIONS[min(2, int(cy // third))][min(2, int(cx // third))]
+
+
+def _apart(a, b) -> bool:
+    """Boxes (x1, y1, x2, y2) at least 1 px apart."""
+    return a[0] > b[2] or a[2] < b[0] or a[1] > b[3] or a[3] < b[1]
+
+
+def sample_scene(
+    rng: random.Random, image_size: int, variant: str = "basic", occupied: tuple = ()
+) -> list[dict[str, Any]]:
+    """Non-overlapping objects (1..MAX_SHAPES; the fine variant 5..8 smaller ones), clear of the
+    ``occupied`` boxes: colour, shape, pixel box, position word."""
+    fine = variant == "fine"
+    n = rng.randint(5, 8) if fine else rng.randint(1, MAX_SHAPES)
     pairs = rng.sample(range(len(COLORS) * len(SHAPES)), n)
-    lo, hi = max(4, image_size // 8), max(5, image_size // 4)
+    if fine:
+        lo, hi = max(4, image_size // 16), max(5, image_size // 10)
+    else:
+        lo, hi = max(4, image_size // 8), max(5, image_size // 4)
     objects: list[dict[str, Any]] = []
     for p in pairs:
         color, shape = list(COLORS)[p // len(SHAPES)], SHAPES[p % len(SHAPES)]
@@ -97,23 +138,34 @@ def sample_scene(rng: random.Random, image_size: int) -> list[dict[str, Any]]:
             s = rng.randint(lo, hi)
             x, y = rng.randint(0, image_size - s), rng.randint(0, image_size - s)
             box = (x, y, x + s, y + s)
-            if all(
-                box[0] > o["box"][2] or box[2] < o["box"][0] or box[1] > o["box"][3] or box[3] < o["box"][1]
-                for o in objects
-            ):
+            if all(_apart(box, o["box"]) for o in objects) and all(_apart(box, b) for b in occupied):
                 break
         else:
             continue
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        third = image_size / 3
-        pos = POSITIONS[min(2, int(cy // third))][min(2, int(cx // third))]
         article = ARTICLES[color[0] in "aeiou"]
-        objects.append({"color": color, "shape": shape, "box": box, "position": pos, "article": article})
+        objects.append({"color": color, "shape": shape, "box": box, "position": _position(box, image_size),
+                        "article": article})  # fmt: skip
     return objects
 
 
-def draw_scene(objects: list[dict[str, Any]], image_size: int, background: int) -> bytes:
-    """PNG bytes of the scene (lossless, so fine detail survives)."""
+def sample_number(rng: random.Random, image_size: int) -> dict[str, Any]:
+    """A 2-digit number for the fine variant: text, its pixel box, position word, and each digit's
+    box (``digits``: [(char, box)])."""
+    text = str(rng.randint(10, 99))
+    w, h = 3 * DIGIT_SCALE, 5 * DIGIT_SCALE
+    width = len(text) * w + (len(text) - 1) * DIGIT_SCALE
+    x, y = rng.randint(0, image_size - width), rng.randint(0, image_size - h)
+    digits = [
+        (c, (x + i * (w + DIGIT_SCALE), y, x + i * (w + DIGIT_SCALE) + w, y + h)) for i, c in enumerate(text)
+    ]
+    box = (x, y, x + width, y + h)
+    return {"text": text, "box": box, "position": _position(box, image_size), "digits": digits}
+
+
+def draw_scene(
+    objects: list[dict[str, Any]], image_size: int, background: int, number: dict[str, Any] | None = None
+) -> bytes:
+    """PNG bytes of the scene (lossless, so fine detail survives), with ``number`` drawn if given."""
     img = Image.new("RGB", (image_size, image_size), (background, background, background + 10))
     d = ImageDraw.Draw(img)
     for o in objects:
@@ -128,6 +180,12 @@ def draw_scene(objects: list[dict[str, Any]], image_size: int, background: int) 
         else:
             mx, my = (x1 + x2 - 1) / 2, (y1 + y2 - 1) / 2
             d.polygon([(mx, y1), (x2 - 1, my), (mx, y2 - 1), (x1, my)], fill=c)
+    for char, (x1, y1, _, _) in number["digits"] if number else ():
+        for r, row in enumerate(DIGIT_FONT[char]):
+            for col, bit in enumerate(row):
+                if bit == "1":
+                    x, y = x1 + col * DIGIT_SCALE, y1 + r * DIGIT_SCALE
+                    d.rectangle((x, y, x + DIGIT_SCALE - 1, y + DIGIT_SCALE - 1), fill=TEXT_COLOR)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -139,16 +197,49 @@ def reading_order(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(objects, key=lambda o: (o["box"][1] + o["box"][3], o["box"][0] + o["box"][2]))
 
 
-def caption(objects: list[dict[str, Any]]) -> str:
+def caption(objects: list[dict[str, Any]], number: dict[str, Any] | None = None) -> str:
     items = [CAPTION_ITEM.format(**o) for o in reading_order(objects)]
     joined = items[0] if len(items) == 1 else ", ".join(items[:-1]) + CAPTION_AND + items[-1]
-    return CAPTION.format(
+    text = CAPTION.format(
         count=NUMBERS[len(objects)], noun="shape" if len(objects) == 1 else "shapes", items=joined
     )
+    return text + FINE_CAPTION.format(**number) if number else text
 
 
-def question(kind: str, objects: list[dict[str, Any]], rng: random.Random, size: int) -> tuple[str, str]:
-    """One (question, answer) pair of ``kind`` about the scene."""
+def _fine_question(kind: str, objects, rng: random.Random, number) -> tuple[str, str] | None:
+    """A question of a fine-variant ``kind``, or None when the scene cannot ask it unambiguously."""
+    cx = lambda o: (o["box"][0] + o["box"][2]) / 2
+    if kind == "digit":
+        return FINE_QUESTIONS["digit"], number["text"]
+    if kind == "kth":
+        xs = sorted(objects, key=cx)
+        gaps = [cx(b) - cx(a) for a, b in zip(xs, xs[1:])] + [float("inf")]
+        clear = [
+            k for k in range(min(len(ORDINALS), len(xs))) if gaps[k] >= 2 and (k == 0 or gaps[k - 1] >= 2)
+        ]
+        if not clear:
+            return None
+        k = rng.choice(clear)
+        return FINE_QUESTIONS["kth"].format(ordinal=ORDINALS[k]), xs[k]["color"]
+    pairs = [(a, b) for a in objects for b in objects if a is not b and abs(cx(a) - cx(b)) >= 4]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    q = FINE_QUESTIONS["relation"].format(
+        color=a["color"], shape=a["shape"], color2=b["color"], shape2=b["shape"]
+    )
+    return q, YES_NO[cx(a) > cx(b)]
+
+
+def question(
+    kind: str, objects: list[dict[str, Any]], rng: random.Random, size: int, number: dict | None = None
+) -> tuple[str, str]:
+    """One (question, answer) pair of ``kind`` about the scene (``number``: the fine variant's)."""
+    if kind in FINE_QUESTIONS:
+        asked = _fine_question(kind, objects, rng, number)
+        if asked:
+            return asked
+        kind = "count"  # nothing unambiguous to ask
     o = rng.choice(objects)
     shape_counts = collections.Counter(x["shape"] for x in objects)
     color_counts = collections.Counter(x["color"] for x in objects)
@@ -178,16 +269,18 @@ def question(kind: str, objects: list[dict[str, Any]], rng: random.Random, size:
 
 # The question kinds the eval split reports: counting questions are one kind.
 KINDS = {"colour": "colour", "shape": "shape", "count": "count", "count_color": "count",
-         "count_shape": "count", "position": "position", "ground": "ground", "refer": "refer"}  # fmt: skip
+         "count_shape": "count", "position": "position", "ground": "ground", "refer": "refer",
+         "digit": "digit", "kth": "kth", "relation": "relation"}  # fmt: skip
 
 
 def _question_patterns() -> list[tuple[str, re.Pattern]]:
     words = {
         "shape": "|".join(SHAPES), "color": "|".join(COLORS), "plural": "|".join(PLURAL.values()),
-        "box": r"\[[^\]]*\]",
+        "box": r"\[[^\]]*\]", "ordinal": "|".join(ORDINALS),
     }  # fmt: skip
+    words.update(shape2=words["shape"], color2=words["color"])
     out = []
-    for kind, template in QUESTIONS.items():
+    for kind, template in {**QUESTIONS, **FINE_QUESTIONS}.items():
         parts = re.split(r"\{(\w+)\}", template)  # text, field, text, ...
         rx = "".join(re.escape(p) if i % 2 == 0 else f"(?:{words[p]})" for i, p in enumerate(parts))
         out.append((kind, re.compile(rx)))
@@ -203,21 +296,27 @@ def question_kind(text: str) -> str | None:
     return next((kind for kind, rx in _PATTERNS if rx.fullmatch(text)), None)
 
 
-def make_record(split: str, index: int, *, seed: int = 0, image_size: int = 64) -> Record:
+def make_record(
+    split: str, index: int, *, seed: int = 0, image_size: int = 64, variant: str = "basic"
+) -> Record:
     """The record ``index`` of ``split``: a pure function of its arguments."""
-    rng = _rng(seed, split, index)
-    objects = sample_scene(rng, image_size)
-    image = draw_scene(objects, image_size, rng.randint(15, 69))
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not one of {VARIANTS}.")
+    fine = variant == "fine"
+    rng = _rng(seed, split if not fine else f"fine/{split}", index)
+    number = sample_number(rng, image_size) if fine else None
+    objects = sample_scene(rng, image_size, variant, occupied=(number["box"],) if fine else ())
+    image = draw_scene(objects, image_size, rng.randint(15, 69), number)
     boxes = np.array([o["box"] for o in objects], np.float32).reshape(-1, 4)
     labels = [f"{o['color']} {o['shape']}" for o in objects]
     rid = f"shapes/{split}/{index}"
     if split in CAPTION_SPLITS:
-        return Record(rid, image, caption=caption(objects), boxes=boxes, labels=labels)
+        return Record(rid, image, caption=caption(objects, number), boxes=boxes, labels=labels)
     num_turns = 3 if split == "sft" else 1
-    kinds = rng.sample(list(QUESTIONS), num_turns)
+    kinds = rng.sample(list(QUESTIONS) + (list(FINE_QUESTIONS) if fine else []), num_turns)
     turns: list[Turn] = []
     for t, kind in enumerate(kinds):
-        q, a = question(kind, objects, rng, image_size)
+        q, a = question(kind, objects, rng, image_size, number)
         turns += [Turn("user", (IMAGE_PLACEHOLDER + "\n" if t == 0 else "") + q), Turn("assistant", a)]
     return Record(rid, image, conversation=turns, boxes=boxes, labels=labels)
 
@@ -241,6 +340,7 @@ def _pre_tokenizer():
 def vocabulary() -> list[str]:
     """Every piece the generator's text can pre-tokenize into (deterministic order)."""
     texts = list(QUESTIONS.values()) + list(ANSWERS.values()) + [CAPTION, CAPTION_ITEM, CAPTION_AND]
+    texts += list(FINE_QUESTIONS.values()) + [FINE_CAPTION] + list(ORDINALS) + list(YES_NO)
     texts += list(COLORS) + list(SHAPES) + list(PLURAL.values()) + list(NUMBERS)
     texts += [p for row in POSITIONS for p in row] + list(ARTICLES) + ["system", "user", "assistant"]
     texts += ["shape", "shapes"]
@@ -300,9 +400,10 @@ class ShapesBuilder(ConverterBuilder, skip_registration=True):
     name = "shapes"
 
     def __init__(
-        self, *, image_size=64, num_pretrain=2000, num_sft=2000, num_eval=200, num_val=200, seed=0, **kw
-    ):
-        self.image_size, self.seed = image_size, seed
+        self, *, image_size=64, num_pretrain=2000, num_sft=2000, num_eval=200, num_val=200, seed=0,
+        variant="basic", **kw,
+    ):  # fmt: skip
+        self.image_size, self.seed, self.variant = image_size, seed, variant
         self.sizes = {"pretrain": num_pretrain, "sft": num_sft, "eval": num_eval, "val": num_val}
         super().__init__(**kw)
 
@@ -317,7 +418,7 @@ class ShapesBuilder(ConverterBuilder, skip_registration=True):
 
     def _convert(self, item):
         split, index = item
-        return make_record(split, index, seed=self.seed, image_size=self.image_size)
+        return make_record(split, index, seed=self.seed, image_size=self.image_size, variant=self.variant)
 
 
 def build(
@@ -329,6 +430,7 @@ def build(
     num_eval: int = 200,
     num_val: int = 200,
     seed: int = 0,
+    variant: str = "basic",
     num_workers: int = 2,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -339,7 +441,7 @@ def build(
     t0 = time.perf_counter()
     params = dict(
         image_size=image_size, num_pretrain=num_pretrain, num_sft=num_sft, num_eval=num_eval,
-        num_val=num_val, seed=seed,
+        num_val=num_val, seed=seed, variant=variant,
     )  # fmt: skip
     builder = ShapesBuilder(data_dir=data_dir, num_workers=num_workers, progress=progress, **params)
     summary = builder.build()
@@ -360,7 +462,9 @@ def ensure(data_dir: str, **kwargs) -> dict[str, Any]:
 
     Returns the same keys as ``build`` (``summary`` is None and ``seconds`` 0 when reused).
     """
-    params = dict(image_size=64, num_pretrain=2000, num_sft=2000, num_eval=200, num_val=200, seed=0)
+    params = dict(
+        image_size=64, num_pretrain=2000, num_sft=2000, num_eval=200, num_val=200, seed=0, variant="basic"
+    )
     unknown = set(kwargs) - set(params) - {"num_workers", "progress"}
     if unknown:
         raise TypeError(f"Unknown shapes.ensure arguments {sorted(unknown)}; use {sorted(params)}.")

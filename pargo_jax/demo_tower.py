@@ -24,18 +24,28 @@ from flax import linen as nn
 
 from pargo_jax.models.vision import VisionConfig, VisionTower, vision_preset
 
-DEFAULTS = dict(steps=2500, batch_size=64, lr=3e-3, seed=0)
-SHAPE = dict(image_size=64, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128)
+DEFAULTS = dict(steps=2500, batch_size=64, lr=3e-3, seed=0, variant="basic", image_size=64)
+SHAPE = dict(patch_size=8, width=64, depth=2, heads=4, mlp_dim=128)
 
 
-def tower_config() -> VisionConfig:
-    """The demo tower: a tiny SigLIP-style ViT, 64 px, 8x8 patches."""
-    return vision_preset("tiny", **SHAPE)
+def tower_config(image_size: int = 64) -> VisionConfig:
+    """The demo tower: a tiny SigLIP-style ViT, 8x8 patches (64 px: 64 of them)."""
+    return vision_preset("tiny", image_size=image_size, **SHAPE)
 
 
-def scenes(batch: int, index: int, seed: int, cfg: VisionConfig) -> tuple[np.ndarray, np.ndarray]:
+def num_classes(variant: str) -> int:
+    """Background, each (colour, shape), and for the fine variant the ten digits."""
+    from data_pipelines import shapes
+
+    return 1 + len(shapes.COLORS) * len(shapes.SHAPES) + (10 if variant == "fine" else 0)
+
+
+def scenes(
+    batch: int, index: int, seed: int, cfg: VisionConfig, variant: str = "basic"
+) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images (B, S, S, 3), per-patch labels (B, N): 0 background, else 1 + the index of the
-    (colour, shape) of the object whose box holds the patch centre) of batch ``index``."""
+    (colour, shape) of the object whose box holds the patch centre; in the fine variant 33 + d on digit
+    d, and the patch under each thing's centre is labelled too) of batch ``index``."""
     from PIL import Image
 
     from data_pipelines import shapes
@@ -47,22 +57,31 @@ def scenes(batch: int, index: int, seed: int, cfg: VisionConfig) -> tuple[np.nda
     images, labels = [], np.zeros((batch, (size // patch) ** 2), np.int32)
     for i in range(batch):
         rng = random.Random(f"demo_tower/{seed}/{index}/{i}")
-        objects = shapes.sample_scene(rng, size)
-        png = shapes.draw_scene(objects, size, rng.randint(10, 50))
+        number = shapes.sample_number(rng, size) if variant == "fine" else None
+        objects = shapes.sample_scene(rng, size, variant, occupied=(number["box"],) if number else ())
+        png = shapes.draw_scene(objects, size, rng.randint(10, 50), number)
         images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+
+        def mark(box, label):
+            inside = ((cx >= box[0]) & (cx < box[2]) & (cy >= box[1]) & (cy < box[3])).reshape(-1)
+            labels[i, inside] = label
+            if variant == "fine":  # small things may cover no patch centre: also the patch under theirs
+                row, col = int((box[1] + box[3]) / 2 // patch), int((box[0] + box[2]) / 2 // patch)
+                labels[i, row * (size // patch) + col] = label
+
         for o in objects:
-            x1, y1, x2, y2 = o["box"]
-            inside = ((cx >= x1) & (cx < x2) & (cy >= y1) & (cy < y2)).reshape(-1)
-            labels[i, inside] = 1 + colours.index(o["color"]) * len(kinds) + kinds.index(o["shape"])
+            mark(o["box"], 1 + colours.index(o["color"]) * len(kinds) + kinds.index(o["shape"]))
+        for char, box in number["digits"] if number else ():
+            mark(box, 1 + len(colours) * len(kinds) + int(char))
     return np.stack(images), labels
 
 
-def pretrain(cfg: VisionConfig, *, steps: int, batch_size: int, lr: float, seed: int, log=print) -> dict:
+def pretrain(
+    cfg: VisionConfig, *, steps: int, batch_size: int, lr: float, seed: int, variant: str = "basic", log=print
+) -> dict:
     """The tower's params after ``steps`` of per-token object classification (with a linear head)."""
-    from data_pipelines import shapes
-
     tower = VisionTower(cfg)
-    n_classes = 1 + len(shapes.COLORS) * len(shapes.SHAPES)
+    n_classes = num_classes(variant)
     x0 = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
     params: dict[str, Any] = {
         "tower": nn.unbox(tower.init(jax.random.key(seed), x0)["params"]),
@@ -88,12 +107,12 @@ def pretrain(cfg: VisionConfig, *, steps: int, batch_size: int, lr: float, seed:
 
     t0 = time.perf_counter()
     for i in range(steps):
-        images, labels = scenes(batch_size, i, seed, cfg)
+        images, labels = scenes(batch_size, i, seed, cfg, variant)
         params, opt, loss, acc = step(params, opt, images, labels)
         if (i + 1) % max(1, steps // 10) == 0 or i + 1 == steps:
             seconds = time.perf_counter() - t0
             log(f"demo tower {i + 1}/{steps} | loss {loss:.4f} | objects {acc:.3f} | {seconds:.0f} s")
-    images, labels = scenes(512, -1, seed + 1, cfg)  # held-out scenes
+    images, labels = scenes(512, -1, seed + 1, cfg, variant)  # held-out scenes
     _, acc = jax.jit(loss_fn)(params, images, labels)
     log(f"demo tower: held-out object tokens classified right: {float(acc):.3f}")
     return jax.device_get(params["tower"])
@@ -108,8 +127,10 @@ def build(out: str, cfg: VisionConfig | None = None, *, log=print, **options) ->
 
     from pargo_jax.convert.hf_vision import save_vision
 
-    cfg = cfg or tower_config()
-    params = pretrain(cfg, log=log, **{**DEFAULTS, **options})
+    options = {**DEFAULTS, **options}
+    cfg = cfg or tower_config(options.pop("image_size"))
+    options.pop("image_size", None)
+    params = pretrain(cfg, log=log, **options)
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = save_vision(tempfile.mkdtemp(prefix=".demo_tower_", dir=os.path.dirname(out)), params, cfg)

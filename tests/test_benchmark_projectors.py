@@ -20,18 +20,18 @@ def test_quick_run_writes_the_table_and_resumes(tmp_path):
     cmd = [sys.executable, "-m", "pargo_jax.benchmarks.projectors", "--quick", f"--out={out}"]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    report = json.loads((out / "projectors.json").read_text())
+    report = json.loads((out / "projectors_fine.json").read_text())
     assert {r["variant"] for r in report["runs"]} == {"pargo", "resampler"}
     for run in report["runs"]:
         assert run["tokens"] == 16 and run["params"] > 0 and run["gflops"] > 0 and run["train_seconds"] > 0
         assert 0.0 <= run["accuracy"] <= 1.0 and run["sft_loss"] > 0
-    table = (out / "projectors.md").read_text()
+    table = (out / "projectors_fine.md").read_text()
     assert "| pargo (8+8) | 16 |" in table and "| resampler | 16 |" in table
-    assert (out / "projectors.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "projectors_fine.png").read_bytes()[:4] == b"\x89PNG"
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done before, not retrained") == 2
-    assert json.loads((out / "projectors.json").read_text())["runs"] == report["runs"]
+    assert json.loads((out / "projectors_fine.json").read_text())["runs"] == report["runs"]
 
 
 def _result(variant, lr, seed, loss, accuracy):
@@ -55,9 +55,10 @@ def test_summary_picks_the_lr_by_training_loss_and_averages_seeds():
 
 
 def test_budgets_are_met_exactly_or_not_run():
-    assert bench.projector_options("mlp", 36) is None  # 64 patches do not group into 36 tokens
-    assert bench.projector_options("mlp", 16)["group"] == 4
+    assert bench.projector_options("mlp", 36) is None  # 256 patches do not group into 36 tokens
+    assert bench.projector_options("mlp", 16)["group"] == 16
+    assert bench.projector_options("mlp", 16, "basic")["group"] == 4
     p = bench.projector_options("pargo", 36)
-    assert p["num_partial"] + p["num_global"] == 36 and 64 % p["num_partial"] == 0
+    assert p["num_partial"] + p["num_global"] == 36 and 256 % p["num_partial"] == 0
     assert bench.projector_options("resampler", 36)["num_queries"] == 36
     assert bench.projector_options("c_abstractor", 20) is None  # not a square

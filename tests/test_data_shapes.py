@@ -110,3 +110,42 @@ def test_ensure_reuses_an_identical_build(tmp_path):
     assert other["summary"] is not None  # different arguments -> rebuilt
     with pytest.raises(TypeError, match="num_sfts"):
         shapes.ensure(str(tmp_path), num_sfts=3)
+
+
+def test_fine_variant_draws_its_number_and_answers_truthfully():
+    size, asked = 128, set()
+    for i in range(40):
+        rng = shapes._rng(0, "fine/sft", i)
+        number = shapes.sample_number(rng, size)
+        rec = shapes.make_record("sft", i, image_size=size, variant="fine")
+        px = _pixels(rec)
+        assert 5 <= len(rec.labels) <= 8
+        for box in rec.boxes:
+            assert size // 16 <= box[2] - box[0] <= size // 10
+        # every digit's 3 x 5 cells are lit exactly where the font says, in the text colour
+        for char, (x1, y1, _, _) in number["digits"]:
+            for r, row in enumerate(shapes.DIGIT_FONT[char]):
+                for c, bit in enumerate(row):
+                    cell = px[y1 + 2 * r, x1 + 2 * c]
+                    assert (tuple(cell) == shapes.TEXT_COLOR) == (bit == "1"), (i, char, r, c)
+        centres = [((b[0] + b[2]) / 2, label) for b, label in zip(rec.boxes, rec.labels)]
+        for q, a in zip(rec.conversation[::2], rec.conversation[1::2], strict=True):
+            q = q.text.replace("<image>\n", "")
+            asked.add(shapes.question_kind(q))
+            if q == "what number is written in the image?":
+                assert a.text == number["text"]
+            elif m := re.fullmatch(r"what colour is the (\w+) shape from the left\?", q):
+                k = shapes.ORDINALS.index(m.group(1))
+                assert sorted(centres)[k][1].split()[0] == a.text
+            elif m := re.fullmatch(r"is the (\w+ \w+) left of the (\w+ \w+)\?", q):
+                x = dict((label, cx) for cx, label in centres)
+                assert a.text == ("yes" if x[m.group(1)] < x[m.group(2)] else "no")
+    assert {"digit", "kth", "relation"} <= asked
+    assert shapes.make_record("pretrain", 0, image_size=size, variant="fine").caption.endswith(
+        f"the number {shapes.sample_number(shapes._rng(0, 'fine/pretrain', 0), size)['text']} is written at the "
+        f"{shapes.sample_number(shapes._rng(0, 'fine/pretrain', 0), size)['position']}."
+    )
+    basic, default = shapes.make_record("sft", 3, variant="basic"), shapes.make_record("sft", 3)
+    assert basic.image == default.image and basic.conversation == default.conversation
+    with pytest.raises(ValueError, match="variant='tiny' is not one of"):
+        shapes.make_record("sft", 0, variant="tiny")

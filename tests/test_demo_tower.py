@@ -39,3 +39,15 @@ def test_short_build_loads_as_a_siglip_directory(tmp_path):
     assert any("held-out object tokens" in line for line in logs)
     assert not demo_tower.ensure(out)  # already there: nothing rebuilt
     assert sorted(os.listdir(tmp_path)) == ["tower"]  # no temporary directory left behind
+
+
+def test_fine_variant_labels_the_digits_too():
+    cfg = demo_tower.tower_config(128)
+    images, labels = demo_tower.scenes(4, 0, 0, cfg, "fine")
+    assert images.shape == (4, 128, 128, 3) and labels.shape == (4, 256)
+    assert labels.max() < demo_tower.num_classes("fine") == 43
+    for i in range(4):
+        rng = random.Random(f"demo_tower/0/0/{i}")
+        number = shapes.sample_number(rng, 128)
+        digits = labels[i][labels[i] >= 33] - 33
+        assert set(digits.tolist()) <= {int(c) for c in number["text"]} and digits.size > 0

@@ -5,15 +5,17 @@
   python -m pargo_jax.benchmarks.projectors --budgets 36 --seeds 0,1,2 --variants pargo,qformer
 
 Every run is the demo's two stages (``experiments/pretrain.py`` then ``experiments/sft.py``, preset
-``demo``) with only the projector, the seed and the learning rate changed: the same pretrained demo
-tower, LLM shape, data and steps. Each (variant, budget, seed, lr) run writes
-``OUT/runs/<run>/result.json`` when it ends; a run whose result exists is not retrained, so an
-interrupted benchmark resumes where it stopped. The learning rate of each (variant, budget) is the one
-with the lowest mean final SFT training loss over seeds (never chosen on the eval split).
+``demo``) on the shapes set's ``--data`` variant (default ``fine``: 128 px, 5-8 small shapes and a
+2-digit number; the demo tower is pretrained on the same variant) with only the projector, the seed and
+the learning rate changed: the same tower, LLM shape, data and steps. Each (variant, budget, seed, lr)
+run writes ``OUT/<data>/runs/<run>/result.json`` when it ends; a run whose result exists is not
+retrained, so an interrupted benchmark resumes where it stopped. The learning rate of each (variant,
+budget) is the one with the lowest mean final SFT training loss over seeds (never chosen on the eval
+split).
 
-Outputs: ``OUT/projectors.md`` (mean +- std over seeds per question kind, tokens, projector params and
-FLOPs, train time per run), ``OUT/projectors.json`` (every run), ``OUT/projectors.png`` (accuracy
-against visual tokens; needs matplotlib).
+Outputs: ``OUT/projectors_<data>.md`` (mean +- std over seeds per question kind, tokens, projector
+params and FLOPs, train time per run), ``.json`` (every run) and ``.png`` (accuracy against visual
+tokens; needs matplotlib).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("colour", "shape", "count", "position", "refer", "ground", "accuracy")
-NUM_PATCHES = 64  # the demo tower: 64 px, 8 x 8 patches
+KINDS = ("colour", "shape", "count", "position", "refer", "ground", "digit", "kth", "relation", "accuracy")
+# The shapes variant -> its image size: the demo tower's 8 px patches give 8 x 8 or 16 x 16 of them.
+IMAGE_SIZE = {"basic": 64, "fine": 128}
 
 
 def _pargo(budget: int, partial: int, **extra) -> dict:
@@ -40,46 +43,55 @@ def _pargo(budget: int, partial: int, **extra) -> dict:
     )
 
 
-def _tiling(most: int) -> int:
-    """The most partial queries <= ``most`` whose windows tile the 8 x 8 patch grid."""
-    return max(p for p in (1, 2, 4, 8, 16, 32, 64) if p <= max(most, 1))
+def _tiling(most: int, patches: int) -> int:
+    """The most partial queries <= ``most`` whose windows tile the square patch grid (a power of 2)."""
+    return max(
+        p for p in (2**k for k in range(patches.bit_length())) if p <= max(most, 1) and patches % p == 0
+    )
 
 
 def _square(name: str, **extra) -> Callable[[int], dict | None]:
-    return lambda t: dict(name=name, num_queries=t, **extra) if math.isqrt(t) ** 2 == t else None
+    return lambda t, n: dict(name=name, num_queries=t, **extra) if math.isqrt(t) ** 2 == t else None
 
 
 # variant -> (budget -> projector options, or None when the budget cannot be met exactly). ParGo keeps
 # 4 global queries and gives the rest to partial ones, as far as windows tile the grid.
-VARIANTS: dict[str, Callable[[int], dict | None]] = {
-    "pargo": lambda t: _pargo(t, _tiling(t - 4)),
-    "pargo_released": lambda t: _pargo(t, _tiling(t - 4), cpp="released"),
-    "pargo_raster": lambda t: _pargo(t, _tiling(t - 4), layout="raster"),
-    "pargo_half_global": lambda t: _pargo(t, _tiling(t // 2)),
-    "qformer": lambda t: dict(name="qformer", num_global=t),
+VARIANTS: dict[str, Callable[[int, int], dict | None]] = {
+    "pargo": lambda t, n: _pargo(t, _tiling(t - 4, n)),
+    "pargo_released": lambda t, n: _pargo(t, _tiling(t - 4, n), cpp="released"),
+    "pargo_raster": lambda t, n: _pargo(t, _tiling(t - 4, n), layout="raster"),
+    "pargo_half_global": lambda t, n: _pargo(t, _tiling(t // 2, n)),
+    "qformer": lambda t, n: dict(name="qformer", num_global=t),
     "resampler": _square("resampler", heads=4, layers=2, mlp_dim=128),
     "c_abstractor": _square("c_abstractor", depth=2),
-    "mlp": lambda t: dict(name="mlp", group=NUM_PATCHES // t) if NUM_PATCHES % t == 0 else None,
+    "mlp": lambda t, n: dict(name="mlp", group=n // t) if n % t == 0 else None,
 }
 WIDTHS = dict(pargo=dict(hidden=64, heads=4, layers=2, mlp_dim=128, max_positions=128, init="fan_in"),
               qformer=dict(hidden=64, heads=4, layers=2, mlp_dim=128, max_positions=128, init="fan_in"),
               resampler=dict(hidden=64), c_abstractor=dict(hidden=64))  # fmt: skip
 FULL = dict(budgets=(16, 36, 64), seeds=(0, 1, 2), lrs=(1.0, 3.0), variants=tuple(VARIANTS))
 QUICK = dict(budgets=(16,), seeds=(0,), lrs=(1.0,), variants=("pargo", "resampler"))
-QUICK_DATA = dict(image_size=64, num_pretrain=128, num_sft=128, num_eval=16, num_val=16)
+QUICK_DATA = dict(num_pretrain=128, num_sft=128, num_eval=16, num_val=16)
 QUICK_TOWER = dict(steps=20, batch_size=16)
 
 
-def projector_options(variant: str, budget: int) -> dict | None:
-    """The projector of ``variant`` at ``budget`` visual tokens (demo widths), or None."""
-    options = VARIANTS[variant](budget)
+def num_patches(data: str) -> int:
+    return (IMAGE_SIZE[data] // 8) ** 2
+
+
+def projector_options(variant: str, budget: int, data: str = "fine") -> dict | None:
+    """The projector of ``variant`` at ``budget`` visual tokens (demo widths) on ``data``, or None."""
+    options = VARIANTS[variant](budget, num_patches(data))
     if options is None:
         return None
     return {**WIDTHS.get(options["name"], {}), **options}
 
 
-def stage_configs(projector: dict, seed: int, lr_scale: float, out: str, steps: int | None, quick: bool):
-    """(pretrain, sft) configs of one run: the demo preset with this projector, seed and LR scale."""
+def stage_configs(
+    projector: dict, seed: int, lr_scale: float, out: str, steps: int | None, quick: bool, data: str = "fine"
+):
+    """(pretrain, sft) configs of one run: the demo preset on the ``data`` variant of the shapes set
+    (the demo tower pretrained on it) with this projector, seed and LR scale."""
     from experiments import base, pretrain, sft
 
     configs = []
@@ -88,10 +100,15 @@ def stage_configs(projector: dict, seed: int, lr_scale: float, out: str, steps: 
         c.seed = seed
         c.model.projector = dict(projector)
         c.optim.lr *= lr_scale
-        c.input.data_dir = os.path.join(out, "data")
-        c.model.vision.path = os.path.join(out, "demo_tower")
+        c.input.data_dir = os.path.join(out, data, "data")
+        c.model.vision.path = os.path.join(out, data, "demo_tower")
         c.sample_at_end = ""
         c.checkpoint.every_steps = 10**9  # only the final step
+        size = IMAGE_SIZE[data]
+        c.shapes.update(variant=data, image_size=size)
+        c.demo_tower.update(variant=data, image_size=size)
+        c.input.image_size = size
+        c.input.max_len = 128 if data == "basic" else 256  # 5-8 objects + a number per caption
         if quick:
             c.shapes.update(QUICK_DATA)
             c.demo_tower.update(QUICK_TOWER)
@@ -108,19 +125,21 @@ def run_name(variant: str, budget: int, seed: int, lr_scale: float) -> str:
     return f"{variant}-t{budget}-s{seed}-lr{lr_scale:g}"
 
 
-def train_one(variant, budget, seed, lr_scale, out, *, steps=None, quick=False, log=print) -> dict:
+def train_one(
+    variant, budget, seed, lr_scale, out, *, steps=None, quick=False, data="fine", log=print
+) -> dict:
     """Trains one run (both stages) unless its ``result.json`` exists; returns the result."""
     from pargo_jax import train
 
-    root = os.path.join(out, "runs", run_name(variant, budget, seed, lr_scale))
+    root = os.path.join(out, data, "runs", run_name(variant, budget, seed, lr_scale))
     path = os.path.join(root, "result.json")
     if os.path.exists(path):
         with open(path) as f:
             result = json.load(f)
         log(f"{run_name(variant, budget, seed, lr_scale)}: done before, not retrained")
         return result
-    projector = projector_options(variant, budget)
-    pt, ft = stage_configs(projector, seed, lr_scale, out, steps, quick)
+    projector = projector_options(variant, budget, data)
+    pt, ft = stage_configs(projector, seed, lr_scale, out, steps, quick, data)
     ft.checkpoint.init_from = os.path.join(root, "pretrain")
     t0 = time.perf_counter()
     train.run(pt, os.path.join(root, "pretrain"))
@@ -224,6 +243,7 @@ def main(argv=None) -> dict:
     p.add_argument("--lrs", help="comma list of LR multipliers of the demo's stage LRs")
     p.add_argument("--variants", help=f"comma list of {sorted(VARIANTS)}")
     p.add_argument("--steps", type=int, help="steps per stage (default: the demo's)")
+    p.add_argument("--data", default="fine", choices=tuple(IMAGE_SIZE), help="shapes variant (fine: 128 px)")
     a = p.parse_args(argv)
     grid = dict(QUICK if a.quick else FULL)
     for key, cast in (("budgets", int), ("seeds", int), ("lrs", float), ("variants", str)):
@@ -237,10 +257,10 @@ def main(argv=None) -> dict:
     for t in grid["budgets"]:
         seen: dict[str, str] = {}
         for v in grid["variants"]:
-            options = projector_options(v, t)
+            options = projector_options(v, t, a.data)
             key = json.dumps(options, sort_keys=True)
             if options is None:
-                print(f"{v} cannot make exactly {t} tokens from {NUM_PATCHES} patches: not run")
+                print(f"{v} cannot make exactly {t} tokens from {num_patches(a.data)} patches: not run")
             elif key in seen:
                 print(f"{v} at {t} tokens is the same projector as {seen[key]}: not run twice")
             else:
@@ -251,18 +271,23 @@ def main(argv=None) -> dict:
     results = []
     for i, (v, t, s, lr) in enumerate(plan):
         print(f"[{i + 1}/{len(plan)}] {run_name(v, t, s, lr)}", flush=True)
-        results.append(train_one(v, t, s, lr, a.out, steps=steps, quick=a.quick))
+        results.append(train_one(v, t, s, lr, a.out, steps=steps, quick=a.quick, data=a.data))
     rows = summarize(results)
     table = markdown(rows)
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "projectors.md"), "w") as f:
+    stem = os.path.join(a.out, f"projectors_{a.data}")
+    with open(stem + ".md", "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(a.out, "projectors.json"), "w") as f:
-        json.dump(dict(rows=rows, runs=results, wall_seconds=time.perf_counter() - t0), f, indent=1)
-    png = plot(rows, os.path.join(a.out, "projectors.png"))
+    with open(stem + ".json", "w") as f:
+        json.dump(
+            dict(data=a.data, rows=rows, runs=results, wall_seconds=time.perf_counter() - t0), f, indent=1
+        )
+    png = plot(rows, stem + ".png")
     print(table)
-    print(f"{len(plan)} runs in {time.perf_counter() - t0:.0f} s; wrote {a.out}/projectors.md, .json"
-          + (", .png" if png else ""))  # fmt: skip
+    print(
+        f"{len(plan)} runs in {time.perf_counter() - t0:.0f} s; wrote {stem}.md, .json"
+        + (", .png" if png else "")
+    )
     return dict(rows=rows, runs=results)
 
 

@@ -1,10 +1,10 @@
 """The embedded benchmark: the synthetic shapes set's held-out questions, scored per kind.
 
-Kinds (``data_pipelines.shapes.KINDS``): colour, shape, count (all counting questions), position and
-refer ("what is at [box]?") are exact matches after :func:`normalize`; ground ("give the bounding
-box of ...") parses the answer's box with the set's box codec and counts it right at IoU >= 0.5
-(also reported: mean IoU, the number of answers without a box). An answer that does not parse is
-wrong and counted, never an exception.
+Kinds (``data_pipelines.shapes.KINDS``): colour, shape, count (all counting questions), position, refer
+("what is at [box]?") and the fine variant's digit, kth and relation are exact matches after
+:func:`normalize`; ground ("give the bounding box of ...") parses the answer's box with the set's box
+codec and counts it right at IoU >= 0.5 (also reported: mean IoU, the number of answers without a box).
+An answer that does not parse is wrong and counted, never an exception.
 
     config.evals.shapes = dict(type="shapes", data=dict(name="shapes", split="eval"), log_steps=0)
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 from pargo_jax.evaluators import common
 
-KIND_ORDER = ("colour", "shape", "count", "position", "refer", "ground")
+KIND_ORDER = ("colour", "shape", "count", "position", "refer", "ground", "digit", "kth", "relation")
 
 
 def normalize(text: str) -> str:
