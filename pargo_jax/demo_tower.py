@@ -62,17 +62,18 @@ def scenes(
         png = shapes.draw_scene(objects, size, rng.randint(10, 50), number)
         images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
 
-        def mark(box, label):
+        things = [
+            (o["box"], 1 + colours.index(o["color"]) * len(kinds) + kinds.index(o["shape"])) for o in objects
+        ]
+        things += [
+            (box, 1 + len(colours) * len(kinds) + int(c)) for c, box in (number or {}).get("digits", ())
+        ]
+        for box, label in things:
             inside = ((cx >= box[0]) & (cx < box[2]) & (cy >= box[1]) & (cy < box[3])).reshape(-1)
             labels[i, inside] = label
             if variant == "fine":  # small things may cover no patch centre: also the patch under theirs
                 row, col = int((box[1] + box[3]) / 2 // patch), int((box[0] + box[2]) / 2 // patch)
                 labels[i, row * (size // patch) + col] = label
-
-        for o in objects:
-            mark(o["box"], 1 + colours.index(o["color"]) * len(kinds) + kinds.index(o["shape"]))
-        for char, box in number["digits"] if number else ():
-            mark(box, 1 + len(colours) * len(kinds) + int(char))
     return np.stack(images), labels
 
 

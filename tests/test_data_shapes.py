@@ -141,10 +141,9 @@ def test_fine_variant_draws_its_number_and_answers_truthfully():
                 x = dict((label, cx) for cx, label in centres)
                 assert a.text == ("yes" if x[m.group(1)] < x[m.group(2)] else "no")
     assert {"digit", "kth", "relation"} <= asked
-    assert shapes.make_record("pretrain", 0, image_size=size, variant="fine").caption.endswith(
-        f"the number {shapes.sample_number(shapes._rng(0, 'fine/pretrain', 0), size)['text']} is written at the "
-        f"{shapes.sample_number(shapes._rng(0, 'fine/pretrain', 0), size)['position']}."
-    )
+    first = shapes.sample_number(shapes._rng(0, "fine/pretrain", 0), size)
+    want = f"the number {first['text']} is written at the {first['position']}."
+    assert shapes.make_record("pretrain", 0, image_size=size, variant="fine").caption.endswith(want)
     basic, default = shapes.make_record("sft", 3, variant="basic"), shapes.make_record("sft", 3)
     assert basic.image == default.image and basic.conversation == default.conversation
     with pytest.raises(ValueError, match="variant='tiny' is not one of"):
