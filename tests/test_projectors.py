@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,4 +155,14 @@ def test_trains_in_the_demo_and_loads_back(projector, shapes_dir, tmp_path):
     run = factory.load_workdir(workdir)
     assert run.mcfg.num_image_tokens == 9 and type(run.mcfg.projector).__name__.lower().startswith(
         projector["name"].replace("_", "")
+    )
+    # The export writes the LLM and tower and says why the transformers model and official file are not.
+    from pargo_jax.export import export_workdir
+
+    done = export_workdir(workdir, str(tmp_path / "export"))
+    assert done["transformers"] == f"skipped: The {projector['name']!r} projector has no PyTorch export."
+    assert (
+        done["official"].startswith("skipped: ")
+        and os.path.isdir(done["llm"])
+        and os.path.isdir(done["vision_tower"])
     )
