@@ -14,6 +14,7 @@ layers after ``feature_layer``, an unused final norm) and every parameter filled
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -321,7 +322,7 @@ def load_vision(
 
 
 # --- EVA02 (timm / EVA-CLIP) -----------------------------------------------------------------------
-def _read_state(path_or_state: str | Mapping[str, Any]) -> Mapping[str, Any]:
+def _read_state(path_or_state: str | Mapping[str, Any], what: str = "EVA02") -> Mapping[str, Any]:
     if isinstance(path_or_state, Mapping):
         return TorchSource(path_or_state)
     path = str(path_or_state)
@@ -329,7 +330,7 @@ def _read_state(path_or_state: str | Mapping[str, Any]) -> Mapping[str, Any]:
         return LazySource.from_dir(path)
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"EVA02 checkpoint {path!r} does not exist; pass a .safetensors / .bin / .pth state dict file, "
+            f"{what} checkpoint {path!r} does not exist; pass a .safetensors / .bin / .pth state dict file, "
             "a directory with safetensors, or a state dict."
         )
     if path.endswith(".safetensors"):
@@ -496,3 +497,58 @@ def save_vision(path: str, params: Mapping[str, Any], cfg: VisionConfig) -> str:
         json.dump(config, f, indent=2)
     save_safetensors(path, tensors)
     return path
+
+
+# --- ConvNeXt (timm / OpenCLIP ``visual.trunk.``) -------------------------------------------------------
+def convnext_rules() -> list[Rule]:
+    """timm ``ConvNeXt`` names -> :class:`pargo_jax.models.convnext.ConvNeXt` params."""
+    S, B = r"stages\.(\d+)\.", r"stages\.(\d+)\.blocks\.(\d+)\."
+    wb = lambda src, dst, t=None: [Rule(src + r"\.weight", dst + "/" + ("kernel" if t else "scale"), t),
+                                   Rule(src + r"\.bias", dst + "/bias")]  # fmt: skip
+    return [
+        *wb(r"stem\.0", "stem_conv", conv_oihw_to_hwio),
+        *wb(r"stem\.1", "stem_norm"),
+        *wb(S + r"downsample\.0", "stages_{0}_downsample_norm"),
+        *wb(S + r"downsample\.1", "stages_{0}_downsample_conv", conv_oihw_to_hwio),
+        *wb(B + r"conv_dw", "stages_{0}_blocks_{1}_conv_dw", conv_oihw_to_hwio),
+        *wb(B + r"norm", "stages_{0}_blocks_{1}_norm"),
+        *wb(B + r"mlp\.fc1", "stages_{0}_blocks_{1}_fc1", transpose),
+        *wb(B + r"mlp\.fc2", "stages_{0}_blocks_{1}_fc2", transpose),
+        Rule(B + r"gamma", "stages_{0}_blocks_{1}_gamma"),
+    ]
+
+
+def convnext_config(source: Mapping[str, Any], image_size: int = 768):
+    """The :class:`ConvNeXtConfig` of a timm-named ConvNeXt state dict: dims from the stem and the
+    downsampling convolutions, depths from the blocks."""
+    from pargo_jax.models.convnext import ConvNeXtConfig
+
+    blocks: dict[int, set[int]] = {}
+    for name in source:
+        if m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", name):
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if "stem.0.weight" not in source or not blocks:
+        raise ValueError("Not a timm ConvNeXt state dict: no stem.0.weight / stages.*.blocks.* tensors.")
+    stages = range(len(blocks))
+    dims = tuple(int(source[f"stages.{k}.blocks.0.gamma"].shape[0]) for k in stages)
+    return ConvNeXtConfig(depths=tuple(len(blocks[k]) for k in stages), dims=dims, image_size=image_size)
+
+
+def load_convnext(path_or_state: str | Mapping[str, Any], image_size: int = 768, dtype=np.float32):
+    """(ConvNeXt module, {"params": ...}) from a timm ConvNeXt (``stages.*``, ``head.*`` ignored) or an
+    OpenCLIP model whose tower is ``visual.trunk.*`` (the rest of the OpenCLIP model is not read): a
+    ``.safetensors`` / ``.bin`` / ``.pth`` file, a safetensors directory, or a state dict."""
+    from pargo_jax.models.convnext import ConvNeXt
+
+    files = _read_state(path_or_state, "ConvNeXt")
+    prefix = "visual.trunk." if any(k.startswith("visual.trunk.") for k in files) else ""
+    source = _View(files, prefix)
+    cfg = dataclasses.replace(convnext_config(source, image_size), dtype=np.dtype(dtype).name)
+    module = ConvNeXt(cfg)
+    pixels = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), pixels)
+    params = convert(
+        source, convnext_rules(), expected_shapes(abstract["params"]), ignore=[r"head\..*", r"norm_pre\..*"],
+        dtype=np.dtype(dtype), what=f"ConvNeXt checkpoint ({len(source)} tensors)",
+    )  # fmt: skip
+    return module, {"params": params}
