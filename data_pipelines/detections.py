@@ -1,0 +1,101 @@
+"""Offline detector boxes for MG-LLaVA's object tokens: read, select, and move them with the pixels.
+
+The detections file is JSON ``{record_id: {"boxes": [[x1, y1, x2, y2], ...] (pixels of the original
+image), "scores": [...], "labels": [...]}}``. :func:`select` keeps what MG-LLaVA's dataloader keeps:
+per-class non-maximum suppression at IoU 0.2 (torchvision's ``batched_nms``: highest score first, a
+box is dropped when its IoU with a kept box of the same label exceeds the threshold), then, when more
+than 100 boxes remain, the 20 best of each class. :func:`transform_boxes` applies the resize mode of
+:func:`data_pipelines.images.resize` to the boxes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def read_detections(path: str) -> dict[str, dict[str, Any]]:
+    """``{record_id: {"boxes": (K, 4) float32, "scores": (K,) float32, "labels": [str]}}``; a malformed
+    entry is one error naming the record and the field."""
+    with open(path) as f:
+        raw = json.load(f)
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{path}: expected a JSON object {{record_id: {{boxes, scores, labels}}}}.")
+    out = {}
+    for rid, d in raw.items():
+        boxes = (
+            np.asarray(d.get("boxes", []), np.float32).reshape(-1, 4) if d.get("boxes") else np.zeros((0, 4))
+        )
+        scores = np.asarray(d.get("scores", [1.0] * len(boxes)), np.float32)
+        labels = [str(x) for x in d.get("labels", [""] * len(boxes))]
+        if not (len(boxes) == len(scores) == len(labels)):
+            raise ValueError(
+                f"{path}: record {rid!r} has {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels."
+            )
+        if len(boxes) and np.any(boxes[:, 2:] < boxes[:, :2]):
+            raise ValueError(
+                f"{path}: record {rid!r} has a box with x2 < x1 or y2 < y1 (want x1, y1, x2, y2)."
+            )
+        out[str(rid)] = {"boxes": boxes.astype(np.float32), "scores": scores, "labels": labels}
+    return out
+
+
+def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    x1, y1 = np.maximum(box[0], others[:, 0]), np.maximum(box[1], others[:, 1])
+    x2, y2 = np.minimum(box[2], others[:, 2]), np.minimum(box[3], others[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / np.maximum(area(box) + area(others) - inter, 1e-12)
+
+
+def nms_per_class(
+    boxes: np.ndarray, scores: np.ndarray, labels: Sequence[str], iou: float = 0.2
+) -> np.ndarray:
+    """Indices kept by per-class greedy NMS, in decreasing score order (ties: first index first)."""
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    for i in order:
+        same = [k for k in keep if labels[k] == labels[i]]
+        if not same or np.all(_iou(boxes[i], boxes[same]) <= iou):
+            keep.append(int(i))
+    return np.asarray(keep, np.int64)
+
+
+def select(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: Sequence[str],
+    *,
+    iou: float = 0.2,
+    many: int = 100,
+    per_class: int = 20,
+) -> np.ndarray:
+    """Indices MG-LLaVA keeps: per-class NMS, then above ``many`` boxes the ``per_class`` best of each
+    class (classes in first-seen order after NMS, best first within a class)."""
+    keep = nms_per_class(boxes, scores, labels, iou)
+    if len(keep) <= many:
+        return keep
+    by_class: dict[str, list[int]] = {}
+    for i in keep:
+        by_class.setdefault(labels[i], []).append(int(i))
+    return np.asarray([i for idx in by_class.values() for i in idx[:per_class]], np.int64)
+
+
+def transform_boxes(boxes: np.ndarray, width: int, height: int, size: int, mode: str) -> np.ndarray:
+    """Pixel boxes of a ``width x height`` image -> pixels of the ``size x size`` image that
+    ``images.resize(img, size, mode)`` makes (``letterbox``: centred pad to square then resize;
+    ``squash``: per-axis scale; ``pad``: scale by the long side, image at the top left)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if mode == "squash":
+        scale = np.array([size / width, size / height] * 2)
+        return (b * scale).astype(np.float32)
+    if mode == "letterbox":
+        side = max(width, height)
+        offset = np.array([(side - width) // 2, (side - height) // 2] * 2)
+        return ((b + offset) * (size / side)).astype(np.float32)
+    if mode == "pad":
+        return (b * (size / max(width, height))).astype(np.float32)
+    raise ValueError(f"Boxes cannot follow resize mode {mode!r}; use letterbox, squash or pad.")
