@@ -99,3 +99,37 @@ def transform_boxes(boxes: np.ndarray, width: int, height: int, size: int, mode:
     if mode == "pad":
         return (b * (size / max(width, height))).astype(np.float32)
     raise ValueError(f"Boxes cannot follow resize mode {mode!r}; use letterbox, squash or pad.")
+
+
+def prepare_boxes(
+    boxes: np.ndarray,
+    width: int,
+    height: int,
+    size: int,
+    mode: str,
+    max_boxes: int,
+    scores: np.ndarray | None = None,
+    labels: Sequence[str] | None = None,
+) -> tuple[np.ndarray, int]:
+    """A record's boxes as the model takes them: :func:`select` (scores 1 and one class when none are
+    given), moved with the pixels, clipped to the image, empty ones dropped, the best ``max_boxes``
+    kept; returns ((max_boxes, 4) float32 zero-padded, number of real boxes)."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    scores = np.ones(len(boxes), np.float32) if scores is None else np.asarray(scores, np.float32)
+    labels = [""] * len(boxes) if labels is None else list(labels)
+    kept = transform_boxes(boxes[select(boxes, scores, labels)], width, height, size, mode)
+    kept = np.clip(kept, 0, size)
+    kept = kept[(kept[:, 2] > kept[:, 0]) & (kept[:, 3] > kept[:, 1])][:max_boxes]
+    out = np.zeros((max_boxes, 4), np.float32)
+    out[: len(kept)] = kept
+    return out, len(kept)
+
+
+def mask_box_slots(input_ids: np.ndarray, attention_mask: np.ndarray, num_real: int, max_boxes: int,
+                   image_token_id: int) -> None:  # fmt: skip
+    """Zeroes (in place) the attention of the object-token slots past ``num_real``: the last
+    ``max_boxes`` image-token positions of the sequence are the box slots."""
+    positions = np.flatnonzero(input_ids == image_token_id)
+    if len(positions) < max_boxes:
+        return
+    attention_mask[positions[len(positions) - max_boxes + num_real :]] = 0

@@ -49,6 +49,15 @@ def decode(data: bytes, record_id: str = "?", *, min_size: int | None = None) ->
     return img
 
 
+def size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image header, without decoding the pixels ((1, 1) if unreadable: the
+    image stage reports the record)."""
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except Exception:  # noqa: BLE001 - any decoder error; decode() names it later
+        return 1, 1
+
+
 def mean_color(mean: Sequence[float]) -> tuple[int, int, int]:
     """Normalization mean in [0, 1] -> the uint8 RGB fill colour."""
     return tuple(int(round(255 * m)) for m in mean)  # type: ignore[return-value]

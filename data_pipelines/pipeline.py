@@ -80,6 +80,7 @@ class InputConfig:
     # that the model normalizes on device with the same mean/std (4x less host work and transfer)
     shuffle: bool = True
     repeat: bool = True  # False: one pass (eval); the iterator then ends
+    detections: str = ""  # MG-LLaVA: JSON {record_id: {boxes, scores, labels}}; "": the records' own boxes
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | InputConfig) -> InputConfig:
@@ -129,10 +130,22 @@ class InputConfig:
 
 
 class Preprocessor:
-    """Stored example -> training arrays, in two stages; each raises ``BadRecord`` if unusable."""
+    """Stored example -> training arrays, in two stages; each raises ``BadRecord`` if unusable.
+    ``num_boxes`` > 0 (MG-LLaVA): also ``boxes`` (num_boxes, 4) in input pixels, the slots of absent
+    boxes masked out of attention."""
 
-    def __init__(self, cfg: InputConfig, tokenizer: Tokenizer, num_image_tokens: int):
-        self.cfg, self.tok, self.num_image_tokens = cfg, tokenizer, num_image_tokens
+    def __init__(self, cfg: InputConfig, tokenizer: Tokenizer, num_image_tokens: int, num_boxes: int = 0):
+        self.cfg, self.tok, self.num_image_tokens, self.num_boxes = (
+            cfg,
+            tokenizer,
+            num_image_tokens,
+            num_boxes,
+        )
+        self.detections = None
+        if num_boxes and cfg.detections:
+            from data_pipelines.detections import read_detections
+
+            self.detections = read_detections(cfg.detections)
 
     def text(self, ex: Mapping[str, Any]) -> tuple[schema.Record, dict[str, Any]]:
         """Parse and validate the record; render, tokenize, mask and pad its conversation."""
@@ -147,6 +160,8 @@ class Preprocessor:
             text_only=rec.text_only,
         )
         out["record_id"] = rec.id
+        if self.num_boxes:
+            self.boxes(rec, out)
         return rec, out
 
     def image(self, rec: schema.Record) -> np.ndarray:
@@ -162,6 +177,22 @@ class Preprocessor:
         rec, out = self.text(ex)
         out["image"] = self.image(rec)
         return out
+
+    def boxes(self, rec: schema.Record, out: dict[str, Any]) -> None:
+        """Adds ``boxes`` (the detections file's for this record, else its own) and masks the empty
+        object-token slots."""
+        from data_pipelines import detections
+
+        det = self.detections.get(rec.id) if self.detections is not None else None
+        boxes, scores, labels = (
+            (det["boxes"], det["scores"], det["labels"]) if det else (rec.boxes, None, None)
+        )
+        width, height = images.decode(rec.image, rec.id).size if len(boxes) else (1, 1)
+        out["boxes"], real = detections.prepare_boxes(
+            boxes, width, height, self.cfg.image_size, self.cfg.resize, self.num_boxes, scores, labels
+        )
+        detections.mask_box_slots(out["input_ids"], out["attention_mask"], real, self.num_boxes,
+                                  self.tok.image_token_id)  # fmt: skip
 
 
 def _substitute(seed: int, index: int, attempt: int) -> int:
@@ -282,6 +313,7 @@ def make_dataset(
     process_index: int = 0,
     process_count: int = 1,
     task: str | None = None,
+    num_boxes: int = 0,
 ) -> grain.MapDataset:
     """The ``MapDataset`` whose element ``k`` is this host's rows of global batch ``k`` (before
     ``_skipped`` removal)."""
@@ -311,7 +343,7 @@ def make_dataset(
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
     return _PreprocessedBatches(
         ds,
-        Preprocessor(cfg, tok, num_image_tokens),
+        Preprocessor(cfg, tok, num_image_tokens, num_boxes),
         (cfg.batch_size, process_index * host_batch, host_batch),
         Collate(cfg.mean, cfg.std, cfg.normalize),
         _derive(seed, "skip"),
@@ -400,6 +432,7 @@ def make_iterator(
     process_index: int = 0,
     process_count: int = 1,
     task: str | None = None,
+    num_boxes: int = 0,
 ) -> InputIterator:
     """Checkpointable iterator of this host's batches (dicts of numpy arrays).
 
@@ -408,7 +441,8 @@ def make_iterator(
     ids; ``targets`` i32 (B, T) next tokens (last = pad); ``loss_mask`` f32 (B, T), 1 where the
     target is an answer token; ``attention_mask`` i32 (B, T); ``record_id`` str (B,).
     B = batch_size // process_count (this host's rows of the global batch), T = max_len. ``task`` keeps only
-    sources tagged ``task`` (a source's tag is its ``task`` field, else its split).
+    sources tagged ``task`` (a source's tag is its ``task`` field, else its split). ``num_boxes`` > 0
+    (MG-LLaVA): ``boxes`` f32 (B, num_boxes, 4) too (see :class:`Preprocessor`).
     Skip counts: ``iterator.stats()``.
     """
     cfg = InputConfig.from_config(input_cfg)
@@ -419,5 +453,6 @@ def make_iterator(
         process_index=process_index,
         process_count=process_count,
         task=task,
+        num_boxes=num_boxes,
     )
     return InputIterator(batches, cfg)

@@ -12,7 +12,10 @@ from ml_collections.config_dict import placeholder
 
 from data_pipelines.images import CLIP_MEAN, CLIP_STD
 
-PRESETS = ("demo", "paper", "siglip_qwen2")
+PRESETS = ("demo", "paper", "siglip_qwen2", "mg_llava", "mg_llava_demo")
+DEMOS = ("demo", "mg_llava_demo")  # presets on the synthetic shapes set (their stages train the LLM too)
+# MG-LLaVA's parts trained with the projector (its ConvNeXt stays frozen)
+MG_LLAVA_PARTS = {"fusion/.*": 1.0, "box_projector/.*": 1.0}
 
 
 def regex_dict(d: dict[str, float]) -> ml_collections.ConfigDict:
@@ -36,7 +39,7 @@ def base() -> ml_collections.ConfigDict:
     c.input = dict(
         sources=[], data_dir=placeholder(str), tokenizer=placeholder(str), batch_size=16, image_size=336,
         resize="letterbox", max_len=512, overlong="truncate", num_workers=0, prefetch=2, strict=False,
-        mean=CLIP_MEAN, std=CLIP_STD,
+        mean=CLIP_MEAN, std=CLIP_STD, detections="",
     )  # fmt: skip
     c.shapes = None  # dict(...) of data_pipelines.shapes.build arguments: build the demo set on first run
     c.demo_tower = None  # dict(...) of pargo_jax.demo_tower.build options: build model.vision.path if missing
@@ -142,7 +145,48 @@ def siglip_qwen2_model(c: ml_collections.ConfigDict) -> None:
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
 
 
-MODELS = {"demo": demo_model, "paper": paper_model, "siglip_qwen2": siglip_qwen2_model}
+def mg_llava_model(c: ml_collections.ConfigDict) -> None:
+    """MG-LLaVA (PhoenixZ810/MG-LLaVA): CLIP-L/14-336 (penultimate layer, CLS dropped) sees the 768 px
+    image downsampled to 336; ConvNeXt-L (OpenCLIP ``convnext_large_d_320``) sees it at 768; its last
+    stage is fused into CLIP's 24 x 24 tokens by the Conv-Gate; an MLP projector (xtuner's, depth 2)
+    maps them to Vicuna-7B; object tokens from up to ``max_boxes`` detector boxes (RoIAlign 56 x 56
+    over the 4 ConvNeXt stages upsampled to 192, averaged, Linear-GELU-Linear) follow the image tokens."""
+    c.model.dtype = "bfloat16"
+    c.model.vision = dict(
+        path="checkpoints/clip-vit-large-patch14-336", format="hf", preset="clip-L/14-336",
+        overrides=dict(feature_layer=-2, drop_cls=True),
+    )  # fmt: skip
+    c.model.high_res = dict(
+        path="checkpoints/CLIP-convnext_large_d_320/open_clip_pytorch_model.bin", image_size=768,
+        fusion=dict(mode="gate_sum"), max_boxes=100, roi_output=56, roi_grid=192,
+    )  # fmt: skip
+    c.model.projector = dict(name="mlp")
+    c.model.llm = dict(path="checkpoints/vicuna-7b-v1.5", config={}, overrides=dict(remat_policy="full"))
+    c.input.update(image_size=768, resize="letterbox", mean=CLIP_MEAN, std=CLIP_STD, max_len=2048)
+    c.input.tokenizer = "checkpoints/vicuna-7b-v1.5"
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+
+
+def mg_llava_demo_model(c: ml_collections.ConfigDict) -> None:
+    """MG-LLaVA's shape on the shapes set: the demo (tower, ParGo, LLM) plus a tiny ConvNeXt at 256 px
+    (its 8 x 8 last stage matches the demo tower's grid), the Conv-Gate, and object tokens from the
+    records' own boxes (up to 4, RoIAlign 7 x 7 over a 64 grid)."""
+    demo_model(c)
+    c.model.high_res = dict(
+        preset="tiny_test",
+        image_size=256,
+        fusion=dict(mode="gate_sum"),
+        max_boxes=4,
+        roi_output=7,
+        roi_grid=64,
+    )
+    c.input.image_size = 256
+
+
+MODELS = {
+    "demo": demo_model, "paper": paper_model, "siglip_qwen2": siglip_qwen2_model, "mg_llava": mg_llava_model,
+    "mg_llava_demo": mg_llava_demo_model,
+}  # fmt: skip
 
 
 def preset(arg: str | None) -> tuple[str, ml_collections.ConfigDict]:

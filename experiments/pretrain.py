@@ -16,7 +16,7 @@ from experiments import base, evals
 def get_config(arg: str | None = None):
     name, c = base.preset(arg)
     c.input.caption_prompt = ""
-    if name == "demo":
+    if name in base.DEMOS:
         base.set_steps(c, total=1500, warmup=50)
         c.log_every_steps = 100
         c.optim.lr = 1e-3
@@ -25,6 +25,17 @@ def get_config(arg: str | None = None):
         c.checkpoint.every_steps = 500
         c.evals = evals.get_config("val")
         c.evals.val.log_steps = 500
+        if name == "mg_llava_demo":
+            c.trainable.update(base.regex_dict(base.MG_LLAVA_PARTS | {"high_res_tower/.*": 0.3}))
+    elif name == "mg_llava":  # MG-LLaVA's stage 1: projector, fusion and box projector at lr 1e-3, batch 256
+        base.set_steps(c, total=2180, warmup=65)  # 3% warmup
+        c.input.batch_size = 256
+        c.input.data_dir = "data"
+        c.input.sources = [dict(name="llava/pretrain", split="train")]
+        c.input.detections = "data/llava_pretrain_boxes.json"
+        c.optim.lr = 1e-3
+        c.trainable = base.regex_dict({"projector/.*": 1.0, **base.MG_LLAVA_PARTS})
+        c.checkpoint.every_steps = 500
     else:  # LLaVA-Pretrain 558K: python -m data_pipelines.build --dataset llava --config pretrain
         base.set_steps(c, total=2180, warmup=65)  # one epoch at batch 256
         c.input.batch_size = 256

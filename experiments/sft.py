@@ -15,7 +15,7 @@ from experiments import base, evals
 
 def get_config(arg: str | None = None):
     name, c = base.preset(arg)
-    if name == "demo":
+    if name in base.DEMOS:
         base.set_steps(c, total=1500, warmup=50)
         c.log_every_steps = 100
         c.optim.lr = 3e-4
@@ -25,6 +25,21 @@ def get_config(arg: str | None = None):
         c.checkpoint.init_from_parts = ("vision_tower", "projector", "llm")
         c.checkpoint.every_steps = 500
         c.evals = evals.get_config("shapes")
+        if name == "mg_llava_demo":
+            c.trainable.update(base.regex_dict(base.MG_LLAVA_PARTS | {"high_res_tower/.*": 0.3}))
+            c.checkpoint.init_from = "workdir/pretrain_mg_llava_demo"
+            c.checkpoint.init_from_parts = ("vision_tower", "projector", "llm", "high_res_tower", "fusion",
+                                            "box_projector")  # fmt: skip
+    elif name == "mg_llava":  # stage 2: + the whole LLM at lr 2e-5, batch 128
+        base.set_steps(c, total=5200, warmup=156)
+        c.input.batch_size = 128
+        c.input.data_dir = "data"
+        c.input.sources = [dict(name="llava/instruct", split="train")]
+        c.input.detections = "data/llava_instruct_boxes.json"
+        c.optim.lr = 2e-5
+        c.checkpoint.init_from = "workdir/pretrain_mg_llava"
+        c.checkpoint.init_from_parts = ("projector", "fusion", "box_projector")
+        c.trainable = base.regex_dict({"projector/.*": 1.0, "llm/.*": 1.0, **base.MG_LLAVA_PARTS})
     else:  # LLaVA-Instruct 665K (python -m data_pipelines.build --dataset llava --config instruct)
         base.set_steps(c, total=5200, warmup=156)  # one epoch at batch 128
         c.input.batch_size = 128

@@ -43,13 +43,19 @@ class PredictError(ValueError):
 
 # --- device functions ---------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnums=0)
-def _embed(model: VisionLanguageModel, params, images, input_ids):
-    return model.apply({"params": params}, images, input_ids, method=model.embed_inputs)
+def _embed(model: VisionLanguageModel, params, images, input_ids, boxes=None):
+    return model.apply({"params": params}, images, input_ids, True, boxes, method=model.embed_inputs)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _score(model: VisionLanguageModel, params, batch):
-    logits = model.apply({"params": params}, batch["image"], batch["input_ids"], batch["attention_mask"])
+    logits = model.apply(
+        {"params": params},
+        batch["image"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        boxes=batch.get("boxes"),
+    )
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
     target = jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -93,7 +99,7 @@ def decode(
 ) -> GenerateOutput:
     """Answers of a batch: ``image`` (B, H, W, 3), left-padded ``input_ids`` / ``attention_mask``
     (B, T). Returns host arrays of every row (all processes)."""
-    embeds = _embed(model, params, batch["image"], batch["input_ids"])
+    embeds = _embed(model, params, batch["image"], batch["input_ids"], batch.get("boxes"))
     o = options
     return generate(
         CausalLM(model.config.llm), {"params": params["llm"]}, inputs_embeds=embeds,
@@ -120,11 +126,13 @@ def image_tokens(model: VisionLanguageModel, params, images: jax.Array) -> np.nd
 @dataclasses.dataclass(frozen=True)
 class Query:
     """One question: ``messages`` ({"role", "content"} dicts) end with a user turn; the first user
-    turn holds the ``<image>`` placeholder; ``image`` is the encoded image file."""
+    turn holds the ``<image>`` placeholder; ``image`` is the encoded image file; ``boxes`` (K, 4)
+    pixel boxes of that image for MG-LLaVA's object tokens (None: none)."""
 
     id: str
     image: bytes
     messages: tuple[Mapping[str, str], ...]
+    boxes: Any = None
 
 
 def read_image(path: str) -> bytes:
@@ -145,7 +153,7 @@ def question(qid: str, image: bytes, prompt: str) -> Query:
     return Query(qid, image, ({"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{prompt.strip()}"},))
 
 
-def conversation(qid: str, image: bytes, turns: Sequence[Mapping[str, str]]) -> Query:
+def conversation(qid: str, image: bytes, turns: Sequence[Mapping[str, str]], boxes=None) -> Query:
     """A query from a conversation (``role``/``content`` or LLaVA's ``from``/``value`` turns) ending
     with a user turn; ``<image>`` is put before the first user turn's text if it is absent."""
     from data_pipelines.schema import IMAGE_PLACEHOLDER
@@ -168,7 +176,7 @@ def conversation(qid: str, image: bytes, turns: Sequence[Mapping[str, str]]) -> 
     if not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
         first = next(i for i, m in enumerate(messages) if m["role"] == "user")
         messages[first] = dict(messages[first], content=f"{IMAGE_PLACEHOLDER}\n{messages[first]['content']}")
-    return Query(qid, image, tuple(messages))
+    return Query(qid, image, tuple(messages), boxes)
 
 
 def _agree(value: int) -> int:
@@ -226,10 +234,37 @@ class Predictor:
         from data_pipelines.schema import BadRecord
 
         try:
-            img = images.load(image, self.mcfg.vision.image_size, self.resize, self.mean, qid)
+            img = images.load(image, self.mcfg.image_size, self.resize, self.mean, qid)
         except BadRecord as e:
             raise _undecodable(qid, e) from e
         return images.to_array(img)
+
+    @property
+    def max_boxes(self) -> int:
+        return self.mcfg.high_res.max_boxes if self.mcfg.high_res else 0
+
+    def object_boxes(self, image: bytes, boxes, qid: str = "?") -> tuple[np.ndarray, int]:
+        """MG-LLaVA: ((max_boxes, 4) boxes in input pixels, number of real ones), prepared as in
+        training (:func:`data_pipelines.detections.prepare_boxes`)."""
+        from data_pipelines import detections, images
+
+        boxes = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32)
+        width, height = images.size(image) if len(boxes) else (1, 1)
+        return detections.prepare_boxes(
+            boxes, width, height, self.mcfg.image_size, self.resize, self.max_boxes
+        )
+
+    def with_boxes(self, example: dict[str, np.ndarray], image: bytes, boxes, qid: str = "?") -> dict:
+        """A training-format ``example`` with MG-LLaVA's ``boxes`` added and their empty slots masked."""
+        if not self.max_boxes:
+            return example
+        from data_pipelines.detections import mask_box_slots
+
+        example["boxes"], real = self.object_boxes(image, boxes, qid)
+        mask_box_slots(
+            example["input_ids"], example["attention_mask"], real, self.max_boxes, self.mcfg.image_token_id
+        )
+        return example
 
     def prompt(self, query: Query) -> np.ndarray:
         from data_pipelines.schema import BadRecord
@@ -247,8 +282,11 @@ class Predictor:
         return ids
 
     def _dummy(self) -> dict[str, np.ndarray]:
-        size, n = self.mcfg.vision.image_size, self.mcfg.num_image_tokens
-        return {"image": np.zeros((size, size, 3), np.uint8), "ids": np.full(n, self.mcfg.image_token_id)}
+        size, n = self.mcfg.image_size, self.mcfg.num_image_tokens
+        out = {"image": np.zeros((size, size, 3), np.uint8), "ids": np.full(n, self.mcfg.image_token_id)}
+        if self.max_boxes:
+            out.update(boxes=np.zeros((self.max_boxes, 4), np.float32), real=0)
+        return out
 
     # --- runs --------------------------------------------------------------------------------------
     def answers(
@@ -277,7 +315,10 @@ class Predictor:
                     continue
                 try:
                     q = queries[i]
-                    prepared.append({"image": self.pixels(q.image, q.id), "ids": self.prompt(q)})
+                    p = {"image": self.pixels(q.image, q.id), "ids": self.prompt(q)}
+                    if self.max_boxes:
+                        p["boxes"], p["real"] = self.object_boxes(q.image, q.boxes, q.id)
+                    prepared.append(p)
                 except PredictError as e:
                     rows[i] = {"id": queries[i].id, "error": str(e)}
                     prepared.append(None)
@@ -289,10 +330,15 @@ class Predictor:
             mask = np.zeros((len(prepared), width), np.int32)
             for r, p in enumerate(prepared):  # left padding: every prompt ends at the last column
                 ids[r, width - len(p["ids"]) :], mask[r, width - len(p["ids"]) :] = p["ids"], 1
-            batch = sharding.shard_batch(
-                {"image": np.stack([p["image"] for p in prepared]), "input_ids": ids,
-                 "attention_mask": mask, "index": index}, self.mesh,
-            )  # fmt: skip
+            pixels = np.stack([p["image"] for p in prepared])
+            arrays = {"image": pixels, "input_ids": ids, "attention_mask": mask, "index": index}
+            if self.max_boxes:
+                from data_pipelines.detections import mask_box_slots
+
+                for r, p in enumerate(prepared):
+                    mask_box_slots(ids[r], mask[r], p["real"], self.max_boxes, self.mcfg.image_token_id)
+                arrays["boxes"] = np.stack([p["boxes"] for p in prepared])
+            batch = sharding.shard_batch(arrays, self.mesh)
             with sharding.mesh_context(self.mesh):
                 out = decode(self.model, params, batch, options, eos_ids=stop_ids, pad_id=tok.pad_id,
                              detokenize=tok.decode)  # fmt: skip
@@ -353,6 +399,7 @@ class Predictor:
             template = next((e for e in real if e is not None), None) or self._score_dummy(examples)
             index = np.array([i if e is not None else -1 for i, e in zip(chunk, real)], np.int32)
             keys = ("image", "input_ids", "attention_mask", "targets", "loss_mask")
+            keys += ("boxes",) if self.max_boxes else ()
             stacked = {k: np.stack([(e or template)[k] for e in real]) for k in keys}
             stacked["loss_mask"] = stacked["loss_mask"] * (index >= 0)[:, None]
             batch = sharding.shard_batch({**stacked, "index": index}, self.mesh)
@@ -365,13 +412,14 @@ class Predictor:
 
     def _score_dummy(self, examples) -> dict[str, np.ndarray]:
         """A row of the right shapes when this process has no real example in a batch."""
-        size, n = self.mcfg.vision.image_size, self.mcfg.num_image_tokens
+        size, n = self.mcfg.image_size, self.mcfg.num_image_tokens
         width = _agree(max((len(e["input_ids"]) for e in examples if e is not None), default=n))
         ids = np.full(width, self.tokenizer.pad_id, np.int32)
         ids[:n] = self.mcfg.image_token_id
         zeros = np.zeros(width, np.int32)
         return {"image": np.zeros((size, size, 3), np.uint8), "input_ids": ids, "attention_mask": zeros + 1,
-                "targets": zeros, "loss_mask": zeros.astype(np.float32)}  # fmt: skip
+                "targets": zeros, "loss_mask": zeros.astype(np.float32),
+                "boxes": np.zeros((self.max_boxes, 4), np.float32)}  # fmt: skip
 
 
 def _share_errors(errors: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:

@@ -191,6 +191,8 @@ def make_train_step(
         variables = {"params": join_params(train, frozen)}
         inputs = (batch["image"], batch["input_ids"], batch["attention_mask"])
         options = dict(deterministic=False, rngs={"dropout": rng})
+        if "boxes" in batch:  # MG-LLaVA's object tokens
+            options["boxes"] = batch["boxes"]
         if loss_chunk:
             hidden = model.apply(variables, *inputs, hidden_only=True, **options)
             kernel = model.apply(variables, method=model.output_kernel)
@@ -285,9 +287,15 @@ def _run(config, workdir, mesh):
     ckpt = checkpoints.Checkpointer(
         workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.get("keep", 3)
     )
+    if config.input.image_size != mcfg.image_size:
+        raise ValueError(
+            f"input.image_size={config.input.image_size} but the model takes {mcfg.image_size} px images "
+            f"(the {'high-res tower' if mcfg.high_res else 'vision tower'}'s size); set them equal."
+        )
     data = make_iterator(
         config.input, num_image_tokens=mcfg.num_image_tokens, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
+        num_boxes=mcfg.high_res.max_boxes if mcfg.high_res else 0,
     )  # fmt: skip
     state, state_shardings = init_state(setup, config, mesh)
     latest = ckpt.latest_step()
@@ -304,9 +312,10 @@ def _run(config, workdir, mesh):
         loss_chunk=int(config.get("loss_chunk", 0)),
     )  # fmt: skip
     batch_sharding = sharding.batch_sharding(mesh)
+    batch_keys = ("image", *TEXT_KEYS) + (("boxes",) if mcfg.high_res and mcfg.high_res.max_boxes else ())
     jit_step = jax.jit(
         step_fn,
-        in_shardings=(state_shardings, {k: batch_sharding for k in ("image", *TEXT_KEYS)}),
+        in_shardings=(state_shardings, {k: batch_sharding for k in batch_keys}),
         out_shardings=(state_shardings, jax.NamedSharding(mesh, jax.P())),
         donate_argnums=(0,),
     )
@@ -339,7 +348,7 @@ def _run(config, workdir, mesh):
         data_wait += time.perf_counter() - t0
         check_batch(host_batch, mcfg)
         last_ids = [str(r) for r in host_batch["record_id"]]
-        batch = sharding.shard_batch({k: host_batch[k] for k in ("image", *TEXT_KEYS)}, mesh)
+        batch = sharding.shard_batch({k: host_batch[k] for k in batch_keys}, mesh)
         state, out = jit_step(state, batch)
         step += 1
         acc, steps_acc = (out if acc is None else acc.merge(out)), steps_acc + 1  # stays on device

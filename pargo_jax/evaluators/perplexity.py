@@ -49,7 +49,9 @@ class PerplexityEvaluator(common.Evaluator):
                     num_image_tokens=p.mcfg.num_image_tokens, max_len=cfg.max_len,
                     overlong=cfg.get("overlong", "truncate"), record_id=rec.id,
                 )  # fmt: skip
-                examples.append(dict(arrays, image=p.pixels(rec.image, rec.id)))
+                examples.append(
+                    p.with_boxes(dict(arrays, image=p.pixels(rec.image, rec.id)), rec.image, rec.boxes)
+                )
             except (BadRecord, PredictError):
                 examples.append(None)
                 skipped += 1

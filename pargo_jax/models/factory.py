@@ -27,14 +27,17 @@ from flax import linen as nn
 
 from pargo_jax import checkpoints, configs, sharding
 from pargo_jax.models import projectors
+from pargo_jax.models.convnext import CONVNEXT_PRESETS, ConvNeXtConfig
+from pargo_jax.models.fusion import FusionConfig
 from pargo_jax.models.llm import LLMConfig, RopeScaling
-from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel
+from pargo_jax.models.mllm import HighResConfig, MLLMConfig, VisionLanguageModel
 from pargo_jax.models.vision import VisionConfig, vision_preset
 
 MODEL_FILE = "model.json"
 TOKENIZER_DIR = "tokenizer"
-PARTS = ("vision_tower", "projector", "llm")
-MODEL_KEYS = {"vision", "projector", "llm", "dtype"}
+PARTS = ("vision_tower", "projector", "llm", "high_res_tower", "fusion", "box_projector")
+MODEL_KEYS = {"vision", "projector", "llm", "dtype", "high_res"}
+HIGH_RES_KEYS = {"path", "preset", "image_size", "fusion", "max_boxes", "roi_output", "roi_grid"}
 VISION_KEYS = {"path", "format", "preset", "overrides"}
 LLM_KEYS = {"path", "config", "overrides"}
 
@@ -84,6 +87,34 @@ def llm_config(m: Mapping[str, Any], dtype: str, vocab_size: int) -> LLMConfig:
     return llm
 
 
+def high_res_config(h: Mapping[str, Any], low_width: int, dtype: str) -> HighResConfig:
+    """``config.model.high_res`` (MG-LLaVA): a ConvNeXt checkpoint ``path`` (timm / OpenCLIP) or a
+    ``preset`` of :data:`CONVNEXT_PRESETS`, its ``image_size``, ``fusion`` (FusionConfig fields: ``mode``),
+    ``max_boxes`` (object tokens; 0: none), ``roi_output``, ``roi_grid``."""
+    configs.check_keys(h, HIGH_RES_KEYS, "config.model.high_res")
+    size = int(h.get("image_size", 768))
+    if h.get("path"):
+        from pargo_jax.convert import hf_vision
+
+        path = configs.require_path(h["path"], "model.high_res")
+        tower = hf_vision.convnext_config(hf_vision._read_state(path, "ConvNeXt"), size)
+    else:
+        preset = h.get("preset", "convnext_large")
+        if preset not in CONVNEXT_PRESETS:
+            raise ValueError(
+                f"config.model.high_res.preset={preset!r}; choose from {sorted(CONVNEXT_PRESETS)}."
+            )
+        tower = ConvNeXtConfig(**{**CONVNEXT_PRESETS[preset], "image_size": size})
+    tower = dataclasses.replace(tower, dtype=dtype)
+    fusion = dict(h.get("fusion") or {})
+    configs.check_keys(fusion, {"mode", "zero_init"}, "config.model.high_res.fusion")
+    return HighResConfig(
+        tower=tower, fusion=FusionConfig(low_width, tower.dims[-1], dtype=dtype, **fusion),
+        max_boxes=int(h.get("max_boxes", 0)), roi_output=int(h.get("roi_output", 56)),
+        roi_grid=int(h.get("roi_grid", 192)),
+    )  # fmt: skip
+
+
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
     """The :class:`MLLMConfig` of ``config.model``, the checkpoints it names, the tokenizer (vocabulary,
     image token) and ``config.input`` (pixel mean / std for on-device normalization)."""
@@ -95,7 +126,9 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
     options = dict(m.projector)
     name = options.pop("name", "pargo")
     options.pop("init_from_bert", None)  # where the weights start, not the model: see init_params
-    options.update(vision_width=vision.width, llm_width=llm.hidden_size, dtype=dtype)
+    high_res = high_res_config(m.high_res, vision.width, dtype) if m.get("high_res") else None
+    width = high_res.fusion.out_dim if high_res else vision.width
+    options.update(vision_width=width, llm_width=llm.hidden_size, dtype=dtype)
     projector = projectors.projector_config(name, options)
     if getattr(projector, "num_partial", 0) and vision.class_token and not vision.drop_cls:
         raise ValueError(
@@ -109,6 +142,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
         image_token_id=tokenizer.image_token_id,
         pixel_mean=tuple(config.input.mean),
         pixel_std=tuple(config.input.std),
+        high_res=high_res,
     )
 
 
@@ -149,10 +183,17 @@ def model_config_from_dict(d: Mapping[str, Any]) -> MLLMConfig:
     llm = _fields(LLMConfig, d.pop("llm"))
     if llm.get("rope_scaling"):
         llm["rope_scaling"] = RopeScaling(**llm["rope_scaling"])
+    high_res = d.pop("high_res", None)
+    if high_res:
+        high_res = dict(high_res)
+        tower = ConvNeXtConfig(**_fields(ConvNeXtConfig, high_res.pop("tower")))
+        fusion = FusionConfig(**_fields(FusionConfig, high_res.pop("fusion")))
+        high_res = HighResConfig(tower=tower, fusion=fusion, **_fields(HighResConfig, high_res))
     return MLLMConfig(
         vision=VisionConfig(**_fields(VisionConfig, d.pop("vision"))),
         projector=entry.config(**_fields(entry.config, proj)),
         llm=LLMConfig(**llm),
+        high_res=high_res,
         **_fields(MLLMConfig, d),
     )
 
@@ -190,12 +231,15 @@ class ModelParts:
 
 
 def example_inputs(mcfg: MLLMConfig, batch: int = 1, seq: int = 8) -> dict[str, jax.ShapeDtypeStruct]:
-    size = mcfg.vision.image_size
-    return {
+    size = mcfg.image_size
+    out = {
         "image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
         "input_ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32),
         "attention_mask": jax.ShapeDtypeStruct((batch, seq), jnp.int32),
     }
+    if mcfg.high_res and mcfg.high_res.max_boxes:
+        out["boxes"] = jax.ShapeDtypeStruct((batch, mcfg.high_res.max_boxes, 4), jnp.float32)
+    return out
 
 
 def build(mcfg: MLLMConfig, mesh: jax.sharding.Mesh) -> ModelParts:
@@ -204,7 +248,10 @@ def build(mcfg: MLLMConfig, mesh: jax.sharding.Mesh) -> ModelParts:
     inputs = example_inputs(mcfg)
 
     def init(rng):
-        return model.init(rng, *(jnp.zeros(s.shape, s.dtype) for s in inputs.values()))["params"]
+        x = {k: jnp.zeros(s.shape, s.dtype) for k, s in inputs.items()}
+        return model.init(rng, x["image"], x["input_ids"], x["attention_mask"], boxes=x.get("boxes"))[
+            "params"
+        ]
 
     boxed = jax.eval_shape(init, jax.random.key(0))
     with nn.logical_axis_rules(sharding.LOGICAL_RULES):
@@ -231,6 +278,12 @@ def load_pretrained(config: ml_collections.ConfigDict, shardings: Mapping[str, A
         overrides = dict(llm.get("overrides") or {})
         _, variables = hf.load_llm(llm.path, shardings=shardings["llm"], **overrides)
         loaded["llm"] = variables["params"]
+    high_res = config.model.get("high_res") or {}
+    if high_res.get("path"):
+        from pargo_jax.convert import hf_vision
+
+        _, variables = hf_vision.load_convnext(high_res["path"], int(high_res.get("image_size", 768)))
+        loaded["high_res_tower"] = jax.device_put(variables["params"], shardings["high_res_tower"])
     return loaded
 
 

@@ -16,9 +16,29 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from pargo_jax.models import regions
+from pargo_jax.models.convnext import ConvNeXt, ConvNeXtConfig
+from pargo_jax.models.fusion import DualPathFusion, FusionConfig
 from pargo_jax.models.llm import CausalLM, LLMConfig
 from pargo_jax.models.projectors import projector_module
 from pargo_jax.models.vision import VisionConfig, VisionTower
+
+
+@dataclasses.dataclass(frozen=True)
+class HighResConfig:
+    """MG-LLaVA's second path: a high-res ConvNeXt fused into the tower's tokens, and object tokens.
+
+    The model's input is the high-res image (``tower.image_size``); the vision tower sees its
+    bilinear downsample (align_corners=False, as MG-LLaVA's ``F.interpolate``). ``max_boxes`` > 0 adds
+    that many object tokens after the image tokens: each box (x1, y1, x2, y2 in input pixels) is
+    :func:`regions.roi_align_mean` over the ConvNeXt pyramid, then Linear -> GELU -> Linear to the LLM
+    width; the input pipeline masks the slots of absent boxes out of attention."""
+
+    tower: ConvNeXtConfig
+    fusion: FusionConfig
+    max_boxes: int = 0
+    roi_output: int = 56
+    roi_grid: int = 192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +49,18 @@ class MLLMConfig:
     image_token_id: int
     pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # for uint8 images normalized on device
     pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    high_res: HighResConfig | None = None  # MG-LLaVA's ConvNeXt path (None: one tower)
 
     @property
     def num_image_tokens(self) -> int:
-        """Image tokens per image handed to the LLM."""
-        return self.projector.num_tokens(self.vision.num_tokens)
+        """Image tokens per image handed to the LLM (MG-LLaVA: + ``max_boxes`` object-token slots)."""
+        boxes = self.high_res.max_boxes if self.high_res else 0
+        return self.projector.num_tokens(self.vision.num_tokens) + boxes
+
+    @property
+    def image_size(self) -> int:
+        """Side of the model's input images."""
+        return self.high_res.tower.image_size if self.high_res else self.vision.image_size
 
 
 def splice_image_tokens(
@@ -46,6 +73,23 @@ def splice_image_tokens(
     return jnp.where(is_image[..., None], gathered, text_embeds)
 
 
+class BoxProjector(nn.Module):
+    """MG-LLaVA's box projector (xtuner's ProjectorModel, depth 2): Linear -> GELU -> Linear."""
+
+    width: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dense = lambda name, axes: nn.Dense(
+            self.width, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
+        )  # fmt: skip
+        return dense("fc2", ("mlp", "embed"))(nn.gelu(dense("fc1", ("embed", "mlp"))(x), approximate=False))
+
+
 class VisionLanguageModel(nn.Module):
     config: MLLMConfig
 
@@ -54,13 +98,23 @@ class VisionLanguageModel(nn.Module):
         self.vision_tower = VisionTower(c.vision)
         self.projector = projector_module(c.projector)
         self.llm = CausalLM(c.llm)
+        if c.high_res:
+            self.high_res_tower = ConvNeXt(c.high_res.tower)
+            self.fusion = DualPathFusion(c.high_res.fusion)
+            if c.high_res.max_boxes:
+                self.box_projector = BoxProjector(c.llm.hidden_size, c.llm.dtype, c.llm.param_dtype)
 
-    def encode_images(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+    def encode_images(
+        self, images: jax.Array, deterministic: bool = True, boxes: jax.Array | None = None
+    ) -> jax.Array:
         """images (B, H, W, 3) or (B, I, H, W, 3) -> image tokens (B, I * T_img, D_llm). Float images are
-        taken as normalized; uint8 pixels are normalized here, on device (``input.normalize=False``)."""
+        taken as normalized; uint8 pixels are normalized here, on device (``input.normalize=False``).
+        MG-LLaVA (``high_res``): one image per sample, ``boxes`` (B, max_boxes, 4) in input pixels."""
         if images.dtype == jnp.uint8:
             mean, std = jnp.asarray(self.config.pixel_mean), jnp.asarray(self.config.pixel_std)
             images = (images.astype(jnp.float32) / 255.0 - mean) / std
+        if self.config.high_res:
+            return self._encode_two_paths(images, deterministic, boxes)
         if images.ndim == 4:
             images = images[:, None]
         b, n = images.shape[:2]
@@ -68,18 +122,41 @@ class VisionLanguageModel(nn.Module):
         tokens = self.projector(features, deterministic=deterministic)
         return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
 
-    def embed_inputs(self, images, input_ids, deterministic: bool = True) -> jax.Array:
+    def _encode_two_paths(self, images, deterministic, boxes):
+        c = self.config
+        if images.ndim != 4:
+            raise ValueError(
+                f"MG-LLaVA's two paths take one image per sample (B, H, W, 3), got {images.shape}."
+            )
+        b, size = images.shape[0], c.vision.image_size
+        low = jax.image.resize(images, (b, size, size, 3), "bilinear", antialias=False)
+        maps = self.high_res_tower(images)
+        fused = self.fusion(self.vision_tower(low), maps[-1])
+        tokens = self.projector(fused, deterministic=deterministic)
+        if not c.high_res.max_boxes:
+            return tokens
+        if boxes is None:
+            raise ValueError(
+                f"This model takes {c.high_res.max_boxes} boxes per image: pass boxes (B, M, 4)."
+            )
+        h = c.high_res
+        pooled = regions.roi_align_mean(maps, boxes, image_size=h.tower.image_size, output_size=h.roi_output,
+                                        grid=h.roi_grid)  # fmt: skip
+        return jnp.concatenate([tokens, self.box_projector(pooled).astype(tokens.dtype)], axis=1)
+
+    def embed_inputs(self, images, input_ids, deterministic: bool = True, boxes=None) -> jax.Array:
         """Text embeddings with the image tokens spliced in: (B, T, D_llm)."""
         text = self.llm.embed(input_ids)
-        image_tokens = self.encode_images(images, deterministic)
+        image_tokens = self.encode_images(images, deterministic, boxes)
         return splice_image_tokens(text, image_tokens, input_ids, self.config.image_token_id)
 
     def __call__(
-        self, images, input_ids, attention_mask, *, deterministic: bool = True, hidden_only: bool = False
-    ) -> jax.Array:
+        self, images, input_ids, attention_mask, *, deterministic: bool = True, hidden_only: bool = False,
+        boxes: jax.Array | None = None,
+    ) -> jax.Array:  # fmt: skip
         """Logits (B, T, V); ``hidden_only``: the LLM's final hidden states (B, T, D) instead (see
-        :func:`chunked_next_token_loss`)."""
-        embeds = self.embed_inputs(images, input_ids, deterministic)
+        :func:`chunked_next_token_loss`); ``boxes``: MG-LLaVA's object boxes."""
+        embeds = self.embed_inputs(images, input_ids, deterministic, boxes)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, hidden_only=hidden_only)
 
     def output_kernel(self) -> jax.Array:
