@@ -180,7 +180,7 @@ def mg_llava_demo_model(c: ml_collections.ConfigDict) -> None:
         roi_output=7,
         roi_grid=64,
     )
-    c.input.image_size = 256
+    c.input.update(image_size=256, max_len=144)  # 4 more image tokens than the demo
 
 
 MODELS = {

@@ -139,6 +139,10 @@ def export_workdir(
     params = jax.device_get(run.params)
     mcfg, done = run.mcfg, {}
     try:
+        if mcfg.high_res:
+            raise ValueError(
+                "MG-LLaVA's high-res path (ConvNeXt, fusion, object tokens) has no PyTorch export."
+            )
         done["transformers"] = save_transformers(
             out, mcfg, params, run.tokenizer, max_shard_bytes=max_shard_bytes
         )
@@ -151,7 +155,10 @@ def export_workdir(
     done["vision_tower"] = hf_vision.save_vision(
         os.path.join(out, "vision_tower"), params["vision_tower"], mcfg.vision
     )
-    done["official"] = save_official(os.path.join(out, "official"), mcfg, params)
+    done["official"] = (
+        save_official(os.path.join(out, "official"), mcfg, params)
+        if not mcfg.high_res else "skipped: the release's format has no high-res path"
+    )  # fmt: skip
     _write_json(out, "export.json", {"workdir": str(workdir), "step": run.step, "parts": done})
     return {"step": run.step, **done}
 

@@ -141,6 +141,13 @@ def test_mg_llava_demo_trains_evaluates_and_loads_through_main(shapes_dir, tmp_p
     assert {"high_res_tower", "fusion", "box_projector"} <= set(loaded.params)
     metrics = json.load(open(os.path.join(ft, "eval", "3", "shapes.json")))
     assert metrics["examples"] == 16 and 0 <= metrics["accuracy"] <= 1
+    from pargo_jax.export import export_workdir
+
+    done = export_workdir(
+        ft, str(tmp_path / "export")
+    )  # never a transformers model without the high-res path
+    assert done["transformers"].startswith("skipped: MG-LLaVA's high-res path") and os.path.isdir(done["llm"])
+    assert done["official"].startswith("skipped: ")
 
 
 def test_mg_llava_preset_shapes():
