@@ -30,7 +30,7 @@ import numpy as np
 from flax import linen as nn
 
 from pargo_jax.models.layers import dense_params
-from pargo_jax.models.projectors.pargo import layer_norm
+from pargo_jax.models.projectors.common import ProjectorModule
 from pargo_jax.models.projectors.resampler import patch_grid
 
 Dtype = jnp.dtype | str
@@ -89,20 +89,10 @@ def adaptive_pool_matrix(size: int, out: int) -> np.ndarray:
     return m
 
 
-class CAbstractor(nn.Module):
+class CAbstractor(ProjectorModule):
     """features (B, N, C_vision) -> image tokens (B, T, D_llm)."""
 
     config: CAbstractorConfig
-
-    def _param(self, name, shape, axes, init):
-        init = nn.with_logical_partitioning(init, axes)
-        return jnp.asarray(self.param(name, init, tuple(shape), self.config.param_dtype), self.config.dtype)
-
-    def _norm(self, name: str, x: jax.Array) -> jax.Array:
-        width = (x.shape[-1],)
-        scale = self._param(f"{name}_scale", width, ("norm",), nn.initializers.ones)
-        bias = self._param(f"{name}_bias", width, ("norm",), nn.initializers.zeros)
-        return layer_norm(x, scale, bias, self.config.eps)
 
     def _dense(self, name: str, x: jax.Array, out: int, axes, *, bias: bool = True, conv: bool = True):
         """``x @ W (+ b)``; ``conv``: a 1x1 convolution, initialized as timm's RegNet (N(0, 2 / fan_out)),
@@ -119,7 +109,9 @@ class CAbstractor(nn.Module):
         c = self.config
         cin = x.shape[-1]
         y = nn.silu(
-            self._norm(f"{name}_ln1", self._dense(f"{name}_conv1", x, out, ("embed", "mlp"), bias=False))
+            self._layer_norm(
+                f"{name}_ln1", self._dense(f"{name}_conv1", x, out, ("embed", "mlp"), bias=False)
+            )
         )
         # timm's fan_out of a depthwise 3x3 kernel is 9, which flax sees as the fan_in of (3, 3, 1, C).
         dw = self._param(
@@ -134,14 +126,16 @@ class CAbstractor(nn.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=out,
         )
-        y = nn.silu(self._norm(f"{name}_ln2", y))
+        y = nn.silu(self._layer_norm(f"{name}_ln2", y))
         rd = round(cin * c.se_ratio)
         if rd:
             s = nn.silu(self._dense(f"{name}_se1", y.mean((1, 2), keepdims=True), rd, ("mlp", None)))
             y = y * jax.nn.sigmoid(self._dense(f"{name}_se2", s, out, (None, "mlp")))
-        y = self._norm(f"{name}_ln3", self._dense(f"{name}_conv3", y, out, ("mlp", "embed"), bias=False))
+        y = self._layer_norm(
+            f"{name}_ln3", self._dense(f"{name}_conv3", y, out, ("mlp", "embed"), bias=False)
+        )
         if cin != out:
-            x = self._norm(
+            x = self._layer_norm(
                 f"{name}_lns", self._dense(f"{name}_shortcut", x, out, ("embed", "mlp"), bias=False)
             )
         return nn.silu(y + x)

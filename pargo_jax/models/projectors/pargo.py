@@ -37,6 +37,7 @@ from flax import linen as nn
 from pargo_jax.models import masks
 from pargo_jax.models.attention import attention, window_attention
 from pargo_jax.models.layers import KERNEL_INIT, dense_params
+from pargo_jax.models.projectors.common import ProjectorModule, layer_norm
 
 Dtype = jnp.dtype | str
 
@@ -111,23 +112,10 @@ class ParGoConfig:
         return float(self.layers * per_layer + 2 * q * h * self.llm_width)
 
 
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm over the last axis, statistics in float32."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    return (y * scale + bias).astype(x.dtype)
-
-
-class ParGo(nn.Module):
+class ParGo(ProjectorModule):
     """features (B, N, C_vision) -> image tokens (B, P+G, D_llm)."""
 
     config: ParGoConfig
-
-    def _param(self, name: str, shape: Sequence[int], axes: tuple[str | None, ...], init) -> jax.Array:
-        init = nn.with_logical_partitioning(init, axes)
-        return jnp.asarray(self.param(name, init, tuple(shape), self.config.param_dtype), self.config.dtype)
 
     def _norm(self, name: str, shape: Sequence[int], axes) -> tuple[jax.Array, jax.Array]:
         return (

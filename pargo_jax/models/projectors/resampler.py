@@ -26,7 +26,7 @@ from flax import linen as nn
 
 from pargo_jax.models.attention import attention
 from pargo_jax.models.layers import KERNEL_INIT, dense_params
-from pargo_jax.models.projectors.pargo import layer_norm
+from pargo_jax.models.projectors.common import ProjectorModule
 
 Dtype = jnp.dtype | str
 
@@ -86,20 +86,10 @@ def sincos_2d(rows: int, cols: int, dim: int) -> np.ndarray:
     return np.concatenate([one(r), one(c)], 1).astype(np.float32)
 
 
-class Resampler(nn.Module):
+class Resampler(ProjectorModule):
     """features (B, N, C_vision) -> image tokens (B, T, D_llm)."""
 
     config: ResamplerConfig
-
-    def _param(self, name, shape, axes, init):
-        init = nn.with_logical_partitioning(init, axes)
-        return jnp.asarray(self.param(name, init, tuple(shape), self.config.param_dtype), self.config.dtype)
-
-    def _norm(self, name: str, x: jax.Array) -> jax.Array:
-        width = (x.shape[-1],)
-        scale = self._param(f"{name}_scale", width, ("norm",), nn.initializers.ones)
-        bias = self._param(f"{name}_bias", width, ("norm",), nn.initializers.zeros)
-        return layer_norm(x, scale, bias, self.config.eps)
 
     def _dense(self, name: str, x: jax.Array, out: int, axes: tuple[str, str]) -> jax.Array:
         c = self.config
@@ -120,7 +110,7 @@ class Resampler(nn.Module):
         if cv != hd:
             kernel = self._param("kv_in_kernel", (cv, hd), ("embed", "heads"), KERNEL_INIT)
             f = f @ kernel
-        f = self._norm("ln_kv", f)
+        f = self._layer_norm("ln_kv", f)
         keys = f + jnp.asarray(sincos_2d(*patch_grid(n, c.grid), hd), c.dtype)
         split = lambda x: x.reshape(*x.shape[:-1], heads, hd // heads)
         h = self._param(
@@ -129,13 +119,13 @@ class Resampler(nn.Module):
         h = jnp.broadcast_to(h, (b, c.num_queries, hd))
         pos_q = jnp.asarray(sincos_2d(side, side, hd), c.dtype)
         for i in range(c.layers):
-            q = self._dense(f"q_{i}", self._norm(f"ln_q_{i}", h) + pos_q, hd, ("embed", "heads"))
+            q = self._dense(f"q_{i}", self._layer_norm(f"ln_q_{i}", h) + pos_q, hd, ("embed", "heads"))
             k = self._dense(f"k_{i}", keys, hd, ("embed", "heads"))
             v = self._dense(f"v_{i}", f, hd, ("embed", "heads"))
             a = attention(split(q), split(k), split(v)).reshape(b, c.num_queries, hd)
             h = h + self._dense(f"out_{i}", a, hd, ("heads", "embed"))
             if c.mlp_dim:
-                y = self._dense(f"fc1_{i}", self._norm(f"ln_ffn_{i}", h), c.mlp_dim, ("embed", "mlp"))
+                y = self._dense(f"fc1_{i}", self._layer_norm(f"ln_ffn_{i}", h), c.mlp_dim, ("embed", "mlp"))
                 y = nn.gelu(y, approximate=False)
                 h = h + self._dense(f"fc2_{i}", y, hd, ("mlp", "embed"))
-        return self._dense("llm_proj", self._norm("ln_post", h), c.llm_width, ("embed", "mlp"))
+        return self._dense("llm_proj", self._layer_norm("ln_post", h), c.llm_width, ("embed", "mlp"))
