@@ -30,7 +30,7 @@ import numpy as np
 from flax import linen as nn
 
 from pargo_jax.models.layers import dense_params
-from pargo_jax.models.projectors.common import ProjectorModule
+from pargo_jax.models.projectors.common import ProjectorModule, check_width
 from pargo_jax.models.projectors.resampler import patch_grid
 
 Dtype = jnp.dtype | str
@@ -144,11 +144,7 @@ class CAbstractor(ProjectorModule):
     def __call__(self, features: jax.Array, *, deterministic: bool = True) -> jax.Array:
         del deterministic
         c = self.config
-        b, n, cv = features.shape
-        if cv != c.vision_width:
-            raise ValueError(
-                f"features have width {cv} but the projector expects vision_width={c.vision_width}."
-            )
+        b, n, cv = check_width(features, c.vision_width)
         rows, cols = patch_grid(n, c.grid)
         side = math.isqrt(c.num_queries)
         pos = self._param("pos_embed", (n, cv), (None, "embed"), nn.initializers.normal(0.02))

@@ -16,6 +16,16 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     return (y * scale + bias).astype(x.dtype)
 
 
+def check_width(features: jax.Array, vision_width: int) -> tuple[int, int, int]:
+    """``features.shape`` (B, N, C), or one error when C is not the projector's ``vision_width``."""
+    b, n, width = features.shape
+    if width != vision_width:
+        raise ValueError(
+            f"features have width {width} but the projector expects vision_width={vision_width}."
+        )
+    return b, n, width
+
+
 class ProjectorModule(nn.Module):
     """A module with a ``config`` holding ``dtype``, ``param_dtype`` and ``eps``."""
 

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from pargo_jax.models.projectors.common import check_width
+
 
 @dataclasses.dataclass(frozen=True)
 class MLPConfig:
@@ -38,9 +40,7 @@ class MLPProjector(nn.Module):
     def __call__(self, features: jax.Array, *, deterministic: bool = True) -> jax.Array:
         del deterministic
         c = self.config
-        b, n, width = features.shape
-        if width != c.vision_width:
-            raise ValueError(f"features have width {width} but the projector expects {c.vision_width}.")
+        b, n, width = check_width(features, c.vision_width)
         x = features.reshape(b, c.num_tokens(n), c.group * width).astype(c.dtype)
         dense = lambda name, axes: nn.Dense(
             c.llm_width,

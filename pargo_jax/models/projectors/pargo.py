@@ -37,7 +37,7 @@ from flax import linen as nn
 from pargo_jax.models import masks
 from pargo_jax.models.attention import attention, window_attention
 from pargo_jax.models.layers import KERNEL_INIT, dense_params
-from pargo_jax.models.projectors.common import ProjectorModule, layer_norm
+from pargo_jax.models.projectors.common import ProjectorModule, check_width, layer_norm
 
 Dtype = jnp.dtype | str
 
@@ -138,11 +138,7 @@ class ParGo(ProjectorModule):
     @nn.compact
     def __call__(self, features: jax.Array, *, deterministic: bool = True) -> jax.Array:
         c = self.config
-        b, n, cv = features.shape
-        if cv != c.vision_width:
-            raise ValueError(
-                f"features have width {cv} but the projector expects vision_width={c.vision_width}."
-            )
+        b, n, cv = check_width(features, c.vision_width)
         h_dim, heads, nl, q_len = c.hidden, c.heads, c.layers, c.num_queries
         L = ("layers",)
         windows = masks.partial_windows(c.num_partial, n, layout=c.layout, num_crops=c.num_crops, grid=c.grid)

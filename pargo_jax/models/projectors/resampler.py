@@ -26,7 +26,7 @@ from flax import linen as nn
 
 from pargo_jax.models.attention import attention
 from pargo_jax.models.layers import KERNEL_INIT, dense_params
-from pargo_jax.models.projectors.common import ProjectorModule
+from pargo_jax.models.projectors.common import ProjectorModule, check_width
 
 Dtype = jnp.dtype | str
 
@@ -100,11 +100,7 @@ class Resampler(ProjectorModule):
     def __call__(self, features: jax.Array, *, deterministic: bool = True) -> jax.Array:
         del deterministic
         c = self.config
-        b, n, cv = features.shape
-        if cv != c.vision_width:
-            raise ValueError(
-                f"features have width {cv} but the projector expects vision_width={c.vision_width}."
-            )
+        b, n, cv = check_width(features, c.vision_width)
         hd, heads, side = c.hidden, c.heads, math.isqrt(c.num_queries)
         f = features.astype(c.dtype)
         if cv != hd:
