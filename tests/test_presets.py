@@ -30,7 +30,7 @@ from tests.torch_refs.eva02 import Eva, evaclip_state
 from tests.torch_refs.tiny_llm import COMMON, write_internlm2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 160  # the shapes tokenizer's 143 words fit
+VOCAB = 192  # the shapes tokenizer's 180 words fit
 PROJECTOR = dict(num_partial=4, num_global=2, hidden=64, heads=4, layers=2, mlp_dim=96, max_positions=64)
 
 
