@@ -59,3 +59,15 @@ def test_a_missing_or_extra_tensor_is_named():
         load_convnext(state, image_size=SIZE)
     with pytest.raises(ValueError, match="Not a timm ConvNeXt state dict"):
         load_convnext({"patch_embed.proj.weight": np.zeros((4, 3, 2, 2), np.float32)}, image_size=SIZE)
+
+
+def test_the_factory_reads_an_open_clip_file(tmp_path):
+    """``config.model.high_res.path`` to an OpenCLIP checkpoint (tower under ``visual.trunk.``)."""
+    from pargo_jax.models import factory
+
+    state = {f"visual.trunk.{k}": v for k, v in random_reference().state_dict().items()}
+    state["logit_scale"] = torch.ones(())
+    path = str(tmp_path / "open_clip_pytorch_model.bin")
+    torch.save(state, path)
+    high = factory.high_res_config(dict(path=path, image_size=SIZE), low_width=16, dtype="float32")
+    assert high.tower.depths == DEPTHS and high.tower.dims == DIMS and high.fusion.high_dim == DIMS[-1]

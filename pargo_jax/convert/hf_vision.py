@@ -534,6 +534,14 @@ def convnext_config(source: Mapping[str, Any], image_size: int = 768):
     return ConvNeXtConfig(depths=tuple(len(blocks[k]) for k in stages), dims=dims, image_size=image_size)
 
 
+def convnext_config_from(path: str, image_size: int = 768):
+    """The :class:`ConvNeXtConfig` of a timm / OpenCLIP ConvNeXt checkpoint file or directory (shapes
+    only; torch files are memory-mapped)."""
+    files = _read_state(path, "ConvNeXt")
+    prefix = "visual.trunk." if any(k.startswith("visual.trunk.") for k in files) else ""
+    return convnext_config(_View(files, prefix), image_size)
+
+
 def load_convnext(path_or_state: str | Mapping[str, Any], image_size: int = 768, dtype=np.float32):
     """(ConvNeXt module, {"params": ...}) from a timm ConvNeXt (``stages.*``, ``head.*`` ignored) or an
     OpenCLIP model whose tower is ``visual.trunk.*`` (the rest of the OpenCLIP model is not read): a

@@ -97,7 +97,7 @@ def high_res_config(h: Mapping[str, Any], low_width: int, dtype: str) -> HighRes
         from pargo_jax.convert import hf_vision
 
         path = configs.require_path(h["path"], "model.high_res")
-        tower = hf_vision.convnext_config(hf_vision._read_state(path, "ConvNeXt"), size)
+        tower = hf_vision.convnext_config_from(path, size)
     else:
         preset = h.get("preset", "convnext_large")
         if preset not in CONVNEXT_PRESETS:
