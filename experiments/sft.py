@@ -16,7 +16,7 @@ from experiments import base, evals
 def get_config(arg: str | None = None):
     name, c = base.preset(arg)
     if name in base.DEMOS:
-        base.set_steps(c, total=1500, warmup=50)
+        base.set_steps(c, total=4500, warmup=50)  # shape-keyed lookups are learned late: see the README
         c.log_every_steps = 100
         c.optim.lr = 3e-4
         c.trainable = base.regex_dict({"vision_tower/.*": 0.3, "projector/.*": 1.0, "llm/.*": 1.0})
@@ -25,6 +25,7 @@ def get_config(arg: str | None = None):
         c.checkpoint.init_from_parts = ("vision_tower", "projector", "llm")
         c.checkpoint.every_steps = 500
         c.evals = evals.get_config("shapes")
+        c.evals.shapes.log_steps = 1000  # per-kind accuracy during training
         if name == "mg_llava_demo":
             c.trainable.update(base.regex_dict(base.MG_LLAVA_PARTS | {"high_res_tower/.*": 0.3}))
             c.checkpoint.init_from = "workdir/pretrain_mg_llava_demo"

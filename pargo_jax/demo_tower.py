@@ -153,6 +153,9 @@ def ensure(out: str, **options) -> bool:
 
 
 if __name__ == "__main__":
+    from pargo_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before jax starts its threads
     from absl import app, flags
 
     flags.DEFINE_string("out", "workdir/demo_tower", "Output HF directory.")

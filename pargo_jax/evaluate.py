@@ -58,6 +58,9 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from pargo_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before jax starts its threads
     from pargo_jax import configs
 
     workdir = _argv_value(sys.argv[1:], "workdir")

@@ -64,5 +64,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from pargo_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before jax starts its threads
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -127,7 +127,8 @@ def image_tokens(model: VisionLanguageModel, params, images: jax.Array) -> np.nd
 class Query:
     """One question: ``messages`` ({"role", "content"} dicts) end with a user turn; the first user
     turn holds the ``<image>`` placeholder; ``image`` is the encoded image file; ``boxes`` (K, 4)
-    pixel boxes of that image for MG-LLaVA's object tokens (None: none)."""
+    pixel boxes (x1, y1, x2, y2) of that image for MG-LLaVA's object tokens, or a detections entry
+    ``{"boxes", "scores", "labels"}`` (scores and labels drive its per-class NMS); None: none."""
 
     id: str
     image: bytes
@@ -144,13 +145,13 @@ def read_image(path: str) -> bytes:
     return p.read_bytes()
 
 
-def question(qid: str, image: bytes, prompt: str) -> Query:
+def question(qid: str, image: bytes, prompt: str, boxes=None) -> Query:
     """A one-turn query: ``<image>`` then ``prompt``."""
     from data_pipelines.schema import IMAGE_PLACEHOLDER
 
     if not prompt or not prompt.strip():
         raise PredictError(f"{qid}: the prompt is empty; ask a question")
-    return Query(qid, image, ({"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{prompt.strip()}"},))
+    return Query(qid, image, ({"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{prompt.strip()}"},), boxes)
 
 
 def conversation(qid: str, image: bytes, turns: Sequence[Mapping[str, str]], boxes=None) -> Query:
@@ -248,23 +249,35 @@ class Predictor:
         training (:func:`data_pipelines.detections.prepare_boxes`)."""
         from data_pipelines import detections, images
 
-        boxes = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32)
+        scores = labels = None
+        if isinstance(boxes, Mapping):  # a detections entry
+            boxes, scores, labels = boxes["boxes"], boxes.get("scores"), boxes.get("labels")
+        try:
+            boxes = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32)
+        except (TypeError, ValueError) as e:
+            raise PredictError(f"{qid}: boxes must be [[x1, y1, x2, y2], ...] in pixels ({e})") from e
+        if boxes.ndim != 2 or boxes.shape[1] != 4 or np.any(boxes[:, 2:] < boxes[:, :2]):
+            raise PredictError(
+                f"{qid}: boxes must be [[x1, y1, x2, y2], ...] in pixels with x1 <= x2, y1 <= y2"
+            )
         width, height = images.size(image) if len(boxes) else (1, 1)
         return detections.prepare_boxes(
-            boxes, width, height, self.mcfg.image_size, self.resize, self.max_boxes
+            boxes, width, height, self.mcfg.image_size, self.resize, self.max_boxes, scores, labels
         )
 
     def with_boxes(self, example: dict[str, np.ndarray], image: bytes, boxes, qid: str = "?") -> dict:
-        """A training-format ``example`` with MG-LLaVA's ``boxes`` added and their empty slots masked."""
+        """A copy of the training-format ``example`` with MG-LLaVA's ``boxes`` added and their empty
+        slots masked (``example`` itself is not changed)."""
         if not self.max_boxes:
             return example
         from data_pipelines.detections import mask_box_slots
 
-        example["boxes"], real = self.object_boxes(image, boxes, qid)
+        boxes, real = self.object_boxes(image, boxes, qid)
+        out = dict(example, boxes=boxes, attention_mask=np.array(example["attention_mask"]))
         mask_box_slots(
-            example["input_ids"], example["attention_mask"], real, self.max_boxes, self.mcfg.image_token_id
+            out["input_ids"], out["attention_mask"], real, self.max_boxes, self.mcfg.image_token_id
         )
-        return example
+        return out
 
     def prompt(self, query: Query) -> np.ndarray:
         from data_pipelines.schema import BadRecord
@@ -449,8 +462,8 @@ def _undecodable(qid: str, e) -> PredictError:
 
 # --- the command -------------------------------------------------------------------------------------
 def read_queries(path: str) -> Iterator[Query | PredictError]:
-    """Queries of a JSONL file (``id``, ``image`` relative to the file, ``prompt`` or ``conversation``);
-    a line that cannot be a query yields a PredictError naming it."""
+    """Queries of a JSONL file (``id``, ``image`` relative to the file, ``prompt`` or ``conversation``,
+    optional ``boxes`` for MG-LLaVA); a line that cannot be a query yields a PredictError naming it."""
     base = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -463,10 +476,11 @@ def read_queries(path: str) -> Iterator[Query | PredictError]:
                 if "image" not in rec:
                     raise PredictError(f"{qid}: no 'image' field")
                 image = read_image(os.path.join(base, rec["image"]))
+                boxes = rec.get("boxes")  # MG-LLaVA: [[x1, y1, x2, y2], ...] in the image's pixels
                 if "conversation" in rec:
-                    yield conversation(qid, image, rec["conversation"])
+                    yield conversation(qid, image, rec["conversation"], boxes)
                 else:
-                    yield question(qid, image, rec.get("prompt", ""))
+                    yield question(qid, image, rec.get("prompt", ""), boxes)
             except json.JSONDecodeError as e:
                 yield PredictError(f"{qid}: not a JSON object ({e.msg})")
             except PredictError as e:
@@ -566,6 +580,9 @@ def _answer_file(predictor: Predictor, params, options: DecodeOptions, src: str,
 
 
 if __name__ == "__main__":
+    from pargo_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before jax starts its threads
     from absl import app
 
     _define_flags()

@@ -2,6 +2,7 @@
 
 import os
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ["XLA_FLAGS"] += (
     "" if "device_count" in os.environ["XLA_FLAGS"] else " --xla_force_host_platform_device_count=8"
@@ -46,3 +47,26 @@ def trained_workdir(shapes_dir, tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("trained") / "sft")
     train.run(config, workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def mg_llava_workdirs(shapes_dir, tmp_path_factory) -> dict[str, str]:
+    """``mg_llava_demo``'s two stages, 3 steps each, through ``python -m pargo_jax.main`` (2 devices):
+    ``{"pretrain", "sft"}`` workdirs and ``log``, the SFT command's output."""
+    import subprocess
+    import sys
+
+    from tests.demo import demo_flags
+
+    root = tmp_path_factory.mktemp("mg_llava")
+    out = {"pretrain": str(root / "pt"), "sft": str(root / "sft")}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    for stage, extra in (("pretrain", []), ("sft", [f"--config.checkpoint.init_from={out['pretrain']}"])):
+        cmd = [sys.executable, "-m", "pargo_jax.main", f"--config=experiments/{stage}.py:mg_llava_demo",
+               f"--workdir={out[stage]}", f"--config.input.data_dir={shapes_dir}", "--config.total_steps=3",
+               "--config.optim.warmup_steps=1", "--config.log_every_steps=1", *demo_flags(shapes_dir),
+               *extra]  # fmt: skip
+        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-3000:]
+    out["log"] = run.stderr + run.stdout
+    return out

@@ -329,3 +329,21 @@ def test_textvqa_and_vizwiz_files_read_as_vqa(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"something": 1}))
     with pytest.raises(ValueError, match="neither VQA v2 annotations"):
         load_vqa(str(tmp_path / "x.json"), "imgs")
+
+
+def test_benchmark_evaluators_give_mg_llava_its_detector_boxes(mg_llava_workdirs, benchmark_dirs, tmp_path):
+    """``detections=`` on any evaluator: boxes joined by item id or image file name reach the object
+    tokens (generated and scored answers); items without an entry are counted in ``without_boxes``."""
+    dets = {"0": {"boxes": [[2, 2, 30, 30]], "scores": [0.9], "labels": ["shape"]},
+            "COCO_val2014_000000000000.jpg": {"boxes": [[2, 2, 30, 30], [1, 1, 9, 9]]}}  # fmt: skip
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    configs = {n: c for n, c in _configs(benchmark_dirs).items() if n in ("vqa", "mmbench_score")}
+    for c in configs.values():
+        c["detections"] = str(tmp_path / "dets.json")
+    run = factory.load_workdir(mg_llava_workdirs["sft"], mesh=sharding.make_mesh({}, jax.devices()[:2]))
+    assert run.mcfg.high_res.max_boxes == 4
+    predictor = Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config)
+    built = evaluators.build(configs, predictor, run.config)
+    r = {n: dict(ev.run(run.params, str(tmp_path))) for n, ev in built.items()}
+    assert r["vqa"]["questions"] == 8 and r["vqa"]["without_boxes"] == 6  # 2 questions on image 0
+    assert r["mmbench_score"]["without_boxes"] == 6  # 3 rotations x 3 questions; question 0 has boxes

@@ -62,3 +62,15 @@ def test_budgets_are_met_exactly_or_not_run():
     assert p["num_partial"] + p["num_global"] == 36 and 256 % p["num_partial"] == 0
     assert bench.projector_options("resampler", 36)["num_queries"] == 36
     assert bench.projector_options("c_abstractor", 20) is None  # not a square
+
+
+def test_mg_llava_variant_counts_its_object_tokens_in_the_budget(tmp_path):
+    p = bench.projector_options("mg_llava", 16)
+    assert (p["num_partial"], p["num_global"]) == (8, 4)  # + 4 object tokens = 16
+    for c in bench.stage_configs(p, 0, 1.0, str(tmp_path), None, False, "fine", mg_llava=True):
+        h = c.model.high_res
+        assert (h.image_size, h.roi_grid, h.max_boxes) == (512, 128, bench.MG_LLAVA_BOXES)
+        assert c.input.image_size == 512 and c.input.max_len == 256 + bench.MG_LLAVA_BOXES
+        assert c.model.projector.num_partial == 8 and c.shapes.image_size == 128
+    plain = bench.stage_configs(p, 0, 1.0, str(tmp_path), None, False, "fine")[0]
+    assert plain.model.get("high_res") is None and plain.input.image_size == 128

@@ -44,6 +44,7 @@ def test_train_step_benchmark_quick(tmp_path, capsys):
     assert torch_row["num_trainable"] < torch_row["num_params"]
     ours = next(r for r in jax_rows if r["devices"] == 1 and r["projector"] == "mlp")
     assert ours["speedup_vs_torch"] > 0
+    assert ours["image_tokens"] == 64  # the demo tower's 64 px / 8 px patches, one MLP token each
     text = capsys.readouterr().out
     assert "| shape | dev |" in text and "tokens/s" in text
 
@@ -58,3 +59,17 @@ def test_loss_chunk_variant_gives_the_same_loss(tmp_path):
     rows = {r["train"]: r for r in res["rows"]}
     assert sorted(rows) == ["full", "full, CE/32"]
     assert rows["full"]["losses"][0] == pytest.approx(rows["full, CE/32"]["losses"][0], rel=1e-6)
+
+
+def test_mg_llava_row_trains_the_two_path_model(tmp_path):
+    """The ``mg_llava`` variant: the mg_llava_demo model (ParGo + ConvNeXt + Conv-Gate + 4 box tokens)."""
+    res = bench.main(
+        ["--quick", "--device_counts", "1", "--variants", "mg_llava:full", "--skip_torch", "--repeats", "1",
+         "--out", str(tmp_path / "mg.json")]
+    )  # fmt: skip
+    (row,) = res["rows"]
+    assert row["projector"] == "mg_llava" and row["image_size"] == 256
+    assert row["image_tokens"] == 20 + 4 and row["step_seconds"] > 0
+    assert all(loss == loss for loss in row["losses"])  # finite
+    with pytest.raises(ValueError, match="demo shape only"):
+        bench.shape_config("mid", "mg_llava", "full", bench._args([]))

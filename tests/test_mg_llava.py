@@ -13,6 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from flax import linen as nn
 
@@ -23,7 +24,6 @@ from pargo_jax.models.llm import LLMConfig
 from pargo_jax.models.mllm import HighResConfig, MLLMConfig, VisionLanguageModel
 from pargo_jax.models.projectors import MLPConfig
 from pargo_jax.models.vision import vision_preset
-from tests.demo import demo_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,24 +116,9 @@ def test_pipeline_gives_boxes_and_masks_the_empty_slots(shapes_dir):
         assert batch["attention_mask"][r, slots].tolist() == [1] * k + [0] * (4 - k)
 
 
-def _main(experiment: str, workdir: str, data_dir: str, steps: int, extra=()) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pargo_jax.main", f"--config={experiment}", f"--workdir={workdir}",
-           f"--config.input.data_dir={data_dir}", f"--config.total_steps={steps}",
-           "--config.optim.warmup_steps=1", "--config.log_every_steps=1"]  # fmt: skip
-    cmd += [*demo_flags(data_dir), *extra]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-
-
-def test_mg_llava_demo_trains_evaluates_and_loads_through_main(shapes_dir, tmp_path):
-    pt, ft = str(tmp_path / "pt"), str(tmp_path / "sft")
-    run = _main("experiments/pretrain.py:mg_llava_demo", pt, shapes_dir, 3)
-    assert run.returncode == 0, run.stderr[-3000:]
-    run = _main(
-        "experiments/sft.py:mg_llava_demo", ft, shapes_dir, 3, [f"--config.checkpoint.init_from={pt}"]
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "eval shapes @ step 3" in run.stderr + run.stdout
+def test_mg_llava_demo_trains_evaluates_and_loads_through_main(mg_llava_workdirs, tmp_path):
+    ft = mg_llava_workdirs["sft"]
+    assert "eval shapes @ step 3" in mg_llava_workdirs["log"]
     from pargo_jax.models import factory
 
     loaded = factory.load_workdir(ft)
@@ -169,3 +154,40 @@ def test_mg_llava_preset_shapes():
     assert mcfg.high_res.tower.grid_sizes() == (192, 96, 48, 24) and mcfg.vision.grid == 24
     assert mcfg.projector.vision_width == 1024 and mcfg.num_image_tokens == 576 + 100
     assert sum(mcfg.high_res.tower.dims) == 2880 and mcfg.image_size == 768
+
+
+def test_object_boxes_reach_predict_and_scores(mg_llava_workdirs, tmp_path):
+    """``predict --input`` takes each line's ``boxes``; bad boxes skip their line with one message; the
+    scores with boxes differ from the scores without (the object tokens are used)."""
+    from data_pipelines import shapes
+    from data_pipelines.text import pack_example
+    from pargo_jax.models import factory
+    from pargo_jax.predict import Predictor
+
+    ft = mg_llava_workdirs["sft"]
+    rec = shapes.make_record("eval", 0)
+    (tmp_path / "0.png").write_bytes(rec.image)
+    box = [float(v) for v in rec.boxes[0]]
+    ask = dict(image="0.png", prompt="what colour is the circle?")
+    bad = dict(ask, id="bad", boxes=[[4, 4, 1, 1]])  # x2 < x1
+    lines = [dict(ask, id="with", boxes=[box]), dict(ask, id="without"), bad]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cmd = [sys.executable, "-m", "pargo_jax.predict", f"--workdir={ft}", f"--input={tmp_path / 'q.jsonl'}",
+           f"--output={tmp_path / 'a.jsonl'}", "--max_new_tokens=4"]  # fmt: skip
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    answers = {a["id"]: a for a in map(json.loads, open(tmp_path / "a.jsonl"))}
+    assert sorted(answers) == ["with", "without"]
+    assert "predict: skipped bad: boxes must be [[x1, y1, x2, y2], ...]" in run.stderr
+    assert "answered 2 of 3 queries (1 skipped)" in run.stderr
+
+    run = factory.load_workdir(ft)
+    p = Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config)
+    turns = [{"role": t.role, "content": t.text} for t in rec.conversation]
+    arrays = pack_example(run.tokenizer, turns, num_image_tokens=p.mcfg.num_image_tokens, max_len=144)
+    example = dict(arrays, image=p.pixels(rec.image))
+    with_boxes, without = p.scores(run.params, [p.with_boxes(dict(example), rec.image, rec.boxes),
+                                                p.with_boxes(dict(example), rec.image, None)])  # fmt: skip
+    assert with_boxes["tokens"] == without["tokens"] > 0
+    assert with_boxes["logprob"] != pytest.approx(without["logprob"], rel=1e-6)

@@ -272,4 +272,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from pargo_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before jax starts its threads
     main()

@@ -65,7 +65,11 @@ VARIANTS: dict[str, Callable[[int, int], dict | None]] = {
     "resampler": _square("resampler", heads=4, layers=2, mlp_dim=128),
     "c_abstractor": _square("c_abstractor", depth=2),
     "mlp": lambda t, n: dict(name="mlp", group=n // t) if n % t == 0 else None,
+    "mg_llava": lambda t, n: _pargo(t - MG_LLAVA_BOXES, _tiling(t - MG_LLAVA_BOXES - 4, n)),
 }
+# MG-LLaVA (preset mg_llava_demo): ParGo over the demo tower fused by the Conv-Gate with a tiny ConvNeXt
+# at 4x the image size, plus this many object tokens (the records' boxes); they count in the budget.
+MG_LLAVA_BOXES = 4
 WIDTHS = dict(pargo=dict(hidden=64, heads=4, layers=2, mlp_dim=128, max_positions=128, init="fan_in"),
               qformer=dict(hidden=64, heads=4, layers=2, mlp_dim=128, max_positions=128, init="fan_in"),
               resampler=dict(hidden=64), c_abstractor=dict(hidden=64))  # fmt: skip
@@ -88,15 +92,22 @@ def projector_options(variant: str, budget: int, data: str = "fine") -> dict | N
 
 
 def stage_configs(
-    projector: dict, seed: int, lr_scale: float, out: str, steps: int | None, quick: bool, data: str = "fine"
+    projector: dict,
+    seed: int,
+    lr_scale: float,
+    out: str,
+    steps: int | None,
+    quick: bool,
+    data: str = "fine",
+    mg_llava: bool = False,
 ):
-    """(pretrain, sft) configs of one run: the demo preset on the ``data`` variant of the shapes set
-    (the demo tower pretrained on it) with this projector, seed and LR scale."""
+    """(pretrain, sft) configs of one run: the demo preset (``mg_llava``: mg_llava_demo) on the ``data``
+    variant of the shapes set (the demo tower pretrained on it) with this projector, seed and LR scale."""
     from experiments import base, pretrain, sft
 
     configs = []
     for stage in (pretrain, sft):
-        c = stage.get_config("demo")
+        c = stage.get_config("mg_llava_demo" if mg_llava else "demo")
         c.seed = seed
         c.model.projector = dict(projector)
         c.optim.lr *= lr_scale
@@ -109,6 +120,10 @@ def stage_configs(
         c.demo_tower.update(variant=data, image_size=size)
         c.input.image_size = size
         c.input.max_len = 128 if data == "basic" else 256  # 5-8 objects + a number per caption
+        if mg_llava:  # the ConvNeXt sees 4x the pixels; RoIAlign over a grid of the low-res size
+            c.model.high_res.update(image_size=4 * size, roi_grid=size, max_boxes=MG_LLAVA_BOXES)
+            c.input.image_size = 4 * size
+            c.input.max_len += MG_LLAVA_BOXES
         if quick:
             c.shapes.update(QUICK_DATA)
             c.demo_tower.update(QUICK_TOWER)
@@ -139,7 +154,7 @@ def train_one(
         log(f"{run_name(variant, budget, seed, lr_scale)}: done before, not retrained")
         return result
     projector = projector_options(variant, budget, data)
-    pt, ft = stage_configs(projector, seed, lr_scale, out, steps, quick, data)
+    pt, ft = stage_configs(projector, seed, lr_scale, out, steps, quick, data, mg_llava=variant == "mg_llava")
     ft.checkpoint.init_from = os.path.join(root, "pretrain")
     t0 = time.perf_counter()
     train.run(pt, os.path.join(root, "pretrain"))
@@ -161,7 +176,8 @@ def train_one(
 
 
 def _projector_size(workdir: str) -> dict[str, Any]:
-    """Tokens, parameter count and forward FLOPs per image of the run's projector (from model.json)."""
+    """Tokens, parameter count and forward FLOPs per image of the run's projector (from model.json;
+    MG-LLaVA: its ParGo's, the ConvNeXt path and the box projector not counted)."""
     import jax
 
     from pargo_jax.models import factory
@@ -258,7 +274,7 @@ def main(argv=None) -> dict:
         seen: dict[str, str] = {}
         for v in grid["variants"]:
             options = projector_options(v, t, a.data)
-            key = json.dumps(options, sort_keys=True)
+            key = json.dumps([options, v == "mg_llava"], sort_keys=True)
             if options is None:
                 print(f"{v} cannot make exactly {t} tokens from {num_patches(a.data)} patches: not run")
             elif key in seen:
@@ -292,4 +308,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from pargo_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before jax starts its threads
     main()

@@ -29,7 +29,10 @@ Variants ``projector:train[:loss_chunk]``: ``stage1`` trains the projector only 
 frozen, as ``experiments/pretrain.py`` for real checkpoints), ``full`` trains projector + LLM (the
 tower stays frozen); a ``loss_chunk`` > 0 takes the cross-entropy that many positions at a time
 (``config.loss_chunk``; its row's ``train`` reads e.g. ``full, CE/64``), e.g.
-``pargo:full,pargo:full:64`` for peak memory with and without it.
+``pargo:full,pargo:full:64`` for peak memory with and without it. Projector ``mg_llava`` (demo shape
+only) is the ``mg_llava_demo`` preset: the demo's ParGo plus a random tiny ConvNeXt at 256 px, the
+Conv-Gate and 4 object tokens from random boxes, its fusion and box projector trained too; its GFLOP/s
+count the tower, ParGo and LLM only (no analytic count of the ConvNeXt path).
 
 The torch baseline (1 device only) is ``LlavaForConditionalGeneration(LlavaConfig(
 SiglipVisionConfig, LlamaConfig))`` with random weights, float32, ``torch.set_num_threads(2)``, the
@@ -62,6 +65,8 @@ TRAINABLE = {
     "stage1": {"projector/.*": 1.0},
     "full": {"projector/.*": 1.0, "llm/.*": 1.0},
 }
+# mg_llava: the mg_llava_demo preset (demo ParGo + a random tiny ConvNeXt at 256 px, Conv-Gate, 4 boxes)
+PROJECTORS = ("pargo", "mlp", "mg_llava")
 MB = 2**20
 
 
@@ -113,11 +118,11 @@ def _args(argv=None):
 
 
 # --- shapes ------------------------------------------------------------------------------------------
-def random_demo_tower() -> dict:
+def random_demo_tower(image_size: int = 64) -> dict:
     """``config.model.vision`` for a random tower of the demo tower's shape (no checkpoint needed)."""
     from pargo_jax.demo_tower import SHAPE
 
-    return dict(path=None, format="hf", preset="tiny", overrides=dict(SHAPE))
+    return dict(path=None, format="hf", preset="tiny", overrides=dict(SHAPE, image_size=image_size))
 
 
 def shape_config(name: str, projector: str, train: str, a):
@@ -129,13 +134,15 @@ def shape_config(name: str, projector: str, train: str, a):
     if name == "demo":
         from data_pipelines import shapes
 
-        c = pretrain.get_config("demo")
+        c = pretrain.get_config("mg_llava_demo" if projector == "mg_llava" else "demo")
         c.model.vision = random_demo_tower()  # the demo tower's shape; its pretraining is not timed here
         vocab = len(dict.fromkeys([*shapes.SPECIAL_TOKENS, *shapes.vocabulary()]))
         image_token_id = shapes.SPECIAL_TOKENS.index("<image>")
         batch, seq = (8 if a.quick else c.input.batch_size), c.input.max_len
         if projector == "mlp":
             seq = 128  # 64 image tokens + 64 text tokens
+    elif projector == "mg_llava":
+        raise ValueError("The mg_llava variant has the demo shape only (--shapes demo).")
     elif name == "mid":
         c = base.base()
         c.model.vision.overrides = dict(
@@ -158,17 +165,27 @@ def shape_config(name: str, projector: str, train: str, a):
     if projector == "mlp":  # LLaVA-1.5; the tower's last block without its final norm, as HF LLaVA
         c.model.projector = dict(name="mlp")
         c.model.vision.overrides = dict(c.model.vision.overrides, final_norm=False)
-    elif projector != "pargo":
-        raise ValueError(f"Unknown projector {projector!r}: 'pargo' or 'mlp'.")
+    elif projector not in PROJECTORS:
+        raise ValueError(f"Unknown projector {projector!r}; choose from {PROJECTORS}.")
     c.model.llm.overrides = dict(scan_layers=a.scan_layers, remat_policy=a.remat)
-    c.trainable = ml_collections.ConfigDict(TRAINABLE[train], allow_dotted_keys=True)
+    trainable = TRAINABLE[train] | (base.MG_LLAVA_PARTS if projector == "mg_llava" else {})
+    c.trainable = ml_collections.ConfigDict(trainable, allow_dotted_keys=True)
     c.input.max_len = seq
     c.input.batch_size = batch
     return c, batch, seq, vocab, image_token_id
 
 
-def make_batch(batch: int, seq: int, image_size: int, num_image_tokens: int, vocab: int, image_id: int):
-    """Host batch: ``<s>`` + image tokens + random text; loss on the text tokens (targets = next id)."""
+def make_batch(
+    batch: int,
+    seq: int,
+    image_size: int,
+    num_image_tokens: int,
+    vocab: int,
+    image_id: int,
+    num_boxes: int = 0,
+):
+    """Host batch: ``<s>`` + image tokens + random text; loss on the text tokens (targets = next id);
+    ``num_boxes`` random boxes per image (MG-LLaVA's object tokens)."""
     import numpy as np
 
     if num_image_tokens + 2 > seq:
@@ -179,13 +196,17 @@ def make_batch(batch: int, seq: int, image_size: int, num_image_tokens: int, voc
     ids[:, 1 : 1 + num_image_tokens] = image_id
     loss_mask = np.zeros((batch, seq), np.int32)
     loss_mask[:, num_image_tokens:] = 1  # predicting the text tokens after the image
-    return {
+    out = {
         "image": rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32),
         "input_ids": ids[:, :seq],
         "targets": ids[:, 1:],
         "loss_mask": loss_mask,
         "attention_mask": np.ones((batch, seq), np.int32),
     }
+    if num_boxes:
+        corners = np.sort(rng.uniform(0, image_size, (batch, num_boxes, 2, 2)), axis=2)  # x1 <= x2, y1 <= y2
+        out["boxes"] = corners.reshape(batch, num_boxes, 4).astype(np.float32)
+    return out
 
 
 # --- ours --------------------------------------------------------------------------------------------
@@ -377,7 +398,8 @@ def run_devices(a) -> list[dict]:
             from pargo_jax.models import factory
 
             mcfg = factory.model_config(config, tok)
-            host = make_batch(batch, seq, mcfg.vision.image_size, mcfg.num_image_tokens, vocab, image_id)
+            boxes = mcfg.high_res.max_boxes if mcfg.high_res else 0
+            host = make_batch(batch, seq, mcfg.image_size, mcfg.num_image_tokens, vocab, image_id, boxes)
             print(f"[{n} dev] {shape} {variant}: building + compiling ...", file=sys.stderr, flush=True)
             ours = JaxSide(config, tok, mesh, host)
             # (name, step(), warmup steps): ours, then torch at each thread count, interleaved per repeat
@@ -412,7 +434,7 @@ def run_devices(a) -> list[dict]:
             )  # fmt: skip
             common = dict(
                 shape=shape, devices=n, mesh=dict(mesh.shape), projector=projector, train=label,
-                batch=batch, seq=seq, image_size=mcfg.vision.image_size,
+                batch=batch, seq=seq, image_size=mcfg.image_size,
                 image_tokens=mcfg.num_image_tokens, model_flops_per_step=flops_step,
             )  # fmt: skip
             for name, _, _ in sides:
@@ -549,5 +571,8 @@ def _child_env() -> None:
 
 
 if __name__ == "__main__":
+    from pargo_jax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # before jax starts its threads
     _child_env()
     main()

@@ -9,7 +9,9 @@ functions of the predictions, defined beside each evaluator and unit-tested on t
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -18,9 +20,9 @@ import ml_collections
 import numpy as np
 
 from pargo_jax import configs, paths
-from pargo_jax.predict import DecodeOptions, Predictor
+from pargo_jax.predict import DecodeOptions, Predictor, Query
 
-COMMON_KEYS = {"type", "data", "log_steps", "batch_size"}
+COMMON_KEYS = {"type", "data", "log_steps", "batch_size", "detections"}
 
 
 class Evaluator:
@@ -39,6 +41,9 @@ class Evaluator:
         self.data = dict(options.get("data") or {})
         configs.check_keys(self.data, self.DATA_KEYS, f"config.evals.{name}.data")
         self.options = {**self.OPTIONS, **{k: v for k, v in options.items() if k in self.OPTIONS}}
+        self.detections_path = options.get("detections") or ""
+        self._detections: dict[str, dict[str, Any]] | None = None
+        self.without_boxes = 0  # items of a model with object tokens that the detections file lacks
 
     def due(self, step: int, final: bool) -> bool:
         """Whether to evaluate after training step ``step`` (``final``: the last one)."""
@@ -50,7 +55,10 @@ class Evaluator:
         raise NotImplementedError
 
     def run(self, params, out_dir: str | None = None) -> Iterator[tuple[str, float]]:
+        self.without_boxes = 0
         metrics, predictions = self.evaluate(params, out_dir if jax.process_index() == 0 else None)
+        if self.detections_path and self.predictor.max_boxes:
+            metrics = {**metrics, "without_boxes": float(self.without_boxes)}
         if out_dir is not None and jax.process_index() == 0:
             write_results(out_dir, self.name, metrics, predictions)
         yield from metrics.items()
@@ -100,10 +108,29 @@ class Evaluator:
                 skipped += 1
                 continue
             asked.append(it)
-            queries.append(query(it, image))
+            queries.append(self.attach_detections(query(it, image), it))
         answers = self.predictor.answers(params, queries, self.decode_options(), batch_size=self.batch_size)
         done = [(it, a) for it, a in zip(asked, answers) if "error" not in a]
         return done, skipped + len(asked) - len(done)
+
+    def attach_detections(self, query: Query, item: Mapping[str, Any]) -> Query:
+        """``query`` with MG-LLaVA's object boxes from the ``detections`` option (a JSON ``{key: {boxes,
+        scores, labels}}`` as ``input.detections``), keyed by the item's ``id``, else its image path,
+        else that path's file name; an item without an entry has no object tokens and is counted in
+        the ``without_boxes`` metric. Unchanged for models without object tokens."""
+        if not self.detections_path or not self.predictor.max_boxes:
+            return query
+        if self._detections is None:
+            from data_pipelines.detections import read_detections
+
+            self._detections = read_detections(
+                configs.require_path(self.detections_path, f"evals.{self.name}.detections")
+            )
+        image = item.get("image") if isinstance(item.get("image"), str) else None
+        keys = [str(item.get("id")), *([image, os.path.basename(image)] if image else [])]
+        entry = next((self._detections[k] for k in keys if k in self._detections), None)
+        self.without_boxes += entry is None
+        return dataclasses.replace(query, boxes=entry)
 
     def decode_options(self, **defaults) -> DecodeOptions:
         fields = {k: self.options[k] for k in ("max_new_tokens", "method", "num_beams") if k in self.options}

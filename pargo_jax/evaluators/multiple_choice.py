@@ -180,7 +180,12 @@ class MultipleChoiceEvaluator(common.Evaluator):
                 asks += [(it, it["options"], it["answer"]) for it in rows]
         suffix = self.options["prompt_suffix"]
         queries = [
-            question(f"{it['id']}/{n}", it["image"], prompt_text(it["question"], opts, it["hint"], suffix))
+            self.attach_detections(
+                question(
+                    f"{it['id']}/{n}", it["image"], prompt_text(it["question"], opts, it["hint"], suffix)
+                ),
+                it,
+            )
             for n, (it, opts, _) in enumerate(asks)
         ]
         if self.options["answer_by"] == "score":
@@ -240,7 +245,7 @@ class MultipleChoiceEvaluator(common.Evaluator):
                     num_image_tokens=p.mcfg.num_image_tokens,
                     max_len=self.config.input.max_len,
                 )
-                examples.append(dict(arrays, image=pixels))
+                examples.append(p.with_boxes(dict(arrays, image=pixels), q.image, q.boxes, q.id))
                 owners.append((n, LETTERS[i]))
         scores = p.scores(params, examples, batch_size=self.batch_size)
         best: dict[int, tuple[float, str]] = {}
