@@ -17,30 +17,36 @@ from typing import Any
 import numpy as np
 
 
+def parse_entry(entry: Any, where: str) -> dict[str, Any]:
+    """One detections entry (``{boxes, scores?, labels?}``, or a bare list of boxes) ->
+    ``{"boxes": (K, 4) float32, "scores": (K,) float32, "labels": [str]}``; a malformed one is a
+    ValueError starting with ``where``."""
+    d = dict(entry) if isinstance(entry, Mapping) else {"boxes": entry}
+    want = f"{where}: boxes must be [[x1, y1, x2, y2], ...] in pixels"
+    try:
+        boxes = np.asarray(d.get("boxes") if d.get("boxes") is not None else [], np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{want} ({e})") from e
+    boxes = boxes.reshape(0, 4) if boxes.size == 0 else boxes
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{want}, got an array of shape {boxes.shape}.")
+    if np.any(boxes[:, 2:] < boxes[:, :2]):
+        raise ValueError(f"{want}; one has x2 < x1 or y2 < y1.")
+    scores = np.asarray(d.get("scores", [1.0] * len(boxes)), np.float32).reshape(-1)
+    labels = [str(x) for x in d.get("labels", [""] * len(boxes))]
+    if not (len(boxes) == len(scores) == len(labels)):
+        raise ValueError(f"{where}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels.")
+    return {"boxes": boxes, "scores": scores, "labels": labels}
+
+
 def read_detections(path: str) -> dict[str, dict[str, Any]]:
-    """``{record_id: {"boxes": (K, 4) float32, "scores": (K,) float32, "labels": [str]}}``; a malformed
-    entry is one error naming the record and the field."""
+    """``{record_id: parse_entry(...)}`` of a detections file; a malformed entry is one error naming
+    the file and the record."""
     with open(path) as f:
         raw = json.load(f)
     if not isinstance(raw, Mapping):
         raise ValueError(f"{path}: expected a JSON object {{record_id: {{boxes, scores, labels}}}}.")
-    out = {}
-    for rid, d in raw.items():
-        boxes = (
-            np.asarray(d.get("boxes", []), np.float32).reshape(-1, 4) if d.get("boxes") else np.zeros((0, 4))
-        )
-        scores = np.asarray(d.get("scores", [1.0] * len(boxes)), np.float32)
-        labels = [str(x) for x in d.get("labels", [""] * len(boxes))]
-        if not (len(boxes) == len(scores) == len(labels)):
-            raise ValueError(
-                f"{path}: record {rid!r} has {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels."
-            )
-        if len(boxes) and np.any(boxes[:, 2:] < boxes[:, :2]):
-            raise ValueError(
-                f"{path}: record {rid!r} has a box with x2 < x1 or y2 < y1 (want x1, y1, x2, y2)."
-            )
-        out[str(rid)] = {"boxes": boxes.astype(np.float32), "scores": scores, "labels": labels}
-    return out
+    return {str(rid): parse_entry(d, f"{path}: record {rid!r}") for rid, d in raw.items()}
 
 
 def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:

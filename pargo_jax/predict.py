@@ -249,17 +249,11 @@ class Predictor:
         training (:func:`data_pipelines.detections.prepare_boxes`)."""
         from data_pipelines import detections, images
 
-        scores = labels = None
-        if isinstance(boxes, Mapping):  # a detections entry
-            boxes, scores, labels = boxes["boxes"], boxes.get("scores"), boxes.get("labels")
         try:
-            boxes = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32)
-        except (TypeError, ValueError) as e:
-            raise PredictError(f"{qid}: boxes must be [[x1, y1, x2, y2], ...] in pixels ({e})") from e
-        if boxes.ndim != 2 or boxes.shape[1] != 4 or np.any(boxes[:, 2:] < boxes[:, :2]):
-            raise PredictError(
-                f"{qid}: boxes must be [[x1, y1, x2, y2], ...] in pixels with x1 <= x2, y1 <= y2"
-            )
+            entry = detections.parse_entry([] if boxes is None else boxes, qid)
+        except ValueError as e:
+            raise PredictError(str(e)) from e
+        boxes, scores, labels = entry["boxes"], entry["scores"], entry["labels"]
         width, height = images.size(image) if len(boxes) else (1, 1)
         return detections.prepare_boxes(
             boxes, width, height, self.mcfg.image_size, self.resize, self.max_boxes, scores, labels

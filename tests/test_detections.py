@@ -68,8 +68,17 @@ def test_read_detections_names_bad_entries(tmp_path):
         d["r1"]["boxes"].shape == (1, 4) and d["r1"]["labels"] == ["cat"] and d["r2"]["boxes"].shape == (0, 4)
     )
     path.write_text(json.dumps({"r3": {"boxes": [[0, 0, 4, 4]], "scores": [0.5, 0.1], "labels": ["a"]}}))
-    with pytest.raises(ValueError, match="record 'r3' has 1 boxes, 2 scores, 1 labels"):
+    with pytest.raises(ValueError, match="record 'r3': 1 boxes, 2 scores, 1 labels"):
         detections.read_detections(str(path))
     path.write_text(json.dumps({"r4": {"boxes": [[5, 0, 4, 4]]}}))
-    with pytest.raises(ValueError, match="record 'r4' has a box with x2 < x1"):
+    want = r"boxes must be \[\[x1, y1, x2, y2\], ...\] in pixels"
+    with pytest.raises(ValueError, match=f"record 'r4': {want}; one has x2 < x1"):
         detections.read_detections(str(path))
+    path.write_text(json.dumps({"r5": {"boxes": [[0, 0, 4]]}}))
+    with pytest.raises(ValueError, match=rf"record 'r5': {want}, got an array of shape \(1, 3\)"):
+        detections.read_detections(str(path))
+    path.write_text(json.dumps({"r6": {"boxes": [[0, 0, 4, 4], [1]]}}))  # ragged
+    with pytest.raises(ValueError, match=f"record 'r6': {want} "):
+        detections.read_detections(str(path))
+    bare = detections.parse_entry([[1, 2, 3, 4]], "q1")  # predict's --input boxes: a bare list
+    assert bare["boxes"].tolist() == [[1, 2, 3, 4]] and bare["scores"].tolist() == [1.0]

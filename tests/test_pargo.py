@@ -194,12 +194,10 @@ def test_receptive_fields_are_what_the_model_depends_on(case):
         config = ParGoConfig(**{**SMALL, "layers": layers}, **CASES[case])
         x = features(b=1)
         variables = init(config, x)
-        base = apply(config, variables, x)
         bump = features(n=1, b=1, seed=3)[0, 0]
-        measured = np.stack(
-            [np.abs(np.asarray(apply(config, variables, x.at[:, j].add(bump)) - base))[0].max(-1) > 0
-             for j in range(16)], axis=1,
-        )  # fmt: skip
+        bumped = jnp.concatenate([x.at[:, j].add(bump) for j in range(16)])  # image j: patch j bumped
+        base = apply(config, variables, jnp.repeat(x, 16, axis=0))  # the same batch shape: same rounding
+        measured = (np.abs(np.asarray(apply(config, variables, bumped) - base)).max(-1) > 0).T
         s = masks.self_masks(
             config.num_partial, config.num_global, layers, config.cpp, config.cascade_schedule
         )

@@ -6,6 +6,11 @@ same random-weight model (SmolLM2-135M shape by default) and the same left-padde
 
 Prints a table (tokens/s = batch * new tokens / wall time, best of ``--repeats``; compile time apart)
 and writes JSON. Both sides must produce identical tokens, which the script checks.
+
+Greedy decoding at small batch is bound by memory bandwidth: every new token reads every weight once.
+The script also reports that rate (float32 weight bytes x new tokens / seconds) beside the machine's
+read bandwidth, measured in the same run as a jitted sum over a ``--bandwidth_mb`` array (best of 5),
+so the table says how close decoding is to its limit.
 """
 
 from __future__ import annotations
@@ -30,8 +35,25 @@ def _args(argv=None):
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--scan_layers", action="store_true", help="scan over layers (faster compile)")
+    p.add_argument("--bandwidth_mb", type=int, default=1024, help="array size of the read-bandwidth probe")
     p.add_argument("--out", default="decode_benchmark.json")
     return p.parse_args(argv)
+
+
+def read_bandwidth(megabytes: int, repeats: int = 5) -> float:
+    """GB/s of a jitted float32 sum over a ``megabytes`` array (best of ``repeats``, compile apart)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best / 1e9
 
 
 def main(argv=None) -> dict:
@@ -87,14 +109,19 @@ def main(argv=None) -> dict:
     timed(theirs, 1)  # warm-up
     hf_s, hf_tokens = timed(theirs, a.repeats)
     n = a.batch * a.new_tokens
+    num_params = sum(p.numel() for p in model.parameters())
+    weights_gb_s = 4 * num_params * a.new_tokens / ours_s / 1e9  # every new token reads every weight
+    bandwidth_gb_s = read_bandwidth(a.bandwidth_mb)
     result = dict(
-        model=dict(cfg.to_diff_dict(), num_params=sum(p.numel() for p in model.parameters())),
+        model=dict(cfg.to_diff_dict(), num_params=num_params),
         batch=a.batch, prompt_len=a.prompt_len, new_tokens=a.new_tokens, scan_layers=a.scan_layers,
         devices=str(jax.devices()[0].platform), torch_threads=torch.get_num_threads(),
         cpu_count=os.cpu_count(),
         ours=dict(seconds=ours_s, tokens_per_s=n / ours_s, first_call_seconds=compile_s),
         transformers=dict(seconds=hf_s, tokens_per_s=n / hf_s),
         speedup=hf_s / ours_s,
+        weights_gb_per_s=weights_gb_s, read_bandwidth_gb_per_s=bandwidth_gb_s,
+        bandwidth_fraction=weights_gb_s / bandwidth_gb_s,
         tokens_match=bool((our_tokens == hf_tokens).all()),
         token_agreement=float((our_tokens == hf_tokens).mean()),
     )  # fmt: skip
@@ -106,6 +133,11 @@ def main(argv=None) -> dict:
     )
     print(f"{'transformers':<14}{hf_s:>10.3f}{n / hf_s:>12.1f}")
     print(f"speedup {result['speedup']:.2f}x, identical tokens: {result['tokens_match']}")
+    fraction = 100 * result["bandwidth_fraction"]
+    print(
+        f"pargo_jax streams weights at {weights_gb_s:.1f} GB/s; this machine reads {bandwidth_gb_s:.1f} "
+        f"GB/s (jitted sum over {a.bandwidth_mb} MB): {fraction:.0f}% of that limit"
+    )
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
     return result

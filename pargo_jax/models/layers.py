@@ -9,6 +9,7 @@ N(0, 0.02), biases with zeros.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -72,8 +73,9 @@ def lora_a_init(in_axes: int) -> nn.initializers.Initializer:
 
 def _contract(x: jax.Array, w: jax.Array, num_in: int) -> jax.Array:
     """``x`` (..., in...) . ``w`` (in..., out...) over the ``num_in`` trailing axes of ``x``."""
-    dims = (tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in)))
-    return jax.lax.dot_general(x, w, (dims, ((), ())))
+    lead, ins, outs = x.shape[: x.ndim - num_in], w.shape[:num_in], w.shape[num_in:]
+    y = jnp.reshape(x, (-1, math.prod(ins))) @ jnp.reshape(w, (math.prod(ins), math.prod(outs)))
+    return jnp.reshape(y, lead + outs)
 
 
 class Dense(nn.Module):
