@@ -24,7 +24,7 @@ def parse_entry(entry: Any, where: str) -> dict[str, Any]:
     d = dict(entry) if isinstance(entry, Mapping) else {"boxes": entry}
     want = f"{where}: boxes must be [[x1, y1, x2, y2], ...] in pixels"
     try:
-        boxes = np.asarray(d.get("boxes") if d.get("boxes") is not None else [], np.float32)
+        boxes = np.asarray([] if d.get("boxes") is None else d["boxes"], np.float32)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{want} ({e})") from e
     boxes = boxes.reshape(0, 4) if boxes.size == 0 else boxes
