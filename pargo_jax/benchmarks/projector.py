@@ -4,7 +4,8 @@
   python -m pargo_jax.benchmarks.projector --quick --out /tmp/p.json   # tiny shape (smoke test)
   python -m pargo_jax.benchmarks.projector --xla_options default,no_ynn   # compare XLA:CPU option sets
 
-Run from the repository root so that ``tests.torch_refs`` (the PyTorch reference) is importable.
+The PyTorch side is ``pargo_jax.benchmarks.pargo_torch`` (plain torch, no JAX code: also the tests'
+parity reference).
 
 For each implementation: images/s of the forward and of forward+backward (gradients w.r.t. every
 projector parameter; features are constants, as in training with a frozen tower). Timings are
@@ -77,13 +78,8 @@ def _torch_reference(shape: dict):
         import torch  # noqa: F401
     except ImportError:
         return None, "PyTorch is not installed (pip install torch) - PyTorch rows skipped."
-    try:
-        from tests.torch_refs.pargo_ref import ParGoReference
-    except ImportError:
-        return None, (
-            "tests.torch_refs.pargo_ref is not importable - run from the repository root to get the "
-            "PyTorch rows."
-        )
+    from pargo_jax.benchmarks.pargo_torch import ParGoReference
+
     return ParGoReference, None
 
 
