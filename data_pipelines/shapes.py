@@ -3,7 +3,9 @@
 Every image holds 1-4 small shapes (side 1/8 to 1/4 of the image) on a dark background; each
 (colour, shape) pair appears at most once, so "the red circle" always names one object. Splits:
 
-  * ``pretrain``  captions listing every shape and its position, in reading order;
+  * ``pretrain``  captions listing every shape and its position: in reading order ("a red circle at
+                  the top left, ..."), or in half of them by shape ("a circle in red at the top left,
+                  ..."), which asks for the colour of a named shape;
   * ``sft``       3-turn conversations: colour / shape / count / position QA and grounding
                   (``[x1,y1,x2,y2]`` in 0-1 with 3 decimals, and the reverse "what is at [box]?");
   * ``eval``      held-out single-question conversations of the same kinds (own random stream);
@@ -90,6 +92,7 @@ TEXT_COLOR = (200, 200, 200)
 ANSWERS = {"refer": "{article} {color} {shape}."}
 CAPTION = "{count} {noun}: {items}."
 CAPTION_ITEM = "{article} {color} {shape} at the {position}"
+CAPTION_ITEM_BY_SHAPE = "a {shape} in {color} at the {position}"
 ARTICLES = ("a", "an")
 CAPTION_AND = " and "
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", IMAGE_PLACEHOLDER, "<|im_start|>", "<|im_end|>")
@@ -197,8 +200,18 @@ def reading_order(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(objects, key=lambda o: (o["box"][1] + o["box"][3], o["box"][0] + o["box"][2]))
 
 
-def caption(objects: list[dict[str, Any]], number: dict[str, Any] | None = None) -> str:
-    items = [CAPTION_ITEM.format(**o) for o in reading_order(objects)]
+def shape_order(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Objects by shape, then colour (in ``SHAPES`` and ``COLORS`` order)."""
+    return sorted(objects, key=lambda o: (SHAPES.index(o["shape"]), list(COLORS).index(o["color"])))
+
+
+def caption(objects: list[dict[str, Any]], number: dict | None = None, by_shape: bool = False) -> str:
+    """Every object and its position, in reading order, or ``by_shape`` (the shape named before its
+    colour, so the caption asks for a named shape's colour), then the fine variant's number."""
+    if by_shape:
+        items = [CAPTION_ITEM_BY_SHAPE.format(**o) for o in shape_order(objects)]
+    else:
+        items = [CAPTION_ITEM.format(**o) for o in reading_order(objects)]
     joined = items[0] if len(items) == 1 else ", ".join(items[:-1]) + CAPTION_AND + items[-1]
     text = CAPTION.format(
         count=NUMBERS[len(objects)], noun="shape" if len(objects) == 1 else "shapes", items=joined
@@ -311,7 +324,8 @@ def make_record(
     labels = [f"{o['color']} {o['shape']}" for o in objects]
     rid = f"shapes/{split}/{index}"
     if split in CAPTION_SPLITS:
-        return Record(rid, image, caption=caption(objects, number), boxes=boxes, labels=labels)
+        text = caption(objects, number, by_shape=rng.random() < 0.5)
+        return Record(rid, image, caption=text, boxes=boxes, labels=labels)
     num_turns = 3 if split == "sft" else 1
     kinds = rng.sample(list(QUESTIONS) + (list(FINE_QUESTIONS) if fine else []), num_turns)
     turns: list[Turn] = []
@@ -339,7 +353,8 @@ def _pre_tokenizer():
 
 def vocabulary() -> list[str]:
     """Every piece the generator's text can pre-tokenize into (deterministic order)."""
-    texts = list(QUESTIONS.values()) + list(ANSWERS.values()) + [CAPTION, CAPTION_ITEM, CAPTION_AND]
+    texts = list(QUESTIONS.values()) + list(ANSWERS.values()) + [CAPTION, CAPTION_AND]
+    texts += [CAPTION_ITEM, CAPTION_ITEM_BY_SHAPE]
     texts += list(FINE_QUESTIONS.values()) + [FINE_CAPTION] + list(ORDINALS) + list(YES_NO)
     texts += list(COLORS) + list(SHAPES) + list(PLURAL.values()) + list(NUMBERS)
     texts += [p for row in POSITIONS for p in row] + list(ARTICLES) + ["system", "user", "assistant"]
@@ -447,7 +462,7 @@ def build(
     summary = builder.build()
     tokenizer = write_tokenizer(os.path.join(data_dir, "shapes_tokenizer"))
     with open(os.path.join(data_dir, STAMP), "w") as f:
-        json.dump(params, f, sort_keys=True)
+        json.dump(dict(params, generator=GENERATOR), f, sort_keys=True)
     return {
         "name": "shapes",
         "data_dir": data_dir,
@@ -458,7 +473,7 @@ def build(
 
 
 def ensure(data_dir: str, **kwargs) -> dict[str, Any]:
-    """``build(data_dir, **kwargs)`` unless a build with the same arguments is already there.
+    """``build(data_dir, **kwargs)`` unless a build with the same arguments by this ``GENERATOR`` is there.
 
     Returns the same keys as ``build`` (``summary`` is None and ``seconds`` 0 when reused).
     """
@@ -473,7 +488,7 @@ def ensure(data_dir: str, **kwargs) -> dict[str, Any]:
     tokenizer = os.path.join(data_dir, "shapes_tokenizer")
     if os.path.exists(stamp) and os.path.exists(os.path.join(tokenizer, "tokenizer.json")):
         with open(stamp) as f:
-            if json.load(f) == params:
+            if json.load(f) == dict(params, generator=GENERATOR):
                 return {
                     "name": "shapes",
                     "data_dir": data_dir,
@@ -484,7 +499,8 @@ def ensure(data_dir: str, **kwargs) -> dict[str, Any]:
     return build(data_dir, **dict(kwargs, **params))
 
 
-STAMP = "shapes_build.json"
+STAMP = "shapes_build.json"  # the build's arguments and GENERATOR: ensure() reuses a build when they match
+GENERATOR = 2  # bumped when the records a seed generates change (2: half the captions by shape)
 ASSET_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "shapes_tokenizer")
 
 if __name__ == "__main__":  # python -m data_pipelines.shapes DATA_DIR  (see also data_pipelines.build)

@@ -62,8 +62,8 @@ def demo_model(c: ml_collections.ConfigDict) -> None:
 
     Real towers come pretrained; a random tiny ViT trained only through the LM loss never learned to
     see shape (held-out shape answers stayed at chance), so ``demo_tower`` stands in for the tower's
-    pretraining (2500 steps of per-token object classification, ~2 minutes on 2 cores) and writes it
-    as a HF SigLIP directory. ParGo's kernels are fan-in scaled (``init="fan_in"``: with BERT's
+    pretraining (2500 steps of per-token colour and shape classification, 2-4 minutes on 2 cores) and
+    writes it as a HF SigLIP directory. ParGo's kernels are fan-in scaled (``init="fan_in"``: with BERT's
     N(0, 0.02) at width 64 its tokens start 0.6% image-dependent and the LLM learns to ignore them);
     ``max_len=128`` holds a whole 3-turn conversation (at 64, grounding answers were always cut)."""
     c.model.vision = dict(path="workdir/demo_tower", format="hf", preset="tiny", overrides={})

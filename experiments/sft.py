@@ -16,7 +16,7 @@ from experiments import base, evals
 def get_config(arg: str | None = None):
     name, c = base.preset(arg)
     if name in base.DEMOS:
-        base.set_steps(c, total=4500, warmup=50)  # shape-keyed lookups are learned late: see the README
+        base.set_steps(c, total=4500, warmup=50)  # colour is found late (step ~2000): see the README
         c.log_every_steps = 100
         c.optim.lr = 3e-4
         c.trainable = base.regex_dict({"vision_tower/.*": 0.3, "projector/.*": 1.0, "llm/.*": 1.0})

@@ -2,10 +2,11 @@
 
 Real presets start from a pretrained tower (CLIP, SigLIP, EVA02); a random one cannot see shape. This
 stands in for that pretraining at demo scale: each token of the tiny SigLIP-style tower of the ``demo``
-preset learns the (colour, shape) of the object under its patch centre, or background (33 classes, a
-linear head per token; images drawn on the fly by ``data_pipelines.shapes``, deterministic in the
-seed); then the tower is written as a Hugging Face ``SiglipVisionModel`` directory, which the demo loads
-like any HF tower and keeps frozen.
+preset learns the colour and, separately, the shape of the object under its patch centre, or
+background (two linear heads per token, so that "circle" is one direction of the features whatever
+the colour; images drawn on the fly by ``data_pipelines.shapes``, deterministic in the seed); then the
+tower is written as a Hugging Face ``SiglipVisionModel`` directory, which the demo loads like any HF
+tower.
 The demo's first run builds it into ``workdir/demo_tower`` (seconds to minutes on a laptop CPU).
 """
 
@@ -34,10 +35,26 @@ def tower_config(image_size: int = 64) -> VisionConfig:
 
 
 def num_classes(variant: str) -> int:
-    """Background, each (colour, shape), and for the fine variant the ten digits."""
+    """Labels of :func:`scenes`: background, each (colour, shape), for the fine variant the ten digits."""
     from data_pipelines import shapes
 
     return 1 + len(shapes.COLORS) * len(shapes.SHAPES) + (10 if variant == "fine" else 0)
+
+
+def factor(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(colour, shape) targets of :func:`scenes`' labels, 0 = background in both: colours 1-8 and the
+    digits' text colour 9; shapes 1-4 and the digits 5-14."""
+    from data_pipelines import shapes
+
+    n_colours, n_shapes = len(shapes.COLORS), len(shapes.SHAPES)
+    thing, digit = labels - 1, labels - 1 - n_colours * n_shapes
+    is_digit = digit >= 0
+    colour = jnp.where(labels == 0, 0, jnp.where(is_digit, n_colours + 1, thing // n_shapes + 1))
+    shape = jnp.where(labels == 0, 0, jnp.where(is_digit, n_shapes + 1 + digit, thing % n_shapes + 1))
+    return colour, shape
+
+
+COLOUR_CLASSES, SHAPE_CLASSES = 10, 15  # factor()'s ranges (the basic variant uses 9 and 5 of them)
 
 
 def scenes(
@@ -80,13 +97,15 @@ def scenes(
 def pretrain(
     cfg: VisionConfig, *, steps: int, batch_size: int, lr: float, seed: int, variant: str = "basic", log=print
 ) -> dict:
-    """The tower's params after ``steps`` of per-token object classification (with a linear head)."""
+    """The tower's params after ``steps`` of per-token colour and shape classification (a linear head
+    each; a token is right when both are)."""
     tower = VisionTower(cfg)
-    n_classes = num_classes(variant)
     x0 = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+    head = lambda n: {"kernel": jnp.zeros((cfg.width, n)), "bias": jnp.zeros(n)}
     params: dict[str, Any] = {
         "tower": nn.unbox(tower.init(jax.random.key(seed), x0)["params"]),
-        "head": {"kernel": jnp.zeros((cfg.width, n_classes)), "bias": jnp.zeros(n_classes)},
+        "colour": head(COLOUR_CLASSES),
+        "shape": head(SHAPE_CLASSES),
     }
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 5), steps)
     tx = optax.adamw(schedule, weight_decay=1e-4)
@@ -94,11 +113,13 @@ def pretrain(
 
     def loss_fn(p, images, labels):
         x = (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
-        logits = tower.apply({"params": p["tower"]}, x) @ p["head"]["kernel"] + p["head"]["bias"]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        on_object = labels > 0
-        hits = (logits.argmax(-1) == labels) & on_object
-        return loss, hits.sum() / jnp.maximum(on_object.sum(), 1)
+        features = tower.apply({"params": p["tower"]}, x)
+        loss, hits = 0.0, labels > 0
+        for name, target in zip(("colour", "shape"), factor(labels)):
+            logits = features @ p[name]["kernel"] + p[name]["bias"]
+            loss += optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
+            hits &= logits.argmax(-1) == target
+        return loss, hits.sum() / jnp.maximum((labels > 0).sum(), 1)
 
     @jax.jit
     def step(p, o, images, labels):

@@ -1,5 +1,6 @@
 """Synthetic shapes set: determinism, truthful pixels/boxes/answers, splits, build speed."""
 
+import collections
 import io
 import re
 import time
@@ -64,15 +65,25 @@ def test_pixels_boxes_and_answers_are_truthful(size):
                 assert a.text.endswith(hit + ".")
 
 
-def test_caption_lists_every_shape_with_position():
+def test_caption_lists_every_shape_with_position_in_reading_or_shape_order():
+    orders = collections.Counter()
     for i in range(30):
         rec = shapes.make_record("pretrain", i)
         assert not rec.conversation and rec.caption.endswith(".")
         assert rec.caption.startswith(shapes.NUMBERS[len(rec.labels)] + " shape")
+        by_shape = " in " in rec.caption
+        items = []
         for label, box in zip(rec.labels, rec.boxes, strict=True):
             cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
             pos = shapes.POSITIONS[min(2, int(cy // (64 / 3)))][min(2, int(cx // (64 / 3)))]
-            assert f"{label} at the {pos}" in rec.caption
+            color, shape = label.split()
+            item = f"a {shape} in {color} at the {pos}" if by_shape else f"{label} at the {pos}"
+            assert item in rec.caption
+            key = (shapes.SHAPES.index(shape), list(shapes.COLORS).index(color)) if by_shape else (cy, cx)
+            items.append((key, rec.caption.index(item)))
+        assert [at for _, at in sorted(items)] == sorted(at for _, at in items)  # listed in that order
+        orders[by_shape] += 1
+    assert min(orders.values()) >= 8  # both orders are common
 
 
 def test_build_writes_splits_tokenizer_and_is_fast(tmp_path):
@@ -108,6 +119,10 @@ def test_ensure_reuses_an_identical_build(tmp_path):
     assert again["summary"] is None and again["tokenizer"] == first["tokenizer"]
     other = shapes.ensure(str(tmp_path), num_pretrain=8, num_sft=8, num_eval=4, seed=1)
     assert other["summary"] is not None  # different arguments -> rebuilt
+    stamp = tmp_path / shapes.STAMP
+    stamp.write_text(stamp.read_text().replace(f'"generator": {shapes.GENERATOR}', '"generator": 1'))
+    older = shapes.ensure(str(tmp_path), num_pretrain=8, num_sft=8, num_eval=4, seed=1)
+    assert older["summary"] is not None  # built by an older generator -> rebuilt
     with pytest.raises(TypeError, match="num_sfts"):
         shapes.ensure(str(tmp_path), num_sfts=3)
 

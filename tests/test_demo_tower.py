@@ -51,3 +51,17 @@ def test_fine_variant_labels_the_digits_too():
         number = shapes.sample_number(rng, 128)
         digits = labels[i][labels[i] >= 33] - 33
         assert set(digits.tolist()) <= {int(c) for c in number["text"]} and digits.size > 0
+
+
+def test_factor_splits_each_label_into_its_colour_and_shape():
+    labels = np.arange(demo_tower.num_classes("fine"))
+    colour, shape = (np.asarray(t) for t in demo_tower.factor(labels))
+    assert colour[0] == shape[0] == 0  # background in both
+    for label in range(1, 33):  # (colour, shape) pairs, colour-major as scenes() numbers them
+        c, s = divmod(label - 1, len(shapes.SHAPES))
+        assert (colour[label], shape[label]) == (c + 1, s + 1)
+    assert (colour[33:] == len(shapes.COLORS) + 1).all()  # the digits' one text colour
+    assert shape[33:].tolist() == list(range(len(shapes.SHAPES) + 1, len(shapes.SHAPES) + 11))
+    assert colour.max() < demo_tower.COLOUR_CLASSES and shape.max() < demo_tower.SHAPE_CLASSES
+    # every (colour, shape) pair is a distinct label: the two heads together lose nothing
+    assert len(set(zip(colour.tolist(), shape.tolist()))) == labels.size
