@@ -78,6 +78,12 @@ FINE_QUESTIONS = {
 ORDINALS = ("first", "second", "third")
 YES_NO = ("yes", "no")
 FINE_CAPTION = " the number {text} is written at the {position}."
+# Caption words by what they name (the perplexity evaluator's ``groups``: teacher-forced accuracy on
+# each kind of detail): the count opens a caption, the fine variant's number is written in digits.
+CAPTION_FIELDS = {
+    "colour": tuple(COLORS), "shape": SHAPES, "count": NUMBERS, "digit": tuple("0123456789"),
+    "position": tuple(sorted({w for row in POSITIONS for p in row for w in p.split()})),
+}  # fmt: skip
 VARIANTS = ("basic", "fine")
 # 3 x 5 pixel digits, rows top to bottom, drawn at scale 2 in TEXT_COLOR (not a shape colour).
 DIGIT_FONT = {

@@ -10,6 +10,8 @@ the command line can change any of them (``--config.evals.shapes.batch_size=8``)
 
 import ml_collections
 
+from data_pipelines.shapes import CAPTION_FIELDS
+
 B = "benchmarks"  # where the benchmark files live by default; point data.* elsewhere on the command line
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
@@ -24,8 +26,12 @@ def entry(kind: str, data: dict, *, max_new_tokens: int = 16, method: str = "gre
 EVALS = {
     # The embedded benchmark: accuracy per question kind + grounding Acc@0.5 on held-out questions.
     "shapes": entry("shapes", dict(name="shapes", split="eval"), max_new_tokens=32),
-    # Masked loss / token accuracy on held-out captions (stage 1's validation loss).
-    "val": dict(type="perplexity", data=dict(name="shapes", split="val"), log_steps=0, batch_size=16),
+    # Masked loss / token accuracy on held-out captions (stage 1's validation loss), also on the
+    # colour, shape, count, digit and position words alone.
+    "val": dict(
+        type="perplexity", data=dict(name="shapes", split="val"), log_steps=0, batch_size=16,
+        groups=CAPTION_FIELDS,
+    ),
     # Public benchmarks, each read from its official files (README "Benchmarks").
     "mme": entry("mme", dict(dir=f"{B}/MME_Benchmark_release_version"), rule="official", prompt_suffix=""),
     "mme_pargo": entry(

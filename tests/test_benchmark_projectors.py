@@ -20,23 +20,24 @@ def test_quick_run_writes_the_table_and_resumes(tmp_path):
     cmd = [sys.executable, "-m", "pargo_jax.benchmarks.projectors", "--quick", f"--out={out}"]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    report = json.loads((out / "projectors_fine.json").read_text())
+    report = json.loads((out / "projectors_fine_caption.json").read_text())
     assert {r["variant"] for r in report["runs"]} == {"pargo", "resampler"}
     for run in report["runs"]:
         assert run["tokens"] == 16 and run["params"] > 0 and run["gflops"] > 0 and run["train_seconds"] > 0
-        assert 0.0 <= run["accuracy"] <= 1.0 and run["sft_loss"] > 0
-    table = (out / "projectors_fine.md").read_text()
+        assert run["caption_loss"] > 0 and run["train_loss"] > 0
+        assert all(0.0 <= run[k] <= 1.0 for k in ("colour", "shape", "count", "digit", "position"))
+    table = (out / "projectors_fine_caption.md").read_text()
     assert "| pargo (8+8) | 16 |" in table and "| resampler | 16 |" in table
-    assert (out / "projectors_fine.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "projectors_fine_caption.png").read_bytes()[:4] == b"\x89PNG"
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done before, not retrained") == 2
-    assert json.loads((out / "projectors_fine.json").read_text())["runs"] == report["runs"]
+    assert json.loads((out / "projectors_fine_caption.json").read_text())["runs"] == report["runs"]
 
 
 def _result(variant, lr, seed, loss, accuracy):
     projector = dict(name="pargo", num_partial=8, num_global=8) if variant == "pargo" else dict(name=variant)
-    return dict(variant=variant, budget=16, seed=seed, lr_scale=lr, sft_loss=loss, accuracy=accuracy,
+    return dict(variant=variant, budget=16, seed=seed, lr_scale=lr, train_loss=loss, accuracy=accuracy,
                 tokens=16, params=10, gflops=1.0, train_seconds=2.0, projector=projector)  # fmt: skip
 
 
@@ -67,10 +68,20 @@ def test_budgets_are_met_exactly_or_not_run():
 def test_mg_llava_variant_counts_its_object_tokens_in_the_budget(tmp_path):
     p = bench.projector_options("mg_llava", 16)
     assert (p["num_partial"], p["num_global"]) == (8, 4)  # + 4 object tokens = 16
-    for c in bench.stage_configs(p, 0, 1.0, str(tmp_path), None, False, "fine", mg_llava=True):
+    for c in bench.stage_configs(p, 0, 1.0, str(tmp_path), None, False, "fine", True, "demo"):
         h = c.model.high_res
         assert (h.image_size, h.roi_grid, h.max_boxes) == (512, 128, bench.MG_LLAVA_BOXES)
         assert c.input.image_size == 512 and c.input.max_len == 256 + bench.MG_LLAVA_BOXES
         assert c.model.projector.num_partial == 8 and c.shapes.image_size == 128
-    plain = bench.stage_configs(p, 0, 1.0, str(tmp_path), None, False, "fine")[0]
-    assert plain.model.get("high_res") is None and plain.input.image_size == 128
+    plain = bench.stage_configs(p, 0, 1.0, str(tmp_path), None, False, "fine", budget=16)
+    assert len(plain) == 1 and plain[0].model.get("high_res") is None and plain[0].input.image_size == 128
+    assert plain[0].input.max_len == bench.CAPTION_TEXT["fine"] + 16
+    assert not any("tower" in k for k in plain[0].trainable)  # the caption schedule freezes the tower
+
+
+def test_ablations_run_at_the_smallest_budget_unless_named():
+    cells = bench.plan_cells((16, 64), bench.FULL["variants"], "fine", ablations_everywhere=False)
+    assert {v for v, t in cells if t == 64} == set(bench.FAMILIES)
+    assert {v for v, t in cells if t == 16} == set(bench.FAMILIES + bench.ABLATIONS)
+    named = bench.plan_cells((16, 64), ("pargo_raster",), "fine", ablations_everywhere=True)
+    assert named == [("pargo_raster", 16), ("pargo_raster", 64)]

@@ -95,6 +95,28 @@ def test_one_device_equals_eight(trained, tmp_path):
     assert saved == eight["shapes"]
 
 
+def test_word_groups_score_exactly_their_words(trained):
+    """``groups``: each group's token count is the number of its words in the held-out captions
+    (counted here from the text), the loss and accuracy are over those tokens only, and a word that is
+    not one token fails naming it."""
+    import re
+
+    cfg = {"v": dict(type="perplexity", data=dict(name="shapes", split="val"), groups=shapes.CAPTION_FIELDS)}
+    ev = _build(trained, cfg)["v"]
+    out = dict(ev.run(trained.params))
+    words = [w for r in ev.records()[0] for w in re.findall(r"[a-z]+|[0-9]", r.caption)]
+    for group, members in shapes.CAPTION_FIELDS.items():
+        assert out[f"{group}_tokens"] == sum(w in members for w in words), group
+        assert 0.0 <= out[f"{group}_token_accuracy"] <= 1.0
+        assert (out[f"{group}_loss"] > 0.0) == (out[f"{group}_tokens"] > 0)  # no digits in basic captions
+    assert out["colour_tokens"] > 0 and out["tokens"] > sum(out[f"{g}_tokens"] for g in shapes.CAPTION_FIELDS)
+    plain = dict(_build(trained, {"v": dict(cfg["v"], groups={})})["v"].run(trained.params))
+    assert plain == {k: v for k, v in out.items() if k in plain}  # the groups change nothing else
+    bad = {"v": dict(cfg["v"], groups={"odd": ["hexagonal"]})}
+    with pytest.raises(ValueError, match="'hexagonal' is not one token"):
+        dict(_build(trained, bad)["v"].run(trained.params))
+
+
 def test_undecodable_images_are_skipped_and_counted(trained, tmp_path):
     good = [shapes.make_record("eval", i) for i in range(3)]
     broken = Record("broken/0", b"\x89PNG broken", conversation=list(good[0].conversation))

@@ -4,6 +4,11 @@
 
 Each record is tokenized, masked and padded exactly as in training (``input.max_len``,
 ``input.overlong``, ``input.caption_prompt``); the loss covers the answer tokens only.
+
+``groups={name: [word, ...]}`` also reports ``<name>_loss``, ``<name>_token_accuracy`` and
+``<name>_tokens`` over the answer tokens that are one of those words (alone or after a space), e.g.
+only the colour words of captions: how well each detail of the image reaches the LLM, teacher-forced
+and without decoding.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
 
 from pargo_jax.evaluators import common
 
@@ -30,7 +36,22 @@ def perplexity_metrics(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
     }
 
 
+def word_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    """The ids of ``words`` that are one token, alone or after a space (a word that is neither, e.g.
+    split into pieces or unknown, fails naming it: its group would silently measure nothing)."""
+    ids = []
+    for w in words:
+        pieces = (tokenizer.encode(w), tokenizer.encode(" " + w))
+        found = [e[0] for e in pieces if len(e) == 1 and tokenizer.decode(e).strip() == w]  # not <unk>
+        if not found:
+            raise ValueError(f"groups: {w!r} is not one token of the tokenizer; name single-token words.")
+        ids += found
+    return sorted(set(ids))
+
+
 class PerplexityEvaluator(common.Evaluator):
+    OPTIONS = {"groups": {}}
+
     def evaluate(self, params, out_dir):
         from data_pipelines.schema import BadRecord
         from data_pipelines.text import pack_example
@@ -58,6 +79,12 @@ class PerplexityEvaluator(common.Evaluator):
         rows = p.scores(params, examples, batch_size=self.batch_size)
         kept = [(rec, r) for rec, r in zip(records, rows) if r is not None]
         metrics = perplexity_metrics([r for _, r in kept])
+        for group, words in self.options["groups"].items():
+            ids = word_ids(p.tokenizer, words)
+            masked = [e and dict(e, loss_mask=e["loss_mask"] * np.isin(e["targets"], ids)) for e in examples]
+            sub = [r for r in p.scores(params, masked, batch_size=self.batch_size) if r is not None]
+            m = perplexity_metrics(sub)
+            metrics.update({f"{group}_{k}": m[k] for k in ("loss", "token_accuracy", "tokens")})
         metrics["skipped"] = float(common.process_sum(skipped) + sum(bad.values()))
         predictions = [
             {"id": rec.id, "loss": -r["logprob"] / max(r["tokens"], 1.0), "tokens": int(r["tokens"])}
