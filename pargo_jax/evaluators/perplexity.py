@@ -59,6 +59,7 @@ class PerplexityEvaluator(common.Evaluator):
 
         records, bad = self.records()
         cfg, p = self.config.input, self.predictor
+        groups = {g: word_ids(p.tokenizer, w) for g, w in self.options["groups"].items()}  # fail early
         examples, skipped = [], 0
         for i, rec in enumerate(records):
             if i % jax.process_count() != jax.process_index():  # another process prepares it
@@ -79,8 +80,7 @@ class PerplexityEvaluator(common.Evaluator):
         rows = p.scores(params, examples, batch_size=self.batch_size)
         kept = [(rec, r) for rec, r in zip(records, rows) if r is not None]
         metrics = perplexity_metrics([r for _, r in kept])
-        for group, words in self.options["groups"].items():
-            ids = word_ids(p.tokenizer, words)
+        for group, ids in groups.items():
             masked = [e and dict(e, loss_mask=e["loss_mask"] * np.isin(e["targets"], ids)) for e in examples]
             sub = [r for r in p.scores(params, masked, batch_size=self.batch_size) if r is not None]
             m = perplexity_metrics(sub)
