@@ -60,11 +60,19 @@ def _score(model: VisionLanguageModel, params, batch):
     target = jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     mask = batch["loss_mask"].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-    return {
+    out = {
         "logprob": jnp.sum(target * mask, 1),
         "tokens": jnp.sum(mask, 1),
         "correct": jnp.sum(correct * mask, 1),
     }
+    if "group_masks" in batch:  # (B, G, T): the same sums over each group's tokens, in the same pass
+        groups = batch["group_masks"].astype(jnp.float32) * mask[:, None]
+        out |= {
+            "group_logprob": jnp.einsum("bgt,bt->bg", groups, target),
+            "group_tokens": jnp.sum(groups, 2),
+            "group_correct": jnp.einsum("bgt,bt->bg", groups, correct),
+        }
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -113,7 +121,9 @@ def decode(
 def score(model: VisionLanguageModel, params, batch: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
     """Per row of a training-format batch (``image``, ``input_ids``, ``attention_mask``, ``targets``,
     ``loss_mask``): summed log-likelihood of the masked targets, their number, and how many are the
-    argmax. Host arrays of every row."""
+    argmax. With ``group_masks`` (B, G, T) also ``group_logprob`` / ``group_tokens`` /
+    ``group_correct`` (B, G): the same sums over the masked targets each group selects. Host arrays of
+    every row."""
     return {k: sharding.to_host(v) for k, v in _score(model, params, batch).items()}
 
 
@@ -394,19 +404,26 @@ class Predictor:
                 return
 
     def scores(
-        self, params, examples: Sequence[Mapping[str, np.ndarray] | None], *, batch_size: int = 8
-    ) -> list[dict[str, float] | None]:
+        self,
+        params,
+        examples: Sequence[Mapping[str, np.ndarray] | None],
+        *,
+        batch_size: int = 8,
+        groups: int = 0,
+    ) -> list[dict[str, Any] | None]:
         """:func:`score` over training-format examples (``pack_example`` + ``image``), in order;
         None entries (examples that could not be prepared) stay None. Each process reads only its
-        share of ``examples`` (others may be None there)."""
-        rows: dict[int, dict[str, float]] = {}
+        share of ``examples`` (others may be None there). ``groups`` > 0: every example carries
+        ``group_masks`` (groups, T) and its row the per-group sums as lists."""
+        rows: dict[int, dict[str, Any]] = {}
         batch_size = self.batch_size(batch_size)
         for chunk in shares(len(examples), batch_size):
             real = [examples[i] if i >= 0 else None for i in chunk]
-            template = next((e for e in real if e is not None), None) or self._score_dummy(examples)
+            template = next((e for e in real if e is not None), None) or self._score_dummy(examples, groups)
             index = np.array([i if e is not None else -1 for i, e in zip(chunk, real)], np.int32)
             keys = ("image", "input_ids", "attention_mask", "targets", "loss_mask")
             keys += ("boxes",) if self.max_boxes else ()
+            keys += ("group_masks",) if groups else ()
             stacked = {k: np.stack([(e or template)[k] for e in real]) for k in keys}
             stacked["loss_mask"] = stacked["loss_mask"] * (index >= 0)[:, None]
             batch = sharding.shard_batch({**stacked, "index": index}, self.mesh)
@@ -414,10 +431,10 @@ class Predictor:
                 out = score(self.model, params, {k: v for k, v in batch.items() if k != "index"})
             for r, i in enumerate(sharding.to_host(batch["index"])):
                 if i >= 0:
-                    rows[int(i)] = {k: float(v[r]) for k, v in out.items()}
+                    rows[int(i)] = {k: v[r].tolist() for k, v in out.items()}
         return [rows.get(i) for i in range(len(examples))]
 
-    def _score_dummy(self, examples) -> dict[str, np.ndarray]:
+    def _score_dummy(self, examples, groups: int = 0) -> dict[str, np.ndarray]:
         """A row of the right shapes when this process has no real example in a batch."""
         size, n = self.mcfg.image_size, self.mcfg.num_image_tokens
         width = _agree(max((len(e["input_ids"]) for e in examples if e is not None), default=n))
@@ -426,7 +443,8 @@ class Predictor:
         zeros = np.zeros(width, np.int32)
         return {"image": np.zeros((size, size, 3), np.uint8), "input_ids": ids, "attention_mask": zeros + 1,
                 "targets": zeros, "loss_mask": zeros.astype(np.float32),
-                "boxes": np.zeros((self.max_boxes, 4), np.float32)}  # fmt: skip
+                "boxes": np.zeros((self.max_boxes, 4), np.float32),
+                "group_masks": np.zeros((groups, width), np.float32)}  # fmt: skip
 
 
 def _share_errors(errors: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:

@@ -52,7 +52,8 @@ def test_uint8_pixels_are_normalized_on_device_like_the_host_does():
 @pytest.mark.parametrize("chunk", [3, 16])  # 3 does not divide T = 10 (padded); 16 > T (one block)
 def test_chunked_loss_equals_the_dense_loss_and_gradients(tied, chunk):
     """The chunked cross-entropy (hidden states x output kernel, ``chunk`` positions at a time) gives
-    the dense path's loss, token count and gradients for every param (float32, <= 1e-6 relative)."""
+    the dense path's loss, token count and gradients for every param (float32, <= 1e-6 relative
+    to the gradient's largest entry)."""
     config = MLLMConfig(
         vision=vision_preset("tiny"),
         projector=MLPConfig(vision_width=32, llm_width=16, group=4),
@@ -82,5 +83,6 @@ def test_chunked_loss_equals_the_dense_loss_and_gradients(tied, chunk):
     assert float(n_got) == float(n_want) == float(loss_mask.sum())
     np.testing.assert_allclose(got, want, rtol=1e-6)
     flat_want, flat_got = jax.tree.leaves_with_path(g_want), jax.tree.leaves(g_got)
-    for (path, w), g in zip(flat_want, flat_got, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    for (path, w), g in zip(flat_want, flat_got, strict=True):  # float32 sums in another order
+        atol = 1e-7 + 1e-6 * float(np.abs(w).max())  # 1e-7: exactly-zero grads (key biases) come out ~1e-11
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=atol, err_msg=jax.tree_util.keystr(path))

@@ -84,13 +84,17 @@ def test_padding_rows_batch_size_and_mesh_change_nothing(run, records):
 
 
 def test_score_is_the_log_likelihood_of_the_answer_tokens(run, records):
+    """Sums over the answer tokens, and in the same pass over the answer tokens of 2 token groups
+    (a random half of the positions, and all of them)."""
     trained, predictor = run
     tok, mcfg = trained.tokenizer, trained.mcfg
-    examples = []
+    examples, rng = [], np.random.default_rng(0)
     for r in records[:3]:
         arrays = pack_example(tok, r.messages(), num_image_tokens=mcfg.num_image_tokens, max_len=64)
-        examples.append(dict(arrays, image=predictor.pixels(r.image)))
-    got = predictor.scores(trained.params, examples + [None], batch_size=8)
+        n = len(arrays["targets"])
+        groups = np.stack([rng.random(n) < 0.5, np.ones(n)]).astype(np.float32)  # half, all
+        examples.append(dict(arrays, image=predictor.pixels(r.image), group_masks=groups))
+    got = predictor.scores(trained.params, examples + [None], batch_size=8, groups=2)
     assert got[3] is None
     for ex, g in zip(examples, got):
         batch = {k: jnp.asarray(v)[None] for k, v in ex.items()}
@@ -102,6 +106,13 @@ def test_score_is_the_log_likelihood_of_the_answer_tokens(run, records):
         assert g["tokens"] == mask.sum() > 0
         assert g["logprob"] == pytest.approx(float(picked[mask].sum()), rel=1e-5, abs=1e-4)
         assert g["correct"] == float((logp.argmax(-1) == ex["targets"])[mask].sum())
+        for k, group in enumerate(ex["group_masks"] > 0):
+            sub = mask & group
+            assert g["group_tokens"][k] == sub.sum()
+            assert g["group_logprob"][k] == pytest.approx(float(picked[sub].sum()), rel=1e-5, abs=1e-4)
+            assert g["group_correct"][k] == float((logp.argmax(-1) == ex["targets"])[sub].sum())
+        everything = [g[f"group_{k}"][1] for k in ("logprob", "tokens", "correct")]  # group 1: all
+        assert everything == pytest.approx([g[k] for k in ("logprob", "tokens", "correct")], rel=1e-6)
 
 
 def test_image_tokens_are_the_projector_output(run, records):

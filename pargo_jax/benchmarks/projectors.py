@@ -42,10 +42,13 @@ from typing import Any
 
 import numpy as np
 
-# schedule -> (the metrics its table reports, the headline one: plotted, lower is better when a loss)
+from data_pipelines.shapes import CAPTION_FIELDS
+
+# The metrics a schedule's table reports: the demo's QA accuracies, or the caption loss and the
+# teacher-forced accuracy on each caption field; the headline one is plotted (lower is better if a loss).
 QA_KINDS = ("colour", "shape", "count", "position", "refer", "ground", "digit", "kth", "relation", "accuracy")
-CAPTION_METRICS = ("caption_loss", "colour", "shape", "count", "digit", "position", "token_accuracy")
-SCHEDULES = {"caption": (CAPTION_METRICS, "caption_loss"), "demo": (QA_KINDS, "accuracy")}
+CAPTION_METRICS = ("caption_loss", *CAPTION_FIELDS, "token_accuracy")
+HEADLINE = {"caption": "caption_loss", "demo": "accuracy"}  # schedule -> its headline metric
 METRICS = CAPTION_METRICS + tuple(k for k in QA_KINDS if k not in CAPTION_METRICS)  # a table's column order
 DEFAULT_STEPS = {"caption": 300, "demo": None}  # None: the demo's own (1500 + 4500)
 # The shapes variant -> its image size: the demo tower's 8 px patches give 8 x 8 or 16 x 16 of them.
@@ -177,7 +180,7 @@ def metrics_of(summary: dict[str, Any], schedule: str) -> dict[str, float]:
     """The table's metrics from a run's final summary (``eval/<name>/<metric>`` scalars)."""
     if schedule == "demo":
         return {k: float(summary[f"eval/shapes/{k}"]) for k in QA_KINDS if f"eval/shapes/{k}" in summary}
-    fields = {k: f"eval/val/{k}_token_accuracy" for k in CAPTION_METRICS[1:-1]}
+    fields = {k: f"eval/val/{k}_token_accuracy" for k in CAPTION_FIELDS}
     keys = dict(caption_loss="eval/val/loss", **fields, token_accuracy="eval/val/token_accuracy")
     return {k: float(summary[v]) for k, v in keys.items()}
 
@@ -227,7 +230,7 @@ def train_one(
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1, sort_keys=True)
     os.replace(path + ".tmp", path)
-    headline = SCHEDULES[schedule][1]
+    headline = HEADLINE[schedule]
     log(f"{name}: {seconds:.0f} s, {headline} {result.get(headline, float('nan')):.3f}")
     return result
 
@@ -346,7 +349,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_results/projectors")
     p.add_argument("--quick", action="store_true", help="tiny data, 4 steps a stage: a smoke run")
-    p.add_argument("--schedule", default="caption", choices=tuple(SCHEDULES), help="see the module doc")
+    p.add_argument("--schedule", default="caption", choices=tuple(HEADLINE), help="see the module doc")
     p.add_argument("--budgets", help="comma list of visual-token budgets")
     p.add_argument("--seeds", help="comma list of seeds")
     p.add_argument("--lrs", help="comma list of LR multipliers of the demo's stage LRs")
@@ -385,7 +388,7 @@ def main(argv=None) -> dict:
     with open(stem + ".json", "w") as f:
         json.dump(dict(data=a.data, schedule=a.schedule, steps=steps, jobs=a.jobs, rows=rows, runs=results,
                        wall_seconds=wall), f, indent=1)  # fmt: skip
-    png = plot(rows, stem + ".png", SCHEDULES[a.schedule][1])
+    png = plot(rows, stem + ".png", HEADLINE[a.schedule])
     print(table)
     print(
         f"{len(plan)} runs in {wall:.0f} s ({a.jobs} at a time); wrote {stem}.md, .json"

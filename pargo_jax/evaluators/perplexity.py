@@ -71,19 +71,21 @@ class PerplexityEvaluator(common.Evaluator):
                     num_image_tokens=p.mcfg.num_image_tokens, max_len=cfg.max_len,
                     overlong=cfg.get("overlong", "truncate"), record_id=rec.id,
                 )  # fmt: skip
+                if groups:  # each group's share of the answer tokens, scored in the same pass
+                    hits = [np.isin(arrays["targets"], ids) for ids in groups.values()]
+                    arrays["group_masks"] = np.stack(hits).astype(np.float32)
                 examples.append(
                     p.with_boxes(dict(arrays, image=p.pixels(rec.image, rec.id)), rec.image, rec.boxes)
                 )
             except (BadRecord, PredictError):
                 examples.append(None)
                 skipped += 1
-        rows = p.scores(params, examples, batch_size=self.batch_size)
+        rows = p.scores(params, examples, batch_size=self.batch_size, groups=len(groups))
         kept = [(rec, r) for rec, r in zip(records, rows) if r is not None]
         metrics = perplexity_metrics([r for _, r in kept])
-        for group, ids in groups.items():
-            masked = [e and dict(e, loss_mask=e["loss_mask"] * np.isin(e["targets"], ids)) for e in examples]
-            sub = [r for r in p.scores(params, masked, batch_size=self.batch_size) if r is not None]
-            m = perplexity_metrics(sub)
+        for g, group in enumerate(groups):
+            sums = [{k: r[f"group_{k}"][g] for k in ("logprob", "tokens", "correct")} for _, r in kept]
+            m = perplexity_metrics(sums)
             metrics.update({f"{group}_{k}": m[k] for k in ("loss", "token_accuracy", "tokens")})
         metrics["skipped"] = float(common.process_sum(skipped) + sum(bad.values()))
         predictions = [
