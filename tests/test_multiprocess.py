@@ -76,7 +76,8 @@ def test_two_processes_equal_one_and_resume_on_another_mesh(shapes_dir, tmp_path
     np.testing.assert_allclose([losses(two)[s] for s in want], list(want.values()), rtol=0, atol=1e-5)
     val_two, val_one = eval_metrics(two, "val")[4], eval_metrics(one, "val")[4]
     assert val_two["examples"] == val_one["examples"] == 16
-    for metric in ("loss", "token_accuracy"):
+    assert val_two["colour_tokens"] == val_one["colour_tokens"] > 0  # the groups, shared like the rest
+    for metric in ("loss", "token_accuracy", "colour_loss", "shape_token_accuracy"):
         np.testing.assert_allclose(val_two[metric], val_one[metric], rtol=0, atol=1e-5)
 
     # The 2-process checkpoint of step 2, resumed by 1 process on another mesh, trains on as before.
