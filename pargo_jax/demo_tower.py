@@ -174,9 +174,9 @@ def ensure(out: str, **options) -> bool:
 
 
 if __name__ == "__main__":
-    from pargo_jax.host_memory import keep_freed_memory
+    from pargo_jax.process_setup import prepare_process
 
-    keep_freed_memory()  # before jax starts its threads
+    prepare_process()  # before jax starts its threads
     from absl import app, flags
 
     flags.DEFINE_string("out", "workdir/demo_tower", "Output HF directory.")

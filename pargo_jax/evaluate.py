@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+import ml_collections
 
 
 def _argv_value(argv: list[str], name: str) -> str | None:
@@ -29,39 +25,48 @@ def _argv_value(argv: list[str], name: str) -> str | None:
     return None
 
 
-def main(argv) -> None:
+def evaluate(
+    workdir: str,
+    step: int | None,
+    config: ml_collections.ConfigDict,
+    evals: ml_collections.ConfigDict | None = None,
+) -> None:
+    """The command's work: ``config`` is the run's (``W/config.json``, overridden); ``evals`` replace
+    its ``config.evals`` when given. A run with no evals or no such checkpoint exits with one line."""
     import jax
 
     from pargo_jax import evaluators
     from pargo_jax.models.factory import load_workdir
     from pargo_jax.predict import Predictor
 
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {argv[1:]}; use --config.evals.<name>.<field>=value.")
-    config = flags.FLAGS["config"].value
-    chosen = flags.FLAGS["evals"].value
-    with config.unlocked():
-        if chosen is not None:
-            config.evals = chosen
-    evals = evaluators.evals_config(config)
-    if not evals:
+    if evals is not None:
+        with config.unlocked():
+            config.evals = evals
+    chosen = evaluators.evals_config(config)
+    if not chosen:
         sys.exit("evaluate: the run configures no evals; name some with --evals=experiments/evals.py:shapes")
     try:
-        trained = load_workdir(_WORKDIR.value, _STEP.value)
+        trained = load_workdir(workdir, step)
     except FileNotFoundError as e:
         sys.exit(f"evaluate: {e}")
     predictor = Predictor.from_config(trained.model, trained.tokenizer, trained.mesh, config)
-    built = evaluators.build(evals, predictor, config)
+    built = evaluators.build(chosen, predictor, config)
     if jax.process_index() == 0:
         print(f"Evaluating {trained.workdir} at step {trained.step}: {', '.join(built)}", flush=True)
     evaluators.run_all(built, trained.params, trained.step, trained.workdir, tables=True)
 
 
 if __name__ == "__main__":
-    from pargo_jax.host_memory import keep_freed_memory
+    from pargo_jax.process_setup import prepare_process
 
-    keep_freed_memory()  # before jax starts its threads
+    prepare_process()  # before jax starts its threads
+    from absl import app, flags
+    from ml_collections import config_flags
+
     from pargo_jax import configs
+
+    _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")
+    _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 
     workdir = _argv_value(sys.argv[1:], "workdir")
     if not workdir:
@@ -72,4 +77,10 @@ if __name__ == "__main__":
         sys.exit(f"evaluate: {e}")
     config_flags.DEFINE_config_dict("config", run_config, "The run's config (from W/config.json).")
     config_flags.DEFINE_config_file("evals", None, "An evals file[:names] replacing config.evals.")
+
+    def main(argv) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments {argv[1:]}; use --config.evals.<name>.<field>=value.")
+        evaluate(_WORKDIR.value, _STEP.value, flags.FLAGS["config"].value, flags.FLAGS["evals"].value)
+
     app.run(main)

@@ -207,6 +207,9 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from pargo_jax.process_setup import prepare_process
+
+    prepare_process()  # before jax starts its threads
     from absl import app, flags
 
     flags.DEFINE_string("workdir", None, "Training run directory (config.json, model.json, checkpoints/).")

@@ -64,8 +64,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from pargo_jax.host_memory import keep_freed_memory
+    from pargo_jax.process_setup import prepare_process
 
-    keep_freed_memory()  # before jax starts its threads
+    prepare_process()  # before jax starts its threads
     flags.mark_flags_as_required(["config"])
     app.run(main)

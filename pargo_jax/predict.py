@@ -499,33 +499,49 @@ def read_queries(path: str) -> Iterator[Query | PredictError]:
                 yield PredictError(str(e) if str(e).startswith(qid) else f"{qid}: {e}")
 
 
-def _define_flags() -> None:
+def parse_flags(argv: Sequence[str]):
+    """The command's flags parsed from ``argv`` (no program name), apart from absl's global ``FLAGS``:
+    ``main(["predict"], parse_flags(["--workdir=w", ...]))`` runs the command in this process."""
+    from absl import flags
+
+    values = flags.FlagValues()
+    _define_flags(values)
+    values(["predict", *argv])
+    return values
+
+
+def _define_flags(fv=None) -> None:
+    """The flags, in ``fv`` (default: absl's global ``FLAGS``)."""
     from absl import flags as f
 
-    f.DEFINE_string("workdir", None, "A training run's workdir (config.json, model.json, checkpoints/).")
-    f.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-    f.DEFINE_string("image", None, "An image file to ask about (with --prompt).")
-    f.DEFINE_string("prompt", None, "The question about --image.")
-    f.DEFINE_string("input", None, "JSONL of queries: id, image, prompt or conversation.")
-    f.DEFINE_string("output", None, "JSONL of answers for --input (default: stdout).")
-    f.DEFINE_integer("batch_size", 8, "Queries per batch with --input.")
-    f.DEFINE_integer("max_new_tokens", 64, "Most tokens an answer may have.")
-    f.DEFINE_enum("method", "greedy", ["greedy", "sample", "beam"], "Decoding method.")
-    f.DEFINE_integer("num_beams", 4, "Beams for --method=beam.")
-    f.DEFINE_float("temperature", 1.0, "Sampling temperature.")
-    f.DEFINE_integer("top_k", 0, "Sampling top-k (0: off).")
-    f.DEFINE_float("top_p", 1.0, "Sampling nucleus mass.")
-    f.DEFINE_integer("seed", 0, "Sampling seed.")
-    f.DEFINE_multi_string("stop", [], "A stop string (repeatable): the answer ends after it.")
+    fv = f.FLAGS if fv is None else fv
+    f.DEFINE_string("workdir", None, "A training run's workdir (config.json, model.json, checkpoints/).",
+                    flag_values=fv)  # fmt: skip
+    f.DEFINE_integer("step", None, "Checkpoint step (default: the newest).", flag_values=fv)
+    f.DEFINE_string("image", None, "An image file to ask about (with --prompt).", flag_values=fv)
+    f.DEFINE_string("prompt", None, "The question about --image.", flag_values=fv)
+    f.DEFINE_string("input", None, "JSONL of queries: id, image, prompt or conversation.", flag_values=fv)
+    f.DEFINE_string("output", None, "JSONL of answers for --input (default: stdout).", flag_values=fv)
+    f.DEFINE_integer("batch_size", 8, "Queries per batch with --input.", flag_values=fv)
+    f.DEFINE_integer("max_new_tokens", 64, "Most tokens an answer may have.", flag_values=fv)
+    f.DEFINE_enum("method", "greedy", ["greedy", "sample", "beam"], "Decoding method.", flag_values=fv)
+    f.DEFINE_integer("num_beams", 4, "Beams for --method=beam.", flag_values=fv)
+    f.DEFINE_float("temperature", 1.0, "Sampling temperature.", flag_values=fv)
+    f.DEFINE_integer("top_k", 0, "Sampling top-k (0: off).", flag_values=fv)
+    f.DEFINE_float("top_p", 1.0, "Sampling nucleus mass.", flag_values=fv)
+    f.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+    f.DEFINE_multi_string("stop", [], "A stop string (repeatable): the answer ends after it.", flag_values=fv)
 
 
-def main(argv) -> None:
+def main(argv, flag_values=None) -> None:
+    """The command: ``flag_values`` default to absl's parsed ``FLAGS``; a bad query, image or workdir
+    exits with one line, ``predict: why``."""
     from absl import app, flags
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
     try:
-        run(flags.FLAGS)
+        run(flags.FLAGS if flag_values is None else flag_values)
     except (PredictError, FileNotFoundError) as e:
         sys.exit(f"predict: {e}")
 
@@ -592,9 +608,9 @@ def _answer_file(predictor: Predictor, params, options: DecodeOptions, src: str,
 
 
 if __name__ == "__main__":
-    from pargo_jax.host_memory import keep_freed_memory
+    from pargo_jax.process_setup import prepare_process
 
-    keep_freed_memory()  # before jax starts its threads
+    prepare_process()  # before jax starts its threads
     from absl import app
 
     _define_flags()

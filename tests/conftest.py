@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices and a persistent compile cache, set before jax is imported."""
+"""Test setup: 8 fake CPU devices, fast-compile flags and the shared compile cache, set before jax is
+imported and inherited by every command a test starts (:func:`tests.procs.child_env`)."""
 
 import os
 
@@ -10,24 +11,44 @@ os.environ["XLA_FLAGS"] += (
 # Tests are compile-bound on 2 cores: skip LLVM's expensive optimizations (numerics are unchanged).
 os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
-)
 
-import jax  # noqa: E402
+from pargo_jax.process_setup import use_compile_cache  # noqa: E402
 
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
+use_compile_cache()  # ~/.cache/pargo_jax/jax unless JAX_COMPILATION_CACHE_DIR says otherwise
 
 import pytest  # noqa: E402
 
 
+def once(tmp_path_factory, name: str, build):
+    """``build(path)`` run once for the whole test run, also across pytest-xdist workers: the first
+    worker to ask builds it under a file lock, the others wait for it and reuse the result (a JSON
+    value). Tests only read what it built; what one adds beside it (eval results) no other test reads."""
+    import fcntl
+    import json
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the run's, not the worker's
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / f"{name}.json"
+        if not done.exists():
+            done.write_text(json.dumps(build(str(root / name))))
+        return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> str:
-    """A small shapes build (tests/demo.py's SMALL_SHAPES) shared by the whole session."""
-    from tests.demo import build_shapes
+    """A small shapes build (tests/demo.py's SMALL_SHAPES) and its demo tower, shared by the whole run."""
 
-    return build_shapes(str(tmp_path_factory.mktemp("shapes_session")))
+    def build(path: str) -> str:
+        from pargo_jax import train
+        from tests.demo import build_shapes, demo_config
+
+        build_shapes(path)
+        train.prepare_demo_tower(demo_config(path, 1))
+        return path
+
+    return once(tmp_path_factory, "shapes", build)
 
 
 @pytest.fixture(scope="session")
@@ -38,35 +59,35 @@ def trained_workdir(shapes_dir, tmp_path_factory) -> str:
     from pargo_jax import train
     from tests.demo import demo_config
 
-    config = demo_config(
-        shapes_dir, 60, stage=sft, log_every_steps=10,
-        **{"checkpoint.init_from": None, "checkpoint.every_steps": 30, "optim.lr": 3e-3},
-    )  # fmt: skip
-    config.trainable = base.regex_dict({".*": 1.0})
-    config.evals = evals.get_config("shapes,val")
-    workdir = str(tmp_path_factory.mktemp("trained") / "sft")
-    train.run(config, workdir)
-    return workdir
+    def build(workdir: str) -> str:
+        config = demo_config(
+            shapes_dir, 60, stage=sft, log_every_steps=10,
+            **{"checkpoint.init_from": None, "checkpoint.every_steps": 30, "optim.lr": 3e-3},
+        )  # fmt: skip
+        config.trainable = base.regex_dict({".*": 1.0})
+        config.evals = evals.get_config("shapes,val")
+        train.run(config, workdir)
+        return workdir
+
+    return once(tmp_path_factory, "trained_sft", build)
 
 
 @pytest.fixture(scope="session")
 def mg_llava_workdirs(shapes_dir, tmp_path_factory) -> dict[str, str]:
     """``mg_llava_demo``'s two stages, 3 steps each, through ``python -m pargo_jax.main`` (2 devices):
     ``{"pretrain", "sft"}`` workdirs and ``log``, the SFT command's output."""
-    import subprocess
-    import sys
-
+    from tests import procs
     from tests.demo import demo_flags
 
-    root = tmp_path_factory.mktemp("mg_llava")
-    out = {"pretrain": str(root / "pt"), "sft": str(root / "sft")}
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    for stage, extra in (("pretrain", []), ("sft", [f"--config.checkpoint.init_from={out['pretrain']}"])):
-        cmd = [sys.executable, "-m", "pargo_jax.main", f"--config=experiments/{stage}.py:mg_llava_demo",
-               f"--workdir={out[stage]}", f"--config.input.data_dir={shapes_dir}", "--config.total_steps=3",
-               "--config.optim.warmup_steps=1", "--config.log_every_steps=1", *demo_flags(shapes_dir),
-               *extra]  # fmt: skip
-        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        assert run.returncode == 0, run.stderr[-3000:]
-    out["log"] = run.stderr + run.stdout
-    return out
+    def build(root: str) -> dict[str, str]:
+        out = {"pretrain": os.path.join(root, "pt"), "sft": os.path.join(root, "sft")}
+        for stage, extra in (("pretrain", []), ("sft", [f"--config.checkpoint.init_from={out['pretrain']}"])):
+            args = [f"--config=experiments/{stage}.py:mg_llava_demo", f"--workdir={out[stage]}",
+                    f"--config.input.data_dir={shapes_dir}", "--config.total_steps=3",
+                    "--config.optim.warmup_steps=1", "--config.log_every_steps=1", *demo_flags(shapes_dir),
+                    *extra]  # fmt: skip
+            run = procs.run("pargo_jax.main", *args, devices=2, timeout=900)
+            assert run.returncode == 0, run.stderr[-3000:]
+        return {**out, "log": run.stderr + run.stdout}
+
+    return once(tmp_path_factory, "mg_llava", build)

@@ -38,13 +38,18 @@ def demo_config(data_dir: str, steps: int, *, stage=pretrain, **overrides):
     c.optim.warmup_steps = min(c.optim.warmup_steps, steps)
     c.log_every_steps = 1
     c.sample_at_end = ""
-    for key, value in overrides.items():  # "a.b.c" -> c.a.b.c; top-level keys too
+    return override(c, overrides)
+
+
+def override(config, overrides: dict):
+    """Sets ``{"section.field": value}`` (top-level keys too) as ``--config.section.field=value`` would."""
+    for key, value in overrides.items():
         section, _, field = key.rpartition(".")
-        node = c
+        node = config
         for part in section.split(".") if section else ():
             node = node[part]
         node[field] = value
-    return c
+    return config
 
 
 def metric_rows(workdir: str) -> list[dict]:

@@ -4,21 +4,17 @@ without retraining, and the table's LR choice and seed statistics."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from pargo_jax.benchmarks import projectors as bench
+from tests import procs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def test_quick_run_writes_the_table_and_resumes(tmp_path):
+def test_quick_run_writes_the_table_and_resumes(tmp_path, capsys):
+    """The command line (a subprocess), then the same command in this process: nothing retrained."""
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "pargo_jax.benchmarks.projectors", "--quick", f"--out={out}"]
-    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    first = procs.run("pargo_jax.benchmarks.projectors", "--quick", f"--out={out}")
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "projectors_fine_caption.json").read_text())
     assert {r["variant"] for r in report["runs"]} == {"pargo", "resampler"}
@@ -29,9 +25,8 @@ def test_quick_run_writes_the_table_and_resumes(tmp_path):
     table = (out / "projectors_fine_caption.md").read_text()
     assert "| pargo (8+8) | 16 |" in table and "| resampler | 16 |" in table
     assert (out / "projectors_fine_caption.png").read_bytes()[:4] == b"\x89PNG"
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done before, not retrained") == 2
+    bench.main(["--quick", f"--out={out}"])
+    assert capsys.readouterr().out.count("done before, not retrained") == 2
     assert json.loads((out / "projectors_fine_caption.json").read_text())["runs"] == report["runs"]
 
 

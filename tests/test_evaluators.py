@@ -159,32 +159,24 @@ def test_bad_eval_configs_fail_naming_the_problem(trained, evals, message):
 def test_evals_run_during_training_and_evaluate_reproduces_them(trained, tmp_path):
     """The fixture run logged eval/<name>/* at its last step; the evaluate command on its workdir
     gives the same numbers and writes W/eval/<step>/<name>.json."""
-    import subprocess
-    import sys
-
+    from experiments import evals as evals_file
+    from pargo_jax import configs, evaluate
+    from tests import procs
     from tests.demo import eval_metrics
 
     logged = eval_metrics(trained.workdir, "shapes")
     assert list(logged) == [60]  # log_steps=0: only when training ends
     assert set(logged[60]) >= {"colour", "shape", "count", "position", "accuracy", "examples"}
     assert set(eval_metrics(trained.workdir, "val")[60]) >= {"loss", "perplexity", "token_accuracy"}
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pargo_jax.evaluate", f"--workdir={trained.workdir}",
-         "--config.evals.val.batch_size=8"],
-        cwd=repo, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = procs.run("pargo_jax.evaluate", f"--workdir={trained.workdir}", "--config.evals.val.batch_size=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads(open(os.path.join(trained.workdir, "eval", "60", "shapes.json")).read())
     assert again == pytest.approx(logged[60])
     val = json.loads(open(os.path.join(trained.workdir, "eval", "60", "val.json")).read())
     assert val == pytest.approx(eval_metrics(trained.workdir, "val")[60], rel=1e-5)
     assert "| shapes |" in proc.stdout and "| accuracy |" in proc.stdout
-    earlier = subprocess.run(
-        [sys.executable, "-m", "pargo_jax.evaluate", f"--workdir={trained.workdir}", "--step=30",
-         "--evals=experiments/evals.py:val"],
-        cwd=repo, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert earlier.returncode == 0, earlier.stderr[-3000:]
+    # Another step and the evals of a file, in this process (the same function the command runs).
+    run_config = configs.load_run_config(trained.workdir)
+    evaluate.evaluate(trained.workdir, 30, run_config, evals_file.get_config("val"))
     assert os.path.exists(os.path.join(trained.workdir, "eval", "30", "val.json"))
     assert not os.path.exists(os.path.join(trained.workdir, "eval", "30", "shapes.json"))

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +22,8 @@ from pargo_jax.models import factory, projectors
 from pargo_jax.models.llm import LLMConfig
 from pargo_jax.models.mllm import MLLMConfig
 from pargo_jax.models.vision import vision_preset
+from tests import procs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARGO = dict(hidden=32, heads=4, layers=3, mlp_dim=48, max_positions=32, vision_width=32, llm_width=64)
 VARIANTS = {
     "released-raster": ("pargo", dict(PARGO, num_partial=8, num_global=4)),
@@ -131,10 +129,7 @@ def test_demo_workdir_exports_through_the_command_line(trained_workdir, shapes_d
     from pargo_jax.predict import Predictor, question
 
     out = str(tmp_path / "export")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pargo_jax.export", f"--workdir={trained_workdir}", f"--out={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = procs.run("pargo_jax.export", f"--workdir={trained_workdir}", f"--out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
         "transformers" in proc.stdout and "skipped: not a model the official release can run" in proc.stdout

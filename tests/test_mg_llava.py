@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -156,11 +154,12 @@ def test_mg_llava_preset_shapes():
     assert sum(mcfg.high_res.tower.dims) == 2880 and mcfg.image_size == 768
 
 
-def test_object_boxes_reach_predict_and_scores(mg_llava_workdirs, tmp_path):
+def test_object_boxes_reach_predict_and_scores(mg_llava_workdirs, tmp_path, capsys):
     """``predict --input`` takes each line's ``boxes``; bad boxes skip their line with one message; the
     scores with boxes differ from the scores without (the object tokens are used)."""
     from data_pipelines import shapes
     from data_pipelines.text import pack_example
+    from pargo_jax import predict
     from pargo_jax.models import factory
     from pargo_jax.predict import Predictor
 
@@ -172,15 +171,14 @@ def test_object_boxes_reach_predict_and_scores(mg_llava_workdirs, tmp_path):
     bad = dict(ask, id="bad", boxes=[[4, 4, 1, 1]])  # x2 < x1
     lines = [dict(ask, id="with", boxes=[box]), dict(ask, id="without"), bad]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    cmd = [sys.executable, "-m", "pargo_jax.predict", f"--workdir={ft}", f"--input={tmp_path / 'q.jsonl'}",
-           f"--output={tmp_path / 'a.jsonl'}", "--max_new_tokens=4"]  # fmt: skip
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    capsys.readouterr()
+    args = [f"--workdir={ft}", f"--input={tmp_path / 'q.jsonl'}", f"--output={tmp_path / 'a.jsonl'}"]
+    predict.main(["predict"], predict.parse_flags([*args, "--max_new_tokens=4"]))
+    stderr = capsys.readouterr().err
     answers = {a["id"]: a for a in map(json.loads, open(tmp_path / "a.jsonl"))}
     assert sorted(answers) == ["with", "without"]
-    assert "predict: skipped bad: boxes must be [[x1, y1, x2, y2], ...]" in run.stderr
-    assert "answered 2 of 3 queries (1 skipped)" in run.stderr
+    assert "predict: skipped bad: boxes must be [[x1, y1, x2, y2], ...]" in stderr
+    assert "answered 2 of 3 queries (1 skipped)" in stderr
 
     run = factory.load_workdir(ft)
     p = Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config)

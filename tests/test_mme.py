@@ -3,8 +3,6 @@ file format, both directory layouts, the standalone scorer, and the evaluator en
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import pytest
@@ -14,8 +12,7 @@ from pargo_jax import evaluators, sharding
 from pargo_jax.evaluators import mme
 from pargo_jax.models import factory
 from pargo_jax.predict import Predictor
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import procs
 
 
 @pytest.mark.parametrize(
@@ -71,22 +68,21 @@ def test_results_round_trip_in_the_tool_format(tmp_path):
         mme.read_results(str(tmp_path))
 
 
-def test_standalone_scorer_prints_json_last(tmp_path):
+def test_standalone_scorer_prints_json_last(tmp_path, capsys):
+    """The command line once (a subprocess), then the other rule and a bad directory through the same
+    ``main`` in this process."""
     lines = [("a.jpg", "q", "Yes", "Yes"), ("a.jpg", "q", "No", "It is not visible")]
     mme.write_results(str(tmp_path), {"OCR": lines})
-    out = {}
-    for rule in ("official", "pargo"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "pargo_jax.evaluators.mme", "--results_dir", str(tmp_path), "--rule", rule,
-             "--json"], cwd=REPO, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        out[rule] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["official"] == {"perception": 50.0, "cognition": 0.0, "subtasks": {"OCR": 50.0}}
-    assert out["pargo"]["subtasks"] == {"OCR": 200.0}
-    args = [sys.executable, "-m", "pargo_jax.evaluators.mme", "--results_dir", str(tmp_path / "x")]
-    bad = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and bad.stderr.strip().startswith("mme: No MME results directory")
+    args = ["--results_dir", str(tmp_path), "--rule", "official", "--json"]
+    proc = procs.run("pargo_jax.evaluators.mme", *args, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    official = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert official == {"perception": 50.0, "cognition": 0.0, "subtasks": {"OCR": 50.0}}
+    mme.main(["--results_dir", str(tmp_path), "--rule", "pargo", "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["subtasks"] == {"OCR": 200.0}
+    with pytest.raises(SystemExit) as bad:
+        mme.main(["--results_dir", str(tmp_path / "x")])
+    assert str(bad.value.code).startswith("mme: No MME results directory")
 
 
 def _release(root, subtask, images, nested=True):

@@ -10,29 +10,33 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 
 import numpy as np
 
-from tests.demo import demo_flags, eval_metrics, losses, metric_rows
+from tests import procs
+from tests.demo import demo_config, demo_flags, eval_metrics, losses, metric_rows
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _flags(data_dir: str, workdir: str, mesh: dict[str, int]) -> list[str]:
-    config = {
+def _overrides(data_dir: str, mesh: dict[str, int]) -> dict:
+    return {
         "input.data_dir": data_dir, "input.batch_size": 8, "total_steps": 4, "log_every_steps": 1,
         "optim.warmup_steps": 1, "checkpoint.every_steps": 2, "sample_at_end": "", "evals.val.log_steps": 4,
         **{f"mesh.{axis}": size for axis, size in mesh.items()},
     }  # fmt: skip
+
+
+def _flags(data_dir: str, workdir: str, mesh: dict[str, int]) -> list[str]:
     return [
-        sys.executable, "-m", "pargo_jax.main", "--config=experiments/pretrain.py", f"--workdir={workdir}",
-        *demo_flags(data_dir), *(f"--config.{k}={v}" for k, v in config.items()),
+        "--config=experiments/pretrain.py", f"--workdir={workdir}", *demo_flags(data_dir),
+        *(f"--config.{k}={v}" for k, v in _overrides(data_dir, mesh).items()),
     ]  # fmt: skip
 
 
-def _env(devices: int) -> dict[str, str]:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+def _one_process(data_dir: str, workdir: str, mesh: dict[str, int]) -> None:
+    """The same run in this process (8 devices), as ``python -m pargo_jax.main`` would configure it."""
+    from pargo_jax import train
+
+    train.run(demo_config(data_dir, 4, **_overrides(data_dir, mesh)), workdir)
 
 
 def _free_port() -> int:
@@ -41,36 +45,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _one_process(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def test_two_processes_equal_one_and_resume_on_another_mesh(shapes_dir, tmp_path):
     mesh = {"data": 2, "fsdp": 4, "tensor": 1}
     two, one, resumed = (str(tmp_path / name) for name in ("two", "one", "resumed"))
     job = ["--multihost=yes", f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
-    procs = [
-        subprocess.Popen(
-            [*_flags(shapes_dir, two, mesh), *job, f"--process_id={i}"],
-            cwd=ROOT,
-            env=_env(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
+    workers = [
+        procs.popen("pargo_jax.main", *_flags(shapes_dir, two, mesh), *job, f"--process_id={i}", devices=4,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
         for i in range(2)
     ]
     try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
+        logs = [p.communicate(timeout=600)[0] for p in workers]
     finally:
-        for p in procs:
+        for p in workers:
             p.kill()
-    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert [p.returncode for p in workers] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "Process 1/2" in logs[1] and "Process 0/2" in logs[0]
     assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]
 
-    _one_process(_flags(shapes_dir, one, mesh))
+    _one_process(shapes_dir, one, mesh)
     want = losses(one)
     assert sorted(want) == [1, 2, 3, 4] and len(set(want.values())) == 4
     np.testing.assert_allclose([losses(two)[s] for s in want], list(want.values()), rtol=0, atol=1e-5)
@@ -86,6 +79,6 @@ def test_two_processes_equal_one_and_resume_on_another_mesh(shapes_dir, tmp_path
     rows = [r for r in metric_rows(resumed) if r["step"] <= 2]
     with open(os.path.join(resumed, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    _one_process(_flags(shapes_dir, resumed, {"data": 2, "fsdp": 2, "tensor": 2}))
+    _one_process(shapes_dir, resumed, {"data": 2, "fsdp": 2, "tensor": 2})
     again = losses(resumed)
     np.testing.assert_allclose([again[3], again[4]], [want[3], want[4]], rtol=0, atol=1e-5)

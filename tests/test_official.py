@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 import random
-import subprocess
 import sys
 
 import jax
@@ -19,6 +18,7 @@ from pargo_jax.convert.official import load_projector
 from pargo_jax.convert.tables import ConversionError
 from pargo_jax.models.projectors import ParGo
 from pargo_jax.param_tree import flatten
+from tests import procs
 
 SHAPE = dict(num_partial=8, num_global=4, hidden=64, heads=2, layers=2, mlp_dim=96, vision_width=48,
              llm_width=40, max_positions=40)  # fmt: skip
@@ -293,7 +293,7 @@ def _tiny_llm_tokenizer(path) -> str:
     return prepare_tokenizer(src, str(path / "tokenizer"))
 
 
-def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir):
+def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir, capsys):
     """python -m pargo_jax.convert.official -> a workdir that predict answers from (the release's
     prompt and input crop) and that fine-tuning starts from."""
     import shutil
@@ -301,12 +301,12 @@ def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir):
     from data_pipelines import shapes
     from data_pipelines.text import load_tokenizer
     from experiments import base
-    from pargo_jax import configs, train
+    from experiments import evals as evals_file
+    from pargo_jax import configs, evaluate, predict, train
     from pargo_jax.convert.official import load_model
     from pargo_jax.models import factory
     from tests.torch_refs.tiny_llm import checkpoint
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     llm = str(tmp_path / "internlm2")  # the tiny InternLM2 with room for the release's long prompt
     shutil.copytree(checkpoint("internlm2")[1], llm)
     hf = json.load(open(os.path.join(llm, "config.json")))
@@ -314,10 +314,9 @@ def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir):
     src, tok = str(tmp_path / "pargo.bin"), _tiny_llm_tokenizer(tmp_path)
     official_checkpoint(src)
     work = str(tmp_path / "official")
-    cmd = [sys.executable, "-m", "pargo_jax.convert.official", f"--checkpoint={src}", f"--llm_path={llm}",
-           f"--tokenizer={tok}", f"--workdir={work}", "--num_partial=8", "--num_heads=2",
-           "--vision_heads=2"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    proc = procs.run("pargo_jax.convert.official", f"--checkpoint={src}", f"--llm_path={llm}",
+                     f"--tokenizer={tok}", f"--workdir={work}", "--num_partial=8", "--num_heads=2",
+                     "--vision_heads=2")  # fmt: skip
     assert proc.returncode == 0 and "--evals=experiments/evals.py:mme_release" in proc.stdout, proc.stderr[
         -2000:
     ]
@@ -337,20 +336,17 @@ def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir):
     )
     image = tmp_path / "x.png"
     image.write_bytes(shapes.draw_scene(shapes.sample_scene(random.Random(0), 64), 64, 20))
-    proc = subprocess.run([sys.executable, "-m", "pargo_jax.predict", f"--workdir={work}", f"--image={image}",
-                           "--prompt=is there a circle?", "--max_new_tokens=3"],
-                          cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # predict and evaluate (their command lines are run by their own tests) read the workdir.
+    ask = [f"--workdir={work}", f"--image={image}", "--prompt=is there a circle?", "--max_new_tokens=3"]
+    predict.main(["predict"], predict.parse_flags(ask))
     # MME as released: its rule and suffix, 4-beam search (3 new tokens here instead of 100).
     from tests.test_mme import _pairs, _release
 
     _release(tmp_path / "MME", "color", {f"img{i}": _pairs(i) for i in range(2)})
-    proc = subprocess.run([sys.executable, "-m", "pargo_jax.evaluate", f"--workdir={work}",
-                           "--evals=experiments/evals.py:mme_release",
-                           f"--evals.mme_release.data.dir={tmp_path / 'MME'}",
-                           "--evals.mme_release.max_new_tokens=3"],
-                          cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0 and "perception" in proc.stdout, proc.stderr[-2000:]
+    mme = evals_file.get_config("mme_release")
+    mme.mme_release.data.dir, mme.mme_release.max_new_tokens = str(tmp_path / "MME"), 3
+    evaluate.evaluate(work, None, configs.load_run_config(work), mme)
+    assert "perception" in capsys.readouterr().out
     # Fine-tuning starts from it: every part from the workdir, full training, two steps on shapes data.
     config = configs.load_run_config(work)
     with config.unlocked():

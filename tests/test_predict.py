@@ -3,8 +3,6 @@ nothing, one device == eight, streaming == batch decoding, and the command line 
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +12,12 @@ import pytest
 from data_pipelines import schema, shapes
 from data_pipelines.builders import open_source
 from data_pipelines.text import pack_example, prompt_ids
-from pargo_jax import sharding
+from pargo_jax import predict, sharding
 from pargo_jax.generate import generate, stream
 from pargo_jax.models import factory
 from pargo_jax.models.llm import CausalLM
 from pargo_jax.predict import DecodeOptions, PredictError, Predictor, conversation, question
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import procs
 
 
 @pytest.fixture(scope="module")
@@ -158,20 +155,15 @@ def test_bad_queries_are_named():
 
 
 # --- the command line --------------------------------------------------------------------------------
-def _predict(*args, check=True):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pargo_jax.predict", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
+def _predict(*args):
+    proc = procs.run("pargo_jax.predict", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-def test_command_answers_an_image_and_a_jsonl_file(run, records, tmp_path):
+def test_command_answers_an_image_and_a_jsonl_file(run, records, tmp_path, capsys):
+    """The command line answers one image (a subprocess, as a user runs it) and a JSONL file of good
+    and bad queries (the same ``main``, in this process)."""
     trained, predictor = run
     images = []
     for i, r in enumerate(records[:2]):
@@ -196,18 +188,20 @@ def test_command_answers_an_image_and_a_jsonl_file(run, records, tmp_path):
     ]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + "not json\n")
     out = tmp_path / "a.jsonl"
-    proc = _predict("--workdir", trained.workdir, "--input", str(tmp_path / "q.jsonl"), "--output", str(out),
-                    "--batch_size", "4")  # fmt: skip
+    capsys.readouterr()
+    args = ["--workdir", trained.workdir, "--input", str(tmp_path / "q.jsonl"), "--output", str(out)]
+    predict.main(["predict"], predict.parse_flags([*args, "--batch_size", "4"]))
+    stderr = capsys.readouterr().err
     answers = [json.loads(x) for x in out.read_text().splitlines()]
     expected = predictor.answers(trained.params, _queries(records, 2), DecodeOptions())
     assert answers == [{"id": "a", "answer": want["answer"]}, {"id": "b", "answer": expected[1]["answer"]}]
-    skipped = [x for x in proc.stderr.splitlines() if x.startswith("predict: skipped")]
-    assert len(skipped) == 4, proc.stderr
+    skipped = [x for x in stderr.splitlines() if x.startswith("predict: skipped")]
+    assert len(skipped) == 4, stderr
     assert any("c:" in x and "not found" in x for x in skipped)
     assert any("d:" in x and "does not decode" in x for x in skipped)
     assert any("e:" in x and "prompt is empty" in x for x in skipped)
     assert any("line 6" in x and "not a JSON object" in x for x in skipped)
-    assert "answered 2 of 6 queries (4 skipped)" in proc.stderr
+    assert "answered 2 of 6 queries (4 skipped)" in stderr
 
 
 @pytest.mark.parametrize(
@@ -231,8 +225,7 @@ def test_command_errors_are_one_clear_line(trained_workdir, tmp_path, make_args,
     untrained.mkdir()
     for name in ("config.json", "model.json"):
         (untrained / name).write_text(open(os.path.join(trained_workdir, name)).read())
-    proc = _predict(*make_args(trained_workdir, str(tmp_path)), check=False)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("predict: ") and message in lines[-1], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) as exited:  # sys.exit("predict: ..."): that one line, no traceback
+        predict.main(["predict"], predict.parse_flags(make_args(trained_workdir, str(tmp_path))))
+    line = str(exited.value.code)
+    assert line.startswith("predict: ") and message in line and "\n" not in line, line

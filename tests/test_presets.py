@@ -1,5 +1,6 @@
-"""Every non-demo preset starts through ``python -m pargo_jax.main`` on tiny random checkpoints in the
-files' real layouts and trains a few steps, pretrain then SFT from it:
+"""Every non-demo preset starts on tiny random checkpoints in the files' real layouts and trains a few
+steps, pretrain then SFT from it, configured as ``python -m pargo_jax.main --config.K=V`` flags would
+(in this process: the command line itself is run by the demo's tests):
 
   paper         EVA-CLIP ``.pt`` (a whole CLIP: ``visual.*`` tower keys with EVA-CLIP's names, text
                 tower beside it), InternLM2 HF directory (fused ``wqkv``, sharded safetensors),
@@ -9,27 +10,28 @@ files' real layouts and trains a few steps, pretrain then SFT from it:
 and the other layouts the presets take (a whole CLIPModel directory, a Llama directory) in the
 ``siglip_qwen2`` preset's place.
 
-Shapes are shrunk with ``--config.*`` flags only (tower / LLM sizes come from the files); data is a
+Shapes are shrunk with config overrides only (tower / LLM sizes come from the files); data is a
 small LLaVA-format JSON built with ``python -m data_pipelines.build``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from experiments import pretrain
+from experiments import sft as sft_stage
+from pargo_jax import export
 from tests import demo
 from tests.test_bert_init import tiny_bert
 from tests.torch_refs.eva02 import Eva, evaclip_state
 from tests.torch_refs.tiny_llm import COMMON, write_internlm2
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 192  # the shapes tokenizer's 180 words fit
 PROJECTOR = dict(num_partial=4, num_global=2, hidden=64, heads=4, layers=2, mlp_dim=96, max_positions=64)
 
@@ -104,11 +106,16 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     return {**_llms(root), **_towers(root), "bert": bert, "data": _llava(root)}
 
 
-def _main(experiment: str, workdir: str, flags: dict) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pargo_jax.main", f"--config={experiment}", f"--workdir={workdir}"]
-    cmd += [f"--config.{k}={v}" for k, v in flags.items()]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def _train(stage, preset: str, workdir: str, flags: dict, caplog) -> str:
+    """``python -m pargo_jax.main --config=experiments/STAGE.py:PRESET --config.K=V ...`` on 2 devices, in
+    this process (``main`` itself is run by the demo's command-line tests); returns what it logged."""
+    from pargo_jax import train
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="absl"):  # data_pipelines.build quiets absl to ERRORs
+        train.run(demo.override(stage.get_config(preset), {**flags, "mesh.num_devices": 2}), workdir)
+    # what main's console shows: orbax's INFO chatter is filtered out there
+    return "\n".join(r.getMessage() for r in caplog.records if "/orbax/" not in r.pathname)
 
 
 PRESETS = {"paper": ("eva", "internlm2", 28), "siglip_qwen2": ("siglip", "qwen2", 28)}
@@ -132,21 +139,16 @@ def _common(checkpoints, tower: str, llm: str, size: int) -> dict:
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_pretrain_then_sft_through_main(preset, checkpoints, tmp_path):
+def test_preset_pretrain_then_sft(preset, checkpoints, tmp_path, caplog):
     common = _common(checkpoints, *PRESETS[preset])
     pre, sft = str(tmp_path / "pretrain"), str(tmp_path / "sft")
-    run = _main(
-        f"experiments/pretrain.py:{preset}",
-        pre,
-        {**common, "model.projector.init_from_bert": checkpoints["bert"]},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "ParGo from BERT" in run.stderr and "Initialized" not in run.stderr
+    log = _train(pretrain, preset, pre, {**common, "model.projector.init_from_bert": checkpoints["bert"]},
+                 caplog)  # fmt: skip
+    assert "ParGo from BERT" in log and "Initialized" not in log
     losses = demo.losses(pre)
     assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))
-    run = _main(f"experiments/sft.py:{preset}", sft, {**common, "checkpoint.init_from": pre})
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert f"Initialized projector from {pre}" in run.stderr
+    log = _train(sft_stage, preset, sft, {**common, "checkpoint.init_from": pre}, caplog)
+    assert f"Initialized projector from {pre}" in log
     assert sorted(demo.losses(sft)) == [1, 2, 3]
     model = json.load(open(os.path.join(sft, "model.json")))
     assert model["llm"]["lora_rank"] == 256 and model["projector"]["num_partial"] == 4
@@ -155,9 +157,7 @@ def test_preset_pretrain_then_sft_through_main(preset, checkpoints, tmp_path):
         return
     # The paper model exports to the release's layout, which load_model reads back to the same function.
     out = str(tmp_path / "export")
-    run = subprocess.run([sys.executable, "-m", "pargo_jax.export", f"--workdir={sft}", f"--out={out}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    export.export_workdir(sft, out)
     parts = json.load(open(os.path.join(out, "export.json")))["parts"]
     assert not any(str(where).startswith("skipped") for where in parts.values()), parts
     import jax
@@ -194,7 +194,7 @@ def test_preset_pretrain_then_sft_through_main(preset, checkpoints, tmp_path):
         np.testing.assert_array_equal(x, trained_llm[k].astype(np.float32))
 
 
-def test_clip_and_llama_directories_train_through_main(checkpoints, tmp_path):
+def test_clip_and_llama_directories_train(checkpoints, tmp_path, caplog):
     """A whole CLIPModel directory (the preset's penultimate layer; its CLS token must be dropped for
     ParGo's windows, which one line says) and a Llama directory in the ``siglip_qwen2`` preset's place."""
     workdir = str(tmp_path / "pretrain")
@@ -202,11 +202,10 @@ def test_clip_and_llama_directories_train_through_main(checkpoints, tmp_path):
         **_common(checkpoints, "clip", "llama", 28),
         "model.projector.init_from_bert": checkpoints["bert"],
     }
-    run = _main("experiments/pretrain.py:siglip_qwen2", workdir, flags)
-    assert run.returncode == 1 and "set config.model.vision.overrides.drop_cls=True" in run.stderr
+    with pytest.raises(ValueError, match=r"set config.model.vision.overrides.drop_cls=True\.$"):
+        _train(pretrain, "siglip_qwen2", workdir, flags, caplog)
     flags["model.vision.overrides.drop_cls"] = True
-    run = _main("experiments/pretrain.py:siglip_qwen2", workdir, flags)
-    assert run.returncode == 0, run.stderr[-3000:]
+    _train(pretrain, "siglip_qwen2", workdir, flags, caplog)
     losses = demo.losses(workdir)
     assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))
     model = json.load(open(os.path.join(workdir, "model.json")))

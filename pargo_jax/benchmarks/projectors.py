@@ -345,6 +345,17 @@ def _prepare(out: str, data: str, quick: bool, schedule: str) -> None:
     train.prepare_demo_tower(c)
 
 
+def _trained(run: tuple, out: str, data: str, schedule: str) -> bool:
+    """Whether ``run`` (variant, budget, seed, lr_scale) has its ``result.json`` (no process needed)."""
+    return os.path.exists(os.path.join(out, data, schedule, run_name(*run), "result.json"))
+
+
+def _done(result: dict) -> concurrent.futures.Future:
+    future = concurrent.futures.Future()
+    future.set_result(result)
+    return future
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_results/projectors")
@@ -373,7 +384,8 @@ def main(argv=None) -> dict:
     kw = dict(steps=steps, quick=a.quick, data=a.data, schedule=a.schedule)
     spawn = multiprocessing.get_context("spawn")  # a fresh JAX per run: no fork of a started runtime
     with concurrent.futures.ProcessPoolExecutor(max(1, a.jobs), mp_context=spawn) as pool:
-        futures = [pool.submit(train_one, *run, a.out, **kw) for run in plan]
+        futures = [_done(train_one(*run, a.out, **kw)) if _trained(run, a.out, a.data, a.schedule)
+                   else pool.submit(train_one, *run, a.out, **kw) for run in plan]  # fmt: skip
         for i, (run, future) in enumerate(zip(plan, futures)):
             print(f"[{i + 1}/{len(plan)}] {run_name(*run)}", flush=True)
             future.result()  # in plan order; a failed run stops the benchmark with its error
@@ -398,7 +410,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from pargo_jax.host_memory import keep_freed_memory
+    from pargo_jax.process_setup import prepare_process
 
-    keep_freed_memory()  # before jax starts its threads
+    prepare_process()  # before jax starts its threads
     main()

@@ -563,16 +563,17 @@ def _child_env() -> None:
     """Sets the forced host device count before jax is imported (child mode only)."""
     if "--devices" not in sys.argv:
         return
-    n = sys.argv[sys.argv.index("--devices") + 1]
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    flags += _args([x for x in sys.argv[1:] if x != "--quick"]).xla_flags.split()  # --xla_flags="..."
-    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
+    from pargo_jax.process_setup import set_host_device_count
+
+    n = int(sys.argv[sys.argv.index("--devices") + 1])
+    extra = _args([x for x in sys.argv[1:] if x != "--quick"]).xla_flags  # --xla_flags="..."
+    set_host_device_count(n, extra)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 if __name__ == "__main__":
-    from pargo_jax.host_memory import keep_freed_memory
+    from pargo_jax.process_setup import prepare_process
 
-    keep_freed_memory()  # before jax starts its threads
+    prepare_process()  # before jax starts its threads
     _child_env()
     main()

@@ -425,6 +425,9 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from pargo_jax.process_setup import prepare_process
+
+    prepare_process()  # before jax starts its threads
     from absl import app, flags
 
     flags.DEFINE_string("checkpoint", None, "The official ParGo checkpoint (.bin / .pth / .safetensors).")
