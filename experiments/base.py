@@ -33,6 +33,7 @@ def base() -> ml_collections.ConfigDict:
     c.loss_chunk = 0  # positions per cross-entropy block, never holding the (B, T, V) logits (0: all)
     c.model = ml_collections.ConfigDict()
     c.model.dtype = "float32"  # compute dtype of tower, projector and LLM ("bfloat16" on accelerators)
+    c.model.frozen_dtype = "float32"  # storage of params that get no gradient (real presets: bfloat16)
     c.model.vision = dict(path=placeholder(str), format="hf", preset="tiny", overrides={})
     c.model.projector = dict(name="pargo")
     c.model.llm = dict(path=placeholder(str), config={}, overrides={})
@@ -92,6 +93,7 @@ def paper_model(c: ml_collections.ConfigDict) -> None:
     """EVA02-CLIP-L/14-336 (last block, CLS dropped, no final norm) -> ParGo 288 + 16 (BERT-small width)
     -> InternLM2-7B, as in the official release."""
     c.model.dtype = "bfloat16"
+    c.model.frozen_dtype = "bfloat16"  # the frozen tower / LLM: half the memory, trained parts stay float32
     c.model.vision = dict(
         path="checkpoints/EVA02_CLIP_L_336_psz14_s6B.pt", format="eva02", preset="eva02-L/14-336",
         overrides=dict(drop_cls=True, final_norm=False),
@@ -120,6 +122,7 @@ def paper_model(c: ml_collections.ConfigDict) -> None:
 def siglip_qwen2_model(c: ml_collections.ConfigDict) -> None:
     """SigLIP-so400m/14-384 (penultimate layer) -> ParGo 288 + 16 -> Qwen2.5-7B-Instruct."""
     c.model.dtype = "bfloat16"
+    c.model.frozen_dtype = "bfloat16"  # the frozen tower / LLM: half the memory, trained parts stay float32
     c.model.vision = dict(
         path="checkpoints/siglip-so400m-patch14-384", format="hf", preset="so400m-384",
         overrides=dict(feature_layer=-2, drop_cls=False),  # drop_cls=True for a CLIP tower here
@@ -152,6 +155,7 @@ def mg_llava_model(c: ml_collections.ConfigDict) -> None:
     maps them to Vicuna-7B; object tokens from up to ``max_boxes`` detector boxes (RoIAlign 56 x 56
     over the 4 ConvNeXt stages upsampled to 192, averaged, Linear-GELU-Linear) follow the image tokens."""
     c.model.dtype = "bfloat16"
+    c.model.frozen_dtype = "bfloat16"  # the frozen tower / LLM: half the memory, trained parts stay float32
     c.model.vision = dict(
         path="checkpoints/clip-vit-large-patch14-336", format="hf", preset="clip-L/14-336",
         overrides=dict(feature_layer=-2, drop_cls=True),

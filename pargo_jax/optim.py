@@ -85,6 +85,19 @@ def trainable_labels(params, trainable: Mapping[str, float], strict: bool = True
     return labels
 
 
+def store_frozen(params, labels, dtype: str):
+    """``params`` with every floating leaf labelled frozen stored in ``dtype`` (``model.frozen_dtype``):
+    they get no gradient and no optimizer state, so bfloat16 halves their memory and nothing else."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"model.frozen_dtype={str(dtype)!r}; use 'float32', 'bfloat16' or 'float16'.")
+
+    def store(p, lab):
+        return p.astype(dtype) if lab == FROZEN and jnp.issubdtype(p.dtype, jnp.floating) else p
+
+    return jax.tree.map(store, params, labels)
+
+
 def trainable_mask(labels):
     """Tree of bools (True = trains) from :func:`trainable_labels` output."""
     return jax.tree.map(lambda lab: lab != FROZEN, labels)

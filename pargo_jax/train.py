@@ -162,6 +162,7 @@ def init_state(setup: TrainSetup, config, mesh) -> tuple[TrainState, Any]:
     """The first train state (params from ``factory.init_params``, fresh optimizer state) and its
     shardings."""
     params = factory.init_params(setup.parts, config)
+    params = optim.store_frozen(params, setup.labels, config.model.get("frozen_dtype", "float32"))
     train, _ = split_params(params, setup.labels)
     replicated = jax.NamedSharding(mesh, jax.P())
     train_shardings = split_params(setup.parts.shardings, setup.labels)[0]

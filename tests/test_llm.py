@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from flax import linen as nn
 from pargo_jax import sharding
 from pargo_jax.convert.hf import load_llm
 from pargo_jax.convert.tables import ConversionError
+from pargo_jax.models.llm import unscanned
 from tests.torch_refs.tiny_llm import FAMILIES, checkpoint
 
 IDS = np.random.RandomState(0).randint(3, 128, (2, 11))
@@ -89,6 +91,11 @@ def test_scan_layers_with_remat_equals_unscanned():
     g_scan = jax.jit(jax.grad(loss(scanned)))(svars)["params"]["layers"]["mlp"]["down"]["kernel"][1]
     g_flat = jax.jit(jax.grad(loss(module)))(variables)["params"]["layers_1"]["mlp"]["down"]["kernel"]
     np.testing.assert_allclose(g_scan, g_flat, atol=1e-6)
+    # ... and unscanned() lays the stack out as the unscanned import does, array for array.
+    config, params = unscanned(scanned.config, svars["params"])
+    assert not config.scan_layers and config == dataclasses.replace(scanned.config, scan_layers=False)
+    assert jax.tree.structure(params) == jax.tree.structure(variables["params"])
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params, variables["params"])))
 
 
 def test_bf16_params_and_compute_close_to_fp32():

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -15,15 +14,14 @@ import pytest
 from experiments import base, pretrain, sft
 from pargo_jax import checkpoints, sharding, train
 from pargo_jax.models import factory
-from tests.demo import build_shapes, demo_config, demo_flags, losses
+from tests import procs
+from tests.demo import demo_config, demo_flags, losses
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """One small shapes build shared by every run of this module."""
-    return build_shapes(str(tmp_path_factory.mktemp("shapes")))
+@pytest.fixture
+def data_dir(shapes_dir):
+    """The session's small shapes build (and its demo tower)."""
+    return shapes_dir
 
 
 def demo(data_dir, steps, *, stage=pretrain, **overrides):
@@ -112,6 +110,42 @@ def test_bfloat16_compute_trains_like_float32(data_dir, tmp_path):
     assert model["llm"]["param_dtype"] == model["vision"]["param_dtype"] == "float32"
 
 
+def test_bfloat16_frozen_storage_trains_like_float32_and_round_trips(data_dir, tmp_path):
+    """``model.frozen_dtype="bfloat16"`` (the real presets') stores the frozen tower and LLM in bfloat16,
+    the trained projector and its Adam moments in float32: over 4 steps the losses stay within 1% of
+    float32 storage; the checkpoint holds those dtypes and restores them; export writes the stored values."""
+    from safetensors.numpy import load_file
+
+    from pargo_jax import export
+
+    runs, trainable = {}, base.regex_dict({"projector/.*": 1.0})
+    for dtype in ("float32", "bfloat16"):
+        config = demo(data_dir, 4, **{"model.frozen_dtype": dtype, "checkpoint.every_steps": 4})
+        config.trainable = trainable
+        train.run(config, str(tmp_path / dtype))
+        runs[dtype] = np.array(list(losses(str(tmp_path / dtype)).values()))
+    np.testing.assert_allclose(runs["bfloat16"], runs["float32"], rtol=0.01)
+    assert not np.array_equal(runs["bfloat16"], runs["float32"])
+
+    workdir = str(tmp_path / "bfloat16")
+    fresh, saved = initial_and_saved(config, str(tmp_path / "again"), restore_from=(workdir, 4))
+    dtypes = lambda tree: {str(x.dtype) for x in jax.tree.leaves(tree)}
+    assert dtypes(saved.params["vision_tower"]) == dtypes(saved.params["llm"]) == {"bfloat16"}
+    assert dtypes(saved.params["projector"]) == dtypes(saved.opt_state) - {"int32"} == {"float32"}
+    same = jax.tree.map(np.array_equal, fresh.params["llm"], saved.params["llm"])  # frozen: untouched
+    assert all(jax.tree.leaves(same)) and dtypes(fresh.params["llm"]) == {"bfloat16"}
+
+    out = str(tmp_path / "export")
+    export.export_workdir(workdir, out)
+    written = load_file(os.path.join(out, "vision_tower", "model.safetensors"))
+    patch = saved.params["vision_tower"]["patch_embed"]["kernel"]
+    assert written["embeddings.patch_embedding.weight"].dtype == np.float32
+    np.testing.assert_array_equal(
+        written["embeddings.patch_embedding.weight"],
+        np.asarray(patch, np.float32).transpose(3, 2, 0, 1),
+    )
+
+
 def test_nonfinite_losses_skip_updates_then_stop_naming_records(data_dir, tmp_path):
     config = demo(data_dir, 20, max_nonfinite_steps=3, **{"optim.lr": 1e30, "optim.clip_norm": 1e30})
     with pytest.raises(FloatingPointError) as err:
@@ -132,10 +166,8 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(data_dir, tmp
         "--config.total_steps=1000", "--config.log_every_steps=1", f"--config.input.data_dir={data_dir}",
         f"--workdir={killed}", "--config.sample_at_end=", *demo_flags(data_dir),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pargo_jax.main", "--config=experiments/pretrain.py", *args],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = procs.popen("pargo_jax.main", "--config=experiments/pretrain.py", *args,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.time() + 600
         while not os.path.isdir(os.path.join(killed, "checkpoints", "4")):
@@ -159,10 +191,8 @@ def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
         "--config.total_steps=1000", "--config.log_every_steps=1", "--config.checkpoint.every_steps=500",
         f"--config.input.data_dir={data_dir}", f"--workdir={workdir}", *demo_flags(data_dir),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pargo_jax.main", "--config=experiments/pretrain.py", *args],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = procs.popen("pargo_jax.main", "--config=experiments/pretrain.py", *args,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     metrics_file = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 600
     while not (os.path.exists(metrics_file) and len(open(metrics_file).readlines()) >= 3):

@@ -109,6 +109,45 @@ def pipeline_rate(cfg: dict, num_images: int, num_image_tokens: int, warmup_batc
     return steps * cfg["batch_size"] / dt
 
 
+def write_bench_records(
+    data_dir: str, num_images: int, batch_size: int, num_records: int, width: int, height: int
+) -> list[bytes]:
+    """Writes the ``bench_images`` dataset (split ``train``: ``num_records`` records cycling through
+    synthetic JPEGs with shapes-set captions) into ``data_dir``; returns the distinct JPEGs."""
+    from data_pipelines import shapes
+    from data_pipelines.builders import write_records
+    from data_pipelines.schema import Record
+
+    n_data = max(batch_size * 4, min(num_images, 512))
+    data = synthetic_jpegs(n_data, width, height)
+    captions = [shapes.make_record("pretrain", i).caption for i in range(n_data)]
+    # more records than distinct images: grain's index shuffle is slow on tiny datasets (< ~1k)
+    n_rec = max(num_records, n_data)
+    recs = [Record(f"bench/{i}", data[i % n_data], caption=captions[i % n_data]) for i in range(n_rec)]
+    write_records(data_dir, "bench_images", {"train": recs}, progress=False)
+    return data
+
+
+def bench_input_config(
+    data_dir: str, batch_size: int, size: int, resize: str, max_len: int, num_workers: int,
+    normalize: bool = False, prefetch: int = 2,
+) -> dict:  # fmt: skip
+    """``config.input`` reading :func:`write_bench_records`' dataset with the shapes tokenizer."""
+    from data_pipelines import shapes
+
+    return dict(
+        sources=[dict(name="bench_images", data_dir=data_dir, split="train")],
+        batch_size=batch_size,
+        tokenizer=shapes.ASSET_TOKENIZER,
+        image_size=size,
+        resize=resize,
+        max_len=max_len,
+        num_workers=num_workers,
+        prefetch=prefetch,
+        normalize=normalize,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
         prog="python -m pargo_jax.benchmarks.input", description=__doc__.split("\n")[0]
@@ -129,38 +168,20 @@ def main(argv: list[str] | None = None) -> dict:
     import logging
 
     logging.getLogger("absl").setLevel(logging.ERROR)
-    from data_pipelines import shapes
-    from data_pipelines.builders import write_records
-    from data_pipelines.schema import Record
-
     w, h = (int(v) for v in args.source_size.split("x"))
-    n_data = max(args.batch_size * 4, min(args.num_images, 512))
-    data = synthetic_jpegs(n_data, w, h)
-    captions = [shapes.make_record("pretrain", i).caption for i in range(n_data)]
     tmp = None
     data_dir = args.data_dir
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="pargo_bench_input_")
         data_dir = tmp.name
-    # more records than distinct images: grain's index shuffle is slow on tiny datasets (< ~1k)
-    n_rec = max(args.num_records, n_data)
-    recs = [Record(f"bench/{i}", data[i % n_data], caption=captions[i % n_data]) for i in range(n_rec)]
-    write_records(data_dir, "bench_images", {"train": recs}, progress=False)
+    data = write_bench_records(data_dir, args.num_images, args.batch_size, args.num_records, w, h)
 
     rows = []
     for size in args.sizes:
 
         def cfg(nw, normalize=False, prefetch=2, size=size):
-            return dict(
-                sources=[dict(name="bench_images", data_dir=data_dir, split="train")],
-                batch_size=args.batch_size,
-                tokenizer=shapes.ASSET_TOKENIZER,
-                image_size=size,
-                resize=args.resize,
-                max_len=args.max_len,
-                num_workers=nw,
-                prefetch=prefetch,
-                normalize=normalize,
+            return bench_input_config(
+                data_dir, args.batch_size, size, args.resize, args.max_len, nw, normalize, prefetch
             )
 
         from data_pipelines.pipeline import make_iterator
@@ -239,4 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from pargo_jax.process_setup import prepare_process
+
+    prepare_process()  # before jax starts its threads
     main()

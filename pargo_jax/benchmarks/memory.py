@@ -25,7 +25,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 
@@ -83,7 +82,7 @@ def state_bytes(stage: str, mesh) -> dict[str, int]:
     """Params and optimizer-state bytes per device of ``stage`` on ``mesh``, and the global counts."""
     import jax
 
-    from pargo_jax import sharding, train
+    from pargo_jax import optim, sharding, train
 
     config = paper_config(stage)
     with sharding.mesh_context(mesh):
@@ -94,10 +93,13 @@ def state_bytes(stage: str, mesh) -> dict[str, int]:
         opt = jax.eval_shape(setup.tx.init, trainable)
         opt_shardings = train.optimizer_shardings(setup.tx, trainable, train_shardings,
                                                   jax.NamedSharding(mesh, jax.P()))  # fmt: skip
+        frozen_dtype = config.model.frozen_dtype
+        stored = jax.eval_shape(lambda p: optim.store_frozen(p, setup.labels, frozen_dtype), abstract)
     count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
     return dict(
-        params=_bytes(abstract, shardings), optimizer=_bytes(opt, opt_shardings),
-        num_params=count(abstract), num_trainable=count(trainable),
+        params=_bytes(stored, shardings), params_float32=_bytes(abstract, shardings),
+        optimizer=_bytes(opt, opt_shardings), num_params=count(abstract), num_trainable=count(trainable),
+        frozen_dtype=frozen_dtype,
     )  # fmt: skip
 
 
@@ -145,9 +147,11 @@ def mesh_choices(n: int) -> list[dict[str, int]]:
 
 
 def main(argv=None) -> dict:
+    from pargo_jax.process_setup import set_host_device_count
+
     a = _args(argv)
     counts = [int(x) for x in a.devices.split(",")]
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={max(counts)}"
+    set_host_device_count(max(counts))
     import jax
 
     from experiments import pretrain, sft
@@ -187,7 +191,8 @@ def main(argv=None) -> dict:
 
 def table(rows: list[dict], variants: list[str]) -> str:
     """Markdown; ``total`` = params + optimizer + the smallest activations."""
-    head = "| stage | devices | mesh | batch / device (micro x accum) | params | optimizer |"
+    head = "| stage | devices | mesh | batch / device (micro x accum) | params (frozen float32) | params |"
+    head += " optimizer |"
     for v in variants:
         remat, chunk = v.split(":")
         head += (
@@ -199,11 +204,15 @@ def table(rows: list[dict], variants: list[str]) -> str:
         acts = [r[f"activations_{v}"] for v in variants]
         total = r["params"] + r["optimizer"] + (min(acts) if acts else 0)
         cells = [r["stage"], r["devices"], r["mesh"], f"{r['per_device_batch']} ({r['microbatch']} x "
-                 f"{r['grad_accum_steps']})", f"{r['params'] / GB:.1f} GB", f"{r['optimizer'] / GB:.2f} GB",
+                 f"{r['grad_accum_steps']})", f"{r['params_float32'] / GB:.1f} GB",
+                 f"{r['params'] / GB:.1f} GB ({r['frozen_dtype']})", f"{r['optimizer'] / GB:.2f} GB",
                  *(f"{x / GB:.1f} GB" for x in acts), f"{total / GB:.1f} GB"]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
+    from pargo_jax.process_setup import prepare_process
+
+    prepare_process()  # before jax starts its threads
     main()

@@ -36,7 +36,7 @@ from pargo_jax.models.vision import VisionConfig, vision_preset
 MODEL_FILE = "model.json"
 TOKENIZER_DIR = "tokenizer"
 PARTS = ("vision_tower", "projector", "llm", "high_res_tower", "fusion", "box_projector")
-MODEL_KEYS = {"vision", "projector", "llm", "dtype", "high_res"}
+MODEL_KEYS = {"vision", "projector", "llm", "dtype", "frozen_dtype", "high_res"}
 HIGH_RES_KEYS = {"path", "preset", "image_size", "fusion", "max_boxes", "roi_output", "roi_grid"}
 VISION_KEYS = {"path", "format", "preset", "overrides"}
 LLM_KEYS = {"path", "config", "overrides"}

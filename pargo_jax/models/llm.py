@@ -65,7 +65,9 @@ class LLMConfig:
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None  # None (XLA picks) | "xla" | "cudnn"
+    # None: auto (cuDNN's fused kernel where attention.choose_implementation allows it, else XLA) |
+    # "xla" | "cudnn" (an error where cuDNN cannot take the call)
+    attention_impl: str | None = None
     # LoRA adapters on every projection whose module path matches ``lora_targets`` (see :func:`proj`).
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -220,7 +222,11 @@ class Attention(nn.Module):
             k, v = k_all[layer], v_all[layer]
         k = nn.with_logical_constraint(k, ("batch", "length", "act_heads", None))
         v = nn.with_logical_constraint(v, ("batch", "length", "act_heads", None))
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=c.attention_impl)
+        # Without a cache the mask is padding only and causality is structural (cuDNN skips the masked
+        # upper triangle); with one, the mask holds both (query slots start at the cache index).
+        out = attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask, causal=kv is None, implementation=c.attention_impl
+        )
         out = proj(c, (c.hidden_size,), 2, ("heads", "head_dim", "embed"), "o")(out)
         return out, kv
 
@@ -255,6 +261,19 @@ class DecoderLayer(nn.Module):
         x = x + MLP(c, name="mlp")(norm("post_attn_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return (x, kv, layer + 1), None
+
+
+def unscanned(config: LLMConfig, params: dict[str, Any]) -> tuple[LLMConfig, dict[str, Any]]:
+    """The same model with one weight buffer per layer (``layers_i``) instead of the ``scan_layers``
+    stack: what decoding wants, since a scanned step slices every layer's weights out of the stack
+    anew for every token. ``params`` is the LLM's unboxed tree; unscanned input is returned as is."""
+    if not config.scan_layers:
+        return config, params
+    params = dict(params)
+    stack = params.pop("layers")
+    for i in range(config.num_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stack)
+    return dataclasses.replace(config, scan_layers=False), params
 
 
 def _layer_class(config: LLMConfig):
@@ -348,9 +367,13 @@ class CausalLM(nn.Module):
         freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(c))
         emb = jnp.concatenate([freqs, freqs], -1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
-        q_slot = index + jnp.arange(t)
-        causal = jnp.arange(kv_mask.shape[1])[None, :] <= q_slot[:, None]  # (T, S)
-        attn_mask = causal[None, None] & kv_mask[:, None, None, :]  # (B, 1, T, S)
+        # Without a cache: padding only (B, 1, 1, S), the attention core adds causality. With one: the
+        # slots up to each query's own (T, S) too.
+        attn_mask = kv_mask[:, None, None, :]
+        if cache is not None:
+            q_slot = index + jnp.arange(t)
+            causal = jnp.arange(kv_mask.shape[1])[None, :] <= q_slot[:, None]  # (T, S)
+            attn_mask = causal[None, None] & attn_mask  # (B, 1, T, S)
 
         carry = (x, None if cache is None else (cache.k, cache.v), jnp.zeros((), jnp.int32))
         for blk in [self.layers] if c.scan_layers else self.blocks:
