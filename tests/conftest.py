@@ -61,7 +61,7 @@ def trained_workdir(shapes_dir, tmp_path_factory) -> str:
 
     def build(workdir: str) -> str:
         config = demo_config(
-            shapes_dir, 60, stage=sft, log_every_steps=10,
+            shapes_dir, 60, stage=sft, log_every_steps=10, mesh=dict(data=-1, fsdp=1, tensor=1),  # 8 devices
             **{"checkpoint.init_from": None, "checkpoint.every_steps": 30, "optim.lr": 3e-3},
         )  # fmt: skip
         config.trainable = base.regex_dict({".*": 1.0})
@@ -74,20 +74,36 @@ def trained_workdir(shapes_dir, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def mg_llava_workdirs(shapes_dir, tmp_path_factory) -> dict[str, str]:
-    """``mg_llava_demo``'s two stages, 3 steps each, through ``python -m pargo_jax.main`` (2 devices):
-    ``{"pretrain", "sft"}`` workdirs and ``log``, the SFT command's output."""
-    from tests import procs
-    from tests.demo import demo_flags
+    """``mg_llava_demo``'s two stages, 3 steps each, on 2 devices, configured as ``python -m
+    pargo_jax.main --config=experiments/STAGE.py:mg_llava_demo`` would be: ``{"pretrain", "sft"}``
+    workdirs and ``log``, what the SFT run printed."""
+    import contextlib
+    import io
+
+    from experiments import pretrain, sft
+    from pargo_jax import train
+    from tests.demo import demo_config
 
     def build(root: str) -> dict[str, str]:
         out = {"pretrain": os.path.join(root, "pt"), "sft": os.path.join(root, "sft")}
-        for stage, extra in (("pretrain", []), ("sft", [f"--config.checkpoint.init_from={out['pretrain']}"])):
-            args = [f"--config=experiments/{stage}.py:mg_llava_demo", f"--workdir={out[stage]}",
-                    f"--config.input.data_dir={shapes_dir}", "--config.total_steps=3",
-                    "--config.optim.warmup_steps=1", "--config.log_every_steps=1", *demo_flags(shapes_dir),
-                    *extra]  # fmt: skip
-            run = procs.run("pargo_jax.main", *args, devices=2, timeout=900)
-            assert run.returncode == 0, run.stderr[-3000:]
-        return {**out, "log": run.stderr + run.stdout}
+        stages = {"pretrain": (pretrain, {}), "sft": (sft, {"checkpoint.init_from": out["pretrain"]})}
+        for name, (stage, extra) in stages.items():
+            config = demo_config(shapes_dir, 3, stage=stage, preset="mg_llava_demo", **{
+                "optim.warmup_steps": 1, "mesh.num_devices": 2, **extra})  # fmt: skip
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                train.run(config, out[name])
+        return {**out, "log": printed.getvalue()}
 
     return once(tmp_path_factory, "mg_llava", build)
+
+
+# Tests on a trained workdir pay for its training (the 60-step demo run, MG-LLaVA's two stages) unless
+# another test built it first: they are slow by construction and leave the fast tier.
+SLOW_FIXTURES = {"trained_workdir", "mg_llava_workdirs"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

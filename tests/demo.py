@@ -26,10 +26,12 @@ def demo_flags(data_dir: str) -> list[str]:
     return flags + [f"--config.model.vision.path={os.path.join(data_dir, 'demo_tower')}"]
 
 
-def demo_config(data_dir: str, steps: int, *, stage=pretrain, **overrides):
-    """The demo preset of ``stage`` on ``data_dir`` for ``steps`` steps, logging every step, no sample;
-    ``overrides``: ``{"section.field": value}``."""
-    c = stage.get_config()
+def demo_config(data_dir: str, steps: int, *, stage=pretrain, preset: str | None = None, **overrides):
+    """The ``preset`` (default ``demo``) of ``stage`` on ``data_dir`` for ``steps`` steps, logging every
+    step, no sample, on ONE device unless ``overrides`` name the mesh (``"mesh"`` or ``"mesh.*"``): 8
+    fake devices cost partitioning and collectives that only sharding tests need. ``overrides``:
+    ``{"section.field": value}``."""
+    c = stage.get_config(preset)
     c.shapes.update(SMALL_SHAPES)
     c.demo_tower.update(SMALL_TOWER)
     c.model.vision.path = os.path.join(data_dir, "demo_tower")  # built once per shapes build
@@ -38,6 +40,8 @@ def demo_config(data_dir: str, steps: int, *, stage=pretrain, **overrides):
     c.optim.warmup_steps = min(c.optim.warmup_steps, steps)
     c.log_every_steps = 1
     c.sample_at_end = ""
+    if not any(k == "mesh" or k.startswith("mesh.") for k in overrides):
+        c.mesh.num_devices = 1
     return override(c, overrides)
 
 

@@ -18,6 +18,7 @@ def _positive(d: dict, *keys: str) -> None:
         assert isinstance(d[k], int | float) and math.isfinite(d[k]) and d[k] > 0, (k, d[k])
 
 
+@pytest.mark.slow  # every part of the check, compiled, in one process
 def test_accelerator_tiny_command(tmp_path):
     run = procs.run("pargo_jax.benchmarks.accelerator", "--tiny", "--out", str(tmp_path), devices=1)
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]

@@ -11,10 +11,11 @@ from pargo_jax.benchmarks import projectors as bench
 from tests import procs
 
 
+@pytest.mark.slow  # the --quick grid: two trainings in a 2-process pool
 def test_quick_run_writes_the_table_and_resumes(tmp_path, capsys):
     """The command line (a subprocess), then the same command in this process: nothing retrained."""
     out = tmp_path / "bench"
-    first = procs.run("pargo_jax.benchmarks.projectors", "--quick", f"--out={out}")
+    first = procs.run("pargo_jax.benchmarks.projectors", "--quick", f"--out={out}", devices=1)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "projectors_fine_caption.json").read_text())
     assert {r["variant"] for r in report["runs"]} == {"pargo", "resampler"}

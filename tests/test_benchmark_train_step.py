@@ -11,6 +11,9 @@ import pytest
 
 from pargo_jax.benchmarks import train_step as bench
 
+# The benchmark's 1- and 8-device subprocesses compile every variant: slow by construction.
+pytestmark = pytest.mark.slow
+
 # One benchmark invocation (1 and 8 devices) for every row kind: each extra invocation costs two
 # subprocess start-ups (jax, torch, model builds).
 VARIANTS = "pargo:stage1,pargo:stage1:32,mlp:full,mg_llava:full"

@@ -55,6 +55,7 @@ def test_low_res_path_is_torchs_bilinear_downsample():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow  # two models with ConvNeXt paths compiled
 def test_conv_gate_model_starts_as_the_one_tower_model():
     mcfg = tiny()
     model, params = init(mcfg)

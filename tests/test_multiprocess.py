@@ -12,6 +12,7 @@ import socket
 import subprocess
 
 import numpy as np
+import pytest
 
 from tests import procs
 from tests.demo import demo_config, demo_flags, eval_metrics, losses, metric_rows
@@ -45,13 +46,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes form one job, then two reference runs
 def test_two_processes_equal_one_and_resume_on_another_mesh(shapes_dir, tmp_path):
     mesh = {"data": 2, "fsdp": 4, "tensor": 1}
     two, one, resumed = (str(tmp_path / name) for name in ("two", "one", "resumed"))
     job = ["--multihost=yes", f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
     workers = [
-        procs.popen("pargo_jax.main", *_flags(shapes_dir, two, mesh), *job, f"--process_id={i}", devices=4,
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        procs.popen(
+            "pargo_jax.main",
+            *_flags(shapes_dir, two, mesh),
+            *job,
+            f"--process_id={i}",
+            devices=4,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
         for i in range(2)
     ]
     try:

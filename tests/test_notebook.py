@@ -8,7 +8,10 @@ from __future__ import annotations
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+from tests import procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,10 +20,12 @@ def _text(cell) -> str:
     return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
 
 
+@pytest.mark.slow  # a kernel, pip, both demo stages through main
 def test_colab_notebook_runs_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("PARGO_DEMO_QUICK", "1")
     monkeypatch.setenv("PARGO_DEMO_WORKDIR", str(tmp_path / "workdir"))
     monkeypatch.delenv("PARGO_JAX_DIR", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", procs.child_env(devices=1)["XLA_FLAGS"])  # a CPU runtime: one device
     path = os.path.join(ROOT, "launch", "colab_demo.ipynb")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(

@@ -293,6 +293,7 @@ def _tiny_llm_tokenizer(path) -> str:
     return prepare_tokenizer(src, str(path / "tokenizer"))
 
 
+@pytest.mark.slow  # the converter command, predict, MME, two fine-tuning steps
 def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir, capsys):
     """python -m pargo_jax.convert.official -> a workdir that predict answers from (the release's
     prompt and input crop) and that fine-tuning starts from."""

@@ -32,6 +32,9 @@ from tests.test_bert_init import tiny_bert
 from tests.torch_refs.eva02 import Eva, evaclip_state
 from tests.torch_refs.tiny_llm import COMMON, write_internlm2
 
+# tiny checkpoints in four layouts, then pretrain + SFT of each preset: slow by construction
+pytestmark = pytest.mark.slow
+
 VOCAB = 192  # the shapes tokenizer's 180 words fit
 PROJECTOR = dict(num_partial=4, num_global=2, hidden=64, heads=4, layers=2, mlp_dim=96, max_positions=64)
 

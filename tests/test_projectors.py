@@ -142,6 +142,7 @@ def test_clear_errors(name, options, n, message):
     [dict(name="resampler", num_queries=9, hidden=32, heads=4, layers=2, mlp_dim=64),
      dict(name="c_abstractor", num_queries=9, hidden=32, depth=1)],
 )  # fmt: skip
+@pytest.mark.slow  # a demo run per projector family
 def test_trains_in_the_demo_and_loads_back(projector, shapes_dir, tmp_path):
     from pargo_jax import train
     from pargo_jax.models import factory

@@ -48,6 +48,7 @@ def initial_and_saved(config, workdir, *, restore_from=None, with_parts=False):
     return (initial, saved, parts) if with_parts else (initial, saved)
 
 
+@pytest.mark.slow  # 30 demo steps: the loss must have time to fall
 def test_demo_loss_falls_and_frozen_tower_is_untouched(data_dir, tmp_path):
     config = demo(data_dir, 30, **{"optim.warmup_steps": 5, "checkpoint.every_steps": 30})
     config.trainable = base.regex_dict({"projector/.*": 1.0, "llm/.*": 1.0})  # the tower out of it
@@ -74,6 +75,7 @@ def test_demo_loss_falls_and_frozen_tower_is_untouched(data_dir, tmp_path):
     assert all(jax.tree.leaves(changed))
 
 
+@pytest.mark.slow  # four meshes, four compiles of the 8-device step
 def test_sharded_mesh_and_grad_accumulation_equal_single_device(data_dir, tmp_path):
     """... and the chunked cross-entropy (32 of the 128 positions at a time) equals the full logits."""
     runs = {}
@@ -94,6 +96,7 @@ def test_sharded_mesh_and_grad_accumulation_equal_single_device(data_dir, tmp_pa
         )
 
 
+@pytest.mark.slow  # two runs, two compiles
 def test_bfloat16_compute_trains_like_float32(data_dir, tmp_path):
     """``model.dtype="bfloat16"`` (tower, projector and LLM compute; params and optimizer stay float32):
     over 4 steps the losses stay within 2% of the float32 run's, and they are not the same numbers."""
@@ -110,6 +113,7 @@ def test_bfloat16_compute_trains_like_float32(data_dir, tmp_path):
     assert model["llm"]["param_dtype"] == model["vision"]["param_dtype"] == "float32"
 
 
+@pytest.mark.slow  # two runs, a restore and an export
 def test_bfloat16_frozen_storage_trains_like_float32_and_round_trips(data_dir, tmp_path):
     """``model.frozen_dtype="bfloat16"`` (the real presets') stores the frozen tower and LLM in bfloat16,
     the trained projector and its Adam moments in float32: over 4 steps the losses stay within 1% of
@@ -156,6 +160,7 @@ def test_nonfinite_losses_skip_updates_then_stop_naming_records(data_dir, tmp_pa
     assert not all(np.isfinite(list(rows.values())))
 
 
+@pytest.mark.slow  # a real process to kill, plus the straight run
 def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(data_dir, tmp_path):
     common = {"optim.schedule": "constant", "optim.warmup_steps": 0, "checkpoint.every_steps": 2}
     straight = str(tmp_path / "straight")
@@ -166,7 +171,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(data_dir, tmp
         "--config.total_steps=1000", "--config.log_every_steps=1", f"--config.input.data_dir={data_dir}",
         f"--workdir={killed}", "--config.sample_at_end=", *demo_flags(data_dir),
     ]  # fmt: skip
-    proc = procs.popen("pargo_jax.main", "--config=experiments/pretrain.py", *args,
+    proc = procs.popen("pargo_jax.main", "--config=experiments/pretrain.py", *args, devices=1,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.time() + 600
@@ -185,13 +190,14 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(data_dir, tmp
         assert b[step] == pytest.approx(a[step], abs=1e-6), step
 
 
+@pytest.mark.slow  # a real process to signal
 def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
     workdir = str(tmp_path / "preempted")
     args = [
         "--config.total_steps=1000", "--config.log_every_steps=1", "--config.checkpoint.every_steps=500",
         f"--config.input.data_dir={data_dir}", f"--workdir={workdir}", *demo_flags(data_dir),
     ]  # fmt: skip
-    proc = procs.popen("pargo_jax.main", "--config=experiments/pretrain.py", *args,
+    proc = procs.popen("pargo_jax.main", "--config=experiments/pretrain.py", *args, devices=1,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     metrics_file = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 600
@@ -215,6 +221,7 @@ def test_sft_starts_from_the_pretrain_projector(data_dir, tmp_path):
         assert all(jax.tree.leaves(same)), part
 
 
+@pytest.mark.slow  # a run, then decoding through the predictor
 def test_sample_at_end_is_the_predictors_answer(data_dir, tmp_path, capsys):
     from data_pipelines import schema
     from data_pipelines.builders import open_source
@@ -241,8 +248,8 @@ def test_sample_at_end_is_the_predictors_answer(data_dir, tmp_path, capsys):
     "mutate, error, message",
     [
         (lambda c: c.__setitem__("learning_rate", 1.0), ValueError, "Unknown key(s) 'learning_rate'"),
-        (lambda c: c.mesh.update(data=3, fsdp=-1), ValueError, "cannot fill 8 devices"),
-        (lambda c: c.mesh.update(data=3), ValueError, "has 3 devices but 8 are available"),
+        (lambda c: c.mesh.update(data=3, fsdp=-1, num_devices=None), ValueError, "cannot fill 8 devices"),
+        (lambda c: c.mesh.update(data=3, num_devices=None), ValueError, "has 3 devices but 8 are available"),
         (lambda c: c.model.llm.update(path="/nonexistent/llm"), FileNotFoundError, "'/nonexistent/llm'"),
         (lambda c: c.checkpoint.update(init_from="/nonexistent/run"), FileNotFoundError, "/nonexistent/run"),
     ],
