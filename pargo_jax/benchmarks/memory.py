@@ -140,7 +140,10 @@ def activation_bytes(preset: str, stage: str, remat: str, loss_chunk: int) -> Ca
         config = preset_config(preset, stage, layers=layers, remat=remat)
         with sharding.mesh_context(mesh):
             setup = train.build_model(config, _tokenizer(preset), mesh)
-            params = _stored(setup, config)
+            # float32 storage here: with bfloat16-stored frozen weights XLA:CPU's temps grew from 4.0
+            # to 31.9 GB (paper, full remat), about a float32 copy of the LLM (it has no bfloat16
+            # matmul): a CPU artefact that says nothing of a GPU or TPU.
+            params = setup.parts.abstract
             trainable, _ = train.split_params(params, setup.labels)
             scalar = jax.ShapeDtypeStruct((), jnp.int32)
             opt = jax.eval_shape(setup.tx.init, trainable)
