@@ -4,8 +4,9 @@
 - XLA's compiled programs persist across runs in one cache outside any checkout
   (:func:`compile_cache_dir`), so a second run of the same shapes skips compiling.
 
-``JAX_COMPILATION_CACHE_DIR`` wins when set (an empty value turns the cache off), and
-``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` (default here 0.5 s) sets which programs are kept.
+``JAX_COMPILATION_CACHE_DIR`` wins when set (an empty value turns the cache off),
+``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` (default here 0.5 s) sets which programs are kept and
+``JAX_COMPILATION_CACHE_MAX_SIZE`` (default here 4 GiB, least recently used out first) its size.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pargo_jax.host_memory import keep_freed_memory
 
 MIN_COMPILE_SECONDS = "0.5"  # programs that compile faster are cheaper to rebuild than to read back
+MAX_CACHE_BYTES = str(4 << 30)  # the whole test suite's programs take ~60 MB
 
 
 def compile_cache_dir() -> str:
@@ -31,6 +33,7 @@ def use_compile_cache() -> str:
     path = compile_cache_dir()
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", MIN_COMPILE_SECONDS)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", MAX_CACHE_BYTES)
     if "jax" in sys.modules:  # imported already: the environment is read only at import
         import jax
 
@@ -39,6 +42,7 @@ def use_compile_cache() -> str:
             "jax_persistent_cache_min_compile_time_secs",
             float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
         )
+        jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
     return path
 
 
