@@ -31,7 +31,7 @@ import numpy as np
 
 from pargo_jax import sharding
 from pargo_jax.generate import GenerateOutput, generate, stream
-from pargo_jax.models.llm import CausalLM, LLMConfig, unscanned
+from pargo_jax.models.llm import CausalLM, unscanned
 from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this: one compilation per bucket
@@ -110,19 +110,12 @@ def decode(
     embeds = _embed(model, params, batch["image"], batch["input_ids"], batch.get("boxes"))
     o = options
     return generate(
-        *_decoding_llm(model.config.llm, params["llm"]), inputs_embeds=embeds,
+        CausalLM(model.config.llm), {"params": params["llm"]}, inputs_embeds=embeds,
         attention_mask=batch["attention_mask"], max_new_tokens=o.max_new_tokens, method=o.method,
         eos_token_id=list(eos_ids), pad_token_id=pad_id, temperature=o.temperature, top_k=o.top_k,
         top_p=o.top_p, seed=o.seed, num_beams=o.num_beams, length_penalty=o.length_penalty,
         stop_strings=o.stop_strings, detokenize=detokenize,
     )  # fmt: skip
-
-
-def _decoding_llm(config: LLMConfig, llm_params) -> tuple[CausalLM, dict[str, Any]]:
-    """The LLM as decoding runs it: scanned layers laid out one buffer per layer (``llm.unscanned``; on
-    an H200 greedy decoding at batch 1 ran 1.63x faster so), at the cost of one copy of the weights."""
-    config, llm_params = unscanned(config, llm_params)
-    return CausalLM(config), {"params": llm_params}
 
 
 def score(model: VisionLanguageModel, params, batch: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
@@ -230,6 +223,19 @@ class Predictor:
     ):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.resize, self.mean = resize, tuple(mean)
+        self._decoding: tuple = (None, model, None)  # (params, model, params) laid out for decoding
+
+    def for_decoding(self, params) -> tuple[VisionLanguageModel, Any]:
+        """The model and ``params`` as decoding runs them: a scanned LLM laid out one buffer per layer
+        (``llm.unscanned``; on an H200 greedy decoding at batch 1 ran 1.63x faster so). Converted once
+        per params tree (one copy of the LLM's weights), not per batch."""
+        if not self.mcfg.llm.scan_layers:
+            return self.model, params
+        if self._decoding[0] is not params:
+            config, llm = unscanned(self.mcfg.llm, params["llm"])
+            model = VisionLanguageModel(dataclasses.replace(self.mcfg, llm=config))
+            self._decoding = (params, model, {**params, "llm": llm})
+        return self._decoding[1:]
 
     @classmethod
     def from_config(cls, model: VisionLanguageModel, tokenizer, mesh, config) -> Predictor:
@@ -364,7 +370,7 @@ class Predictor:
                 arrays["boxes"] = np.stack([p["boxes"] for p in prepared])
             batch = sharding.shard_batch(arrays, self.mesh)
             with sharding.mesh_context(self.mesh):
-                out = decode(self.model, params, batch, options, eos_ids=stop_ids, pad_id=tok.pad_id,
+                out = decode(*self.for_decoding(params), batch, options, eos_ids=stop_ids, pad_id=tok.pad_id,
                              detokenize=tok.decode)  # fmt: skip
             for r, i in enumerate(sharding.to_host(batch["index"])):
                 if i >= 0:
@@ -391,12 +397,13 @@ class Predictor:
             )
         tok = self.tokenizer
         images, ids = self.pixels(query.image, query.id)[None], self.prompt(query)[None]
+        model, params = self.for_decoding(params)
         with sharding.mesh_context(self.mesh):
-            embeds = _embed(self.model, params, images, ids)
+            embeds = _embed(model, params, images, ids)
         tokens: list[int] = []
         shown = ""
         for t in stream(
-            *_decoding_llm(self.mcfg.llm, params["llm"]), inputs_embeds=embeds,
+            CausalLM(model.config.llm), {"params": params["llm"]}, inputs_embeds=embeds,
             max_new_tokens=options.max_new_tokens, method=options.method, eos_token_id=tok.stop_ids,
             temperature=options.temperature, top_k=options.top_k, top_p=options.top_p, seed=options.seed,
         ):  # fmt: skip

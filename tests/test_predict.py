@@ -55,6 +55,27 @@ def _by_hand(trained, predictor, query, max_new_tokens):
     return out.tokens[0, : int(out.lengths[0])].tolist()
 
 
+def test_a_scanned_llm_decodes_unscanned_once_with_the_same_answers(run, records):
+    """``Predictor.for_decoding``: the LLM's layers stacked as ``scan_layers`` stores them are laid out
+    one buffer per layer once per params tree, and the answers are those of the unscanned model."""
+    import dataclasses
+
+    from pargo_jax.models.mllm import VisionLanguageModel
+
+    trained, predictor = run
+    llm = dict(trained.params["llm"])
+    blocks = [llm.pop(f"layers_{i}") for i in range(trained.mcfg.llm.num_layers)]
+    llm["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    mcfg = dataclasses.replace(trained.mcfg, llm=dataclasses.replace(trained.mcfg.llm, scan_layers=True))
+    scanned = Predictor(VisionLanguageModel(mcfg), trained.tokenizer, trained.mesh)
+    params = {**trained.params, "llm": llm}
+    model, unstacked = scanned.for_decoding(params)
+    assert not model.config.llm.scan_layers and "layers" not in unstacked["llm"]
+    assert scanned.for_decoding(params)[1] is unstacked  # converted once, not per batch
+    queries, options = _queries(records, 3), DecodeOptions(max_new_tokens=8)
+    assert scanned.answers(params, queries, options) == predictor.answers(trained.params, queries, options)
+
+
 def test_answers_equal_the_model_run_by_hand(run, records):
     trained, predictor = run
     queries = _queries(records, 5)
