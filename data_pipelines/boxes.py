@@ -6,8 +6,9 @@ Formats (all written as ``[x1,y1,x2,y2]``):
   * ``pixel``   integer pixels: ``[16,32,64,112]``
 
 Frames: ``original`` measures coordinates on the original ``width x height`` image; ``square``
-measures them on the image padded (centred) to a ``max(w, h)`` square, which is what the model sees
-after the ``letterbox`` resize (LLaVA / ParGo ``expand2square``).
+measures them on the image padded (centred, integer offset) to a ``max(w, h)`` square, which is what
+the model sees after the ``letterbox`` resize (LLaVA / ParGo ``expand2square``): the same
+:func:`data_pipelines.frame.square_frame` as the pixels.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import re
 from collections.abc import Sequence
 
 import numpy as np
+
+from data_pipelines.frame import square_frame
 
 FORMATS = ("norm3", "int1000", "pixel")
 FRAMES = ("square", "original")
@@ -43,8 +46,9 @@ class BoxCodec:
             raise ValueError(f"Image size {width}x{height} is not positive; pass the real image size.")
         if self.frame == "original":
             return 0.0, 0.0, float(width), float(height)
-        side = float(max(width, height))
-        return (side - width) / 2, (side - height) / 2, side, side
+        side = max(round(width), round(height))  # pixel sizes: the letterbox frame at full resolution
+        ox, oy = square_frame(round(width), round(height), side, "letterbox").offset
+        return float(ox), float(oy), float(side), float(side)
 
     def to_unit(self, box: Sequence[float], width: float, height: float) -> np.ndarray:
         """Pixel box -> [0, 1] coordinates in this codec's frame (clipped)."""

@@ -4,8 +4,8 @@ The detections file is JSON ``{record_id: {"boxes": [[x1, y1, x2, y2], ...] (pix
 image), "scores": [...], "labels": [...]}}``. :func:`select` keeps what MG-LLaVA's dataloader keeps:
 per-class non-maximum suppression at IoU 0.2 (torchvision's ``batched_nms``: highest score first, a
 box is dropped when its IoU with a kept box of the same label exceeds the threshold), then, when more
-than 100 boxes remain, the 20 best of each class. :func:`transform_boxes` applies the resize mode of
-:func:`data_pipelines.images.resize` to the boxes.
+than 100 boxes remain, the 20 best of each class. :func:`transform_boxes` moves the boxes with the pixels
+(the geometry of :mod:`data_pipelines.frame`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from data_pipelines.frame import square_frame
 
 
 def parse_entry(entry: Any, where: str) -> dict[str, Any]:
@@ -92,19 +94,9 @@ def select(
 
 def transform_boxes(boxes: np.ndarray, width: int, height: int, size: int, mode: str) -> np.ndarray:
     """Pixel boxes of a ``width x height`` image -> pixels of the ``size x size`` image that
-    ``images.resize(img, size, mode)`` makes (``letterbox``: centred pad to square then resize;
-    ``squash``: per-axis scale; ``pad``: scale by the long side, image at the top left)."""
+    ``images.resize(img, size, mode)`` makes (the shared :func:`data_pipelines.frame.square_frame`)."""
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    if mode == "squash":
-        scale = np.array([size / width, size / height] * 2)
-        return (b * scale).astype(np.float32)
-    if mode == "letterbox":
-        side = max(width, height)
-        offset = np.array([(side - width) // 2, (side - height) // 2] * 2)
-        return ((b + offset) * (size / side)).astype(np.float32)
-    if mode == "pad":
-        return (b * (size / max(width, height))).astype(np.float32)
-    raise ValueError(f"Boxes cannot follow resize mode {mode!r}; use letterbox, squash or pad.")
+    return square_frame(width, height, size, mode).to_input(b).astype(np.float32)
 
 
 def prepare_boxes(

@@ -1,15 +1,8 @@
 """Image decode, resize and normalization (PIL + numpy).
 
-Resize modes (output is always ``size x size``):
-  * ``squash``    resize to the square, ignoring aspect ratio.
-  * ``letterbox`` pad to a centred square with the normalization mean colour, then resize
-                  (LLaVA / ParGo ``expand2square``); padding becomes exactly 0 after normalization.
-  * ``pad``       resize the longer side to ``size`` keeping aspect, place at the top-left and pad
-                  the bottom/right with the mean colour (pix2seq / OWL-ViT style).
-  * ``bug_compatible_448_crop``  what the ParGo release's MME evaluation feeds its 336 px tower:
-                  ``resize_and_pad`` onto a centred ``4/3 * size`` (448) square in the mean colour
-                  (``int(255 * m)``), then the top-left ``size`` crop of it (its ``split_into_patches``
-                  keeps one 336 patch). Only to reproduce released numbers; ``letterbox`` is the clean one.
+The resize modes and their geometry live in :mod:`data_pipelines.frame` (one layout shared with the
+boxes). Decoding follows the references: full-resolution JPEG decoding unless ``jpeg_draft`` asks for
+PIL's reduced-scale decode, and transparency handled per mode (:data:`ALPHA_ON_WHITE`).
 """
 
 from __future__ import annotations
@@ -20,33 +13,50 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageFile
 
+from data_pipelines.frame import CLIP_MEAN, CLIP_STD, RESIZE_MODES, fill_color, square_frame
 from data_pipelines.schema import BadRecord
 
-RESIZE_MODES = ("letterbox", "squash", "pad", "bug_compatible_448_crop")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+__all__ = ["CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "decode", "load", "resize", "Normalizer", "to_array"]
+# Modes whose reference composites a PNG's alpha channel on white: the ParGo release's MME dataset
+# pastes an RGBA PNG on white with its alpha as the mask (an LA or palette PNG, whose split() has no 4th
+# band, and any other format just go through convert("RGB"), dropping transparency). LLaVA (letterbox)
+# always calls convert("RGB").
+ALPHA_ON_WHITE = ("bug_compatible_448_crop",)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files must fail, not be silently padded grey
 
 
-def decode(data: bytes, record_id: str = "?", *, min_size: int | None = None) -> Image.Image:
+def decode(
+    data: bytes, record_id: str = "?", *, draft: int | None = None, alpha_on_white: bool = False
+) -> Image.Image:
     """Encoded bytes -> RGB PIL image; raises ``BadRecord`` (zero_byte_image / bad_image).
 
-    ``min_size`` lets JPEG decode at a reduced scale (``draft``) while keeping both sides >= it.
+    ``draft``: decode a JPEG at a reduced scale (PIL ``draft``) keeping both sides >= ``draft``
+    (faster, but not the pixels the references see). ``alpha_on_white``: an RGBA PNG is composited on
+    white (the ParGo release); otherwise transparency is dropped by ``convert("RGB")``.
     """
     if data is None or len(data) == 0:
         raise BadRecord("zero_byte_image", record_id)
     try:
         img = Image.open(io.BytesIO(data))
-        if min_size and img.format == "JPEG":
-            img.draft("RGB", (min_size, min_size))
+        if draft and img.format == "JPEG":
+            img.draft("RGB", (draft, draft))
         img.load()
-        if img.mode != "RGB":
+        if alpha_on_white and img.format == "PNG" and img.mode == "RGBA":
+            img = _on_white(img)
+        elif img.mode != "RGB":
             img = img.convert("RGB")
     except Exception as e:  # PIL raises many types on hostile bytes (OSError, SyntaxError, struct.error...)
         raise BadRecord("bad_image", record_id, f"{type(e).__name__}: {e}") from e
     if img.width == 0 or img.height == 0:
         raise BadRecord("bad_image", record_id, "image has zero width or height")
     return img
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """An RGBA image pasted on a white RGB canvas with its alpha channel as the mask."""
+    out = Image.new("RGB", img.size, (255, 255, 255))
+    out.paste(img, mask=img.getchannel("A"))
+    return out
 
 
 def size(data: bytes) -> tuple[int, int]:
@@ -58,38 +68,19 @@ def size(data: bytes) -> tuple[int, int]:
         return 1, 1
 
 
-def mean_color(mean: Sequence[float]) -> tuple[int, int, int]:
-    """Normalization mean in [0, 1] -> the uint8 RGB fill colour."""
-    return tuple(int(round(255 * m)) for m in mean)  # type: ignore[return-value]
-
-
 def resize(img: Image.Image, size: int, mode: str, mean: Sequence[float] = CLIP_MEAN) -> Image.Image:
-    """Resize to ``size x size`` by ``mode`` (see module docstring)."""
-    if mode == "squash":
+    """Resize to ``size x size`` by ``mode`` (:func:`data_pipelines.frame.square_frame`), padding with
+    the mean colour (:func:`data_pipelines.frame.fill_color`)."""
+    frame = square_frame(img.width, img.height, size, mode)
+    if img.size != frame.content:
+        img = img.resize(frame.content, Image.BICUBIC)
+    if frame.content != (frame.side, frame.side):
+        canvas = Image.new("RGB", (frame.side, frame.side), fill_color(mean))
+        canvas.paste(img, frame.offset)
+        img = canvas
+    if frame.zoom != 1:
         return img.resize((size, size), Image.BICUBIC)
-    fill = mean_color(mean)
-    w, h = img.size
-    if mode == "letterbox":
-        if w != h:
-            side = max(w, h)
-            canvas = Image.new("RGB", (side, side), fill)
-            canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-            img = canvas
-        return img.resize((size, size), Image.BICUBIC)
-    if mode == "bug_compatible_448_crop":
-        big = size * 4 // 3
-        ratio = min(big / w, big / h)
-        nw, nh = int(w * ratio), int(h * ratio)
-        canvas = Image.new("RGB", (big, big), tuple(int(255 * m) for m in mean))
-        canvas.paste(img.resize((nw, nh), Image.BICUBIC), ((big - nw) // 2, (big - nh) // 2))
-        return canvas.crop((0, 0, size, size))
-    if mode == "pad":
-        scale = size / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        canvas = Image.new("RGB", (size, size), fill)
-        canvas.paste(img.resize((nw, nh), Image.BICUBIC), (0, 0))
-        return canvas
-    raise ValueError(f"Unknown resize mode {mode!r}; use one of {RESIZE_MODES}.")
+    return img.crop((0, 0, size, size)) if frame.side > size else img
 
 
 class Normalizer:
@@ -147,6 +138,10 @@ def load(
     mode: str,
     mean: Sequence[float] = CLIP_MEAN,
     record_id: str = "?",
+    *,
+    jpeg_draft: bool = False,
 ) -> Image.Image:
-    """Decode + resize: the raw per-image work the benchmark compares the pipeline against."""
-    return resize(decode(data, record_id, min_size=size), size, mode, mean)
+    """Decode + resize as training, ``predict`` and ``evaluate`` feed the model (``jpeg_draft``: the
+    reduced-scale JPEG decode, see :func:`decode`)."""
+    img = decode(data, record_id, draft=size if jpeg_draft else None, alpha_on_white=mode in ALPHA_ON_WHITE)
+    return resize(img, size, mode, mean)

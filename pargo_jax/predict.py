@@ -219,10 +219,10 @@ class Predictor:
         mesh: jax.sharding.Mesh,
         *,
         resize: str = "letterbox",
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        jpeg_draft: bool = False,
     ):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
-        self.resize, self.mean = resize, tuple(mean)
+        self.resize, self.jpeg_draft = resize, jpeg_draft
         self._decoding: tuple = (None, model, None)  # (params, model, params) laid out for decoding
 
     def for_decoding(self, params) -> tuple[VisionLanguageModel, Any]:
@@ -239,8 +239,10 @@ class Predictor:
 
     @classmethod
     def from_config(cls, model: VisionLanguageModel, tokenizer, mesh, config) -> Predictor:
-        """With the preprocessing of ``config.input`` (an experiment config)."""
-        return cls(model, tokenizer, mesh, resize=config.input.resize, mean=config.input.mean)
+        """With the preprocessing of ``config.input`` (an experiment config); the padding colour is
+        the model's pixel mean (``config.input.mean``, passed into the model config)."""
+        draft = bool(config.input.get("jpeg_draft", False))
+        return cls(model, tokenizer, mesh, resize=config.input.resize, jpeg_draft=draft)
 
     @property
     def mcfg(self) -> MLLMConfig:
@@ -253,12 +255,14 @@ class Predictor:
 
     # --- host side ---------------------------------------------------------------------------------
     def pixels(self, image: bytes, qid: str = "?") -> np.ndarray:
-        """uint8 (S, S, 3) pixels as in training (normalized on device by the model)."""
+        """uint8 (S, S, 3) pixels as in training, padded with the model's pixel mean (which the model
+        normalizes them with, on device)."""
         from data_pipelines import images
         from data_pipelines.schema import BadRecord
 
+        size, mean = self.mcfg.image_size, self.mcfg.pixel_mean
         try:
-            img = images.load(image, self.mcfg.image_size, self.resize, self.mean, qid)
+            img = images.load(image, size, self.resize, mean, qid, jpeg_draft=self.jpeg_draft)
         except BadRecord as e:
             raise _undecodable(qid, e) from e
         return images.to_array(img)

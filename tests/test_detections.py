@@ -45,7 +45,7 @@ def test_above_100_boxes_the_20_best_of_each_class_stay():
     assert len(detections.select(boxes[:90], scores[:90], labels[:90])) == 90  # <= 100: NMS only
 
 
-@pytest.mark.parametrize("mode", ["letterbox", "squash", "pad"])
+@pytest.mark.parametrize("mode", images.RESIZE_MODES)
 def test_boxes_follow_the_pixels(mode):
     """A white rectangle drawn at a box lands where the transformed box says, for each resize mode."""
     w, h, size = 120, 60, 48

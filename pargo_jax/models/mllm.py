@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from data_pipelines.frame import CLIP_MEAN, CLIP_STD
 from pargo_jax.models import regions
 from pargo_jax.models.convnext import ConvNeXt, ConvNeXtConfig
 from pargo_jax.models.fusion import DualPathFusion, FusionConfig
@@ -47,8 +48,8 @@ class MLLMConfig:
     projector: Any  # a registered projector config (see pargo_jax.models.projectors)
     llm: LLMConfig
     image_token_id: int
-    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # for uint8 images normalized on device
-    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pixel_mean: tuple[float, float, float] = CLIP_MEAN  # for uint8 images normalized on device (the
+    pixel_std: tuple[float, float, float] = CLIP_STD  # factory passes config.input.mean / std)
     high_res: HighResConfig | None = None  # MG-LLaVA's ConvNeXt path (None: one tower)
 
     @property
