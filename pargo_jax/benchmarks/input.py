@@ -15,6 +15,10 @@ alternates batch by batch with the raw loop over the same images, so drift and o
 sides alike; the CPU time per image of each side gives the contention-free overhead beside the
 wall-clock one, and the median per-batch overhead is reported too.
 Images are synthetic 640x480 photo-like JPEGs (smooth gradients, noise, shapes), built in a temp dir.
+JPEGs are decoded at full resolution as the references do (``input.jpeg_draft=False``); the raw loop
+is also timed with the other setting, interleaved, and ``draft_speedup`` (``draft x`` in the table) is
+the raw rate with PIL's reduced-scale decode over the full one: what full decoding costs (it only
+differs when a source side is >= 2x the image size). ``--jpeg_draft`` runs the pipeline with it on.
 """
 
 from __future__ import annotations
@@ -54,26 +58,28 @@ def synthetic_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[byte
 
 
 def paired_rates(
-    iterators: dict, data: list[bytes], size: int, mode: str, batch_size: int, steps: int
+    iterators: dict, data: list[bytes], size: int, mode: str, batch_size: int, steps: int, draft: bool = False
 ) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
     """Alternates one batch from each in-process iterator with ``images.load`` (PIL decode + resize,
-    the code the pipeline runs) of ``batch_size`` raw images, ``steps`` times.
+    the code the pipeline runs) of ``batch_size`` raw images, ``steps`` times: ``"raw"`` with the
+    pipeline's ``jpeg_draft=draft``, ``"raw_other"`` with the other setting.
 
-    Returns ``{name: (images/s, CPU ms/image)}`` for every iterator and for ``"raw"``, and per
+    Returns ``{name: (images/s, CPU ms/image)}`` for every iterator and both raw loops, and per
     iterator the median over steps of ``batch time / raw time - 1``. Interleaving at batch granularity,
     in an order rotating every step, makes drift and other load hit all sides alike.
     """
     from data_pipelines import images
 
-    wall = dict.fromkeys([*iterators, "raw"], 0.0)
+    wall = dict.fromkeys([*iterators, "raw", "raw_other"], 0.0)
     cpu = dict(wall)
     ratios: dict[str, list[float]] = {k: [] for k in iterators}
 
-    def raw(step: int) -> None:
+    def raw(step: int, jpeg_draft: bool = draft) -> None:
         for j in range(batch_size):
-            images.load(data[(step * batch_size + j) % len(data)], size, mode)
+            images.load(data[(step * batch_size + j) % len(data)], size, mode, jpeg_draft=jpeg_draft)
 
-    sides = [(name, lambda step, it=it: next(it)) for name, it in iterators.items()] + [("raw", raw)]
+    sides = [(name, lambda step, it=it: next(it)) for name, it in iterators.items()]
+    sides += [("raw", raw), ("raw_other", lambda step: raw(step, not draft))]
     for step in range(steps):
         t: dict[str, float] = {}
         rotated = sides[step % len(sides) :] + sides[: step % len(sides)]  # no side always runs first
@@ -130,7 +136,7 @@ def write_bench_records(
 
 def bench_input_config(
     data_dir: str, batch_size: int, size: int, resize: str, max_len: int, num_workers: int,
-    normalize: bool = False, prefetch: int = 2,
+    normalize: bool = False, prefetch: int = 2, jpeg_draft: bool = False,
 ) -> dict:  # fmt: skip
     """``config.input`` reading :func:`write_bench_records`' dataset with the shapes tokenizer."""
     from data_pipelines import shapes
@@ -145,6 +151,7 @@ def bench_input_config(
         num_workers=num_workers,
         prefetch=prefetch,
         normalize=normalize,
+        jpeg_draft=jpeg_draft,
     )
 
 
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--resize", default="letterbox", choices=("letterbox", "squash", "pad"))
+    p.add_argument("--jpeg_draft", action="store_true", help="pipeline decodes JPEGs at reduced scale")
     p.add_argument("--source_size", default="640x480", help="synthetic JPEG size WxH")
     p.add_argument("--num_image_tokens", type=int, default=304)
     p.add_argument("--max_len", type=int, default=512)
@@ -181,8 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         def cfg(nw, normalize=False, prefetch=2, size=size):
             return bench_input_config(
-                data_dir, args.batch_size, size, args.resize, args.max_len, nw, normalize, prefetch
-            )
+                data_dir, args.batch_size, size, args.resize, args.max_len, nw, normalize, prefetch,
+                args.jpeg_draft,
+            )  # fmt: skip
 
         from data_pipelines.pipeline import make_iterator
 
@@ -196,8 +205,11 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(2):  # warm-up: open files, tokenizer, first allocations
                 next(it)
         steps = max(1, args.num_images // args.batch_size)
-        rates, median_ratio = paired_rates(its, data, size, args.resize, args.batch_size, steps)
+        rates, median_ratio = paired_rates(
+            its, data, size, args.resize, args.batch_size, steps, args.jpeg_draft
+        )
         (raw, raw_cpu), (u8, u8_cpu), (f32, f32_cpu) = rates["raw"], rates["u8"], rates["f32"]
+        full, draft = (rates["raw_other"][0], raw) if args.jpeg_draft else (raw, rates["raw_other"][0])
         pipe = {
             nw: u8 if nw == 0 else pipeline_rate(cfg(nw), args.num_images, args.num_image_tokens)
             for nw in args.workers
@@ -206,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
             {
                 "size": size,
                 "raw_decode_resize": raw,
+                "raw_full_decode": full,
+                "raw_draft_decode": draft,
+                "draft_speedup": draft / full,
                 "pipeline": pipe,
                 "pipeline_f32_0_workers": f32,
                 "overhead_vs_raw": raw / u8 - 1,
@@ -222,11 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(
         f"input pipeline, {args.resize}, {w}x{h} JPEG sources, batch {args.batch_size}, "
-        f"{os.cpu_count()} CPUs; 0 workers interleaved with raw per batch; uint8 output unless f32"
+        f"{os.cpu_count()} CPUs; 0 workers interleaved with raw per batch; uint8 output unless f32; "
+        f"JPEG draft decoding {'on' if args.jpeg_draft else 'off'}"
     )
     cols = ["size", "raw img/s"] + [f"{k}wk img/s" for k in args.workers] + ["overhead", "f32 img/s"]
     cols += ["ovh f32"] + [f"x{k}wk" for k in args.workers] + ["cpu ms raw", "cpu ms 0wk", "cpu ovh"]
-    cols += ["cpu ovh f32"]
+    cols += ["cpu ovh f32", "draft x"]
     multi = [k for k in args.workers if k > 1 and 1 in args.workers]
     cols += [f"x{k}wk/1wk" for k in multi]
     print(" ".join(f"{c:>11}" for c in cols))
@@ -238,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         cells += [f"{r['overhead_f32_vs_raw']:.1%}"]
         cells += [f"{r['scaling_vs_0_workers'][k]:.2f}" for k in args.workers]
         cells += [f"{c['raw']:.2f}", f"{c['pipeline_0_workers']:.2f}", f"{r['cpu_overhead_vs_raw']:.1%}"]
-        cells += [f"{r['cpu_overhead_f32_vs_raw']:.1%}"]
+        cells += [f"{r['cpu_overhead_f32_vs_raw']:.1%}", f"{r['draft_speedup']:.2f}"]
         cells += [f"{r['scaling_vs_1_worker'][k]:.2f}" for k in multi]
         print(" ".join(f"{x:>11}" for x in cells))
     result = {
