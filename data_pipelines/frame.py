@@ -17,6 +17,7 @@ compute them, so an odd padding puts the extra pixel at the bottom / right):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -38,16 +39,19 @@ class SquareFrame:
     side: int
     zoom: float
 
+    def _affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, offset) over ``[x1, y1, x2, y2]``: original pixels -> canvas pixels."""
+        scale = np.array([self.content[0] / self.width, self.content[1] / self.height] * 2)
+        return scale, np.array(list(self.offset) * 2, np.float64)
+
     def to_input(self, boxes: np.ndarray) -> np.ndarray:
         """``(..., 4)`` ``[x1, y1, x2, y2]`` pixels of the original image -> pixels of the input."""
-        scale = np.array([self.content[0] / self.width, self.content[1] / self.height] * 2)
-        offset = np.array(list(self.offset) * 2, np.float64)
+        scale, offset = self._affine()
         return (np.asarray(boxes, np.float64) * scale + offset) * self.zoom
 
     def from_input(self, boxes: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`to_input`."""
-        scale = np.array([self.content[0] / self.width, self.content[1] / self.height] * 2)
-        offset = np.array(list(self.offset) * 2, np.float64)
+        scale, offset = self._affine()
         return (np.asarray(boxes, np.float64) / self.zoom - offset) / scale
 
 
@@ -60,9 +64,11 @@ def square_frame(width: int, height: int, size: int, mode: str) -> SquareFrame:
     """The layout of resize ``mode`` (module docstring) for a ``width x height`` image."""
     if width <= 0 or height <= 0:
         raise ValueError(f"Image size {width}x{height} is not positive; pass the real image size.")
-    frame = lambda content, side, zoom=1.0: SquareFrame(
-        width, height, content, (centred(side, content[0]), centred(side, content[1])), side, zoom
-    )
+
+    def frame(content: tuple[int, int], side: int, zoom: float = 1.0) -> SquareFrame:
+        offset = (centred(side, content[0]), centred(side, content[1]))
+        return SquareFrame(width, height, content, offset, side, zoom)
+
     if mode == "squash":
         return frame((size, size), size)
     if mode == "letterbox":
@@ -79,7 +85,7 @@ def square_frame(width: int, height: int, size: int, mode: str) -> SquareFrame:
     raise ValueError(f"Unknown resize mode {mode!r}; use one of {RESIZE_MODES}.")
 
 
-def fill_color(mean: tuple[float, ...] | list[float]) -> tuple[int, int, int]:
+def fill_color(mean: Sequence[float]) -> tuple[int, int, int]:
     """Normalization mean in [0, 1] -> the uint8 RGB padding colour, ``int(255 * m)`` as LLaVA's
     ``expand2square`` call and the ParGo release take it (so padding is within 1/255 of the mean)."""
     return tuple(int(255 * m) for m in mean)  # type: ignore[return-value]

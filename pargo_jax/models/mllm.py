@@ -48,8 +48,9 @@ class MLLMConfig:
     projector: Any  # a registered projector config (see pargo_jax.models.projectors)
     llm: LLMConfig
     image_token_id: int
-    pixel_mean: tuple[float, float, float] = CLIP_MEAN  # for uint8 images normalized on device (the
-    pixel_std: tuple[float, float, float] = CLIP_STD  # factory passes config.input.mean / std)
+    # normalize uint8 images on device; the factory passes config.input.mean / std
+    pixel_mean: tuple[float, float, float] = CLIP_MEAN
+    pixel_std: tuple[float, float, float] = CLIP_STD
     high_res: HighResConfig | None = None  # MG-LLaVA's ConvNeXt path (None: one tower)
 
     @property
