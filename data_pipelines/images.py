@@ -16,7 +16,10 @@ from PIL import Image, ImageFile
 from data_pipelines.frame import CLIP_MEAN, CLIP_STD, RESIZE_MODES, fill_color, square_frame
 from data_pipelines.schema import BadRecord
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "decode", "load", "resize", "Normalizer", "to_array"]
+__all__ = [  # CLIP_MEAN / CLIP_STD / RESIZE_MODES re-exported from data_pipelines.frame
+    "ALPHA_ON_WHITE", "CLIP_MEAN", "CLIP_STD", "RESIZE_MODES", "Normalizer", "decode", "load", "resize",
+    "size", "to_array",
+]  # fmt: skip
 # Modes whose reference composites a PNG's alpha channel on white: the ParGo release's MME dataset
 # pastes an RGBA PNG on white with its alpha as the mask (an LA or palette PNG, whose split() has no 4th
 # band, and any other format just go through convert("RGB"), dropping transparency). LLaVA (letterbox)
