@@ -562,7 +562,7 @@ def main(argv, flag_values=None) -> None:
 
 def run(FLAGS) -> None:
     """The command's work, given its parsed flags."""
-    from pargo_jax.models.factory import load_workdir
+    from pargo_jax.runs import load_workdir
 
     if not FLAGS.workdir:
         raise PredictError("--workdir is required: the workdir of a training run")

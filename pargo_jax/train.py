@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from pargo_jax import checkpoints, configs, flops, metrics, optim, paths, sharding
+from pargo_jax import checkpoints, configs, flops, metrics, optim, paths, runs, sharding
 from pargo_jax.models import factory
 from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel, chunked_next_token_loss, next_token_loss
 from pargo_jax.param_tree import flatten, unflatten
@@ -124,7 +124,7 @@ def optimizer_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def build_model(config: ml_collections.ConfigDict, tokenizer, mesh: jax.sharding.Mesh) -> TrainSetup:
     """Model, abstract params and their shardings, trainable labels, optimizer and schedule (no data,
     no weights)."""
-    parts = factory.build(factory.model_config(config, tokenizer), mesh)
+    parts = factory.build(runs.model_config(config, tokenizer), mesh)
     labels = optim.trainable_labels(parts.abstract, dict(config.trainable))
     train_abstract, _ = split_params(parts.abstract, labels)
     # The optimizer sees only the trainable params (flat "a/b/c" keys): frozen ones get no state.
@@ -159,9 +159,9 @@ def optimizer_shardings(tx, train: Mapping, train_shardings: Mapping, replicated
 
 
 def init_state(setup: TrainSetup, config, mesh) -> tuple[TrainState, Any]:
-    """The first train state (params from ``factory.init_params``, fresh optimizer state) and its
+    """The first train state (params from ``runs.init_params``, fresh optimizer state) and its
     shardings."""
-    params = factory.init_params(setup.parts, config)
+    params = runs.init_params(setup.parts, config)
     params = optim.store_frozen(params, setup.labels, config.model.get("frozen_dtype", "float32"))
     train, _ = split_params(params, setup.labels)
     replicated = jax.NamedSharding(mesh, jax.P())
@@ -258,7 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_config(config)
     prepare_data(config, workdir)
     prepare_demo_tower(config)  # before the mesh: its pretraining runs on one device
-    mesh = factory.mesh_for(config)
+    mesh = runs.mesh_for(config)
     logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
     with sharding.mesh_context(mesh):
         return _run(config, workdir, mesh)
@@ -273,7 +273,7 @@ def _run(config, workdir, mesh):
     tokenizer = load_tokenizer(configs.require_path(config.input.get("tokenizer"), "input.tokenizer"))
     setup = build_model(config, tokenizer, mesh)
     mcfg = setup.mcfg
-    factory.save_run(workdir, config, mcfg, tokenizer)
+    runs.save_run(workdir, config, mcfg, tokenizer)
     batch_size = config.input.batch_size
     if batch_size % sharding.batch_divisor(mesh):
         raise ValueError(

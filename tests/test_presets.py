@@ -165,10 +165,10 @@ def test_preset_pretrain_then_sft(preset, checkpoints, tmp_path, caplog):
     assert not any(str(where).startswith("skipped") for where in parts.values()), parts
     import jax
 
+    from pargo_jax import runs
     from pargo_jax.convert.official import load_model
-    from pargo_jax.models import factory
 
-    trained = factory.load_workdir(sft)
+    trained = runs.load_workdir(sft)
     official = os.path.join(out, "official", "pytorch_model.bin")
     model, variables = load_model(
         official, checkpoints["internlm2"], num_partial=4, num_heads=4, vision_heads=1

@@ -144,8 +144,7 @@ def test_clear_errors(name, options, n, message):
 )  # fmt: skip
 @pytest.mark.slow  # a demo run per projector family
 def test_trains_in_the_demo_and_loads_back(projector, shapes_dir, tmp_path):
-    from pargo_jax import train
-    from pargo_jax.models import factory
+    from pargo_jax import runs, train
     from tests.demo import demo_config, losses
 
     config = demo_config(shapes_dir, 3, **{"checkpoint.every_steps": 3})
@@ -153,7 +152,7 @@ def test_trains_in_the_demo_and_loads_back(projector, shapes_dir, tmp_path):
     workdir = str(tmp_path / projector["name"])
     summary = train.run(config, workdir)
     assert summary["step"] == 3 and len(losses(workdir)) == 3 and np.isfinite(summary["loss"])
-    run = factory.load_workdir(workdir)
+    run = runs.load_workdir(workdir)
     assert run.mcfg.num_image_tokens == 9 and type(run.mcfg.projector).__name__.lower().startswith(
         projector["name"].replace("_", "")
     )

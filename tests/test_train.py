@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import base, pretrain, sft
-from pargo_jax import checkpoints, sharding, train
-from pargo_jax.models import factory
+from pargo_jax import checkpoints, runs, sharding, train
 from tests import procs
 from tests.demo import demo_config, demo_flags, losses
 
@@ -32,7 +31,7 @@ def initial_and_saved(config, workdir, *, restore_from=None, with_parts=False):
     """The run's initial state, and the state saved at ``restore_from=(workdir, step)`` if given."""
     from data_pipelines.text import load_tokenizer
 
-    mesh = factory.mesh_for(config)
+    mesh = runs.mesh_for(config)
     with sharding.mesh_context(mesh):
         train.prepare_data(config, workdir)
         parts = train.build_model(config, load_tokenizer(config.input.tokenizer), mesh)
@@ -234,7 +233,7 @@ def test_sample_at_end_is_the_predictors_answer(data_dir, tmp_path, capsys):
     sample = summary["sample"]
     rec = schema.from_example(open_source(data_dir, "shapes", "eval")[0])
     assert sample["prompt"] == rec.conversation[0].text and sample["reference"] == rec.conversation[1].text
-    run = factory.load_workdir(workdir)
+    run = runs.load_workdir(workdir)
     predictor = Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config)
     query = conversation(rec.id, rec.image, [{"role": "user", "content": rec.conversation[0].text}])
     assert (

@@ -240,10 +240,10 @@ def _projector_size(workdir: str) -> dict[str, Any]:
     MG-LLaVA: its ParGo's, the ConvNeXt path and the box projector not counted)."""
     import jax
 
-    from pargo_jax.models import factory
+    from pargo_jax import runs
     from pargo_jax.models.projectors import projector_module
 
-    mcfg = factory.read_model_config(workdir)
+    mcfg = runs.read_model_config(workdir)
     n = mcfg.vision.num_tokens
     x = jax.ShapeDtypeStruct((1, n, mcfg.projector.vision_width), np.float32)
     shapes = jax.eval_shape(projector_module(mcfg.projector).init, jax.random.key(0), x)
