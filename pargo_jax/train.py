@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from pargo_jax import checkpoints, configs, flops, metrics, optim, paths, runs, sharding
+from pargo_jax import checkpoints, configs, flops, metrics, optim, runs, sharding
 from pargo_jax.models import factory
 from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel, chunked_next_token_loss, next_token_loss
 from pargo_jax.param_tree import flatten, unflatten
@@ -53,47 +53,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             "config.optim.total_steps is not a setting: the schedule ends at config.total_steps; set that."
         )
-
-
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """The demo's shapes set is built into ``{workdir}/data`` on first run (seconds), by process 0
-    while the others wait."""
-    if config.get("shapes") is None:
-        return
-    from data_pipelines import shapes
-
-    data_dir = paths.join(config.input.get("data_dir") or paths.join(workdir, "data"))
-    built = None
-    if jax.process_index() == 0:
-        built = shapes.ensure(data_dir, progress=True, **config.shapes.to_dict())
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("shapes data built")
-    with config.unlocked():
-        config.input.data_dir = data_dir
-        if not config.input.get("tokenizer"):
-            config.input.tokenizer = paths.join(data_dir, "shapes_tokenizer")
-    if built and built["summary"] is not None:
-        logging.info("Built the shapes dataset in %s (%.1f s).", data_dir, built["seconds"])
-
-
-def prepare_demo_tower(config: ml_collections.ConfigDict) -> None:
-    """The demo's pretrained tower is built at ``model.vision.path`` on first run (``config.demo_tower``
-    holds the build options), by process 0 while the others wait."""
-    if config.get("demo_tower") is None:
-        return
-    from pargo_jax import demo_tower
-
-    path = paths.join(config.model.vision.path)
-    if jax.process_index() == 0 and demo_tower.ensure(path, **config.demo_tower.to_dict()):
-        logging.info("Built the demo tower in %s.", path)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("demo tower built")
-    with config.unlocked():
-        config.model.vision.path = path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,10 +213,9 @@ def check_batch(batch, mcfg: MLLMConfig) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns final metrics."""
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns final metrics. A demo
+    config's data and tower are made first by :func:`pargo_jax.prepare.prepare_run`."""
     check_config(config)
-    prepare_data(config, workdir)
-    prepare_demo_tower(config)  # before the mesh: its pretraining runs on one device
     mesh = runs.mesh_for(config)
     logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
     with sharding.mesh_context(mesh):

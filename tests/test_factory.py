@@ -22,7 +22,7 @@ from pargo_jax.models.llm import LLMConfig, RopeScaling
 from pargo_jax.models.mllm import MLLMConfig
 from pargo_jax.models.projectors import MLPConfig, ParGoConfig
 from pargo_jax.models.vision import vision_preset
-from tests.demo import demo_config, losses
+from tests.demo import demo_config, losses, prepare_and_train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ def test_a_new_projector_is_one_registry_entry(toy_registered, shapes_dir, tmp_p
     config = demo_config(shapes_dir, 4, **{"checkpoint.every_steps": 4})
     config.model.projector = dict(name="toy", groups=8)
     workdir = str(tmp_path / "toy")
-    summary = train.run(config, workdir)
+    summary = prepare_and_train(config, workdir)
     assert summary["step"] == 4 and np.isfinite(summary["loss"]) and "mfu" not in summary  # CPU: no peak
     assert len(losses(workdir)) == 4
     run = runs.load_workdir(workdir)

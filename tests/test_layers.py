@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     # 5 a run: config -> model + params, the workdir
     "pargo_jax.runs": 5,
     # 6 apps
+    "pargo_jax.prepare": 6,
     "pargo_jax.demo_tower": 6,
     "pargo_jax.train": 6,
     "pargo_jax.predict": 6,

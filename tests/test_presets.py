@@ -112,11 +112,10 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
 def _train(stage, preset: str, workdir: str, flags: dict, caplog) -> str:
     """``python -m pargo_jax.main --config=experiments/STAGE.py:PRESET --config.K=V ...`` on 2 devices, in
     this process (``main`` itself is run by the demo's command-line tests); returns what it logged."""
-    from pargo_jax import train
-
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="absl"):  # data_pipelines.build quiets absl to ERRORs
-        train.run(demo.override(stage.get_config(preset), {**flags, "mesh.num_devices": 2}), workdir)
+        config = demo.override(stage.get_config(preset), {**flags, "mesh.num_devices": 2})
+        demo.prepare_and_train(config, workdir)
     # what main's console shows: orbax's INFO chatter is filtered out there
     return "\n".join(r.getMessage() for r in caplog.records if "/orbax/" not in r.pathname)
 
