@@ -36,7 +36,7 @@ def evaluate(
     import jax
 
     from pargo_jax import evaluators
-    from pargo_jax.predict import Predictor
+    from pargo_jax.predictor import Predictor
     from pargo_jax.runs import load_workdir
 
     if evals is not None:

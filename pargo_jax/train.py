@@ -226,7 +226,7 @@ def _run(config, workdir, mesh):
     from data_pipelines.pipeline import make_iterator
     from data_pipelines.text import load_tokenizer
     from pargo_jax import evaluators
-    from pargo_jax.predict import Predictor
+    from pargo_jax.predictor import Predictor
 
     tokenizer = load_tokenizer(configs.require_path(config.input.get("tokenizer"), "input.tokenizer"))
     setup = build_model(config, tokenizer, mesh)
@@ -377,7 +377,7 @@ def sample_answer(predictor, config, params) -> dict[str, str]:
     """The trained model's answer to the first record of split ``sample_at_end``; printed and returned."""
     from data_pipelines import schema
     from data_pipelines.builders import open_source
-    from pargo_jax.predict import DecodeOptions, conversation
+    from pargo_jax.predictor import DecodeOptions, conversation
 
     source = dict(config.input.sources[0])
     data_dir = source.get("data_dir") or config.input.data_dir

@@ -18,7 +18,7 @@ from pargo_jax.evaluators.caption import bleu4, cider_d, ptb_tokenize
 from pargo_jax.evaluators.grounding import grounding_metrics
 from pargo_jax.evaluators.multiple_choice import circular_accuracy, parse_option, rotations
 from pargo_jax.evaluators.vqa import gqa_match, pope_answer, pope_metrics, vqa_accuracy
-from pargo_jax.predict import Predictor
+from pargo_jax.predictor import Predictor
 
 
 # --- VQA v2 / GQA / POPE ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from experiments import evals as eval_presets
 from pargo_jax import evaluators, runs, sharding
 from pargo_jax.evaluators.perplexity import perplexity_metrics
 from pargo_jax.evaluators.shapes import normalize, score_item, shapes_metrics
-from pargo_jax.predict import Predictor
+from pargo_jax.predictor import Predictor
 
 
 def test_normalize_and_exact_match():

@@ -126,7 +126,7 @@ def test_demo_workdir_exports_through_the_command_line(trained_workdir, shapes_d
 
     from pargo_jax.models.llm import CausalLM
     from pargo_jax.models.vision import VisionTower
-    from pargo_jax.predict import Predictor, question
+    from pargo_jax.predictor import Predictor, question
 
     out = str(tmp_path / "export")
     proc = procs.run("pargo_jax.export", f"--workdir={trained_workdir}", f"--out={out}")

@@ -47,13 +47,14 @@ LAYERS: dict[str, int] = {
     "pargo_jax.prepare": 6,
     "pargo_jax.demo_tower": 6,
     "pargo_jax.train": 6,
-    "pargo_jax.predict": 6,
+    "pargo_jax.predictor": 6,
     "pargo_jax.evaluators": 6,
     "pargo_jax.evaluate": 6,
     "pargo_jax.export": 6,
     "pargo_jax.import_official": 6,
     # 7 command lines, tools and benchmarks (programs nothing imports)
     "pargo_jax.main": CLI,
+    "pargo_jax.predict": CLI,
     "pargo_jax.tools": CLI,
     "pargo_jax.benchmarks": CLI,
 }

@@ -161,7 +161,7 @@ def test_object_boxes_reach_predict_and_scores(mg_llava_workdirs, tmp_path, caps
     from data_pipelines import shapes
     from data_pipelines.text import pack_example
     from pargo_jax import predict, runs
-    from pargo_jax.predict import Predictor
+    from pargo_jax.predictor import Predictor
 
     ft = mg_llava_workdirs["sft"]
     rec = shapes.make_record("eval", 0)

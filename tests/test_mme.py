@@ -10,7 +10,7 @@ import pytest
 from data_pipelines import shapes
 from pargo_jax import evaluators, runs, sharding
 from pargo_jax.evaluators import mme
-from pargo_jax.predict import Predictor
+from pargo_jax.predictor import Predictor
 from tests import procs
 
 

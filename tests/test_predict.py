@@ -15,7 +15,7 @@ from data_pipelines.text import pack_example, prompt_ids
 from pargo_jax import predict, runs, sharding
 from pargo_jax.generate import generate, stream
 from pargo_jax.models.llm import CausalLM
-from pargo_jax.predict import DecodeOptions, PredictError, Predictor, conversation, question
+from pargo_jax.predictor import DecodeOptions, PredictError, Predictor, conversation, question
 from tests import procs
 
 
@@ -133,7 +133,7 @@ def test_score_is_the_log_likelihood_of_the_answer_tokens(run, records):
 
 
 def test_image_tokens_are_the_projector_output(run, records):
-    from pargo_jax.predict import image_tokens
+    from pargo_jax.predictor import image_tokens
 
     trained, predictor = run
     pixels = np.stack([predictor.pixels(r.image) for r in records[:8]])

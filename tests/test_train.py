@@ -237,7 +237,7 @@ def test_sft_starts_from_the_pretrain_projector(data_dir, tmp_path):
 def test_sample_at_end_is_the_predictors_answer(data_dir, tmp_path, capsys):
     from data_pipelines import schema
     from data_pipelines.builders import open_source
-    from pargo_jax.predict import DecodeOptions, Predictor, conversation
+    from pargo_jax.predictor import DecodeOptions, Predictor, conversation
 
     workdir = str(tmp_path / "sampled")
     summary = prepare_and_train(
