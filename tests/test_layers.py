@@ -61,6 +61,13 @@ LAYERS: dict[str, int] = {
 KNOWN_EXCEPTIONS = {
     ("experiments.base", "pargo_jax.demo_tower"),  # fixed in experiments/base.py by the demo-speed change
 }
+# What a benchmark needs itself and another test uses too: (test file, benchmark module).
+SHARED_WITH_BENCHMARKS = {
+    # the projector benchmark's PyTorch baseline is the official projector's parity reference
+    ("test_official.py", "pargo_jax.benchmarks.pargo_torch"),
+    # the train-step benchmark's checkpoint-free demo tower (random_demo_tower)
+    ("test_factory.py", "pargo_jax.benchmarks.train_step"),
+}
 
 
 def module_name(path: str) -> str:
@@ -211,3 +218,24 @@ def test_relative_and_package_imports_resolve_to_modules():
     ) in edges
     assert ("pargo_jax.runs", "pargo_jax.convert.bert") in edges  # from pargo_jax.convert import bert, ...
     assert ("pargo_jax.train", "pargo_jax.runs") in edges  # from pargo_jax import ..., runs, ...
+
+
+def test_only_a_benchmarks_own_test_imports_it():
+    """``tests/test_*benchmark_NAME.py`` may import ``pargo_jax.benchmarks.NAME``; other tests take
+    their references and helpers from ``tests/`` (but for :data:`SHARED_WITH_BENCHMARKS`)."""
+    tests_dir = os.path.join(ROOT, "tests")
+    modules = source_modules()
+    wrong = []
+    for f in sorted(os.listdir(tests_dir)):
+        if not f.endswith(".py"):
+            continue
+        with open(os.path.join(tests_dir, f), encoding="utf-8") as src:
+            tree = ast.parse(src.read(), f)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target in imported(node, f"tests.{f[:-3]}", modules):
+                    name = target.removeprefix("pargo_jax.benchmarks").lstrip(".")
+                    own = f.endswith(f"benchmark_{name}.py") or (f, target) in SHARED_WITH_BENCHMARKS
+                    if target.startswith("pargo_jax.benchmarks") and not own:
+                        wrong.append(f"tests/{f}:{node.lineno} imports {target}")
+    assert not wrong, "\n".join(wrong)
