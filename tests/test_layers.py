@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from collections.abc import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,3 +240,24 @@ def test_only_a_benchmarks_own_test_imports_it():
                     if target.startswith("pargo_jax.benchmarks") and not own:
                         wrong.append(f"tests/{f}:{node.lineno} imports {target}")
     assert not wrong, "\n".join(wrong)
+
+
+def defines(path: str, dotted: str) -> bool:
+    """Whether the file defines ``dotted`` (``function`` or ``Class.method``) at its top level."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        scope: list[ast.stmt] = ast.parse(f.read(), path).body
+    for name in dotted.split("."):
+        found = [n for n in scope if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.name == name]
+        if not found:
+            return False
+        scope = found[0].body
+    return True
+
+
+def test_the_architecture_page_names_real_functions():
+    """Every ``file.py:function`` of docs/guide/architecture.md is defined there."""
+    with open(os.path.join(ROOT, "docs", "guide", "architecture.md"), encoding="utf-8") as f:
+        named = re.findall(r"`([\w/]+\.py):([\w.]+)`", f.read())
+    assert len(named) > 20
+    assert [f"{path}:{name}" for path, name in named if not defines(path, name)] == []
+    assert not defines("pargo_jax/train.py", "prepare_data")  # and the check can fail
