@@ -36,8 +36,8 @@ def evaluate(
     import jax
 
     from pargo_jax import evaluators
-    from pargo_jax.models.factory import load_workdir
-    from pargo_jax.predict import Predictor
+    from pargo_jax.predictor import Predictor
+    from pargo_jax.runs import load_workdir
 
     if evals is not None:
         with config.unlocked():

@@ -132,10 +132,10 @@ def export_workdir(
     returns ``{part: path or "skipped: reason"}``."""
     import jax
 
+    from pargo_jax import runs
     from pargo_jax.convert import hf, hf_vision
-    from pargo_jax.models import factory
 
-    run = factory.load_workdir(workdir, step=step)
+    run = runs.load_workdir(workdir, step=step)
     params = jax.device_get(run.params)
     mcfg, done = run.mcfg, {}
     try:

@@ -56,10 +56,12 @@ def main(argv) -> None:
     if multihost_wanted(_MULTIHOST.value):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only; else unused
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from pargo_jax import train
+    from pargo_jax import prepare, train
 
     workdir = _WORKDIR.value or default_workdir(flags.FLAGS["config"].serialize().split("=", 1)[1])
     logging.info("Process %d/%d, workdir %s", jax.process_index(), jax.process_count(), workdir)
+    train.check_config(_CONFIG.value)  # a mistyped key fails before the demo's data and tower are built
+    prepare.prepare_run(_CONFIG.value, workdir)
     train.run(_CONFIG.value, workdir)
 
 

@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from pargo_jax import checkpoints, configs, flops, metrics, optim, paths, sharding
+from pargo_jax import checkpoints, configs, flops, metrics, optim, runs, sharding
 from pargo_jax.models import factory
 from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel, chunked_next_token_loss, next_token_loss
 from pargo_jax.param_tree import flatten, unflatten
@@ -55,47 +55,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """The demo's shapes set is built into ``{workdir}/data`` on first run (seconds), by process 0
-    while the others wait."""
-    if config.get("shapes") is None:
-        return
-    from data_pipelines import shapes
-
-    data_dir = paths.join(config.input.get("data_dir") or paths.join(workdir, "data"))
-    built = None
-    if jax.process_index() == 0:
-        built = shapes.ensure(data_dir, progress=True, **config.shapes.to_dict())
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("shapes data built")
-    with config.unlocked():
-        config.input.data_dir = data_dir
-        if not config.input.get("tokenizer"):
-            config.input.tokenizer = paths.join(data_dir, "shapes_tokenizer")
-    if built and built["summary"] is not None:
-        logging.info("Built the shapes dataset in %s (%.1f s).", data_dir, built["seconds"])
-
-
-def prepare_demo_tower(config: ml_collections.ConfigDict) -> None:
-    """The demo's pretrained tower is built at ``model.vision.path`` on first run (``config.demo_tower``
-    holds the build options), by process 0 while the others wait."""
-    if config.get("demo_tower") is None:
-        return
-    from pargo_jax import demo_tower
-
-    path = paths.join(config.model.vision.path)
-    if jax.process_index() == 0 and demo_tower.ensure(path, **config.demo_tower.to_dict()):
-        logging.info("Built the demo tower in %s.", path)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("demo tower built")
-    with config.unlocked():
-        config.model.vision.path = path
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
     """The model (``factory.ModelParts``) with what training adds: trainable labels, optimizer, schedule."""
@@ -124,7 +83,7 @@ def optimizer_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def build_model(config: ml_collections.ConfigDict, tokenizer, mesh: jax.sharding.Mesh) -> TrainSetup:
     """Model, abstract params and their shardings, trainable labels, optimizer and schedule (no data,
     no weights)."""
-    parts = factory.build(factory.model_config(config, tokenizer), mesh)
+    parts = factory.build(runs.model_config(config, tokenizer), mesh)
     labels = optim.trainable_labels(parts.abstract, dict(config.trainable))
     train_abstract, _ = split_params(parts.abstract, labels)
     # The optimizer sees only the trainable params (flat "a/b/c" keys): frozen ones get no state.
@@ -159,9 +118,9 @@ def optimizer_shardings(tx, train: Mapping, train_shardings: Mapping, replicated
 
 
 def init_state(setup: TrainSetup, config, mesh) -> tuple[TrainState, Any]:
-    """The first train state (params from ``factory.init_params``, fresh optimizer state) and its
+    """The first train state (params from ``runs.init_params``, fresh optimizer state) and its
     shardings."""
-    params = factory.init_params(setup.parts, config)
+    params = runs.init_params(setup.parts, config)
     params = optim.store_frozen(params, setup.labels, config.model.get("frozen_dtype", "float32"))
     train, _ = split_params(params, setup.labels)
     replicated = jax.NamedSharding(mesh, jax.P())
@@ -254,11 +213,10 @@ def check_batch(batch, mcfg: MLLMConfig) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns final metrics."""
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns final metrics. A demo
+    config's data and tower are made first by :func:`pargo_jax.prepare.prepare_run`."""
     check_config(config)
-    prepare_data(config, workdir)
-    prepare_demo_tower(config)  # before the mesh: its pretraining runs on one device
-    mesh = factory.mesh_for(config)
+    mesh = runs.mesh_for(config)
     logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
     with sharding.mesh_context(mesh):
         return _run(config, workdir, mesh)
@@ -268,12 +226,12 @@ def _run(config, workdir, mesh):
     from data_pipelines.pipeline import make_iterator
     from data_pipelines.text import load_tokenizer
     from pargo_jax import evaluators
-    from pargo_jax.predict import Predictor
+    from pargo_jax.predictor import Predictor
 
     tokenizer = load_tokenizer(configs.require_path(config.input.get("tokenizer"), "input.tokenizer"))
     setup = build_model(config, tokenizer, mesh)
     mcfg = setup.mcfg
-    factory.save_run(workdir, config, mcfg, tokenizer)
+    runs.save_run(workdir, config, mcfg, tokenizer)
     batch_size = config.input.batch_size
     if batch_size % sharding.batch_divisor(mesh):
         raise ValueError(
@@ -419,7 +377,7 @@ def sample_answer(predictor, config, params) -> dict[str, str]:
     """The trained model's answer to the first record of split ``sample_at_end``; printed and returned."""
     from data_pipelines import schema
     from data_pipelines.builders import open_source
-    from pargo_jax.predict import DecodeOptions, conversation
+    from pargo_jax.predictor import DecodeOptions, conversation
 
     source = dict(config.input.sources[0])
     data_dir = source.get("data_dir") or config.input.data_dir

@@ -41,11 +41,11 @@ def shapes_dir(tmp_path_factory) -> str:
     """A small shapes build (tests/demo.py's SMALL_SHAPES) and its demo tower, shared by the whole run."""
 
     def build(path: str) -> str:
-        from pargo_jax import train
+        from pargo_jax import prepare
         from tests.demo import build_shapes, demo_config
 
         build_shapes(path)
-        train.prepare_demo_tower(demo_config(path, 1))
+        prepare.prepare_demo_tower(demo_config(path, 1))
         return path
 
     return once(tmp_path_factory, "shapes", build)
@@ -56,8 +56,7 @@ def trained_workdir(shapes_dir, tmp_path_factory) -> str:
     """A demo SFT run of 60 steps from scratch (everything trains) with the ``shapes`` and ``val``
     evals configured and checkpoints at steps 30 and 60: the workdir predict / evaluate start from."""
     from experiments import base, evals, sft
-    from pargo_jax import train
-    from tests.demo import demo_config
+    from tests.demo import demo_config, prepare_and_train
 
     def build(workdir: str) -> str:
         config = demo_config(
@@ -66,7 +65,7 @@ def trained_workdir(shapes_dir, tmp_path_factory) -> str:
         )  # fmt: skip
         config.trainable = base.regex_dict({".*": 1.0})
         config.evals = evals.get_config("shapes,val")
-        train.run(config, workdir)
+        prepare_and_train(config, workdir)
         return workdir
 
     return once(tmp_path_factory, "trained_sft", build)
@@ -81,8 +80,7 @@ def mg_llava_workdirs(shapes_dir, tmp_path_factory) -> dict[str, str]:
     import io
 
     from experiments import pretrain, sft
-    from pargo_jax import train
-    from tests.demo import demo_config
+    from tests.demo import demo_config, prepare_and_train
 
     def build(root: str) -> dict[str, str]:
         out = {"pretrain": os.path.join(root, "pt"), "sft": os.path.join(root, "sft")}
@@ -92,7 +90,7 @@ def mg_llava_workdirs(shapes_dir, tmp_path_factory) -> dict[str, str]:
                 "optim.warmup_steps": 1, "mesh.num_devices": 2, **extra})  # fmt: skip
             printed = io.StringIO()
             with contextlib.redirect_stdout(printed):
-                train.run(config, out[name])
+                prepare_and_train(config, out[name])
         return {**out, "log": printed.getvalue()}
 
     return once(tmp_path_factory, "mg_llava", build)

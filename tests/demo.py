@@ -45,6 +45,15 @@ def demo_config(data_dir: str, steps: int, *, stage=pretrain, preset: str | None
     return override(c, overrides)
 
 
+def prepare_and_train(config, workdir: str) -> dict:
+    """What ``python -m pargo_jax.main`` runs on its config: the prepare step (the demo's data and
+    tower), then :func:`pargo_jax.train.run`; returns its final metrics."""
+    from pargo_jax import prepare, train
+
+    prepare.prepare_run(config, workdir)
+    return train.run(config, workdir)
+
+
 def override(config, overrides: dict):
     """Sets ``{"section.field": value}`` (top-level keys too) as ``--config.section.field=value`` would."""
     for key, value in overrides.items():

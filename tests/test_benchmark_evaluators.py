@@ -13,13 +13,12 @@ import jax
 import pytest
 
 from data_pipelines import shapes
-from pargo_jax import evaluators, sharding
+from pargo_jax import evaluators, runs, sharding
 from pargo_jax.evaluators.caption import bleu4, cider_d, ptb_tokenize
 from pargo_jax.evaluators.grounding import grounding_metrics
 from pargo_jax.evaluators.multiple_choice import circular_accuracy, parse_option, rotations
 from pargo_jax.evaluators.vqa import gqa_match, pope_answer, pope_metrics, vqa_accuracy
-from pargo_jax.models import factory
-from pargo_jax.predict import Predictor
+from pargo_jax.predictor import Predictor
 
 
 # --- VQA v2 / GQA / POPE ---------------------------------------------------------------------------
@@ -253,7 +252,7 @@ def test_every_benchmark_evaluator_runs_and_8_devices_equal_1(trained_workdir, b
     results = {}
     for devices in (8, 1):
         mesh = sharding.make_mesh({"data": -1}, jax.devices()[:devices])
-        run = factory.load_workdir(trained_workdir, mesh=mesh)
+        run = runs.load_workdir(trained_workdir, mesh=mesh)
         predictor = Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config)
         built = evaluators.build(_configs(benchmark_dirs), predictor, run.config)
         results[devices] = {
@@ -287,7 +286,7 @@ def test_every_benchmark_evaluator_runs_and_8_devices_equal_1(trained_workdir, b
     ],
 )
 def test_bad_benchmark_configs_are_named(trained_workdir, benchmark_dirs, name, mutate, message):
-    run = factory.load_workdir(trained_workdir, mesh=sharding.make_mesh({}, jax.devices()[:1]))
+    run = runs.load_workdir(trained_workdir, mesh=sharding.make_mesh({}, jax.devices()[:1]))
     predictor = Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config)
     cfg = _configs(benchmark_dirs)[name]
     cfg["data"] = dict(cfg["data"])
@@ -302,7 +301,7 @@ def test_every_named_eval_builds(trained_workdir):
     """Each entry of experiments/evals.py is a valid config for its evaluator (keys and types)."""
     from experiments import evals
 
-    run = factory.load_workdir(trained_workdir, mesh=sharding.make_mesh({}, jax.devices()[:1]))
+    run = runs.load_workdir(trained_workdir, mesh=sharding.make_mesh({}, jax.devices()[:1]))
     predictor = Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config)
     built = evaluators.build(evals.get_config(",".join(evals.EVALS)).to_dict(), predictor, run.config)
     assert set(built) == set(evals.EVALS)
@@ -340,7 +339,7 @@ def test_benchmark_evaluators_give_mg_llava_its_detector_boxes(mg_llava_workdirs
     configs = {n: c for n, c in _configs(benchmark_dirs).items() if n in ("vqa", "mmbench_score")}
     for c in configs.values():
         c["detections"] = str(tmp_path / "dets.json")
-    run = factory.load_workdir(
+    run = runs.load_workdir(
         mg_llava_workdirs["sft"], mesh=sharding.make_mesh({"data": -1}, jax.devices()[:2])
     )
     assert run.mcfg.high_res.max_boxes == 4

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_pipelines.text import load_tokenizer
-from pargo_jax import sharding
+from pargo_jax import runs, sharding
 from pargo_jax.models import factory
 from tests.demo import demo_config
 
@@ -38,10 +38,10 @@ def tiny_bert(path: str, *, pretraining: bool = False, **overrides) -> dict[str,
 def init_projector(shapes_dir: str, bert_dir: str | None, **overrides) -> dict[str, np.ndarray]:
     config = demo_config(shapes_dir, 1, **{**overrides, "model.projector.init_from_bert": bert_dir})
     tok = load_tokenizer(os.path.join(shapes_dir, "shapes_tokenizer"))
-    mesh = factory.mesh_for(config)
+    mesh = runs.mesh_for(config)
     with sharding.mesh_context(mesh):
-        parts = factory.build(factory.model_config(config, tok), mesh)
-        params = factory.init_params(parts, config)
+        parts = factory.build(runs.model_config(config, tok), mesh)
+        params = runs.init_params(parts, config)
     return {k: np.asarray(v) for k, v in params["projector"].items()}
 
 

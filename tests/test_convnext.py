@@ -63,11 +63,11 @@ def test_a_missing_or_extra_tensor_is_named():
 
 def test_the_factory_reads_an_open_clip_file(tmp_path):
     """``config.model.high_res.path`` to an OpenCLIP checkpoint (tower under ``visual.trunk.``)."""
-    from pargo_jax.models import factory
+    from pargo_jax import runs
 
     state = {f"visual.trunk.{k}": v for k, v in random_reference().state_dict().items()}
     state["logit_scale"] = torch.ones(())
     path = str(tmp_path / "open_clip_pytorch_model.bin")
     torch.save(state, path)
-    high = factory.high_res_config(dict(path=path, image_size=SIZE), low_width=16, dtype="float32")
+    high = runs.high_res_config(dict(path=path, image_size=SIZE), low_width=16, dtype="float32")
     assert high.tower.depths == DEPTHS and high.tower.dims == DIMS and high.fusion.high_dim == DIMS[-1]

@@ -135,7 +135,7 @@ def release_predictor():
     from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel
     from pargo_jax.models.projectors import MLPConfig
     from pargo_jax.models.vision import vision_preset
-    from pargo_jax.predict import Predictor
+    from pargo_jax.predictor import Predictor
 
     llm = LLMConfig(vocab_size=32, hidden_size=24, intermediate_size=48, num_layers=1, num_heads=2,
                     num_kv_heads=1, head_dim=12)  # fmt: skip

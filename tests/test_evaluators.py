@@ -12,11 +12,10 @@ from data_pipelines import shapes
 from data_pipelines.builders import write_records
 from data_pipelines.schema import Record, Turn, to_example
 from experiments import evals as eval_presets
-from pargo_jax import evaluators, sharding
+from pargo_jax import evaluators, runs, sharding
 from pargo_jax.evaluators.perplexity import perplexity_metrics
 from pargo_jax.evaluators.shapes import normalize, score_item, shapes_metrics
-from pargo_jax.models import factory
-from pargo_jax.predict import Predictor
+from pargo_jax.predictor import Predictor
 
 
 def test_normalize_and_exact_match():
@@ -68,7 +67,7 @@ def test_perplexity_metrics_are_token_weighted():
 
 @pytest.fixture(scope="module")
 def trained(trained_workdir):
-    return factory.load_workdir(trained_workdir)
+    return runs.load_workdir(trained_workdir)
 
 
 def _build(trained, evals, mesh=None):
@@ -80,7 +79,7 @@ def _build(trained, evals, mesh=None):
 def test_one_device_equals_eight(trained, tmp_path):
     cfg = eval_presets.get_config("shapes,val").to_dict()
     eight = {n: dict(ev.run(trained.params, str(tmp_path / "8"))) for n, ev in _build(trained, cfg).items()}
-    one_dev = factory.load_workdir(trained.workdir, mesh=sharding.make_mesh({}, jax.devices()[:1]))
+    one_dev = runs.load_workdir(trained.workdir, mesh=sharding.make_mesh({}, jax.devices()[:1]))
     assert one_dev.mesh.size == 1 and trained.mesh.size == 8
     one = {n: dict(ev.run(one_dev.params, str(tmp_path / "1"))) for n, ev in _build(one_dev, cfg).items()}
     assert one["shapes"] == eight["shapes"]

@@ -16,7 +16,7 @@ import torch
 
 from data_pipelines import shapes
 from data_pipelines.text import load_tokenizer
-from pargo_jax import sharding
+from pargo_jax import runs, sharding
 from pargo_jax.export import save_transformers
 from pargo_jax.models import factory, projectors
 from pargo_jax.models.llm import LLMConfig
@@ -126,7 +126,7 @@ def test_demo_workdir_exports_through_the_command_line(trained_workdir, shapes_d
 
     from pargo_jax.models.llm import CausalLM
     from pargo_jax.models.vision import VisionTower
-    from pargo_jax.predict import Predictor, question
+    from pargo_jax.predictor import Predictor, question
 
     out = str(tmp_path / "export")
     proc = procs.run("pargo_jax.export", f"--workdir={trained_workdir}", f"--out={out}")
@@ -134,7 +134,7 @@ def test_demo_workdir_exports_through_the_command_line(trained_workdir, shapes_d
     assert (
         "transformers" in proc.stdout and "skipped: not a model the official release can run" in proc.stdout
     )
-    run = factory.load_workdir(trained_workdir)
+    run = runs.load_workdir(trained_workdir)
     params = jax.device_get(run.params)
     predictor = Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config)
     pngs = [shapes.draw_scene(shapes.sample_scene(random.Random(i), 64), 64, 20) for i in range(2)]

@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from data_pipelines.text import load_tokenizer
 from experiments import pretrain, sft
-from pargo_jax import checkpoints, sharding, train
+from pargo_jax import checkpoints, runs, sharding, train
 from pargo_jax.benchmarks.train_step import random_demo_tower
 from pargo_jax.models import factory, projectors
 from pargo_jax.models.layers import Dense
@@ -22,7 +22,7 @@ from pargo_jax.models.llm import LLMConfig, RopeScaling
 from pargo_jax.models.mllm import MLLMConfig
 from pargo_jax.models.projectors import MLPConfig, ParGoConfig
 from pargo_jax.models.vision import vision_preset
-from tests.demo import demo_config, losses
+from tests.demo import demo_config, losses, prepare_and_train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +62,10 @@ def test_a_new_projector_is_one_registry_entry(toy_registered, shapes_dir, tmp_p
     config = demo_config(shapes_dir, 4, **{"checkpoint.every_steps": 4})
     config.model.projector = dict(name="toy", groups=8)
     workdir = str(tmp_path / "toy")
-    summary = train.run(config, workdir)
+    summary = prepare_and_train(config, workdir)
     assert summary["step"] == 4 and np.isfinite(summary["loss"]) and "mfu" not in summary  # CPU: no peak
     assert len(losses(workdir)) == 4
-    run = factory.load_workdir(workdir)
+    run = runs.load_workdir(workdir)
     assert isinstance(run.mcfg.projector, ToyConfig) and run.mcfg.num_image_tokens == 8
     assert json.load(open(os.path.join(workdir, "model.json")))["projector"]["name"] == "toy"
     assert set(run.params["projector"]) == {"proj"}
@@ -102,9 +102,9 @@ def test_qformer_is_pargo_without_partial_queries():
 
 
 def test_load_workdir_restores_the_saved_params(trained_workdir):
-    run = factory.load_workdir(trained_workdir)
+    run = runs.load_workdir(trained_workdir)
     assert run.step == 60 and run.mesh.size == 8 and run.tokenizer.vocab_size == run.mcfg.llm.vocab_size
-    older = factory.load_workdir(trained_workdir, step=30)
+    older = runs.load_workdir(trained_workdir, step=30)
     ckpt = checkpoints.Checkpointer(trained_workdir, every_steps=1)
     assert ckpt.all_steps() == [30, 60]
     ckpt.close()
@@ -117,7 +117,7 @@ def test_load_workdir_restores_the_saved_params(trained_workdir):
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), older.params["llm"], run.params["llm"])
     assert any(jax.tree.leaves(changed))
     with pytest.raises(FileNotFoundError, match=r"No checkpoint of step 45 .*it holds steps \[30, 60\]"):
-        factory.load_workdir(trained_workdir, step=45)
+        runs.load_workdir(trained_workdir, step=45)
 
 
 def test_the_schedule_ends_at_total_steps(shapes_dir, tmp_path):
@@ -125,7 +125,7 @@ def test_the_schedule_ends_at_total_steps(shapes_dir, tmp_path):
     config = demo_config(shapes_dir, 1000)
     config.optim.warmup_steps = pretrain.get_config().optim.warmup_steps
     tok = load_tokenizer(os.path.join(shapes_dir, "shapes_tokenizer"))
-    mesh = factory.mesh_for(config)
+    mesh = runs.mesh_for(config)
     with sharding.mesh_context(mesh):
         setup = train.build_model(config, tok, mesh)
     lr, warmup = config.optim.lr, config.optim.warmup_steps
@@ -160,7 +160,7 @@ def test_model_config_mistakes_are_named(shapes_dir, mutate, message):
         mutate(config)
     tok = load_tokenizer(os.path.join(shapes_dir, "shapes_tokenizer"))
     with pytest.raises(ValueError) as err:
-        factory.model_config(config, tok)
+        runs.model_config(config, tok)
     assert message in str(err.value)
 
 
@@ -168,12 +168,12 @@ def test_init_from_parts_are_checked(shapes_dir, trained_workdir):
     config = demo_config(shapes_dir, 1, stage=sft, **{"checkpoint.init_from": trained_workdir})
     config.checkpoint.init_from_parts = ("projector", "lm")
     tok = load_tokenizer(os.path.join(shapes_dir, "shapes_tokenizer"))
-    mesh = factory.mesh_for(config)
+    mesh = runs.mesh_for(config)
     with sharding.mesh_context(mesh):
-        parts = factory.build(factory.model_config(config, tok), mesh)
+        parts = factory.build(runs.model_config(config, tok), mesh)
         with pytest.raises(ValueError, match="init_from_parts names 'lm'"):
-            factory.init_params(parts, config)
+            runs.init_params(parts, config)
         config.checkpoint.init_from_parts = ("projector", "llm", "vision_tower")
-        params = factory.init_params(parts, config)
-    run = factory.load_workdir(trained_workdir)
+        params = runs.init_params(parts, config)
+    run = runs.load_workdir(trained_workdir)
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params, run.params)))

@@ -118,9 +118,9 @@ def test_pipeline_gives_boxes_and_masks_the_empty_slots(shapes_dir):
 def test_mg_llava_demo_trains_evaluates_and_loads_through_main(mg_llava_workdirs, tmp_path):
     ft = mg_llava_workdirs["sft"]
     assert "eval shapes @ step 3" in mg_llava_workdirs["log"]
-    from pargo_jax.models import factory
+    from pargo_jax import runs
 
-    loaded = factory.load_workdir(ft)
+    loaded = runs.load_workdir(ft)
     assert loaded.mcfg.high_res.max_boxes == 4 and loaded.mcfg.num_image_tokens == 24
     assert {"high_res_tower", "fusion", "box_projector"} <= set(loaded.params)
     metrics = json.load(open(os.path.join(ft, "eval", "3", "shapes.json")))
@@ -138,7 +138,7 @@ def test_mg_llava_preset_shapes():
     """The full preset's model (no weights read): CLIP-L/336's 576 tokens fused with ConvNeXt-L's
     24 x 24 last stage, the MLP over the 1024-wide fused tokens, 100 object-token slots."""
     from experiments import pretrain
-    from pargo_jax.models import factory
+    from pargo_jax import runs
 
     c = pretrain.get_config("mg_llava")
     overrides = dict(feature_layer=-2, drop_cls=True)
@@ -149,7 +149,7 @@ def test_mg_llava_preset_shapes():
                   head_dim=128)  # fmt: skip
     c.model.llm = dict(path=None, config=vicuna, overrides={})
     tok = type("Tok", (), {"vocab_size": 32000, "image_token_id": 32000})()
-    mcfg = factory.model_config(c, tok)
+    mcfg = runs.model_config(c, tok)
     assert mcfg.high_res.tower.grid_sizes() == (192, 96, 48, 24) and mcfg.vision.grid == 24
     assert mcfg.projector.vision_width == 1024 and mcfg.num_image_tokens == 576 + 100
     assert sum(mcfg.high_res.tower.dims) == 2880 and mcfg.image_size == 768
@@ -160,9 +160,8 @@ def test_object_boxes_reach_predict_and_scores(mg_llava_workdirs, tmp_path, caps
     scores with boxes differ from the scores without (the object tokens are used)."""
     from data_pipelines import shapes
     from data_pipelines.text import pack_example
-    from pargo_jax import predict
-    from pargo_jax.models import factory
-    from pargo_jax.predict import Predictor
+    from pargo_jax import predict, runs
+    from pargo_jax.predictor import Predictor
 
     ft = mg_llava_workdirs["sft"]
     rec = shapes.make_record("eval", 0)
@@ -181,7 +180,7 @@ def test_object_boxes_reach_predict_and_scores(mg_llava_workdirs, tmp_path, caps
     assert "predict: skipped bad: boxes must be [[x1, y1, x2, y2], ...]" in stderr
     assert "answered 2 of 3 queries (1 skipped)" in stderr
 
-    run = factory.load_workdir(ft)
+    run = runs.load_workdir(ft)
     p = Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config)
     turns = [{"role": t.role, "content": t.text} for t in rec.conversation]
     arrays = pack_example(run.tokenizer, turns, num_image_tokens=p.mcfg.num_image_tokens, max_len=144)

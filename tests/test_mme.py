@@ -8,10 +8,9 @@ import jax
 import pytest
 
 from data_pipelines import shapes
-from pargo_jax import evaluators, sharding
+from pargo_jax import evaluators, runs, sharding
 from pargo_jax.evaluators import mme
-from pargo_jax.models import factory
-from pargo_jax.predict import Predictor
+from pargo_jax.predictor import Predictor
 from tests import procs
 
 
@@ -140,7 +139,7 @@ def test_evaluator_end_to_end_one_device_equals_eight(trained_workdir, tmp_path)
     out = {}
     for devices in (8, 1):
         mesh = sharding.make_mesh({"data": -1}, jax.devices()[:devices])
-        run = factory.load_workdir(trained_workdir, mesh=mesh)
+        run = runs.load_workdir(trained_workdir, mesh=mesh)
         predictor = Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config)
         ev = evaluators.build(cfg, predictor, run.config)["m"]
         out[devices] = dict(ev.run(run.params, str(tmp_path / f"out{devices}")))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests import procs
-from tests.demo import demo_config, demo_flags, eval_metrics, losses, metric_rows
+from tests.demo import demo_config, demo_flags, eval_metrics, losses, metric_rows, prepare_and_train
 
 
 def _overrides(data_dir: str, mesh: dict[str, int]) -> dict:
@@ -35,9 +35,7 @@ def _flags(data_dir: str, workdir: str, mesh: dict[str, int]) -> list[str]:
 
 def _one_process(data_dir: str, workdir: str, mesh: dict[str, int]) -> None:
     """The same run in this process (8 devices), as ``python -m pargo_jax.main`` would configure it."""
-    from pargo_jax import train
-
-    train.run(demo_config(data_dir, 4, **_overrides(data_dir, mesh)), workdir)
+    prepare_and_train(demo_config(data_dir, 4, **_overrides(data_dir, mesh)), workdir)
 
 
 def _free_port() -> int:

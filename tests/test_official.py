@@ -13,12 +13,13 @@ import torch
 from flax import linen as nn
 from safetensors.torch import save_file
 
-from pargo_jax.benchmarks.pargo_torch import ParGoReference, randomize
+from pargo_jax.benchmarks.pargo_torch import ParGoReference
 from pargo_jax.convert.official import load_projector
 from pargo_jax.convert.tables import ConversionError
 from pargo_jax.models.projectors import ParGo
 from pargo_jax.param_tree import flatten
 from tests import procs
+from tests.torch_refs.random_weights import randomize
 
 SHAPE = dict(num_partial=8, num_global=4, hidden=64, heads=2, layers=2, mlp_dim=96, vision_width=48,
              llm_width=40, max_positions=40)  # fmt: skip
@@ -303,9 +304,8 @@ def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir, capsys):
     from data_pipelines.text import load_tokenizer
     from experiments import base
     from experiments import evals as evals_file
-    from pargo_jax import configs, evaluate, predict, train
+    from pargo_jax import configs, evaluate, predict, runs, train
     from pargo_jax.convert.official import load_model
-    from pargo_jax.models import factory
     from tests.torch_refs.tiny_llm import checkpoint
 
     llm = str(tmp_path / "internlm2")  # the tiny InternLM2 with room for the release's long prompt
@@ -321,7 +321,7 @@ def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir, capsys):
     assert proc.returncode == 0 and "--evals=experiments/evals.py:mme_release" in proc.stdout, proc.stderr[
         -2000:
     ]
-    run = factory.load_workdir(work)
+    run = runs.load_workdir(work)
     model, variables = load_model(src, llm, num_partial=8, num_heads=2, vision_heads=2)
     x = np.random.RandomState(0).randn(2, 28, 28, 3).astype(np.float32)
     encode = lambda m, v: np.asarray(jax.jit(lambda v, im: m.apply(v, im, method=m.encode_images))(v, x))

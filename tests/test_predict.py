@@ -12,17 +12,16 @@ import pytest
 from data_pipelines import schema, shapes
 from data_pipelines.builders import open_source
 from data_pipelines.text import pack_example, prompt_ids
-from pargo_jax import predict, sharding
+from pargo_jax import predict, runs, sharding
 from pargo_jax.generate import generate, stream
-from pargo_jax.models import factory
 from pargo_jax.models.llm import CausalLM
-from pargo_jax.predict import DecodeOptions, PredictError, Predictor, conversation, question
+from pargo_jax.predictor import DecodeOptions, PredictError, Predictor, conversation, question
 from tests import procs
 
 
 @pytest.fixture(scope="module")
 def run(trained_workdir):
-    trained = factory.load_workdir(trained_workdir)
+    trained = runs.load_workdir(trained_workdir)
     return trained, Predictor.from_config(trained.model, trained.tokenizer, trained.mesh, trained.config)
 
 
@@ -95,7 +94,7 @@ def test_padding_rows_batch_size_and_mesh_change_nothing(run, records):
     assert len({len(predictor.prompt(q)) for q in queries}) > 1  # different prompt lengths share a batch
     options = DecodeOptions(max_new_tokens=10)
     together = predictor.answers(trained.params, queries, options, batch_size=8)
-    one = factory.load_workdir(trained.workdir, mesh=sharding.make_mesh({}, jax.devices()[:1]))
+    one = runs.load_workdir(trained.workdir, mesh=sharding.make_mesh({}, jax.devices()[:1]))
     single = Predictor.from_config(one.model, one.tokenizer, one.mesh, one.config)
     alone = [single.answers(one.params, [q], options, batch_size=1)[0] for q in queries]
     assert [a["tokens"] for a in together] == [a["tokens"] for a in alone]
@@ -134,7 +133,7 @@ def test_score_is_the_log_likelihood_of_the_answer_tokens(run, records):
 
 
 def test_image_tokens_are_the_projector_output(run, records):
-    from pargo_jax.predict import image_tokens
+    from pargo_jax.predictor import image_tokens
 
     trained, predictor = run
     pixels = np.stack([predictor.pixels(r.image) for r in records[:8]])

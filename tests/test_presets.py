@@ -112,11 +112,10 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
 def _train(stage, preset: str, workdir: str, flags: dict, caplog) -> str:
     """``python -m pargo_jax.main --config=experiments/STAGE.py:PRESET --config.K=V ...`` on 2 devices, in
     this process (``main`` itself is run by the demo's command-line tests); returns what it logged."""
-    from pargo_jax import train
-
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="absl"):  # data_pipelines.build quiets absl to ERRORs
-        train.run(demo.override(stage.get_config(preset), {**flags, "mesh.num_devices": 2}), workdir)
+        config = demo.override(stage.get_config(preset), {**flags, "mesh.num_devices": 2})
+        demo.prepare_and_train(config, workdir)
     # what main's console shows: orbax's INFO chatter is filtered out there
     return "\n".join(r.getMessage() for r in caplog.records if "/orbax/" not in r.pathname)
 
@@ -165,10 +164,10 @@ def test_preset_pretrain_then_sft(preset, checkpoints, tmp_path, caplog):
     assert not any(str(where).startswith("skipped") for where in parts.values()), parts
     import jax
 
+    from pargo_jax import runs
     from pargo_jax.convert.official import load_model
-    from pargo_jax.models import factory
 
-    trained = factory.load_workdir(sft)
+    trained = runs.load_workdir(sft)
     official = os.path.join(out, "official", "pytorch_model.bin")
     model, variables = load_model(
         official, checkpoints["internlm2"], num_partial=4, num_heads=4, vision_heads=1

@@ -144,16 +144,15 @@ def test_clear_errors(name, options, n, message):
 )  # fmt: skip
 @pytest.mark.slow  # a demo run per projector family
 def test_trains_in_the_demo_and_loads_back(projector, shapes_dir, tmp_path):
-    from pargo_jax import train
-    from pargo_jax.models import factory
-    from tests.demo import demo_config, losses
+    from pargo_jax import runs
+    from tests.demo import demo_config, losses, prepare_and_train
 
     config = demo_config(shapes_dir, 3, **{"checkpoint.every_steps": 3})
     config.model.projector = projector
     workdir = str(tmp_path / projector["name"])
-    summary = train.run(config, workdir)
+    summary = prepare_and_train(config, workdir)
     assert summary["step"] == 3 and len(losses(workdir)) == 3 and np.isfinite(summary["loss"])
-    run = factory.load_workdir(workdir)
+    run = runs.load_workdir(workdir)
     assert run.mcfg.num_image_tokens == 9 and type(run.mcfg.projector).__name__.lower().startswith(
         projector["name"].replace("_", "")
     )

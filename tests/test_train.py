@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from experiments import base, pretrain, sft
-from pargo_jax import checkpoints, sharding, train
-from pargo_jax.models import factory
+from pargo_jax import checkpoints, prepare, runs, sharding, train
 from tests import procs
-from tests.demo import demo_config, demo_flags, losses
+from tests.demo import demo_config, demo_flags, losses, prepare_and_train
 
 
 @pytest.fixture
@@ -32,9 +31,9 @@ def initial_and_saved(config, workdir, *, restore_from=None, with_parts=False):
     """The run's initial state, and the state saved at ``restore_from=(workdir, step)`` if given."""
     from data_pipelines.text import load_tokenizer
 
-    mesh = factory.mesh_for(config)
+    mesh = runs.mesh_for(config)
     with sharding.mesh_context(mesh):
-        train.prepare_data(config, workdir)
+        prepare.prepare_data(config, workdir)
         parts = train.build_model(config, load_tokenizer(config.input.tokenizer), mesh)
         initial, shardings = train.init_state(parts, config, mesh)
         saved = None
@@ -53,7 +52,7 @@ def test_demo_loss_falls_and_frozen_tower_is_untouched(data_dir, tmp_path):
     config = demo(data_dir, 30, **{"optim.warmup_steps": 5, "checkpoint.every_steps": 30})
     config.trainable = base.regex_dict({"projector/.*": 1.0, "llm/.*": 1.0})  # the tower out of it
     workdir = str(tmp_path / "run")
-    summary = train.run(config, workdir)
+    summary = prepare_and_train(config, workdir)
     curve = losses(workdir)
     assert summary["step"] == 30 and len(curve) == 30
     assert np.mean([curve[s] for s in range(26, 31)]) < 0.6 * np.mean([curve[s] for s in range(1, 6)])
@@ -87,7 +86,7 @@ def test_sharded_mesh_and_grad_accumulation_equal_single_device(data_dir, tmp_pa
     ]:
         workdir = str(tmp_path / name)
         overrides = {"checkpoint.every_steps": 100, "optim.grad_accum_steps": accum, "loss_chunk": chunk}
-        train.run(demo(data_dir, 3, mesh=mesh, **overrides), workdir)
+        prepare_and_train(demo(data_dir, 3, mesh=mesh, **overrides), workdir)
         runs[name] = losses(workdir)
     assert runs["single"].keys() == runs["2x2x2"].keys() == {1, 2, 3}
     for name in ("2x2x2", "data8_accum2", "2x2x2_chunked_loss"):
@@ -103,7 +102,7 @@ def test_bfloat16_compute_trains_like_float32(data_dir, tmp_path):
     runs = {}
     for dtype in ("float32", "bfloat16"):
         workdir = str(tmp_path / dtype)
-        train.run(demo(data_dir, 4, **{"model.dtype": dtype, "checkpoint.every_steps": 4}), workdir)
+        prepare_and_train(demo(data_dir, 4, **{"model.dtype": dtype, "checkpoint.every_steps": 4}), workdir)
         runs[dtype] = np.array(list(losses(workdir).values()))
     np.testing.assert_allclose(runs["bfloat16"], runs["float32"], rtol=0.02)
     assert not np.array_equal(runs["bfloat16"], runs["float32"])
@@ -126,7 +125,7 @@ def test_bfloat16_frozen_storage_trains_like_float32_and_round_trips(data_dir, t
     for dtype in ("float32", "bfloat16"):
         config = demo(data_dir, 4, **{"model.frozen_dtype": dtype, "checkpoint.every_steps": 4})
         config.trainable = trainable
-        train.run(config, str(tmp_path / dtype))
+        prepare_and_train(config, str(tmp_path / dtype))
         runs[dtype] = np.array(list(losses(str(tmp_path / dtype)).values()))
     np.testing.assert_allclose(runs["bfloat16"], runs["float32"], rtol=0.01)
     assert not np.array_equal(runs["bfloat16"], runs["float32"])
@@ -153,7 +152,7 @@ def test_bfloat16_frozen_storage_trains_like_float32_and_round_trips(data_dir, t
 def test_nonfinite_losses_skip_updates_then_stop_naming_records(data_dir, tmp_path):
     config = demo(data_dir, 20, max_nonfinite_steps=3, **{"optim.lr": 1e30, "optim.clip_norm": 1e30})
     with pytest.raises(FloatingPointError) as err:
-        train.run(config, str(tmp_path / "nan"))
+        prepare_and_train(config, str(tmp_path / "nan"))
     message = str(err.value)
     assert "consecutive non-finite steps by step" in message and "shapes/pretrain/" in message
     rows = losses(str(tmp_path / "nan"))
@@ -164,7 +163,7 @@ def test_nonfinite_losses_skip_updates_then_stop_naming_records(data_dir, tmp_pa
 def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(data_dir, tmp_path):
     common = {"optim.schedule": "constant", "optim.warmup_steps": 0, "checkpoint.every_steps": 2}
     straight = str(tmp_path / "straight")
-    train.run(demo(data_dir, 8, **common), straight)
+    prepare_and_train(demo(data_dir, 8, **common), straight)
 
     killed = str(tmp_path / "killed")
     args = [f"--config.{k}={v}" for k, v in common.items()] + [
@@ -183,7 +182,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(data_dir, tmp
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    resumed = train.run(demo(data_dir, 8, **common), killed)
+    resumed = prepare_and_train(demo(data_dir, 8, **common), killed)
     assert resumed["step"] == 8
     a, b = losses(straight), losses(killed)
     for step in range(5, 9):
@@ -211,9 +210,22 @@ def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
     saved.close()
 
 
+def test_train_run_only_trains_the_prepare_step_fills_in_the_demo(data_dir, tmp_path):
+    """``train.run`` builds no data and names no tokenizer: on a demo config that was not prepared it
+    stops at the missing ``input.tokenizer``; :func:`pargo_jax.prepare.prepare_run` fills it in from
+    the shapes build it ensured."""
+    config = demo(data_dir, 1)
+    with pytest.raises(FileNotFoundError, match="input.tokenizer path None does not exist"):
+        train.run(config, str(tmp_path / "unprepared"))
+    prepare.prepare_run(config, str(tmp_path / "prepared"))
+    assert config.input.tokenizer == os.path.join(data_dir, "shapes_tokenizer")
+    assert config.input.data_dir == data_dir
+    assert config.model.vision.path == os.path.join(data_dir, "demo_tower")
+
+
 def test_sft_starts_from_the_pretrain_projector(data_dir, tmp_path):
     pre = str(tmp_path / "pretrain")
-    train.run(demo(data_dir, 2, **{"checkpoint.every_steps": 2}), pre)
+    prepare_and_train(demo(data_dir, 2, **{"checkpoint.every_steps": 2}), pre)
     config = demo(data_dir, 2, stage=sft, **{"checkpoint.init_from": pre})
     state, stage1 = initial_and_saved(config, str(tmp_path / "sft"), restore_from=(pre, 2))
     for part in ("projector", "llm"):
@@ -225,16 +237,16 @@ def test_sft_starts_from_the_pretrain_projector(data_dir, tmp_path):
 def test_sample_at_end_is_the_predictors_answer(data_dir, tmp_path, capsys):
     from data_pipelines import schema
     from data_pipelines.builders import open_source
-    from pargo_jax.predict import DecodeOptions, Predictor, conversation
+    from pargo_jax.predictor import DecodeOptions, Predictor, conversation
 
     workdir = str(tmp_path / "sampled")
-    summary = train.run(
+    summary = prepare_and_train(
         demo(data_dir, 3, stage=sft, sample_at_end="eval", **{"checkpoint.init_from": None}), workdir
     )
     sample = summary["sample"]
     rec = schema.from_example(open_source(data_dir, "shapes", "eval")[0])
     assert sample["prompt"] == rec.conversation[0].text and sample["reference"] == rec.conversation[1].text
-    run = factory.load_workdir(workdir)
+    run = runs.load_workdir(workdir)
     predictor = Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config)
     query = conversation(rec.id, rec.image, [{"role": "user", "content": rec.conversation[0].text}])
     assert (
@@ -259,7 +271,7 @@ def test_config_errors_are_one_clear_line(data_dir, tmp_path, mutate, error, mes
     with config.unlocked():
         mutate(config)
     with pytest.raises(error) as err:
-        train.run(config, str(tmp_path / "bad"))
+        prepare_and_train(config, str(tmp_path / "bad"))
     assert message in str(err.value)
 
 
@@ -289,7 +301,7 @@ def test_real_preset_path_loads_hf_tower_and_llm(data_dir, tmp_path):
     config.input.tokenizer = os.path.join(data_dir, "shapes_tokenizer")
     config.trainable = base.regex_dict({"projector/.*": 1.0})
     workdir = str(tmp_path / "run")
-    summary = train.run(config, workdir)
+    summary = prepare_and_train(config, workdir)
     assert summary["step"] == 2 and np.isfinite(summary["loss"])
 
     state, _, parts = initial_and_saved(config, workdir, with_parts=True)

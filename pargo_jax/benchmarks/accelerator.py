@@ -286,14 +286,13 @@ def measure_train(s: Shapes, attention_impl: str, peak_flops: float | None) -> d
 
     import jax
 
-    from pargo_jax import flops, sharding
+    from pargo_jax import flops, runs, sharding
     from pargo_jax.benchmarks.train_step import JaxSide, make_batch
-    from pargo_jax.models import factory
 
     config = train_config(s, attention_impl)
     vocab, image_id = s.llm["vocab_size"], 3
     tok = types.SimpleNamespace(vocab_size=vocab, image_token_id=image_id)
-    mcfg = factory.model_config(config, tok)
+    mcfg = runs.model_config(config, tok)
     host = make_batch(s.train_batch, s.seq, mcfg.image_size, mcfg.num_image_tokens, vocab, image_id)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     log(f"train {attention_impl}: building + compiling (batch {s.train_batch} x seq {s.seq}) ...")

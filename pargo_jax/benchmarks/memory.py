@@ -47,7 +47,7 @@ GB = 1e9
 
 @dataclasses.dataclass(frozen=True)
 class _Tokenizer:
-    """What the model factory reads from a tokenizer: the LLM's vocabulary, its last id the image's."""
+    """What ``runs.model_config`` reads from a tokenizer: the LLM's vocabulary, its last id the image's."""
 
     vocab_size: int
     image_token_id: int

@@ -114,14 +114,3 @@ class ParGoReference(nn.Module):
         for layer in self.ParGo.bert.encoder.layer:
             h = layer(h, feats, self_mask.to(h.dtype), cross_mask.to(h.dtype))
         return self.llm_proj(h)
-
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights everywhere (LayerNorms too), so parity tests exercise every tensor."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            scale = 0.5 if "LayerNorm" in name or "ln_vision" in name else 0.05
-            offset = 1.0 if name.endswith("weight") and ("LayerNorm" in name or "ln_vision" in name) else 0.0
-            p.copy_(offset + scale * torch.randn(p.shape, generator=g))
-    return module

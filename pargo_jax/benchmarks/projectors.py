@@ -199,7 +199,7 @@ def train_one(
     log=print,
 ) -> dict:
     """Trains one run (every stage of ``schedule``) unless its ``result.json`` exists; returns the result."""
-    from pargo_jax import train
+    from pargo_jax import prepare, train
 
     name = run_name(variant, budget, seed, lr_scale)
     root = os.path.join(out, data, schedule, name)
@@ -219,6 +219,7 @@ def train_one(
         if workdir:
             c.checkpoint.init_from = workdir  # stage 2 starts from stage 1
         workdir = os.path.join(root, stage)
+        prepare.prepare_run(c, workdir)
         summary = train.run(c, workdir)
     seconds = time.perf_counter() - t0
     result = dict(
@@ -240,10 +241,10 @@ def _projector_size(workdir: str) -> dict[str, Any]:
     MG-LLaVA: its ParGo's, the ConvNeXt path and the box projector not counted)."""
     import jax
 
-    from pargo_jax.models import factory
+    from pargo_jax import runs
     from pargo_jax.models.projectors import projector_module
 
-    mcfg = factory.read_model_config(workdir)
+    mcfg = runs.read_model_config(workdir)
     n = mcfg.vision.num_tokens
     x = jax.ShapeDtypeStruct((1, n, mcfg.projector.vision_width), np.float32)
     shapes = jax.eval_shape(projector_module(mcfg.projector).init, jax.random.key(0), x)
@@ -336,13 +337,13 @@ def plan_cells(budgets, variants, data: str, ablations_everywhere: bool) -> list
 
 def _prepare(out: str, data: str, quick: bool, schedule: str) -> None:
     """Builds the shared data and demo tower once, before runs start side by side."""
-    from pargo_jax import train
+    from pargo_jax import prepare
 
     c = stage_configs(
         projector_options("qformer", 16, data), 0, 1.0, out, None, quick, data, False, schedule
     )[0]
-    train.prepare_data(c, os.path.join(out, data))
-    train.prepare_demo_tower(c)
+    prepare.prepare_data(c, os.path.join(out, data))
+    prepare.prepare_demo_tower(c)
 
 
 def _trained(run: tuple, out: str, data: str, schedule: str) -> bool:

@@ -12,7 +12,7 @@ CPU host its 8 "devices" share the same cores, so its step time says nothing abo
 there for the per-device memory (``state/dev``: params + optimizer state bytes actually held by the
 busiest device, summed over ``addressable_shards``; ``fsdp x``: that over the 1-device number).
 
-Shapes (the model is built from an ``experiments.base`` ConfigDict through ``factory.model_config``):
+Shapes (the model is built from an ``experiments.base`` ConfigDict through ``runs.model_config``):
 
   demo  ``experiments/pretrain.py`` demo: tiny SigLIP-style tower 64 px / patch 8 (64 patches),
         ParGo 16 + 4 tokens, tiny Llama (hidden 128, 4 layers, shapes vocabulary of 150), batch 16,
@@ -395,9 +395,9 @@ def run_devices(a) -> list[dict]:
             config.loss_chunk = int(chunk[0]) if chunk else 0
             label = f"{train_kind}, CE/{config.loss_chunk}" if config.loss_chunk else train_kind
             tok = types.SimpleNamespace(vocab_size=vocab, image_token_id=image_id)
-            from pargo_jax.models import factory
+            from pargo_jax import runs
 
-            mcfg = factory.model_config(config, tok)
+            mcfg = runs.model_config(config, tok)
             boxes = mcfg.high_res.max_boxes if mcfg.high_res else 0
             host = make_batch(batch, seq, mcfg.image_size, mcfg.num_image_tokens, vocab, image_id, boxes)
             print(f"[{n} dev] {shape} {variant}: building + compiling ...", file=sys.stderr, flush=True)

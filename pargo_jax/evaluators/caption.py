@@ -167,7 +167,7 @@ class CaptionEvaluator(common.Evaluator):
     DATA_KEYS = frozenset({"annotations", "images"})
 
     def evaluate(self, params, out_dir):
-        from pargo_jax.predict import question
+        from pargo_jax.predictor import question
 
         items, refs = load_coco_captions(self.data_dir("annotations"), self.data_dir("images"))
         done, skipped = self.ask(

@@ -1,7 +1,7 @@
 """What every evaluator shares: the base class, its options, reading a built split, writing results.
 
 An evaluator is built from one ``config.evals`` entry, ``{name: dict(type=..., data=..., log_steps=...,
-batch_size=..., ...)}``, and a :class:`~pargo_jax.predict.Predictor`; ``run(params)`` yields
+batch_size=..., ...)}``, and a :class:`~pargo_jax.predictor.Predictor`; ``run(params)`` yields
 ``(metric, value)`` pairs and writes ``{out_dir}/{name}.json`` (the metrics) and
 ``{out_dir}/{name}.predictions.jsonl`` (one line per example) from process 0. Metrics are pure
 functions of the predictions, defined beside each evaluator and unit-tested on their own.
@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from pargo_jax import configs, paths
-from pargo_jax.predict import DecodeOptions, Predictor, Query
+from pargo_jax.predictor import DecodeOptions, Predictor, Query
 
 COMMON_KEYS = {"type", "data", "log_steps", "batch_size", "detections"}
 
@@ -95,10 +95,10 @@ class Evaluator:
         return configs.require_path(path, f"evals.{self.name}.data.{key}")
 
     def ask(self, params, items: Sequence[Mapping[str, Any]], query) -> tuple[list[tuple[Any, dict]], int]:
-        """Asks ``query(item, image bytes) -> predict.Query`` of every item (its ``image``: a path or
+        """Asks ``query(item, image bytes) -> predictor.Query`` of every item (its ``image``: a path or
         the bytes) and returns ``([(item, answer dict)], skipped)``: an item whose image is missing or
         does not decode is skipped and counted, never an error."""
-        from pargo_jax.predict import PredictError, read_image
+        from pargo_jax.predictor import PredictError, read_image
 
         asked, queries, skipped = [], [], 0
         for it in items:

@@ -85,7 +85,7 @@ class GroundingEvaluator(common.Evaluator):
         from data_pipelines.converters import REFER_FIRST
         from data_pipelines.images import decode
         from data_pipelines.schema import BadRecord
-        from pargo_jax.predict import conversation
+        from pargo_jax.predictor import conversation
 
         codec = BoxCodec(self.options["box_format"], self.options["box_frame"])
         items = load_refcoco(

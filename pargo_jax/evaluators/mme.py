@@ -231,7 +231,7 @@ class MMEEvaluator(common.Evaluator):
     }
 
     def evaluate(self, params, out_dir):
-        from pargo_jax.predict import question
+        from pargo_jax.predictor import question
 
         rule = self.options["rule"]
         if rule not in RULES:

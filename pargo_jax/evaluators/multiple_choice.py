@@ -161,7 +161,7 @@ class MultipleChoiceEvaluator(common.Evaluator):
         )
 
     def evaluate(self, params, out_dir):
-        from pargo_jax.predict import question
+        from pargo_jax.predictor import question
 
         if self.options["answer_by"] not in ("generate", "score"):
             raise ValueError(f"config.evals.{self.name}.answer_by must be 'generate' or 'score'.")
@@ -227,7 +227,7 @@ class MultipleChoiceEvaluator(common.Evaluator):
     def _score(self, params, queries, asks) -> list[str | None]:
         """The option with the highest summed log-likelihood (letter + text) after each prompt."""
         from data_pipelines.text import pack_example
-        from pargo_jax.predict import PredictError
+        from pargo_jax.predictor import PredictError
 
         p = self.predictor
         examples, owners = [], []

@@ -55,7 +55,7 @@ class PerplexityEvaluator(common.Evaluator):
     def evaluate(self, params, out_dir):
         from data_pipelines.schema import BadRecord
         from data_pipelines.text import pack_example
-        from pargo_jax.predict import PredictError
+        from pargo_jax.predictor import PredictError
 
         records, bad = self.records()
         cfg, p = self.config.input, self.predictor

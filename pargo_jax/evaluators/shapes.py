@@ -80,7 +80,7 @@ class ShapesEvaluator(common.Evaluator):
 
     def evaluate(self, params, out_dir):
         from data_pipelines.shapes import KINDS, question_kind
-        from pargo_jax.predict import conversation
+        from pargo_jax.predictor import conversation
 
         records, bad = self.records()
         queries, refs = [], []

@@ -289,7 +289,7 @@ class _ShortAnswer(common.Evaluator):
         return out
 
     def evaluate(self, params, out_dir):
-        from pargo_jax.predict import question
+        from pargo_jax.predictor import question
 
         suffix = self.options["prompt_suffix"]
         ask = lambda it, image: question(

@@ -1,149 +1,32 @@
-"""The one model factory: ``config.model`` (+ the checkpoints it names, + a run's workdir) -> model,
-params on a mesh, config and tokenizer. Training, prediction, evaluation, export and the benchmarks
-all build models here.
+"""The model of an :class:`MLLMConfig`: its module, abstract params and their shardings on a mesh, and
+the config as JSON (a run's ``model.json``). Nothing here reads a checkpoint or an experiment config:
+:mod:`pargo_jax.runs` turns ``config.model`` into an :class:`MLLMConfig` and params.
 
-    mcfg = factory.model_config(config, tokenizer)     # MLLMConfig: tower, projector, LLM shapes
     parts = factory.build(mcfg, mesh)                  # module, abstract params and their shardings
-    params = factory.init_params(parts, config)        # random init + pretrained parts + init_from
-    run = factory.load_workdir("workdir/sft")          # a trained run: model, params, tokenizer, ...
-
-A run's workdir is self-contained: ``config.json`` (the experiment config), ``model.json`` (the
-resolved :class:`MLLMConfig`, so the tower / LLM checkpoints it started from are not needed to use
-it), ``tokenizer/`` and ``checkpoints/``.
+    d = factory.model_config_to_dict(mcfg)             # JSON-ready; model_config_from_dict reads it back
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from pargo_jax import checkpoints, configs, sharding
+from pargo_jax import configs, sharding
 from pargo_jax.models import projectors
-from pargo_jax.models.convnext import CONVNEXT_PRESETS, ConvNeXtConfig
+from pargo_jax.models.convnext import ConvNeXtConfig
 from pargo_jax.models.fusion import FusionConfig
 from pargo_jax.models.llm import LLMConfig, RopeScaling
 from pargo_jax.models.mllm import HighResConfig, MLLMConfig, VisionLanguageModel
-from pargo_jax.models.vision import VisionConfig, vision_preset
+from pargo_jax.models.vision import VisionConfig
 
-MODEL_FILE = "model.json"
-TOKENIZER_DIR = "tokenizer"
+MODEL_FILE = "model.json"  # where a run keeps model_config_to_dict's JSON
 PARTS = ("vision_tower", "projector", "llm", "high_res_tower", "fusion", "box_projector")
-MODEL_KEYS = {"vision", "projector", "llm", "dtype", "frozen_dtype", "high_res"}
-HIGH_RES_KEYS = {"path", "preset", "image_size", "fusion", "max_boxes", "roi_output", "roi_grid"}
-VISION_KEYS = {"path", "format", "preset", "overrides"}
-LLM_KEYS = {"path", "config", "overrides"}
-
-
-# --- config.model -> MLLMConfig ----------------------------------------------------------------------
-def vision_config(v: Mapping[str, Any], dtype: str) -> VisionConfig:
-    """``config.model.vision``: a checkpoint (``path`` + ``format``) or a named ``preset``, then
-    ``overrides`` (VisionConfig fields)."""
-    configs.check_keys(v, VISION_KEYS, "config.model.vision")
-    overrides = dict(v.get("overrides") or {})
-    if v.get("path"):
-        from pargo_jax.convert import hf_vision
-
-        path = configs.require_path(v["path"], "model.vision")
-        base = hf_vision.vision_config_from(path, v.get("format", "hf"), heads=overrides.get("heads"))
-    else:
-        base = vision_preset(v.get("preset", "tiny"))
-    configs.check_keys(overrides, configs.field_names(VisionConfig), "config.model.vision.overrides")
-    return base.replace(**{**overrides, "dtype": jnp.dtype(dtype)})
-
-
-SCAN_FROM_LAYERS = 8  # LLMs this deep scan their layers unless told otherwise (one compiled layer)
-
-
-def llm_config(m: Mapping[str, Any], dtype: str, vocab_size: int) -> LLMConfig:
-    """``config.model.llm``: an HF checkpoint ``path`` or random-init ``config`` fields, then
-    ``overrides``. ``vocab_size`` (the tokenizer's) is the default and the minimum; ``scan_layers``
-    defaults to on from :data:`SCAN_FROM_LAYERS` layers."""
-    configs.check_keys(m, LLM_KEYS, "config.model.llm")
-    overrides = dict(m.get("overrides") or {})
-    configs.check_keys(overrides, configs.field_names(LLMConfig), "config.model.llm.overrides")
-    if m.get("path"):
-        from pargo_jax.convert import hf
-
-        path = configs.require_path(m["path"], "model.llm")
-        llm = hf.config_from_hf(hf.read_hf_config(path), **overrides)
-    else:
-        fields = {"vocab_size": vocab_size, **dict(m.get("config") or {}), **overrides}
-        llm = configs.dataclass_from(LLMConfig, fields, "config.model.llm.config")
-    llm = dataclasses.replace(llm, dtype=jnp.dtype(dtype))
-    if "scan_layers" not in overrides and "scan_layers" not in (m.get("config") or {}):
-        llm = dataclasses.replace(llm, scan_layers=llm.num_layers >= SCAN_FROM_LAYERS)
-    if llm.vocab_size < vocab_size:
-        raise ValueError(
-            f"The tokenizer has {vocab_size} tokens but the LLM only {llm.vocab_size} embeddings."
-        )
-    return llm
-
-
-def high_res_config(h: Mapping[str, Any], low_width: int, dtype: str) -> HighResConfig:
-    """``config.model.high_res`` (MG-LLaVA): a ConvNeXt checkpoint ``path`` (timm / OpenCLIP) or a
-    ``preset`` of :data:`CONVNEXT_PRESETS`, its ``image_size``, ``fusion`` (FusionConfig fields: ``mode``),
-    ``max_boxes`` (object tokens; 0: none), ``roi_output``, ``roi_grid``."""
-    configs.check_keys(h, HIGH_RES_KEYS, "config.model.high_res")
-    size = int(h.get("image_size", 768))
-    if h.get("path"):
-        from pargo_jax.convert import hf_vision
-
-        path = configs.require_path(h["path"], "model.high_res")
-        tower = hf_vision.convnext_config_from(path, size)
-    else:
-        preset = h.get("preset", "convnext_large")
-        if preset not in CONVNEXT_PRESETS:
-            raise ValueError(
-                f"config.model.high_res.preset={preset!r}; choose from {sorted(CONVNEXT_PRESETS)}."
-            )
-        tower = ConvNeXtConfig(**{**CONVNEXT_PRESETS[preset], "image_size": size})
-    tower = dataclasses.replace(tower, dtype=dtype)
-    fusion = dict(h.get("fusion") or {})
-    configs.check_keys(fusion, {"mode", "zero_init"}, "config.model.high_res.fusion")
-    return HighResConfig(
-        tower=tower, fusion=FusionConfig(low_width, tower.dims[-1], dtype=dtype, **fusion),
-        max_boxes=int(h.get("max_boxes", 0)), roi_output=int(h.get("roi_output", 56)),
-        roi_grid=int(h.get("roi_grid", 192)),
-    )  # fmt: skip
-
-
-def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
-    """The :class:`MLLMConfig` of ``config.model``, the checkpoints it names, the tokenizer (vocabulary,
-    image token) and ``config.input`` (pixel mean / std for on-device normalization)."""
-    m = config.model
-    configs.check_keys(m, MODEL_KEYS, "config.model")
-    dtype = m.get("dtype", "float32")
-    vision = vision_config(m.vision, dtype)
-    llm = llm_config(m.llm, dtype, tokenizer.vocab_size)
-    options = dict(m.projector)
-    name = options.pop("name", "pargo")
-    options.pop("init_from_bert", None)  # where the weights start, not the model: see init_params
-    high_res = high_res_config(m.high_res, vision.width, dtype) if m.get("high_res") else None
-    width = high_res.fusion.out_dim if high_res else vision.width
-    options.update(vision_width=width, llm_width=llm.hidden_size, dtype=dtype)
-    projector = projectors.projector_config(name, options)
-    if getattr(projector, "num_partial", 0) and vision.class_token and not vision.drop_cls:
-        raise ValueError(
-            f"The {vision.kind} tower puts a CLS token before its {vision.grid**2} patches, and ParGo's "
-            "partial windows need patches only: set config.model.vision.overrides.drop_cls=True."
-        )
-    return MLLMConfig(
-        vision=vision,
-        projector=projector,
-        llm=llm,
-        image_token_id=tokenizer.image_token_id,
-        pixel_mean=tuple(config.input.mean),
-        pixel_std=tuple(config.input.std),
-        high_res=high_res,
-    )
 
 
 # --- MLLMConfig <-> model.json ----------------------------------------------------------------------
@@ -198,18 +81,6 @@ def model_config_from_dict(d: Mapping[str, Any]) -> MLLMConfig:
     )
 
 
-def save_run(workdir: str, config: ml_collections.ConfigDict, mcfg: MLLMConfig, tokenizer) -> None:
-    """Writes what :func:`load_workdir` needs besides the checkpoints (process 0 only)."""
-    if jax.process_index() != 0:
-        return
-    from etils import epath
-
-    configs.save_run_config(config, workdir)
-    text = json.dumps(model_config_to_dict(mcfg), indent=2) + "\n"
-    (epath.Path(workdir) / MODEL_FILE).write_text(text)
-    tokenizer.save(str(epath.Path(workdir) / TOKENIZER_DIR))
-
-
 # --- module, abstract params, shardings -------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ModelParts:
@@ -258,118 +129,3 @@ def build(mcfg: MLLMConfig, mesh: jax.sharding.Mesh) -> ModelParts:
         shardings = sharding.logical_shardings(boxed, mesh)
     abstract = jax.eval_shape(lambda r: nn.unbox(init(r)), jax.random.key(0))
     return ModelParts(mcfg, model, init, abstract, shardings)
-
-
-# --- params ------------------------------------------------------------------------------------------
-def load_pretrained(config: ml_collections.ConfigDict, shardings: Mapping[str, Any]) -> dict[str, Any]:
-    """Params of the tower / LLM read from the checkpoints ``config.model`` names (on the mesh)."""
-    loaded = {}
-    v, llm = config.model.vision, config.model.llm
-    if v.get("path"):
-        from pargo_jax.convert import hf_vision
-
-        fmt = v.get("format", "hf")
-        load = hf_vision.load_vision if fmt == "hf" else hf_vision.load_eva02
-        _, variables = load(v.path, shardings=shardings["vision_tower"], **dict(v.get("overrides") or {}))
-        loaded["vision_tower"] = variables["params"]
-    if llm.get("path"):
-        from pargo_jax.convert import hf
-
-        overrides = dict(llm.get("overrides") or {})
-        _, variables = hf.load_llm(llm.path, shardings=shardings["llm"], **overrides)
-        loaded["llm"] = variables["params"]
-    high_res = config.model.get("high_res") or {}
-    if high_res.get("path"):
-        from pargo_jax.convert import hf_vision
-
-        _, variables = hf_vision.load_convnext(high_res["path"], int(high_res.get("image_size", 768)))
-        loaded["high_res_tower"] = jax.device_put(variables["params"], shardings["high_res_tower"])
-    return loaded
-
-
-def init_params(parts: ModelParts, config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """A training run's first params: sharded random init (never materialized on one host) of the
-    parts no checkpoint provides, the pretrained tower / LLM, then ``checkpoint.init_from``'s parts."""
-    from absl import logging
-
-    loaded = load_pretrained(config, parts.shardings)  # parts read from checkpoints are not initialized
-    fresh = [k for k in parts.shardings if k not in loaded]
-    init = lambda r: {k: v for k, v in nn.unbox(parts.init(r)).items() if k in fresh}
-    params = jax.jit(init, out_shardings={k: parts.shardings[k] for k in fresh})(jax.random.key(config.seed))
-    params.update(loaded)
-    bert = config.model.projector.get("init_from_bert")
-    if bert:
-        path = configs.require_path(bert, "model.projector.init_from_bert")
-        params["projector"] = _projector_from_bert(parts, params["projector"], path)
-    init_from = config.checkpoint.get("init_from")
-    if init_from:
-        configs.require_path(init_from, "checkpoint.init_from")
-        for part in config.checkpoint.get("init_from_parts", ("projector",)):
-            if part not in PARTS:
-                raise ValueError(f"checkpoint.init_from_parts names {part!r}; choose from {PARTS}.")
-            params[part] = checkpoints.restore_subtree(
-                init_from, parts.abstract_on_mesh(part), f"params/{part}"
-            )
-            logging.info("Initialized %s from %s.", part, init_from)
-    return params
-
-
-def _projector_from_bert(parts: ModelParts, fresh: dict[str, Any], path: str) -> dict[str, Any]:
-    """The ``fresh`` projector params with what the release's ``init_ParGo`` takes from BERT put in."""
-    from pargo_jax.convert import bert
-    from pargo_jax.convert.tables import expected_shapes
-
-    taken = bert.pargo_from_bert(path, parts.mcfg.projector, expected_shapes(parts.abstract["projector"]))
-    shardings = parts.shardings["projector"]
-    return {**fresh, **{k: jax.device_put(v, shardings[k]) for k, v in taken.items()}}
-
-
-# --- a trained run -----------------------------------------------------------------------------------
-@dataclasses.dataclass
-class TrainedModel:
-    """What :func:`load_workdir` returns: everything predict, evaluate and export need."""
-
-    model: VisionLanguageModel
-    params: Any
-    mcfg: MLLMConfig
-    tokenizer: Any
-    config: ml_collections.ConfigDict
-    step: int
-    mesh: jax.sharding.Mesh
-    workdir: str
-
-
-def mesh_for(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-    """The mesh ``config.mesh`` asks for over ``devices`` (default: all; ``num_devices`` the first N)."""
-    spec = dict(config.mesh)
-    num = spec.pop("num_devices", None)
-    devices = list(devices if devices is not None else jax.devices())
-    return sharding.make_mesh(spec, devices[:num] if num else devices)
-
-
-def read_model_config(workdir: str) -> MLLMConfig:
-    from etils import epath
-
-    path = epath.Path(workdir) / MODEL_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"No {MODEL_FILE} in {workdir!r}: it is not the workdir of a training run.")
-    return model_config_from_dict(json.loads(path.read_text()))
-
-
-def load_workdir(
-    workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
-) -> TrainedModel:
-    """The model a run trained, with the params of checkpoint ``step`` (None: the newest) restored
-    straight onto ``mesh`` (default: the run's ``config.mesh`` over this host's devices)."""
-    from etils import epath
-
-    from data_pipelines.text import load_tokenizer
-
-    config = configs.load_run_config(workdir)
-    mcfg = read_model_config(workdir)
-    directory = checkpoints.step_dir(workdir, step)
-    mesh = mesh or mesh_for(config)
-    parts = build(mcfg, mesh)
-    params = checkpoints.restore_subtree(directory, parts.abstract_on_mesh(), "params")
-    tokenizer = load_tokenizer(str(epath.Path(workdir) / TOKENIZER_DIR))
-    return TrainedModel(parts.model, params, mcfg, tokenizer, config, int(directory.name), mesh, str(workdir))

@@ -1,9 +1,10 @@
 """Vision-language projectors with one face, and the registry that names them.
 
 Face: ``module(features (B, N, C), deterministic=...) -> tokens (B, T, D)``; its config (a frozen
-dataclass with fields ``vision_width``, ``llm_width`` and ``dtype``, filled in by the model factory)
-answers ``num_tokens(N) -> T`` and ``flops(N) -> forward FLOPs of one image``. A new projector is
-one :func:`register` call; ``config.model.projector = dict(name=..., **fields)`` then builds it.
+dataclass with fields ``vision_width``, ``llm_width`` and ``dtype``, filled in by
+``pargo_jax.runs.model_config``) answers ``num_tokens(N) -> T`` and ``flops(N) -> forward FLOPs of
+one image``. A new projector is one :func:`register` call; ``config.model.projector = dict(name=...,
+**fields)`` then builds it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,60 @@
+"""What a run needs made before it trains: the demo's synthetic shapes set and its pretrained tower,
+each built on first use when the config asks for it (``config.shapes``, ``config.demo_tower``).
+
+    prepare.prepare_run(config, workdir)   # then train.run(config, workdir)
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+from absl import logging
+
+from pargo_jax import paths
+
+
+def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """The demo's data and tower for a run of ``config`` in ``workdir``; nothing for other configs."""
+    prepare_data(config, workdir)
+    prepare_demo_tower(config)  # before the mesh: its pretraining runs on one device
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """The demo's shapes set is built into ``{workdir}/data`` on first run (seconds), by process 0
+    while the others wait."""
+    if config.get("shapes") is None:
+        return
+    from data_pipelines import shapes  # tensorflow_datasets: only when a demo run needs it
+
+    data_dir = paths.join(config.input.get("data_dir") or paths.join(workdir, "data"))
+    built = None
+    if jax.process_index() == 0:
+        built = shapes.ensure(data_dir, progress=True, **config.shapes.to_dict())
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("shapes data built")
+    with config.unlocked():
+        config.input.data_dir = data_dir
+        if not config.input.get("tokenizer"):
+            config.input.tokenizer = paths.join(data_dir, "shapes_tokenizer")
+    if built and built["summary"] is not None:
+        logging.info("Built the shapes dataset in %s (%.1f s).", data_dir, built["seconds"])
+
+
+def prepare_demo_tower(config: ml_collections.ConfigDict) -> None:
+    """The demo's pretrained tower is built at ``model.vision.path`` on first run (``config.demo_tower``
+    holds the build options), by process 0 while the others wait."""
+    if config.get("demo_tower") is None:
+        return
+    from pargo_jax import demo_tower
+
+    path = paths.join(config.model.vision.path)
+    if jax.process_index() == 0 and demo_tower.ensure(path, **config.demo_tower.to_dict()):
+        logging.info("Built the demo tower in %s.", path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("demo tower built")
+    with config.unlocked():
+        config.model.vision.path = path
