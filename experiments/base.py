@@ -1,8 +1,9 @@
 """Shared pieces of the experiment files: one base ConfigDict and the model presets.
 
-Every field is documented in the README's "Config reference". Presets: ``demo`` (tiny random tower
-and LLM on the synthetic shapes set, CPU, minutes), ``paper`` (EVA02-CLIP-L/336 + InternLM2-7B with
-288 + 16 ParGo tokens, as released), ``siglip_qwen2`` (SigLIP-so400m/384 + Qwen2.5-7B-Instruct).
+Every field is documented in docs/guide/training.md's "Config reference". Presets: ``demo`` (tiny
+random tower and LLM on the synthetic shapes set, CPU, minutes), ``paper`` (EVA02-CLIP-L/336 +
+InternLM2-7B with 288 + 16 ParGo tokens, as released), ``siglip_qwen2`` (SigLIP-so400m/384 +
+Qwen2.5-7B-Instruct).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from data_pipelines.images import CLIP_MEAN, CLIP_STD
+from data_pipelines.frame import CLIP_MEAN, CLIP_STD
 
 PRESETS = ("demo", "paper", "siglip_qwen2", "mg_llava", "mg_llava_demo")
 DEMOS = ("demo", "mg_llava_demo")  # presets on the synthetic shapes set (their stages train the LLM too)
@@ -40,7 +41,7 @@ def base() -> ml_collections.ConfigDict:
     c.input = dict(
         sources=[], data_dir=placeholder(str), tokenizer=placeholder(str), batch_size=16, image_size=336,
         resize="letterbox", max_len=512, overlong="truncate", num_workers=0, prefetch=2, strict=False,
-        mean=CLIP_MEAN, std=CLIP_STD, detections="",
+        mean=CLIP_MEAN, std=CLIP_STD, detections="", jpeg_draft=False,
     )  # fmt: skip
     c.shapes = None  # dict(...) of data_pipelines.shapes.build arguments: build the demo set on first run
     c.demo_tower = None  # dict(...) of pargo_jax.demo_tower.build options: build model.vision.path if missing
@@ -63,14 +64,14 @@ def demo_model(c: ml_collections.ConfigDict) -> None:
 
     Real towers come pretrained; a random tiny ViT trained only through the LM loss never learned to
     see shape (held-out shape answers stayed at chance), so ``demo_tower`` stands in for the tower's
-    pretraining (2500 steps of per-token colour and shape classification, 2-4 minutes on 2 cores) and
-    writes it as a HF SigLIP directory. ParGo's kernels are fan-in scaled (``init="fan_in"``: with BERT's
+    pretraining (2000 steps of per-token colour and shape classification, about a minute on 2 cores)
+    and writes it as a HF SigLIP directory. ParGo's kernels are fan-in scaled (``init="fan_in"``: with BERT's
     N(0, 0.02) at width 64 its tokens start 0.6% image-dependent and the LLM learns to ignore them);
     ``max_len=128`` holds a whole 3-turn conversation (at 64, grounding answers were always cut)."""
     c.model.vision = dict(path="workdir/demo_tower", format="hf", preset="tiny", overrides={})
-    from pargo_jax import demo_tower
-
-    c.demo_tower = dict(demo_tower.DEFAULTS)  # its build options; built when the path is missing
+    # pargo_jax.demo_tower.build's options; built when model.vision.path is missing
+    c.demo_tower = dict(steps=2000, batch_size=32, lr=3e-3, seed=0, variant="basic", image_size=64,
+                        object_weight=4.0)  # fmt: skip
     c.model.projector = dict(
         name="pargo", num_partial=16, num_global=4, hidden=64, heads=4, layers=2, mlp_dim=128,
         layout="grid", max_positions=64, init="fan_in",

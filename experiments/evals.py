@@ -32,14 +32,14 @@ EVALS = {
         type="perplexity", data=dict(name="shapes", split="val"), log_steps=0, batch_size=16,
         groups=CAPTION_FIELDS,
     ),
-    # Public benchmarks, each read from its official files (README "Benchmarks").
+    # Public benchmarks, each read from its official files (docs/guide/evaluation.md).
     "mme": entry("mme", dict(dir=f"{B}/MME_Benchmark_release_version"), rule="official", prompt_suffix=""),
     "mme_pargo": entry(
         "mme", dict(dir=f"{B}/MME_Benchmark_release_version"), rule="pargo",
         prompt_suffix="Answer the question using a single word(Yes or No)",
     ),
-    # MME as the ParGo release runs it (with an official-checkpoint workdir, see README): its rule and
-    # suffix, 4-beam search, 100 new tokens.
+    # MME as the ParGo release runs it (with an official-checkpoint workdir,
+    # docs/guide/official_checkpoint.md): its rule and suffix, 4-beam search, 100 new tokens.
     "mme_release": entry(
         "mme", dict(dir=f"{B}/MME_Benchmark_release_version"), max_new_tokens=100, rule="pargo",
         prompt_suffix="Answer the question using a single word(Yes or No)", method="beam",

@@ -17,14 +17,15 @@ def get_config(arg: str | None = None):
     name, c = base.preset(arg)
     c.input.caption_prompt = ""
     if name in base.DEMOS:
-        base.set_steps(c, total=1500, warmup=50)
+        base.set_steps(c, total=2000, warmup=50)
         c.log_every_steps = 100
         c.optim.lr = 1e-3
+        c.input.max_len = 80 if name == "demo" else 96  # captions: <= 70 tokens with the image's 20
         c.trainable = base.regex_dict({"vision_tower/.*": 0.3, "projector/.*": 1.0, "llm/.*": 1.0})
         c.input.sources = [dict(name="shapes", split="pretrain")]
         c.checkpoint.every_steps = 500
         c.evals = evals.get_config("val")
-        c.evals.val.log_steps = 500
+        c.evals.val.log_steps = 1000
         if name == "mg_llava_demo":
             c.trainable.update(base.regex_dict(base.MG_LLAVA_PARTS | {"high_res_tower/.*": 0.3}))
     elif name == "mg_llava":  # MG-LLaVA's stage 1: projector, fusion and box projector at lr 1e-3, batch 256

@@ -16,16 +16,16 @@ from experiments import base, evals
 def get_config(arg: str | None = None):
     name, c = base.preset(arg)
     if name in base.DEMOS:
-        base.set_steps(c, total=4500, warmup=50)  # colour is found late (step ~2000): see the README
+        base.set_steps(c, total=2500, warmup=50)
         c.log_every_steps = 100
-        c.optim.lr = 3e-4
+        c.optim.lr = 6e-4
         c.trainable = base.regex_dict({"vision_tower/.*": 0.3, "projector/.*": 1.0, "llm/.*": 1.0})
         c.input.sources = [dict(name="shapes", split="sft")]
         c.checkpoint.init_from = "workdir/pretrain"
         c.checkpoint.init_from_parts = ("vision_tower", "projector", "llm")
         c.checkpoint.every_steps = 500
         c.evals = evals.get_config("shapes")
-        c.evals.shapes.log_steps = 1000  # per-kind accuracy during training
+        c.evals.shapes.log_steps = 500  # per-kind accuracy during training
         if name == "mg_llava_demo":
             c.trainable.update(base.regex_dict(base.MG_LLAVA_PARTS | {"high_res_tower/.*": 0.3}))
             c.checkpoint.init_from = "workdir/pretrain_mg_llava_demo"

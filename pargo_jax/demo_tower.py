@@ -1,4 +1,4 @@
-"""The demo's vision tower, pretrained: ``python -m pargo_jax.demo_tower --out workdir/demo_tower``.
+"""The demo's vision tower, pretrained on the demo's first run (options: the config's ``demo_tower``).
 
 Real presets start from a pretrained tower (CLIP, SigLIP, EVA02); a random one cannot see shape. This
 stands in for that pretraining at demo scale: each token of the tiny SigLIP-style tower of the ``demo``
@@ -7,7 +7,7 @@ background (two linear heads per token, so that "circle" is one direction of the
 the colour; images drawn on the fly by ``data_pipelines.shapes``, deterministic in the seed); then the
 tower is written as a Hugging Face ``SiglipVisionModel`` directory, which the demo loads like any HF
 tower.
-The demo's first run builds it into ``workdir/demo_tower`` (seconds to minutes on a laptop CPU).
+The demo's first run builds it into ``workdir/demo_tower`` (about a minute on 2 cores).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from flax import linen as nn
 
 from pargo_jax.models.vision import VisionConfig, VisionTower, vision_preset
 
-DEFAULTS = dict(steps=2500, batch_size=64, lr=3e-3, seed=0, variant="basic", image_size=64)
 SHAPE = dict(patch_size=8, width=64, depth=2, heads=4, mlp_dim=128)
 
 
@@ -95,10 +94,19 @@ def scenes(
 
 
 def pretrain(
-    cfg: VisionConfig, *, steps: int, batch_size: int, lr: float, seed: int, variant: str = "basic", log=print
+    cfg: VisionConfig,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    variant: str = "basic",
+    object_weight: float = 0.0,
+    log=print,
 ) -> dict:
     """The tower's params after ``steps`` of per-token colour and shape classification (a linear head
-    each; a token is right when both are)."""
+    each; a token is right when both are). A token on an object weighs ``1 + object_weight`` times a
+    background token in the loss: most tokens are background, and the objects are what is learned."""
     tower = VisionTower(cfg)
     x0 = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
     head = lambda n: {"kernel": jnp.zeros((cfg.width, n)), "bias": jnp.zeros(n)}
@@ -115,9 +123,11 @@ def pretrain(
         x = (images.astype(jnp.float32) / 255.0 - 0.5) / 0.5
         features = tower.apply({"params": p["tower"]}, x)
         loss, hits = 0.0, labels > 0
+        weight = 1.0 + object_weight * hits
+        weight = weight / weight.mean()
         for name, target in zip(("colour", "shape"), factor(labels)):
             logits = features @ p[name]["kernel"] + p[name]["bias"]
-            loss += optax.softmax_cross_entropy_with_integer_labels(logits, target).mean()
+            loss += (optax.softmax_cross_entropy_with_integer_labels(logits, target) * weight).mean()
             hits &= logits.argmax(-1) == target
         return loss, hits.sum() / jnp.maximum((labels > 0).sum(), 1)
 
@@ -140,18 +150,17 @@ def pretrain(
     return jax.device_get(params["tower"])
 
 
-def build(out: str, cfg: VisionConfig | None = None, *, log=print, **options) -> str:
-    """Pretrains the tower (``DEFAULTS`` overridden by ``options``) and writes its HF directory; written
-    beside ``out`` and renamed into place, so concurrent builders leave one whole copy."""
+def build(out: str, *, image_size: int = 64, log=print, **options) -> str:
+    """Pretrains the tower (``options``: :func:`pretrain`'s, as the config's ``demo_tower`` section holds
+    them) and writes its HF directory; written beside ``out`` and renamed into place, so concurrent
+    builders leave one whole copy."""
     import os
     import shutil
     import tempfile
 
     from pargo_jax.convert.hf_vision import save_vision
 
-    options = {**DEFAULTS, **options}
-    cfg = cfg or tower_config(options.pop("image_size"))
-    options.pop("image_size", None)
+    cfg = tower_config(image_size)
     params = pretrain(cfg, log=log, **options)
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -171,19 +180,3 @@ def ensure(out: str, **options) -> bool:
         return False
     build(out, **options)
     return True
-
-
-if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
-
-    prepare_process()  # before jax starts its threads
-    from absl import app, flags
-
-    flags.DEFINE_string("out", "workdir/demo_tower", "Output HF directory.")
-    flags.DEFINE_integer("steps", DEFAULTS["steps"], "Training steps.")
-
-    def main(argv):
-        del argv
-        print(build(flags.FLAGS.out, steps=flags.FLAGS.steps))
-
-    app.run(main)

@@ -2,7 +2,7 @@
 fine-tuning use it like any run: the converters read the checkpoint (:mod:`pargo_jax.convert.official`),
 an experiment preset describes it and :mod:`pargo_jax.runs` writes the workdir.
 
-    python -m pargo_jax.convert.official --checkpoint C --llm_path L --tokenizer T --workdir W
+    python -m pargo_jax.import_official --checkpoint C --llm_path L --tokenizer T --workdir W
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def to_workdir(
 
 
 def main(argv) -> None:
-    """``python -m pargo_jax.convert.official``'s work, given its parsed flags (defined there)."""
+    """``python -m pargo_jax.import_official``'s work, given its parsed flags."""
     del argv
     f = flags.FLAGS
     out = to_workdir(f.checkpoint, f.llm_path, f.tokenizer, f.workdir, num_partial=f.num_partial,
@@ -89,3 +89,21 @@ def main(argv) -> None:
     print(
         f"Wrote {out}: python -m pargo_jax.evaluate --workdir={out} --evals=experiments/evals.py:mme_release"
     )
+
+
+if __name__ == "__main__":
+    from pargo_jax.process_setup import prepare_process
+
+    prepare_process()  # before jax starts its threads
+    from absl import app
+
+    flags.DEFINE_string("checkpoint", None, "The official ParGo checkpoint (.bin / .pth / .safetensors).")
+    flags.DEFINE_string("llm_path", None, "The LLM's HF directory (internlm2-7b).")
+    flags.DEFINE_string("tokenizer", None, "The LLM's tokenizer, prepared: python -m data_pipelines.text.")
+    flags.DEFINE_string("workdir", None, "Where to write the run directory.")
+    flags.DEFINE_integer("num_partial", 288, "Partial queries (not stored in the checkpoint; released: 288).")
+    flags.DEFINE_integer("num_heads", 0, "ParGo heads (default hidden // 64).")
+    flags.DEFINE_integer("vision_heads", 0, "EVA02 heads (default width // 64).")
+    flags.DEFINE_bool("release_input", True, "The release's prompt template and 448-letterbox / 336 crop.")
+    flags.mark_flags_as_required(["checkpoint", "llm_path", "tokenizer", "workdir"])
+    app.run(main)

@@ -31,7 +31,7 @@ def test_patch_labels_name_the_object_under_each_patch_centre():
 
 def test_short_build_loads_as_a_siglip_directory(tmp_path):
     logs = []
-    out = demo_tower.build(str(tmp_path / "tower"), steps=4, batch_size=4, log=logs.append)
+    out = demo_tower.build(str(tmp_path / "tower"), steps=4, batch_size=4, lr=1e-3, log=logs.append)
     module, variables = load_vision(out)
     assert module.config.image_size == 64 and module.config.width == 64
     x = np.zeros((1, 64, 64, 3), np.float32)

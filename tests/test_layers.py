@@ -59,9 +59,6 @@ LAYERS: dict[str, int] = {
     "pargo_jax.tools": CLI,
     "pargo_jax.benchmarks": CLI,
 }
-KNOWN_EXCEPTIONS = {
-    ("experiments.base", "pargo_jax.demo_tower"),  # fixed in experiments/base.py by the demo-speed change
-}
 # What a benchmark needs itself and another test uses too: (test file, benchmark module).
 SHARED_WITH_BENCHMARKS = {
     # the projector benchmark's PyTorch baseline is the official projector's parity reference
@@ -144,7 +141,7 @@ def upward(edges: list[tuple[str, str, int, bool]]) -> list[str]:
         src_layer = CLI if in_main else layer(src)
         if src_layer is None or layer(dst) is None:
             wrong.append(f"{src}:{line} -> {dst}: no layer for {src if src_layer is None else dst}")
-        elif layer(dst) > src_layer and (src, dst) not in KNOWN_EXCEPTIONS:
+        elif layer(dst) > src_layer:
             wrong.append(f"{src}:{line} (layer {src_layer}) -> {dst} (layer {layer(dst)})")
     return wrong
 

@@ -296,7 +296,7 @@ def _tiny_llm_tokenizer(path) -> str:
 
 @pytest.mark.slow  # the converter command, predict, MME, two fine-tuning steps
 def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir, capsys):
-    """python -m pargo_jax.convert.official -> a workdir that predict answers from (the release's
+    """python -m pargo_jax.import_official -> a workdir that predict answers from (the release's
     prompt and input crop) and that fine-tuning starts from."""
     import shutil
 
@@ -315,7 +315,7 @@ def test_official_checkpoint_as_a_workdir(tmp_path, shapes_dir, capsys):
     src, tok = str(tmp_path / "pargo.bin"), _tiny_llm_tokenizer(tmp_path)
     official_checkpoint(src)
     work = str(tmp_path / "official")
-    proc = procs.run("pargo_jax.convert.official", f"--checkpoint={src}", f"--llm_path={llm}",
+    proc = procs.run("pargo_jax.import_official", f"--checkpoint={src}", f"--llm_path={llm}",
                      f"--tokenizer={tok}", f"--workdir={work}", "--num_partial=8", "--num_heads=2",
                      "--vision_heads=2")  # fmt: skip
     assert proc.returncode == 0 and "--evals=experiments/evals.py:mme_release" in proc.stdout, proc.stderr[

@@ -338,23 +338,3 @@ def to_official_checkpoint(mcfg, params: Mapping[str, Any]) -> dict[str, np.ndar
         peft = name.replace("attention.wqkv.weight", "attention.wqkv.base_layer.weight")
         out[f"{LLM_PREFIX}base_model.model.{peft}"] = x
     return out
-
-
-if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
-
-    prepare_process()  # before jax starts its threads
-    from absl import app, flags
-
-    from pargo_jax.import_official import main  # the command's work: an app above the converters
-
-    flags.DEFINE_string("checkpoint", None, "The official ParGo checkpoint (.bin / .pth / .safetensors).")
-    flags.DEFINE_string("llm_path", None, "The LLM's HF directory (internlm2-7b).")
-    flags.DEFINE_string("tokenizer", None, "The LLM's tokenizer, prepared: python -m data_pipelines.text.")
-    flags.DEFINE_string("workdir", None, "Where to write the run directory.")
-    flags.DEFINE_integer("num_partial", 288, "Partial queries (not stored in the checkpoint; released: 288).")
-    flags.DEFINE_integer("num_heads", 0, "ParGo heads (default hidden // 64).")
-    flags.DEFINE_integer("vision_heads", 0, "EVA02 heads (default width // 64).")
-    flags.DEFINE_bool("release_input", True, "The release's prompt template and 448-letterbox / 336 crop.")
-    flags.mark_flags_as_required(["checkpoint", "llm_path", "tokenizer", "workdir"])
-    app.run(main)

@@ -74,7 +74,7 @@ def lora_a_init(in_axes: int) -> nn.initializers.Initializer:
 def _contract(x: jax.Array, w: jax.Array, num_in: int) -> jax.Array:
     """``x`` (..., in...) . ``w`` (in..., out...) over the ``num_in`` trailing axes of ``x``, as one 2-D
     matmul: for a 3-D ``dot_general`` XLA:CPU transposes the activation gradient in the backward pass
-    (17% of the demo step; README "Performance")."""
+    (17% of the demo step; docs/results/performance.md)."""
     lead, ins, outs = x.shape[: x.ndim - num_in], w.shape[:num_in], w.shape[num_in:]
     y = jnp.reshape(x, (-1, math.prod(ins))) @ jnp.reshape(w, (math.prod(ins), math.prod(outs)))
     return jnp.reshape(y, lead + outs)
