@@ -33,6 +33,11 @@ def tower_config(image_size: int = 64) -> VisionConfig:
     return vision_preset("tiny", image_size=image_size, **SHAPE)
 
 
+def random_config(image_size: int = 64) -> dict:
+    """``config.model.vision`` for a random tower of the demo tower's shape (no checkpoint needed)."""
+    return dict(path=None, format="hf", preset="tiny", overrides=dict(SHAPE, image_size=image_size))
+
+
 def num_classes(variant: str) -> int:
     """Labels of :func:`scenes`: background, each (colour, shape), for the fine variant the ten digits."""
     from data_pipelines import shapes

@@ -14,8 +14,7 @@ from flax import linen as nn
 
 from data_pipelines.text import load_tokenizer
 from experiments import pretrain, sft
-from pargo_jax import checkpoints, runs, sharding, train
-from pargo_jax.benchmarks.train_step import random_demo_tower
+from pargo_jax import checkpoints, demo_tower, runs, sharding, train
 from pargo_jax.models import factory, projectors
 from pargo_jax.models.layers import Dense
 from pargo_jax.models.llm import LLMConfig, RopeScaling
@@ -156,7 +155,7 @@ def test_the_schedule_ends_at_total_steps(shapes_dir, tmp_path):
 def test_model_config_mistakes_are_named(shapes_dir, mutate, message):
     config = sft.get_config()
     with config.unlocked():
-        config.model.vision = random_demo_tower()
+        config.model.vision = demo_tower.random_config()
         mutate(config)
     tok = load_tokenizer(os.path.join(shapes_dir, "shapes_tokenizer"))
     with pytest.raises(ValueError) as err:

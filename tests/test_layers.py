@@ -63,8 +63,6 @@ LAYERS: dict[str, int] = {
 SHARED_WITH_BENCHMARKS = {
     # the projector benchmark's PyTorch baseline is the official projector's parity reference
     ("test_official.py", "pargo_jax.benchmarks.pargo_torch"),
-    # the train-step benchmark's checkpoint-free demo tower (random_demo_tower)
-    ("test_factory.py", "pargo_jax.benchmarks.train_step"),
 }
 
 

@@ -118,24 +118,18 @@ def _args(argv=None):
 
 
 # --- shapes ------------------------------------------------------------------------------------------
-def random_demo_tower(image_size: int = 64) -> dict:
-    """``config.model.vision`` for a random tower of the demo tower's shape (no checkpoint needed)."""
-    from pargo_jax.demo_tower import SHAPE
-
-    return dict(path=None, format="hf", preset="tiny", overrides=dict(SHAPE, image_size=image_size))
-
-
 def shape_config(name: str, projector: str, train: str, a):
     """(ConfigDict as the experiments build it, batch, seq, vocab_size, image_token_id)."""
     import ml_collections
 
     from experiments import base, pretrain
+    from pargo_jax import demo_tower
 
     if name == "demo":
         from data_pipelines import shapes
 
         c = pretrain.get_config("mg_llava_demo" if projector == "mg_llava" else "demo")
-        c.model.vision = random_demo_tower()  # the demo tower's shape; its pretraining is not timed here
+        c.model.vision = demo_tower.random_config()  # its shape; its pretraining is not timed here
         vocab = len(dict.fromkeys([*shapes.SPECIAL_TOKENS, *shapes.vocabulary()]))
         image_token_id = shapes.SPECIAL_TOKENS.index("<image>")
         batch, seq = (8 if a.quick else c.input.batch_size), c.input.max_len
