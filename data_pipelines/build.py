@@ -19,17 +19,18 @@ Prints a progress bar per split and, at the end, records read / written / skippe
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import logging
-import sys
 import time
 from typing import Any
+
+from absl import flags
 
 DATASETS = ("shapes", "llava", "webdataset", "coco_captions", "refcoco")
 
 
-def make_builder(args: argparse.Namespace):
+def make_builder(args: flags.FlagValues):
     """The builder for ``args.dataset`` configured from the CLI arguments."""
     from data_pipelines import converters, shapes
     from data_pipelines.boxes import BoxCodec
@@ -63,33 +64,36 @@ def make_builder(args: argparse.Namespace):
     raise SystemExit(f"Unknown --dataset {args.dataset!r}; use one of {DATASETS}.")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_pipelines.build", description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--data_dir", required=True, help="output root (TFDS data_dir)")
-    p.add_argument("--src", help="source file / dir / glob (see examples)")
-    p.add_argument("--image_dir", help="image root for LLaVA / COCO / RefCOCO")
-    p.add_argument("--config", help="variant name, e.g. pretrain / instruct / refcoco+ -> NAME/CONFIG")
-    p.add_argument("--split", default="train", help="split name for single-split sources")
-    p.add_argument("--num_workers", type=int, default=8, help="threads reading + checking images")
-    p.add_argument("--strict", action="store_true", help="stop at the first bad record, naming it")
-    p.add_argument("--box_format", default="norm3", choices=("norm3", "int1000", "pixel"))
-    p.add_argument("--box_frame", default="square", choices=("square", "original"))
-    p.add_argument("--split_by", help="RefCOCO refs file variant: unc, google, umd")
-    p.add_argument("--image_size", type=int, default=64, help="shapes: image side")
-    p.add_argument("--num_pretrain", type=int, default=2000)
-    p.add_argument("--num_sft", type=int, default=2000)
-    p.add_argument("--num_eval", type=int, default=200, help="shapes: held-out questions")
-    p.add_argument("--num_val", type=int, default=200, help="shapes: held-out captions")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--summary_json", help="also write the summary to this JSON file")
-    return p
+def define_flags(fv: flags.FlagValues) -> None:
+    """The command's flags, in ``fv`` (absl's global ``FLAGS`` when run as a command)."""
+    f = functools.partial
+    string, integer = f(flags.DEFINE_string, flag_values=fv), f(flags.DEFINE_integer, flag_values=fv)
+    enum = f(flags.DEFINE_enum, flag_values=fv)
+    enum("dataset", None, DATASETS, "The source's format.")
+    string("data_dir", None, "Output root (TFDS data_dir).")
+    string("src", None, "Source file / dir / glob (see examples).")
+    string("image_dir", None, "Image root for LLaVA / COCO / RefCOCO.")
+    string("config", None, "Variant name, e.g. pretrain / instruct / refcoco+ -> NAME/CONFIG.")
+    string("split", "train", "Split name for single-split sources.")
+    integer("num_workers", 8, "Threads reading + checking images.")
+    flags.DEFINE_bool("strict", False, "Stop at the first bad record, naming it.", flag_values=fv)
+    enum("box_format", "norm3", ["norm3", "int1000", "pixel"], "How box coordinates are written.")
+    enum("box_frame", "square", ["square", "original"], "The frame box coordinates are relative to.")
+    string("split_by", None, "RefCOCO refs file variant: unc, google, umd.")
+    integer("image_size", 64, "shapes: image side.")
+    integer("num_pretrain", 2000, "shapes: pretraining captions.")
+    integer("num_sft", 2000, "shapes: instruction conversations.")
+    integer("num_eval", 200, "shapes: held-out questions.")
+    integer("num_val", 200, "shapes: held-out captions.")
+    integer("seed", 0, "shapes: random seed.")
+    string("summary_json", None, "Also write the summary to this JSON file.")
+    flags.mark_flags_as_required(["dataset", "data_dir"], flag_values=fv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def run(args: flags.FlagValues) -> dict[str, Any]:
+    """Builds the dataset ``args`` (:func:`define_flags`, parsed) name; returns its summary."""
     from data_pipelines.builders import format_summary
 
-    args = parser().parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS chatter; our summary says what matters
     import tensorflow_datasets as tfds
 
@@ -113,5 +117,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def main(argv: list[str]) -> None:
+    """``python -m data_pipelines.build``: :func:`run` on absl's parsed ``FLAGS``."""
+    if len(argv) > 1:
+        raise SystemExit(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
+    run(flags.FLAGS)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from pargo_jax import launcher
+
+    define_flags(flags.FLAGS)
+    launcher.run(main)

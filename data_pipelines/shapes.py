@@ -509,8 +509,14 @@ STAMP = "shapes_build.json"  # the build's arguments and GENERATOR: ensure() reu
 GENERATOR = 2  # bumped when the records a seed generates change (2: half the captions by shape)
 ASSET_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "shapes_tokenizer")
 
-if __name__ == "__main__":  # python -m data_pipelines.shapes DATA_DIR  (see also data_pipelines.build)
-    import sys
 
-    out = build(sys.argv[1] if len(sys.argv) > 1 else "/tmp/shapes_data", progress=True)
+def main(argv: list[str]) -> None:
+    """``python -m data_pipelines.shapes [DATA_DIR]`` (see also ``data_pipelines.build``)."""
+    out = build(argv[1] if len(argv) > 1 else "/tmp/shapes_data", progress=True)
     print(format_summary("shapes", out["summary"]), f"\n{out['seconds']:.1f}s, tokenizer: {out['tokenizer']}")
+
+
+if __name__ == "__main__":
+    from pargo_jax import launcher
+
+    launcher.run(main)

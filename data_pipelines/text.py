@@ -329,10 +329,15 @@ def prepare_tokenizer(src: str, dst: str, *, image_token: str = IMAGE_PLACEHOLDE
     return dst
 
 
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 3:
+def main(argv: list[str]) -> None:
+    """``python -m data_pipelines.text SRC_TOKENIZER_DIR DST_DIR``: :func:`prepare_tokenizer`."""
+    if len(argv) != 3:
         raise SystemExit("usage: python -m data_pipelines.text SRC_TOKENIZER_DIR DST_DIR")
-    out = Tokenizer.load(prepare_tokenizer(sys.argv[1], sys.argv[2]))
-    print(f"{sys.argv[2]}: {out.vocab_size} tokens, {out.image_token!r} = id {out.image_token_id}")
+    out = Tokenizer.load(prepare_tokenizer(argv[1], argv[2]))
+    print(f"{argv[2]}: {out.vocab_size} tokens, {out.image_token!r} = id {out.image_token_id}")
+
+
+if __name__ == "__main__":
+    from pargo_jax import launcher
+
+    launcher.run(main)

@@ -12,6 +12,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from data_pipelines.frame import CLIP_MEAN, CLIP_STD
+from pargo_jax.configs import ConfigError
 
 PRESETS = ("demo", "paper", "siglip_qwen2", "mg_llava", "mg_llava_demo")
 DEMOS = ("demo", "mg_llava_demo")  # presets on the synthetic shapes set (their stages train the LLM too)
@@ -197,7 +198,7 @@ MODELS = {
 def preset(arg: str | None) -> tuple[str, ml_collections.ConfigDict]:
     name = arg or "demo"
     if name not in MODELS:
-        raise ValueError(f"Unknown preset {name!r}; choose one of {PRESETS} (e.g. --config=FILE:demo).")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     c = base()
     MODELS[name](c)
     return name, c

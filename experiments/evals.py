@@ -11,6 +11,7 @@ the command line can change any of them (``--config.evals.shapes.batch_size=8``)
 import ml_collections
 
 from data_pipelines.shapes import CAPTION_FIELDS
+from pargo_jax.configs import ConfigError
 
 B = "benchmarks"  # where the benchmark files live by default; point data.* elsewhere on the command line
 SHORT = "Answer the question using a single word or phrase."
@@ -92,5 +93,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     names = [n for n in (arg or "shapes").split(",") if n]
     unknown = sorted(set(names) - set(EVALS))
     if unknown:
-        raise ValueError(f"Unknown eval(s) {unknown}; choose from {sorted(EVALS)}.")
+        raise ConfigError(f"unknown eval(s) {', '.join(unknown)}; choose from {', '.join(sorted(EVALS))}")
     return ml_collections.ConfigDict({n: EVALS[n] for n in names})

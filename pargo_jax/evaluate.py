@@ -57,13 +57,10 @@ def evaluate(
 
 
 if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
-
-    prepare_process()  # before jax starts its threads
     from absl import app, flags
     from ml_collections import config_flags
 
-    from pargo_jax import configs
+    from pargo_jax import configs, launcher
 
     _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")
     _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -83,4 +80,4 @@ if __name__ == "__main__":
             raise app.UsageError(f"Unexpected arguments {argv[1:]}; use --config.evals.<name>.<field>=value.")
         evaluate(_WORKDIR.value, _STEP.value, flags.FLAGS["config"].value, flags.FLAGS["evals"].value)
 
-    app.run(main)
+    launcher.run(main)

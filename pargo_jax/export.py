@@ -207,13 +207,11 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
+    from absl import flags
 
-    prepare_process()  # before jax starts its threads
-    from absl import app, flags
+    from pargo_jax import launcher
 
     flags.DEFINE_string("workdir", None, "Training run directory (config.json, model.json, checkpoints/).")
     flags.DEFINE_integer("step", -1, "Checkpoint step (default: the newest).")
     flags.DEFINE_string("out", None, "Output directory.")
-    flags.mark_flags_as_required(["workdir", "out"])
-    app.run(main)
+    launcher.run(main, required=["workdir", "out"])

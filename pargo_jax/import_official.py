@@ -92,10 +92,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
-
-    prepare_process()  # before jax starts its threads
-    from absl import app
+    from pargo_jax import launcher
 
     flags.DEFINE_string("checkpoint", None, "The official ParGo checkpoint (.bin / .pth / .safetensors).")
     flags.DEFINE_string("llm_path", None, "The LLM's HF directory (internlm2-7b).")
@@ -105,5 +102,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_heads", 0, "ParGo heads (default hidden // 64).")
     flags.DEFINE_integer("vision_heads", 0, "EVA02 heads (default width // 64).")
     flags.DEFINE_bool("release_input", True, "The release's prompt template and 448-letterbox / 336 crop.")
-    flags.mark_flags_as_required(["checkpoint", "llm_path", "tokenizer", "workdir"])
-    app.run(main)
+    launcher.run(main, required=["checkpoint", "llm_path", "tokenizer", "workdir"])

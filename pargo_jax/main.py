@@ -12,7 +12,6 @@ processes on one machine; on CPU they talk through gloo collectives):
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -40,17 +39,9 @@ def multihost_wanted(mode: str) -> bool:
     return any(os.environ.get(k) for k in CLUSTER_ENV if k != "TPU_WORKER_HOSTNAMES") or "," in hosts
 
 
-class _QuietLibraries(std_logging.Filter):
-    """Drops orbax's per-save INFO chatter from the console; warnings and errors still show."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; use --config.key=value to override fields.")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
     if multihost_wanted(_MULTIHOST.value):
@@ -66,8 +57,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
+    from pargo_jax import launcher
 
-    prepare_process()  # before jax starts its threads
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    launcher.run(main, required=["config"])

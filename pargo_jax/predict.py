@@ -57,12 +57,9 @@ def read_queries(path: str) -> Iterator[Query | PredictError]:
 def parse_flags(argv: Sequence[str]):
     """The command's flags parsed from ``argv`` (no program name), apart from absl's global ``FLAGS``:
     ``main(["predict"], parse_flags(["--workdir=w", ...]))`` runs the command in this process."""
-    from absl import flags
+    from pargo_jax import launcher
 
-    values = flags.FlagValues()
-    _define_flags(values)
-    values(["predict", *argv])
-    return values
+    return launcher.parse(_define_flags, argv, "predict")
 
 
 def _define_flags(fv=None) -> None:
@@ -153,10 +150,7 @@ def _answer_file(predictor: Predictor, params, options: DecodeOptions, src: str,
 
 
 if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
-
-    prepare_process()  # before jax starts its threads
-    from absl import app
+    from pargo_jax import launcher
 
     _define_flags()
-    app.run(main)
+    launcher.run(main)

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "pargo_jax.param_tree": 0,
     "pargo_jax.host_memory": 0,
     "pargo_jax.process_setup": 0,
+    "pargo_jax.launcher": 0,
     "pargo_jax.sharding": 0,
     "pargo_jax.checkpoints": 0,
     "pargo_jax.metrics": 0,

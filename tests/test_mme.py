@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from data_pipelines import shapes
-from pargo_jax import evaluators, runs, sharding
+from pargo_jax import evaluators, launcher, runs, sharding
 from pargo_jax.evaluators import mme
 from pargo_jax.predictor import Predictor
 from tests import procs
@@ -69,7 +69,7 @@ def test_results_round_trip_in_the_tool_format(tmp_path):
 
 def test_standalone_scorer_prints_json_last(tmp_path, capsys):
     """The command line once (a subprocess), then the other rule and a bad directory through the same
-    ``main`` in this process."""
+    ``score`` in this process."""
     lines = [("a.jpg", "q", "Yes", "Yes"), ("a.jpg", "q", "No", "It is not visible")]
     mme.write_results(str(tmp_path), {"OCR": lines})
     args = ["--results_dir", str(tmp_path), "--rule", "official", "--json"]
@@ -77,10 +77,10 @@ def test_standalone_scorer_prints_json_last(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr
     official = json.loads(proc.stdout.strip().splitlines()[-1])
     assert official == {"perception": 50.0, "cognition": 0.0, "subtasks": {"OCR": 50.0}}
-    mme.main(["--results_dir", str(tmp_path), "--rule", "pargo", "--json"])
+    mme.score(launcher.parse(mme.define_flags, ["--results_dir", str(tmp_path), "--rule", "pargo", "--json"]))
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["subtasks"] == {"OCR": 200.0}
     with pytest.raises(SystemExit) as bad:
-        mme.main(["--results_dir", str(tmp_path / "x")])
+        mme.score(launcher.parse(mme.define_flags, ["--results_dir", str(tmp_path / "x")]))
     assert str(bad.value.code).startswith("mme: No MME results directory")
 
 

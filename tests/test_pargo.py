@@ -206,9 +206,11 @@ def test_receptive_fields_are_what_the_model_depends_on(case):
 
 
 def test_draw_masks_writes_the_pictures(tmp_path):
+    from pargo_jax import launcher
     from pargo_jax.tools import draw_masks
 
-    draw_masks.main(["--out", str(tmp_path), "--num_partial", "4", "--num_global", "1", "--patches", "16"])
+    args = ["--out", str(tmp_path), "--num_partial", "4", "--num_global", "1", "--patches", "16"]
+    draw_masks.run(launcher.parse(draw_masks.define_flags, args))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["cross_mask.png", "receptive_fields.png", "self_masks.png"]
     assert all((tmp_path / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)

@@ -26,7 +26,7 @@ import torch
 
 from experiments import pretrain
 from experiments import sft as sft_stage
-from pargo_jax import export
+from pargo_jax import export, launcher
 from tests import demo
 from tests.test_bert_init import tiny_bert
 from tests.torch_refs.eva02 import Eva, evaclip_state
@@ -96,8 +96,9 @@ def _llava(root: str) -> str:
         src = os.path.join(root, f"{name}.json")
         with open(src, "w") as f:
             json.dump(records, f)
-        build.main(["--dataset", "llava", "--config", name, "--src", src, "--image_dir",
-                    os.path.join(root, "images"), "--data_dir", data, "--num_workers", "1"])  # fmt: skip
+        args = ["--dataset", "llava", "--config", name, "--src", src, "--image_dir",
+                os.path.join(root, "images"), "--data_dir", data, "--num_workers", "1"]  # fmt: skip
+        build.run(launcher.parse(build.define_flags, args))
     return data
 
 

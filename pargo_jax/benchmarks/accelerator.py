@@ -34,7 +34,6 @@ and tensorflow_datasets. See docs/guide/accelerators.md.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -47,6 +46,8 @@ import time
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+from pargo_jax import launcher
 
 GB = 1e9
 
@@ -507,7 +508,7 @@ def table(r: dict) -> str:
 
 
 def _args(argv: list[str] | None):
-    p = argparse.ArgumentParser(
+    p = launcher.ArgumentParser(
         prog="python -m pargo_jax.benchmarks.accelerator", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", default="bench_results/accelerator", help="directory for accelerator.json / .md")
@@ -606,7 +607,4 @@ def _version(name: str) -> str | None:
 
 
 if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
-
-    prepare_process()  # before jax starts its threads
-    main()
+    launcher.run_argparse(main)

@@ -15,15 +15,16 @@ so the table says how close decoding is to its limit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 import time
 
+from pargo_jax import launcher
+
 
 def _args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = launcher.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vocab_size", type=int, default=49152)
     p.add_argument("--hidden_size", type=int, default=576)
     p.add_argument("--intermediate_size", type=int, default=1536)
@@ -162,7 +163,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
-
-    prepare_process()  # before jax starts its threads
-    main()
+    launcher.run_argparse(main)

@@ -23,7 +23,6 @@ differs when a source side is >= 2x the image size). ``--jpeg_draft`` runs the p
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -32,6 +31,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from pargo_jax import launcher
 
 
 def synthetic_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[bytes]:
@@ -156,7 +157,7 @@ def bench_input_config(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(
+    p = launcher.ArgumentParser(
         prog="python -m pargo_jax.benchmarks.input", description=__doc__.split("\n")[0]
     )
     p.add_argument("--num_images", type=int, default=512, help="images timed per measurement")
@@ -276,7 +277,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
-
-    prepare_process()  # before jax starts its threads
-    main()
+    launcher.run_argparse(main)

@@ -23,13 +23,14 @@ with float32 storage (``params_float32``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
 import math
 import sys
 from collections.abc import Callable
+
+from pargo_jax import launcher
 
 INTERNLM2_7B = dict(  # internlm/internlm2-7b config.json
     vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
@@ -59,7 +60,7 @@ def _tokenizer(preset: str) -> _Tokenizer:
 
 
 def _args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = launcher.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="paper", help=f"comma list of {sorted(LLMS)}")
     p.add_argument("--devices", default="1,8,64,256", help="device counts (virtual CPU devices)")
     p.add_argument("--microbatch", type=int, default=2, help="largest per-device microbatch")
@@ -243,7 +244,4 @@ def table(rows: list[dict], variants: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
-
-    prepare_process()  # before jax starts its threads
-    main()
+    launcher.run_argparse(main)

@@ -23,13 +23,14 @@ the ratio of medians; "paired" the median over rounds of the per-round ratio.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import platform
 import tempfile
 import time
+
+from pargo_jax import launcher
 
 # Named XLA:CPU option sets (DebugOptions fields). "default" = jaxlib's defaults (dots via YNNPACK).
 XLA_OPTION_SETS = {
@@ -47,7 +48,7 @@ QUICK = dict(num_partial=8, num_global=2, hidden=32, heads=4, layers=2, mlp_dim=
 
 
 def _args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = launcher.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--patches", type=int, default=576, help="N vision patches per image")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (median reported)")
@@ -268,7 +269,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
-
-    prepare_process()  # before jax starts its threads
-    main()
+    launcher.run_argparse(main)

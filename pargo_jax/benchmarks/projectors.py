@@ -30,7 +30,6 @@ visual tokens; needs matplotlib).
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import math
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.shapes import CAPTION_FIELDS
+from pargo_jax import launcher
 
 # The metrics a schedule's table reports: the demo's QA accuracies, or the caption loss and the
 # teacher-forced accuracy on each caption field; the headline one is plotted (lower is better if a loss).
@@ -358,7 +358,7 @@ def _done(result: dict) -> concurrent.futures.Future:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = launcher.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_results/projectors")
     p.add_argument("--quick", action="store_true", help="tiny data, 4 steps a stage: a smoke run")
     p.add_argument("--schedule", default="caption", choices=tuple(HEADLINE), help="see the module doc")
@@ -411,7 +411,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
-
-    prepare_process()  # before jax starts its threads
-    main()
+    launcher.run_argparse(main)

@@ -58,6 +58,8 @@ import sys
 import tempfile
 import time
 
+from pargo_jax import launcher
+
 SHAPES = ("demo", "mid")
 DEFAULT_VARIANTS = "pargo:stage1,pargo:full,mlp:stage1,mlp:full"
 QUICK_VARIANTS = "pargo:stage1,mlp:full"
@@ -71,7 +73,7 @@ MB = 2**20
 
 
 def _args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = launcher.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=None, help="comma list of: demo, mid (default both; --quick: demo)")
     p.add_argument("--device_counts", default="1,8", help="one subprocess per count (mesh fsdp=N)")
     p.add_argument(
@@ -566,8 +568,4 @@ def _child_env() -> None:
 
 
 if __name__ == "__main__":
-    from pargo_jax.process_setup import prepare_process
-
-    prepare_process()  # before jax starts its threads
-    _child_env()
-    main()
+    launcher.run_argparse(main, setup=_child_env)

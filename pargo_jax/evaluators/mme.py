@@ -275,15 +275,20 @@ class MMEEvaluator(common.Evaluator):
         return metrics, predictions
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import argparse
+def define_flags(fv) -> None:
+    """``python -m pargo_jax.evaluators.mme``'s flags, in ``fv`` (an absl ``FlagValues``)."""
+    from absl import flags
+
+    flags.DEFINE_string("results_dir", None, "Directory of <subtask>.txt result files.", flag_values=fv)
+    flags.DEFINE_enum("rule", "official", sorted(RULES), "How answers are read as yes / no.", flag_values=fv)
+    flags.DEFINE_bool("json", False, "Print one JSON object as the last line.", flag_values=fv)
+    flags.mark_flags_as_required(["results_dir"], flag_values=fv)
+
+
+def score(a) -> dict[str, Any]:
+    """Scores the MME result files of ``a`` (:func:`define_flags`, parsed) and prints the tables."""
     import json
 
-    p = argparse.ArgumentParser(description="Score MME result files (the MME tool's format).")
-    p.add_argument("--results_dir", required=True, help="directory of <subtask>.txt result files")
-    p.add_argument("--rule", default="official", choices=sorted(RULES))
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    a = p.parse_args(argv)
     try:
         scores = mme_scores(read_results(a.results_dir), a.rule)
     except (MMEDataError, ValueError) as e:
@@ -305,5 +310,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return scores
 
 
+def main(argv: Sequence[str]) -> None:
+    """Scores MME result files (the MME tool's format): :func:`score` on absl's parsed ``FLAGS``."""
+    from absl import flags
+
+    if len(argv) > 1:
+        raise SystemExit(f"Unexpected arguments {list(argv[1:])}; every option is a --flag.")
+    score(flags.FLAGS)
+
+
 if __name__ == "__main__":
-    main()
+    from absl import flags
+
+    from pargo_jax import launcher
+
+    define_flags(flags.FLAGS)
+    launcher.run(main)

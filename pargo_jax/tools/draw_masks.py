@@ -12,11 +12,12 @@ Needs matplotlib (``pip install matplotlib``).
 
 from __future__ import annotations
 
-import argparse
+import functools
 import math
 import os
 
 import numpy as np
+from absl import flags
 
 from pargo_jax.models import masks
 
@@ -88,20 +89,36 @@ def _save(fig, out: str, name: str) -> str:
     return path
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num_partial", type=int, default=16)
-    p.add_argument("--num_global", type=int, default=4)
-    p.add_argument("--patches", type=int, default=64)
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--cpp", default="cascaded", choices=("released", "cascaded"))
-    p.add_argument("--layout", default="grid", choices=masks.LAYOUTS)
-    p.add_argument("--out", default="masks")
-    a = p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+    """The command's flags, in ``fv`` (absl's global ``FLAGS`` when run as a command)."""
+    integer = functools.partial(flags.DEFINE_integer, flag_values=fv)
+    integer("num_partial", 16, "Partial queries.")
+    integer("num_global", 4, "Global queries.")
+    integer("patches", 64, "Vision patches (a square grid).")
+    integer("layers", 3, "ParGo layers.")
+    flags.DEFINE_enum("cpp", "cascaded", ["released", "cascaded"], "Self-mask schedule.", flag_values=fv)
+    flags.DEFINE_enum("layout", "grid", list(masks.LAYOUTS), "Partial windows' layout.", flag_values=fv)
+    flags.DEFINE_string("out", "masks", "Output directory.", flag_values=fv)
+
+
+def run(a: flags.FlagValues) -> list[str]:
+    """Draws the pictures ``a`` (:func:`define_flags`, parsed) asks for; their paths."""
     arrays = mask_arrays(a.num_partial, a.num_global, a.patches, a.layers, a.cpp, a.layout)
-    for path in draw(a.out, arrays, a.num_partial):
+    paths = draw(a.out, arrays, a.num_partial)
+    for path in paths:
         print(path)
+    return paths
+
+
+def main(argv: list[str]) -> None:
+    """``python -m pargo_jax.tools.draw_masks``: :func:`run` on absl's parsed ``FLAGS``."""
+    if len(argv) > 1:
+        raise SystemExit(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
+    run(flags.FLAGS)
 
 
 if __name__ == "__main__":
-    main()
+    from pargo_jax import launcher
+
+    define_flags(flags.FLAGS)
+    launcher.run(main)
