@@ -41,13 +41,14 @@ HF_CODE = os.path.join(os.path.dirname(__file__), "convert", "hf_code")
 CODE_FILES = ("configuration_pargo.py", "modeling_pargo.py")
 
 
-def projector_tensors(params: Mapping[str, Any], mcfg: MLLMConfig) -> tuple[dict, dict[str, np.ndarray]]:
-    """(projector_config, tensors) of the exported model: ParGo in the official names plus its masks
-    as buffers, or the MLP's two Linears."""
+def projector_tensors(params: Mapping[str, Any], p, num_patches: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """(projector_config, tensors) of the exported model's projector ``p`` (a projector config) over
+    ``num_patches`` tower tokens: ParGo in the official names plus its masks as buffers, or the MLP's
+    two Linears."""
     from pargo_jax.convert import official
     from pargo_jax.models import masks, projectors
 
-    p, flat = mcfg.projector, flat_arrays(params)
+    flat = flat_arrays(params)
     name = projectors.projector_name(p)
     if name == "mlp":
         out = {f"{fc}.{w}": (flat[f"{fc}/kernel"].T if w == "weight" else flat[f"{fc}/bias"])
@@ -57,11 +58,10 @@ def projector_tensors(params: Mapping[str, Any], mcfg: MLLMConfig) -> tuple[dict
         raise ValueError(f"The {name!r} projector has no PyTorch export.")
     if p.num_crops != 1:
         raise ValueError(f"num_crops={p.num_crops}: the exported model runs one crop per image.")
-    n = mcfg.vision.num_tokens
     out = official.to_official_state_dict(flat)
     out["self_masks"] = masks.self_masks(p.num_partial, p.num_global, p.layers, p.cpp, p.cascade_schedule)
     out["cross_mask"] = masks.partial_global_cross_mask(
-        p.num_partial, p.num_global, n, layout=p.layout, num_crops=1, grid=p.grid
+        p.num_partial, p.num_global, num_patches, layout=p.layout, num_crops=1, grid=p.grid
     )
     fields = ("hidden", "heads", "layers", "mlp_dim", "num_queries", "max_positions", "eps", "vision_eps")
     config = {"name": "pargo", **{f: getattr(p, f) for f in fields}}
@@ -77,7 +77,7 @@ def save_transformers(
 
     v = mcfg.vision
     vision_config, vision = hf_vision.export_vision(params["vision_tower"], v)
-    projector_config, projector = projector_tensors(params["projector"], mcfg)
+    projector_config, projector = projector_tensors(params["projector"], mcfg.projector, v.num_tokens)
     llm_params, llm_cfg = merged(params["llm"], mcfg.llm)
     flat_llm = flat_arrays(llm_params)
     if llm_cfg.fused_qkv:  # transformers runs InternLM2's function as Llama with q / k / v apart

@@ -28,12 +28,29 @@ def compile_cache_dir() -> str:
     return os.path.join(cache_home, "pargo_jax", "jax")
 
 
+def date_unaged_entries(path: str) -> int:
+    """Gives every ``*-cache`` entry in ``path`` without its ``*-atime`` file (written by a jax without
+    a size cap) the oldest access time; returns how many. jax's size-capped cache reads every entry's
+    access time before it writes, and one missing file makes every write fail."""
+    if not os.path.isdir(path):
+        return 0
+    names = set(os.listdir(path))
+    unaged = [n.removesuffix("-cache") for n in names if n.endswith("-cache")]
+    unaged = [key for key in unaged if f"{key}-atime" not in names]
+    for key in unaged:
+        with open(os.path.join(path, f"{key}-atime"), "wb") as f:
+            f.write((0).to_bytes(8, "little"))
+    return len(unaged)
+
+
 def use_compile_cache() -> str:
     """Points jax (and every process this one starts) at :func:`compile_cache_dir`; returns it."""
     path = compile_cache_dir()
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", MIN_COMPILE_SECONDS)
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", MAX_CACHE_BYTES)
+    if path and int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]) != -1:
+        date_unaged_entries(path)
     if "jax" in sys.modules:  # imported already: the environment is read only at import
         import jax
 

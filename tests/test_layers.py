@@ -60,11 +60,6 @@ LAYERS: dict[str, int] = {
     "pargo_jax.tools": CLI,
     "pargo_jax.benchmarks": CLI,
 }
-# What a benchmark needs itself and another test uses too: (test file, benchmark module).
-SHARED_WITH_BENCHMARKS = {
-    # the projector benchmark's PyTorch baseline is the official projector's parity reference
-    ("test_official.py", "pargo_jax.benchmarks.pargo_torch"),
-}
 
 
 def module_name(path: str) -> str:
@@ -219,7 +214,7 @@ def test_relative_and_package_imports_resolve_to_modules():
 
 def test_only_a_benchmarks_own_test_imports_it():
     """``tests/test_*benchmark_NAME.py`` may import ``pargo_jax.benchmarks.NAME``; other tests take
-    their references and helpers from ``tests/`` (but for :data:`SHARED_WITH_BENCHMARKS`)."""
+    their references and helpers from ``tests/``."""
     tests_dir = os.path.join(ROOT, "tests")
     modules = source_modules()
     wrong = []
@@ -232,7 +227,7 @@ def test_only_a_benchmarks_own_test_imports_it():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for target in imported(node, f"tests.{f[:-3]}", modules):
                     name = target.removeprefix("pargo_jax.benchmarks").lstrip(".")
-                    own = f.endswith(f"benchmark_{name}.py") or (f, target) in SHARED_WITH_BENCHMARKS
+                    own = f.endswith(f"benchmark_{name}.py")
                     if target.startswith("pargo_jax.benchmarks") and not own:
                         wrong.append(f"tests/{f}:{node.lineno} imports {target}")
     assert not wrong, "\n".join(wrong)

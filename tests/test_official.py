@@ -13,12 +13,12 @@ import torch
 from flax import linen as nn
 from safetensors.torch import save_file
 
-from pargo_jax.benchmarks.pargo_torch import ParGoReference
 from pargo_jax.convert.official import load_projector
 from pargo_jax.convert.tables import ConversionError
 from pargo_jax.models.projectors import ParGo
 from pargo_jax.param_tree import flatten
 from tests import procs
+from tests.torch_refs.pargo import ParGoReference
 from tests.torch_refs.random_weights import randomize
 
 SHAPE = dict(num_partial=8, num_global=4, hidden=64, heads=2, layers=2, mlp_dim=96, vision_width=48,

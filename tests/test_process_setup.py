@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import jax
+import pytest
 
 from pargo_jax import process_setup
 
@@ -45,3 +46,20 @@ def test_host_device_flags_change_only_the_count():
     assert out.split() == ["--xla_backend_optimization_level=0", "--xla_foo=1", "--xla_bar=3",
                            "--xla_force_host_platform_device_count=2"]  # fmt: skip
     assert process_setup.host_device_flags("", 1) == "--xla_force_host_platform_device_count=1"
+
+
+def test_unaged_cache_entries_get_the_oldest_access_time(tmp_path):
+    """An entry without its access-time file (written by a cache without a size cap) made every write
+    of jax's size-capped cache fail; dated as the oldest, it is the first evicted."""
+    from jax._src.lru_cache import LRUCache
+
+    (tmp_path / "old-cache").write_bytes(b"x" * 10)
+    cache = LRUCache(str(tmp_path), max_size=1000)
+    with pytest.raises(FileNotFoundError):
+        cache.put("new", b"y" * 5)
+    assert process_setup.date_unaged_entries(str(tmp_path)) == 1
+    assert process_setup.date_unaged_entries(str(tmp_path)) == 0  # once
+    cache.put("new", b"y" * 5)
+    cache.put("big", b"z" * 990)  # over the cap: the oldest goes first
+    assert not (tmp_path / "old-cache").exists()
+    assert cache.get("new") == b"y" * 5 and cache.get("big") == b"z" * 990

@@ -1,11 +1,11 @@
-"""ParGo projector throughput: JAX (dense and structured paths) vs the PyTorch reference, same weights.
+"""ParGo projector throughput: JAX (dense and structured paths) vs the exported PyTorch ParGo, same weights.
 
   python -m pargo_jax.benchmarks.projector                      # official shape, B=8, JSON to bench_results/
   python -m pargo_jax.benchmarks.projector --quick --out /tmp/p.json   # tiny shape (smoke test)
   python -m pargo_jax.benchmarks.projector --xla_options default,no_ynn   # compare XLA:CPU option sets
 
-The PyTorch side is ``pargo_jax.benchmarks.pargo_torch`` (plain torch, no JAX code: also the tests'
-parity reference).
+The PyTorch side is the exported model's ParGo (``pargo_jax.convert.hf_code.modeling_pargo``, what a
+user runs after ``pargo_jax.export``), holding the same weights through the exporter.
 
 For each implementation: images/s of the forward and of forward+backward (gradients w.r.t. every
 projector parameter; features are constants, as in training with a frozen tower). Timings are
@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import platform
-import tempfile
 import time
 
 from pargo_jax import launcher
@@ -73,15 +72,23 @@ def _load_avg() -> list[float] | None:
         return None
 
 
-def _torch_reference(shape: dict):
-    """(module class, None) or (None, reason) when PyTorch or the reference cannot be imported."""
+def torch_projector(config, params, num_patches: int):
+    """The exported model's PyTorch ParGo (``pargo_jax.export``: the official module names, masks as
+    buffers) holding ``params``, or None when PyTorch / transformers cannot be imported."""
     try:
-        import torch  # noqa: F401
-    except ImportError:
-        return None, "PyTorch is not installed (pip install torch) - PyTorch rows skipped."
-    from pargo_jax.benchmarks.pargo_torch import ParGoReference
+        import torch
 
-    return ParGoReference, None
+        from pargo_jax.convert.hf_code.modeling_pargo import ParGoProjector
+    except ImportError:
+        return None
+    import numpy as np
+
+    from pargo_jax.export import projector_tensors
+
+    export_config, tensors = projector_tensors(params, config, num_patches)
+    module = ParGoProjector(export_config, config.vision_width, config.llm_width, num_patches)
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, strict=True)
+    return module
 
 
 def main(argv=None) -> dict:
@@ -89,6 +96,7 @@ def main(argv=None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flax import linen as nn
 
     from pargo_jax.models.projectors import projector_config, projector_module
 
@@ -110,28 +118,17 @@ def main(argv=None) -> dict:
     feats = rng.randn(batch, n, shape["vision_width"]).astype(np.float32)
     cot = rng.randn(batch, shape["num_partial"] + shape["num_global"], shape["llm_width"]).astype(np.float32)
 
-    ref_cls, torch_note = (None, "--no_torch given.") if a.no_torch else _torch_reference(shape)
+    params = nn.unbox(jax.jit(projector_module(base).init)(jax.random.key(0), feats[:1])["params"])
+    ref, torch_note = None, "--no_torch given."
+    if not a.no_torch:  # the same weights on both sides, so outputs can be compared too
+        ref = torch_projector(base, params, n)
+        torch_note = None if ref is not None else "No PyTorch / transformers: PyTorch rows skipped."
     if torch_note:
         print(torch_note)
-
-    # Weights: from the PyTorch reference through the official-checkpoint converter when available
-    # (so both sides compute the same function and outputs can be compared), else random init.
-    variables, ref = None, None
-    if ref_cls is not None:
+    if ref is not None:
         import torch
 
-        from pargo_jax.convert.official import load_projector
-
         torch.set_num_threads(threads)
-        torch.manual_seed(0)
-        ref = ref_cls(**shape)
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "pargo.pt")
-            torch.save(ref.state_dict(), path)
-            _, variables = load_projector(path, num_heads=shape["heads"], num_partial=shape["num_partial"])
-    if variables is None:
-        variables = jax.jit(projector_module(base).init)(jax.random.key(0), feats[:1])
-    params = jax.tree.map(jnp.asarray, variables["params"])
     x, g = jnp.asarray(feats), jnp.asarray(cot)
 
     fns, outputs, compile_s = {}, {}, {}

@@ -3,7 +3,7 @@
 Module names follow the official checkpoint (``ln_vision``, ``query_tokens``, ``ParGo.bert...``,
 ``llm_proj``), so an official state dict loads with ``load_state_dict(strict=True)`` after dropping
 the text-branch tensors. Written straightforwardly (one nn.Linear per projection, additive -inf
-masks) on purpose: it is both the parity reference and the PyTorch speed baseline.
+masks) on purpose: the parity reference of the official checkpoint's import (``test_official.py``).
 """
 
 from __future__ import annotations
