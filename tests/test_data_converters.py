@@ -21,6 +21,7 @@ from data_pipelines.builders import open_source
 from data_pipelines.converters import CocoCaptionsBuilder, LlavaBuilder, RefCocoBuilder, WebDatasetBuilder
 from data_pipelines.schema import BadRecord, from_example
 from data_pipelines.text import load_tokenizer
+from pargo_jax import launcher
 
 
 def _jpeg(w=48, h=32, color=(30, 120, 200)) -> bytes:
@@ -299,7 +300,8 @@ def test_cli_prints_summary_and_output_feeds_the_pipeline(tmp_path, capsys):
     src, imgs, bad = _llava_files(str(tmp_path / "src"))
     out = str(tmp_path / "out")
     summary_path = str(tmp_path / "summary.json")
-    build_cli.main(
+    flags = launcher.parse(
+        build_cli.define_flags,
         [
             "--dataset",
             "llava",
@@ -315,8 +317,10 @@ def test_cli_prints_summary_and_output_feeds_the_pipeline(tmp_path, capsys):
             "2",
             "--summary_json",
             summary_path,
-        ]
+        ],
+        prog="build",
     )
+    build_cli.run(flags)
     printed = capsys.readouterr().out
     assert "llava/instruct" in printed and "missing_image=2" in printed and "zero_byte_image=1" in printed
     assert "Downloading" not in printed and "downloaded and prepared" not in printed  # no TFDS chatter
