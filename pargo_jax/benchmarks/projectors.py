@@ -50,7 +50,7 @@ QA_KINDS = ("colour", "shape", "count", "position", "refer", "ground", "digit", 
 CAPTION_METRICS = ("caption_loss", *CAPTION_FIELDS, "token_accuracy")
 HEADLINE = {"caption": "caption_loss", "demo": "accuracy"}  # schedule -> its headline metric
 METRICS = CAPTION_METRICS + tuple(k for k in QA_KINDS if k not in CAPTION_METRICS)  # a table's column order
-DEFAULT_STEPS = {"caption": 300, "demo": None}  # None: the demo's own (1500 + 4500)
+DEFAULT_STEPS = {"caption": 300, "demo": None}  # None: the demo's own (2000 + 2500)
 # The shapes variant -> its image size: the demo tower's 8 px patches give 8 x 8 or 16 x 16 of them.
 IMAGE_SIZE = {"basic": 64, "fine": 128}
 CAPTION_TEXT = {"basic": 64, "fine": 104}  # tokens: the longest caption + the chat template's, rounded up
