@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 from data_pipelines import schema
 from data_pipelines.schema import BadRecord, Record
@@ -76,6 +77,33 @@ def read_image_file(path: str, record_id: str) -> bytes:
         raise BadRecord("missing_image", record_id, f"{path} not found")
     with open(path, "rb") as f:
         return check_image(f.read(), record_id)
+
+
+class _EpathFiles:
+    """The slice of ``tf.io.gfile`` / ``tf.errors`` that TFDS's write shuffle uses, on etils' epath."""
+
+    class io:  # noqa: N801 - named as the module it stands for
+        class gfile:  # noqa: N801
+            GFile = staticmethod(lambda path, mode: epath.Path(path).open(mode))
+            exists = staticmethod(lambda path: epath.Path(path).exists())
+            remove = staticmethod(lambda path: epath.Path(path).unlink())
+
+    class errors:  # noqa: N801
+        class ResourceExhaustedError(Exception):  # epath raises OSError instead: never caught here
+            message = ""
+
+
+def spill_without_tensorflow() -> None:
+    """TFDS's write shuffle keeps 1 GB of serialized records in memory and writes the rest to bucket
+    files through ``tf.io.gfile``, so without TensorFlow (not a dependency) every build of more than
+    1 GB stopped there. Without TensorFlow the buckets are written through epath: the same bytes, the
+    same record order."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        from tensorflow_datasets.core import shuffle
+
+        shuffle.tf = _EpathFiles
 
 
 class ConverterBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -158,6 +186,7 @@ class ConverterBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             shutil.rmtree(self.data_dir)
         from tensorflow_datasets.core.utils import tqdm_utils
 
+        spill_without_tensorflow()
         tfds_bars = getattr(tqdm_utils, "_active", True)
         tfds.display_progress_bar(False)  # TFDS's own bars repeat ours (and show with progress=False)
         try:

@@ -353,3 +353,29 @@ def test_converter_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="refs"):
         RefCocoBuilder(src=str(tmp_path), data_dir=str(tmp_path))
     assert issubclass(BadRecord, ValueError)
+
+
+def test_a_build_past_tfds_memory_buffer_spills_without_tensorflow(tmp_path, monkeypatch):
+    """TFDS's write shuffle spills to bucket files past its memory buffer (1 GB; here 4 kB), through
+    ``tf.io.gfile`` unless patched: without TensorFlow the spilled build holds the in-memory build's
+    records, in the same order."""
+    from tensorflow_datasets.core import shuffle
+
+    from data_pipelines import builders, shapes
+
+    small = dict(image_size=32, num_pretrain=24, num_sft=8, num_eval=4, num_val=4)
+    shapes.build(str(tmp_path / "memory"), **small)
+    opened: list[str] = []
+    gfile, real_open = builders._EpathFiles.io.gfile, builders._EpathFiles.io.gfile.GFile
+    monkeypatch.setattr(
+        gfile, "GFile", staticmethod(lambda path, mode: opened.append(mode) or real_open(path, mode))
+    )
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 4096)
+    monkeypatch.setattr(shuffle, "tf", shuffle.tf)  # the patch below is undone after the test
+    shapes.build(str(tmp_path / "spilled"), **small)
+    assert "wb" in opened and "rb" in opened  # the buckets were written and read through epath
+    for split, count in (("pretrain", 24), ("sft", 8)):
+        a, b = (open_source(str(tmp_path / d), "shapes", split) for d in ("memory", "spilled"))
+        assert len(a) == len(b) == count
+        for i in range(count):
+            np.testing.assert_equal(a[i], b[i])
