@@ -311,6 +311,20 @@ class Block(nn.Module):
         return x, None
 
 
+def block_stack(cfg: VisionConfig, length: int, name: str) -> nn.Module:
+    """``length`` :class:`Block` s scanned under ``name`` (params stacked along a leading ``layers``
+    axis; rematerialized with ``cfg.remat``); call it inside a compact method as ``(x, rope)``."""
+    block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, name=name)
+
+
 class VisionTower(nn.Module):
     """SigLIP / CLIP / EVA02 ViT: pixels (B, H, W, 3) -> features (B, tokens, width).
 
@@ -358,16 +372,7 @@ class VisionTower(nn.Module):
             if cfg.rope:
                 sin, cos = rope_tables(cfg)
                 rope = (jnp.asarray(sin), jnp.asarray(cos))
-            block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-            blocks = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast,),
-                length=cfg.num_blocks,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="blocks")
-            x, _ = blocks(x, rope)
+            x, _ = block_stack(cfg, cfg.num_blocks, "blocks")(x, rope)
 
         if cfg.apply_final_norm:
             x = _layer_norm(cfg, "final_norm")(x)
