@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -98,9 +99,7 @@ def spill_without_tensorflow() -> None:
     files through ``tf.io.gfile``, so without TensorFlow (not a dependency) every build of more than
     1 GB stopped there. Without TensorFlow the buckets are written through epath: the same bytes, the
     same record order."""
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("tensorflow") is None:  # looked up, not imported: TF's import is slow
         from tensorflow_datasets.core import shuffle
 
         shuffle.tf = _EpathFiles

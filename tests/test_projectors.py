@@ -114,7 +114,7 @@ def test_adaptive_pool_bins_are_pytorchs():
 
 
 def test_sincos_positions_match_the_reference_formula():
-    from pargo_jax.models.projectors.resampler import sincos_2d
+    from pargo_jax.models.layers import sincos_2d
 
     np.testing.assert_allclose(sincos_2d(3, 4, 16), ref.sincos_2d(3, 4, 16).numpy(), atol=1e-6)
 

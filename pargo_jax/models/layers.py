@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 KERNEL_INIT = nn.initializers.normal(0.02)
@@ -119,3 +120,12 @@ class Dense(nn.Module):
         if bias is not None:
             y = y + bias.astype(self.dtype)
         return y
+
+
+def sincos_2d(rows: int, cols: int, dim: int) -> np.ndarray:
+    """(rows * cols, dim) positions, raster order: [sin, cos](row * w) ++ [sin, cos](col * w) with
+    w_i = 10000^(-i / (dim / 4)), i < dim / 4."""
+    omega = 1.0 / 10000.0 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    one = lambda p: np.concatenate([np.sin(p.reshape(-1, 1) * omega), np.cos(p.reshape(-1, 1) * omega)], 1)
+    return np.concatenate([one(r), one(c)], 1).astype(np.float32)

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from pargo_jax.models.layers import KERNEL_INIT, Dense
-from pargo_jax.models.vision import VisionConfig, _layer_norm, _p, block_stack
+from pargo_jax.models.layers import KERNEL_INIT, Dense, sincos_2d
+from pargo_jax.models.vision import VisionConfig, _layer_norm, _p, block_stack, patch_embed
 
 NORM_PIX_EPS = 1e-6
 
@@ -119,15 +119,10 @@ class MAEOutput:
 
 def sincos_pos_embed(grid: int, dim: int) -> np.ndarray:
     """Fixed MAE position embeddings (1 + grid**2, dim) float32: a zero CLS row, then per patch in
-    raster order ``[sin(col w), cos(col w), sin(row w), cos(row w)]`` with ``w_k = 10000**(-k/(dim/4))``
-    (the released checkpoints' column-first layout), computed in float64."""
-    w = 1.0 / 10000.0 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
-    rows, cols = np.meshgrid(
-        np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij"
-    )
-    c, r = np.outer(cols.reshape(-1), w), np.outer(rows.reshape(-1), w)
-    table = np.concatenate([np.sin(c), np.cos(c), np.sin(r), np.cos(r)], axis=1)
-    return np.concatenate([np.zeros((1, dim)), table]).astype(np.float32)
+    raster order :func:`~pargo_jax.models.layers.sincos_2d` with its halves swapped (the column's
+    sin-cos first: the released checkpoints' layout)."""
+    table = np.roll(sincos_2d(grid, grid, dim), dim // 2, axis=1)
+    return np.concatenate([np.zeros((1, dim), np.float32), table])
 
 
 def random_masking(x: jax.Array, noise: jax.Array, len_keep: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -171,12 +166,7 @@ class MAEEncoder(nn.Module):
     def __call__(self, pixels: jax.Array, noise: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         cfg, vc = self.config, self.config.encoder
         b = pixels.shape[0]
-        x = nn.Conv(
-            cfg.width, (cfg.patch_size,) * 2, strides=(cfg.patch_size,) * 2, padding="VALID",
-            dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=_p(KERNEL_INIT, None, None, "conv", "embed"),
-            bias_init=_p(nn.initializers.zeros, "embed"), name="patch_embed",
-        )(pixels.astype(cfg.dtype)).reshape(b, cfg.num_patches, cfg.width)  # fmt: skip
+        x = patch_embed(vc)(pixels.astype(cfg.dtype)).reshape(b, cfg.num_patches, cfg.width)
         pos = jnp.asarray(sincos_pos_embed(cfg.grid, cfg.width), x.dtype)
         x, mask, ids_restore = random_masking(x + pos[1:], noise, cfg.len_keep)
         cls = self.param("cls_token", _p(KERNEL_INIT, "embed"), (cfg.width,), cfg.param_dtype)

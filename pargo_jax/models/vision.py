@@ -311,6 +311,23 @@ class Block(nn.Module):
         return x, None
 
 
+def patch_embed(cfg: VisionConfig) -> nn.Module:
+    """The patch embedding ``patch_embed``: a ``patch_size`` stride convolution to ``width`` channels;
+    call it inside a compact method on (B, H, W, C) pixels."""
+    return nn.Conv(
+        cfg.width,
+        (cfg.patch_size,) * 2,
+        strides=(cfg.patch_size,) * 2,
+        padding="VALID",
+        use_bias=cfg.patch_bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=_p(KERNEL_INIT, None, None, "conv", "embed"),  # flax: no repeated names
+        bias_init=_p(nn.initializers.zeros, "embed"),
+        name="patch_embed",
+    )
+
+
 def block_stack(cfg: VisionConfig, length: int, name: str) -> nn.Module:
     """``length`` :class:`Block` s scanned under ``name`` (params stacked along a leading ``layers``
     axis; rematerialized with ``cfg.remat``); call it inside a compact method as ``(x, rope)``."""
@@ -343,19 +360,7 @@ class VisionTower(nn.Module):
                 f"Vision tower expects {cfg.image_size}x{cfg.image_size} images, got {h}x{w}; resize the "
                 "input or set image_size."
             )
-        x = nn.Conv(
-            cfg.width,
-            (cfg.patch_size,) * 2,
-            strides=(cfg.patch_size,) * 2,
-            padding="VALID",
-            use_bias=cfg.patch_bias,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_p(KERNEL_INIT, None, None, "conv", "embed"),  # flax: no repeated names
-            bias_init=_p(nn.initializers.zeros, "embed"),
-            name="patch_embed",
-        )(pixels.astype(cfg.dtype))
-        x = x.reshape(b, cfg.grid**2, cfg.width)
+        x = patch_embed(cfg)(pixels.astype(cfg.dtype)).reshape(b, cfg.grid**2, cfg.width)
         if cfg.class_token:
             cls = self.param("cls_token", _p(KERNEL_INIT, "embed"), (cfg.width,), cfg.param_dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, cfg.width)), x], axis=1)

@@ -21,11 +21,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from pargo_jax.models.attention import attention
-from pargo_jax.models.layers import KERNEL_INIT, dense_params
+from pargo_jax.models.layers import KERNEL_INIT, dense_params, sincos_2d
 from pargo_jax.models.projectors.common import ProjectorModule, check_width
 
 Dtype = jnp.dtype | str
@@ -75,15 +74,6 @@ def patch_grid(num_patches: int, grid: tuple[int, int] | None) -> tuple[int, int
     if side * side != num_patches:
         raise ValueError(f"{num_patches} patches are not a square grid; set the projector's grid=(h, w).")
     return side, side
-
-
-def sincos_2d(rows: int, cols: int, dim: int) -> np.ndarray:
-    """(rows * cols, dim) positions, raster order: [sin, cos](row * w) ++ [sin, cos](col * w) with
-    w_i = 10000^(-i / (dim / 4)), i < dim / 4."""
-    omega = 1.0 / 10000.0 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
-    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    one = lambda p: np.concatenate([np.sin(p.reshape(-1, 1) * omega), np.cos(p.reshape(-1, 1) * omega)], 1)
-    return np.concatenate([one(r), one(c)], 1).astype(np.float32)
 
 
 class Resampler(ProjectorModule):
