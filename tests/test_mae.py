@@ -154,3 +154,31 @@ def test_noise_from_the_masking_rng():
     with pytest.raises(ValueError, match="noise must have shape"):
         module.apply(variables, pixels, np.zeros((3, 5), np.float32))
     assert cfg.len_keep == 2
+
+
+def test_whole_image_features_and_embedded_decoder_input(hf):
+    """``noise=None`` keeps every patch in raster order: transformers' encoder with mask_ratio 0 and
+    increasing noise (which keeps the order); the decoder fed its own embedding with ``embedded=True``
+    predicts what it predicts from the latent."""
+    from pargo_jax.models.mae import MAEDecoder, MAEEncoder
+
+    model, path = hf
+    pixels, _ = _inputs()
+    module, variables = load_mae(path)
+    cfg, params = module.config, variables["params"]
+    latent, mask, ids_restore = MAEEncoder(cfg).apply({"params": params["encoder"]}, pixels, None)
+    model.config.mask_ratio = 0.0
+    try:
+        with torch.no_grad():
+            noise = torch.arange(16, dtype=torch.float32).expand(2, 16)
+            want = model.vit(torch.from_numpy(pixels).permute(0, 3, 1, 2), noise=noise).last_hidden_state
+    finally:
+        model.config.mask_ratio = TINY["mask_ratio"]
+    assert latent.shape == (2, 17, 32) and not np.asarray(mask).any()
+    np.testing.assert_array_equal(ids_restore, np.broadcast_to(np.arange(16), (2, 16)))
+    np.testing.assert_allclose(np.asarray(latent), want.numpy(), rtol=RTOL, atol=ATOL)
+    decoder = MAEDecoder(cfg)
+    dec = {"params": params["decoder"]}
+    plain = decoder.apply(dec, latent, ids_restore)
+    embedded = latent @ params["decoder"]["embed"]["kernel"] + params["decoder"]["embed"]["bias"]
+    np.testing.assert_allclose(decoder.apply(dec, embedded, ids_restore, embedded=True), plain, atol=1e-6)

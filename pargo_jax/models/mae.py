@@ -158,17 +158,23 @@ def reconstruction_loss(logits: jax.Array, pixels: jax.Array, mask: jax.Array, c
 class MAEEncoder(nn.Module):
     """pixels (B, H, W, C), noise (B, L) -> (latent (B, 1 + len_keep, width), mask, ids_restore).
 
+    ``noise=None`` keeps every patch in raster order (latent (B, 1 + L, width), mask all 0): the
+    whole image's features, as a model that only reads them wants.
     Params: ``patch_embed`` (Conv), ``cls_token`` (width,), ``blocks`` (stacked), ``norm``."""
 
     config: MAEConfig
 
     @nn.compact
-    def __call__(self, pixels: jax.Array, noise: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, pixels: jax.Array, noise: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         cfg, vc = self.config, self.config.encoder
         b = pixels.shape[0]
         x = patch_embed(vc)(pixels.astype(cfg.dtype)).reshape(b, cfg.num_patches, cfg.width)
         pos = jnp.asarray(sincos_pos_embed(cfg.grid, cfg.width), x.dtype)
-        x, mask, ids_restore = random_masking(x + pos[1:], noise, cfg.len_keep)
+        if noise is None:
+            x, mask = x + pos[1:], jnp.zeros((b, cfg.num_patches), jnp.float32)
+            ids_restore = jnp.broadcast_to(jnp.arange(cfg.num_patches), (b, cfg.num_patches))
+        else:
+            x, mask, ids_restore = random_masking(x + pos[1:], noise, cfg.len_keep)
         cls = self.param("cls_token", _p(KERNEL_INIT, "embed"), (cfg.width,), cfg.param_dtype)
         cls = jnp.broadcast_to(cls.astype(x.dtype) + pos[0], (b, 1, cfg.width))
         x = nn.with_logical_constraint(jnp.concatenate([cls, x], axis=1), ("batch", "length", "act_embed"))
@@ -179,15 +185,18 @@ class MAEEncoder(nn.Module):
 class MAEDecoder(nn.Module):
     """latent (B, 1 + len_keep, width), ids_restore (B, L) -> predicted patches (B, L, patch_dim).
 
+    ``embedded=True``: ``latent`` is already in the decoder's width (B, 1 + len_keep, decoder_width)
+    and skips ``embed`` (X-Former feeds its fused tokens so).
     Params: ``embed``, ``mask_token`` (decoder_width,), ``blocks`` (stacked), ``norm``, ``pred``."""
 
     config: MAEConfig
 
     @nn.compact
-    def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
+    def __call__(self, latent: jax.Array, ids_restore: jax.Array, embedded: bool = False) -> jax.Array:
         cfg, vc = self.config, self.config.decoder
         d = cfg.decoder_width
-        x = Dense((d,), ("embed", None), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed")(latent)
+        embed = Dense((d,), ("embed", None), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="embed")
+        x = latent.astype(cfg.dtype) if embedded else embed(latent)
         b, n = x.shape[:2]
         token = self.param("mask_token", _p(KERNEL_INIT, None), (d,), cfg.param_dtype)
         fill = jnp.broadcast_to(token.astype(x.dtype), (b, cfg.num_patches + 1 - n, d))
