@@ -11,7 +11,8 @@ Writes, with LoRA merged into the LLM weights:
                      (B, 3, H, W), normalized with the preprocessor's mean / std.
                      SigLIP / CLIP towers from transformers, EVA02 in the written code.
   DIR/llm/           the LLM alone as a standard HF directory (``AutoModelForCausalLM`` for Llama /
-                     Qwen2; InternLM2 in its own layout, which transformers runs with its remote code)
+                     Qwen2 / OPT; InternLM2 in its own layout, which transformers runs with its remote
+                     code)
   DIR/vision_tower/  the tower in its source format (HF dir for SigLIP / CLIP, EVA02 state dict)
   DIR/llm_adapter/   the LoRA adapters as a PEFT directory over the LLM the run started from (when
                      only they trained in the LLM)
@@ -82,7 +83,7 @@ def save_transformers(
     flat_llm = flat_arrays(llm_params)
     if llm_cfg.fused_qkv:  # transformers runs InternLM2's function as Llama with q / k / v apart
         flat_llm, llm_cfg = hf.unfuse_qkv(flat_llm, llm_cfg), dataclasses.replace(llm_cfg, fused_qkv=False)
-    kind = "qwen2" if llm_cfg.family == "qwen2" else "llama"
+    kind = llm_cfg.family if llm_cfg.family in ("qwen2", "opt") else "llama"
     text_config, llm = hf.export_llm(flat_llm, llm_cfg, kind)
     tensors = {f"vision_tower.{k}": x for k, x in vision.items()}
     tensors.update({f"projector.{k}": np.asarray(x) for k, x in projector.items()})

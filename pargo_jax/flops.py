@@ -56,11 +56,12 @@ def vision_flops(config: VisionConfig) -> float:
 
 
 def llm_matmul_params(config: LLMConfig) -> int:
-    """Weights that multiply every token: attention + MLP of all layers + the output head (also when
-    tied to the embeddings)."""
+    """Weights that multiply every token: attention + MLP (SwiGLU: 3 matrices, OPT's ReLU: 2) of all
+    layers + the output head (also when tied to the embeddings)."""
     c = config
     d, qd, kvd = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    per_layer = d * qd + 2 * d * kvd + qd * d + 3 * d * c.intermediate_size
+    mlp_matrices = 3 if c.mlp == "swiglu" else 2
+    per_layer = d * qd + 2 * d * kvd + qd * d + mlp_matrices * d * c.intermediate_size
     return c.num_layers * per_layer + d * c.vocab_size
 
 

@@ -1,9 +1,12 @@
 """Hugging Face decoder LLM checkpoints (safetensors) -> :class:`pargo_jax.models.llm.CausalLM`.
 
-Supported ``model_type``: ``llama`` (Llama 2/3/3.1, SmolLM2), ``qwen2`` (Qwen2/2.5) and ``internlm2``.
-Each family is a table of :class:`~pargo_jax.convert.tables.Rule`; InternLM2's fused ``wqkv`` (grouped
-per kv head as ``[q_0 .. q_{g-1}, k, v]``) is presented to the table as three virtual tensors
+Supported ``model_type``: ``llama`` (Llama 2/3/3.1, SmolLM2), ``qwen2`` (Qwen2/2.5), ``internlm2`` and
+``opt`` (OPTForCausalLM, e.g. facebook/opt-2.7b / 6.7b of BLIP-2; not opt-350m's ``project_in/out`` and
+post-norm). Each family is a table of :class:`~pargo_jax.convert.tables.Rule`; InternLM2's fused ``wqkv``
+(grouped per kv head as ``[q_0 .. q_{g-1}, k, v]``) is presented to the table as three virtual tensors
 ``wq``/``wk``/``wv`` by :class:`_SplitFusedQKV`, so the usual "every tensor consumed" check still holds.
+A tied model's checkpoint may still hold its ``lm_head`` weight: it is accepted only when it equals the
+embedding (:class:`_TiedHead`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from pargo_jax.lora import LORA_PATH_REGEX, init_lora_params
 from pargo_jax.models.llm import CausalLM, LLMConfig, RopeScaling
 from pargo_jax.param_tree import flat_arrays, flatten, unflatten
 
-SUPPORTED = ("llama", "qwen2", "internlm2")
+SUPPORTED = ("llama", "qwen2", "internlm2", "opt")
 IGNORE = (r".*rotary_emb\.inv_freq",)
 
 
@@ -61,11 +64,50 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     )
 
 
+def _opt_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """LLMConfig fields of an OPT ``config.json`` (pre-norm, LayerNorm eps 1e-5, learned positions at
+    offset 2, ReLU feed-forward, ``enable_bias`` on every projection)."""
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    proj_dim, act = hf.get("word_embed_proj_dim") or d, hf.get("activation_function", "relu")
+    unsupported = {
+        f"word_embed_proj_dim={proj_dim} != hidden_size={d} (project_in / project_out, as opt-350m)": (
+            proj_dim != d
+        ),
+        "do_layer_norm_before=False (post-norm, as opt-350m)": not hf.get("do_layer_norm_before", True),
+        "layer_norm_elementwise_affine=False": not hf.get("layer_norm_elementwise_affine", True),
+        "_remove_final_layer_norm=True": hf.get("_remove_final_layer_norm", False),
+        f"activation_function={act}": act != "relu",
+        f"hidden_size={d} not a multiple of num_attention_heads={heads}": d % heads != 0,
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"Unsupported opt config option(s) {bad}: this model variant is not implemented.")
+    bias = bool(hf.get("enable_bias", True))
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=d,
+        intermediate_size=hf["ffn_dim"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=d // heads,
+        rms_norm_eps=OPT_LAYER_NORM_EPS,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        qkv_bias=bias,
+        bias=bias,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        **LAYOUTS["opt"],
+        family="opt",
+    )
+
+
 def config_from_hf(hf: Mapping[str, Any], **overrides) -> LLMConfig:
     """Our :class:`LLMConfig` from an HF ``config.json`` dict; ``overrides`` replace any field."""
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
         raise ValueError(f"Unsupported LLM model_type {kind!r}; supported: {', '.join(SUPPORTED)}.")
+    if kind == "opt":
+        return LLMConfig(**{**_opt_fields(hf), **overrides})
     unsupported = {
         "attention_bias": hf.get("attention_bias", False) and kind == "llama",
         "mlp_bias": hf.get("mlp_bias", False),
@@ -100,31 +142,57 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> LLMConfig:
 
 # Our module per projection (the table's keys) and each family's HF module names.
 MODULES = dict(q="attn/q", k="attn/k", v="attn/v", qkv="attn/qkv", o="attn/o", gate="mlp/gate", up="mlp/up",
-               down="mlp/down")  # fmt: skip
+               down="mlp/down", fc1="mlp/fc1", fc2="mlp/fc2")  # fmt: skip
+# The architecture fields each family's checkpoints have (the rest: the LLMConfig defaults).
+LAYOUTS = {"opt": dict(norm="layer", position_embedding="learned", position_offset=2, mlp="relu")}
+OPT_LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which OPT does not configure
 
 
 def hf_names(kind: str) -> dict[str, str]:
-    """HF module names of ``kind`` (``model.layers.N.`` omitted for per-layer ones)."""
+    """HF module names of ``kind``: ``layers`` the per-layer prefix (``<layers>.N.`` omitted for the
+    per-layer ones), ``norm`` the final norm, ``pos`` learned positions."""
     if kind == "internlm2":
         return dict(
-            embed="model.tok_embeddings", head="output", qkv="attention.wqkv", q="attention.wq",
-            k="attention.wk", v="attention.wv", o="attention.wo", gate="feed_forward.w1",
-            up="feed_forward.w3", down="feed_forward.w2", in_norm="attention_norm", post_norm="ffn_norm",
+            embed="model.tok_embeddings", head="output", layers="model.layers", norm="model.norm",
+            qkv="attention.wqkv", q="attention.wq", k="attention.wk", v="attention.wv", o="attention.wo",
+            gate="feed_forward.w1", up="feed_forward.w3", down="feed_forward.w2", in_norm="attention_norm",
+            post_norm="ffn_norm",
+        )  # fmt: skip
+    if kind == "opt":
+        return dict(
+            embed="model.decoder.embed_tokens", pos="model.decoder.embed_positions", head="lm_head",
+            layers="model.decoder.layers", norm="model.decoder.final_layer_norm", q="self_attn.q_proj",
+            k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj", fc1="fc1", fc2="fc2",
+            in_norm="self_attn_layer_norm", post_norm="final_layer_norm",
         )  # fmt: skip
     return dict(
-            embed="model.embed_tokens", head="lm_head", q="self_attn.q_proj", k="self_attn.k_proj",
-            v="self_attn.v_proj", o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
-            down="mlp.down_proj", in_norm="input_layernorm", post_norm="post_attention_layernorm",
+            embed="model.embed_tokens", head="lm_head", layers="model.layers", norm="model.norm",
+            q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+            gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj", in_norm="input_layernorm",
+            post_norm="post_attention_layernorm",
         )  # fmt: skip
+
+
+def check_layout(kind: str, cfg: LLMConfig) -> None:
+    """Raises ValueError unless ``cfg`` has the architecture of ``kind``'s checkpoints (e.g. an OPT LLM
+    exported as llama)."""
+    want = dict(norm="rms", position_embedding="rope", position_offset=0, mlp="swiglu", bias=False)
+    want.update(LAYOUTS.get(kind, {}))
+    if kind == "opt":
+        want.update(num_kv_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads, bias=cfg.qkv_bias)
+    bad = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
+    if bad:
+        raise ValueError(f"A {kind} checkpoint has {want}; this LLM has {bad}.")
 
 
 def llm_rules(kind: str, cfg: LLMConfig) -> list[Rule]:
     """The conversion table of one family; layer targets are stacked (``[{0}]``) when scanned."""
-    L = r"model\.layers\.(\d+)\."
-    lay = (lambda dst: f"layers/{dst}[{{0}}]") if cfg.scan_layers else (lambda dst: f"layers_{{0}}/{dst}")
-    esc = lambda name: name.replace(".", r"\.")
-    qo, kvo = split_heads_out(cfg.num_heads), split_heads_out(cfg.num_kv_heads)
+    check_layout(kind, cfg)
     names = hf_names(kind)
+    esc = lambda name: name.replace(".", r"\.")
+    L = rf"{esc(names['layers'])}\.(\d+)\."
+    lay = (lambda dst: f"layers/{dst}[{{0}}]") if cfg.scan_layers else (lambda dst: f"layers_{{0}}/{dst}")
+    qo, kvo = split_heads_out(cfg.num_heads), split_heads_out(cfg.num_kv_heads)
     if cfg.fused_qkv and kind != "internlm2":
         raise ValueError(f"fused_qkv=True needs an InternLM2 checkpoint (fused wqkv); this one is {kind}.")
     qkv = [("qkv", "attn/qkv/kernel", fused_qkv_out(cfg))] if cfg.fused_qkv else [
@@ -132,20 +200,23 @@ def llm_rules(kind: str, cfg: LLMConfig) -> list[Rule]:
         ("k", "attn/k/kernel", kvo),
         ("v", "attn/v/kernel", kvo),
     ]  # fmt: skip
-    per_layer = qkv + [
-        ("o", "attn/o/kernel", merge_heads_in(cfg.num_heads)),
-        ("gate", "mlp/gate/kernel", transpose),
-        ("up", "mlp/up/kernel", transpose),
-        ("down", "mlp/down/kernel", transpose),
-        ("in_norm", "input_norm/scale", None),
-        ("post_norm", "post_attn_norm/scale", None),
-    ]
+    mlp = ("gate", "up", "down") if cfg.mlp == "swiglu" else ("fc1", "fc2")
+    per_layer = qkv + [("o", "attn/o/kernel", merge_heads_in(cfg.num_heads))]
+    per_layer += [(m, f"{MODULES[m]}/kernel", transpose) for m in mlp]
+    norm_params = [("weight", "scale")] + ([("bias", "bias")] if cfg.norm == "layer" else [])
+    for hf_norm, ours in (("in_norm", "input_norm"), ("post_norm", "post_attn_norm")):
+        per_layer += [(f"{hf_norm}.{p}", f"{ours}/{q}", None) for p, q in norm_params]
+    if cfg.bias:
+        per_layer += [(f"{m}.bias", f"{MODULES[m]}/bias", None) for m in ("o", *mlp)]
     rules = [Rule(rf"{esc(names['embed'])}\.weight", "embed_tokens/embedding")]
-    rules += [Rule(r"model\.norm\.weight", "norm/scale")]
+    if cfg.position_embedding == "learned":
+        rules.append(Rule(rf"{esc(names['pos'])}\.weight", "embed_positions/embedding"))
+    rules += [Rule(rf"{esc(names['norm'])}\.{p}", f"norm/{q}") for p, q in norm_params]
     if not cfg.tie_word_embeddings:
         rules.append(Rule(rf"{names['head']}\.weight", "lm_head/kernel", transpose))
     for src, dst, fn in per_layer:
-        rules.append(Rule(rf"{L}{esc(names[src])}\.weight", lay(dst), fn))
+        module, _, param = src.partition(".")
+        rules.append(Rule(rf"{L}{esc(names[module])}\.{param or 'weight'}", lay(dst), fn))
     if cfg.qkv_bias:
         for src, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads), ("v", cfg.num_kv_heads)):
             rules.append(
@@ -201,6 +272,31 @@ class _SplitFusedQKV(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+class _TiedHead(Mapping[str, np.ndarray]):
+    """``source`` without the output head's weight of a tied model, which some checkpoints still hold
+    (e.g. OPT's ``lm_head.weight``): accepted only when it equals the embedding it is tied to."""
+
+    def __init__(self, source: Mapping[str, np.ndarray], head: str, embed: str, what: str):
+        keys = set(source)  # (``in`` on a lazy source would read the tensor)
+        self._src, self._head, self._has_head = source, head, head in keys
+        if self._has_head and embed in keys and not np.array_equal(source[head], source[embed]):
+            raise ConversionError(
+                f"Cannot load the {what}: {head} differs from {embed}, but the config ties them "
+                "(tie_word_embeddings)."
+            )
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name == self._head:
+            raise KeyError(name)
+        return self._src[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self._src if k != self._head)
+
+    def __len__(self) -> int:
+        return len(self._src) - self._has_head
 
 
 def fit_sharding(s: jax.sharding.Sharding, shape: tuple[int, ...]) -> jax.sharding.Sharding:
@@ -274,16 +370,20 @@ def load_llm(
     source: Mapping[str, np.ndarray] = LazySource.from_dir(path)
     if overlay:
         source = collections.ChainMap(dict(overlay), source)
-    if hf["model_type"] == "internlm2" and not cfg.fused_qkv:
+    kind, what = hf["model_type"], f"{hf['model_type']} checkpoint at {path}"
+    if kind == "internlm2" and not cfg.fused_qkv:
         source = _SplitFusedQKV(source, cfg)
+    if cfg.tie_word_embeddings:
+        names = hf_names(kind)
+        source = _TiedHead(source, f"{names['head']}.weight", f"{names['embed']}.weight", what)
     params = convert(
         source,
-        llm_rules(hf["model_type"], cfg),
+        llm_rules(kind, cfg),
         expected,
         ignore=IGNORE,
         place=place,
         dtype=np.dtype(dtype),
-        what=f"{hf['model_type']} checkpoint at {path}",
+        what=what,
     )
     if lora_expected:
         fresh = init_lora_params(lora_expected, seed=lora_seed, dtype=np.dtype(dtype))
@@ -319,10 +419,11 @@ def peft_overrides(adapter_config: Mapping[str, Any], kind: str) -> dict[str, An
 
 
 def lora_rules(kind: str, cfg: LLMConfig, expected: Mapping[str, tuple[int, ...]]) -> list[Rule]:
-    """PEFT ``model.layers.N.<module>.lora_A[.default].weight`` (r, in) / ``lora_B`` (out, r) -> our
-    ``lora_a`` (in..., r) / ``lora_b`` (r, out...), in the shapes ``expected`` holds."""
+    """PEFT ``model.layers.N.<module>.lora_A[.default].weight`` (r, in) / ``lora_B`` (out, r) (OPT:
+    ``model.decoder.layers.N``) -> our ``lora_a`` (in..., r) / ``lora_b`` (r, out...), in the shapes
+    ``expected`` holds."""
     names = hf_names(kind)
-    L = r"model\.layers\.(\d+)\."
+    L = re.escape(names["layers"]) + r"\.(\d+)\."
     rules = []
     for mod, ours in MODULES.items():
         for ab, part in (("A", "lora_a"), ("B", "lora_b")):
@@ -408,11 +509,24 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "internlm2": "InternLM2ForCausalLM",
+    "opt": "OPTForCausalLM",
 }
 
 
 def hf_config(cfg: LLMConfig, kind: str) -> dict[str, Any]:
     """The ``config.json`` of ``cfg`` as a ``kind`` model (the inverse of :func:`config_from_hf`)."""
+    check_layout(kind, cfg)
+    if kind == "opt":
+        if cfg.rms_norm_eps != OPT_LAYER_NORM_EPS:
+            raise ValueError(f"OPT's LayerNorm eps is {OPT_LAYER_NORM_EPS}; this LLM has {cfg.rms_norm_eps}.")
+        return dict(
+            model_type=kind, architectures=[ARCHITECTURES[kind]], vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size, word_embed_proj_dim=cfg.hidden_size, ffn_dim=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            max_position_embeddings=cfg.max_position_embeddings, do_layer_norm_before=True,
+            activation_function="relu", enable_bias=cfg.bias, layer_norm_elementwise_affine=True,
+            tie_word_embeddings=cfg.tie_word_embeddings, torch_dtype="float32",
+        )  # fmt: skip
     out = dict(
         model_type=kind,
         architectures=[ARCHITECTURES[kind]],
@@ -472,7 +586,7 @@ def save_llm(
     max_shard_bytes: int = 2 << 30,
 ) -> str:
     """Writes our LLM as a standard HF directory (``config.json``, safetensors, sharded with an index
-    past ``max_shard_bytes``) that :func:`load_llm` (and, for llama / qwen2, transformers'
+    past ``max_shard_bytes``) that :func:`load_llm` (and, for llama / qwen2 / opt, transformers'
     ``AutoModelForCausalLM``) reads back."""
     from pargo_jax.convert.tables import save_safetensors
 

@@ -1,9 +1,13 @@
-"""Decoder-only LLMs: the Llama family (Llama 2/3/3.1, SmolLM2), Qwen2/2.5 and InternLM2 (whose fused
-``wqkv`` is split into q/k/v at load time, see ``pargo_jax.convert.hf``).
+"""Decoder-only LLMs: the Llama family (Llama 2/3/3.1, SmolLM2), Qwen2/2.5, InternLM2 (whose fused
+``wqkv`` is split into q/k/v at load time, see ``pargo_jax.convert.hf``) and OPT (the frozen LLM of
+BLIP-2 / X-Former).
 
 One block: ``x + Attn(RMSNorm(x))`` then ``x + SwiGLU(RMSNorm(x))``, grouped-query attention with
 rotary embeddings (HF "rotate half" layout, optional llama3 frequency scaling), optional q/k/v biases
-(Qwen2), optional tied input/output embeddings (SmolLM2).
+(Qwen2), optional tied input/output embeddings (SmolLM2). OPT swaps in, by :class:`LLMConfig` fields:
+LayerNorm with bias (``norm="layer"``), a learned absolute position table instead of RoPE
+(``position_embedding="learned"``, row ``position + position_offset``), biases on every projection
+(``qkv_bias``, ``bias``) and a ReLU feed-forward ``fc2(relu(fc1(x)))`` (``mlp="relu"``).
 
 Decoding uses an explicit cache pytree (:class:`KVCache`): ``logits, cache = model.apply(v, ids,
 attention_mask=m, cache=cache)`` writes the new keys/values at ``cache.index`` and advances it. Cache
@@ -52,7 +56,7 @@ class LLMConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # the epsilon of every norm, LayerNorm too when norm="layer"
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
@@ -72,7 +76,16 @@ class LLMConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = ""
-    family: str = "llama"  # the checkpoint layout it came from / exports to: llama, qwen2 or internlm2
+    # OPT's architecture: "rms" | "layer" (LayerNorm with scale and bias) norms; "rope" | "learned" (an
+    # ``embed_positions`` table of max_position_embeddings + position_offset rows, added to the input
+    # embeddings at row position + position_offset) positions; "swiglu" (gate / up / down) | "relu"
+    # (fc1 / fc2) feed-forward; ``bias``: biases on attn/o and the feed-forward projections.
+    norm: str = "rms"
+    position_embedding: str = "rope"
+    position_offset: int = 0
+    mlp: str = "swiglu"
+    bias: bool = False
+    family: str = "llama"  # the checkpoint layout it came from / exports to: llama, qwen2, internlm2, opt
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -95,6 +108,14 @@ class LLMConfig:
             )
         if self.lora_targets:
             re.compile(self.lora_targets)
+        choices = dict(norm=("rms", "layer"), position_embedding=("rope", "learned"), mlp=("swiglu", "relu"))
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field}={getattr(self, field)!r}; use one of {allowed}.")
+        if self.position_offset < 0 or (self.position_offset and self.position_embedding != "learned"):
+            raise ValueError(
+                f"position_offset={self.position_offset} needs position_embedding='learned' and must be >= 0."
+            )
 
 
 class KVCache(NamedTuple):
@@ -171,6 +192,34 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm with scale and bias, normalized in float32, scaled in the compute dtype (OPT)."""
+
+    eps: float
+    dtype: Dtype
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape, names = (x.shape[-1],), ("norm",)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, names), shape, self.param_dtype
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, names), shape, self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype) + bias.astype(self.dtype)
+
+
+def norm(config: LLMConfig, name: str) -> nn.Module:
+    """The LLM's norm (``config.norm``): :class:`RMSNorm` or :class:`LayerNorm`."""
+    cls = LayerNorm if config.norm == "layer" else RMSNorm
+    return cls(config.rms_norm_eps, config.dtype, config.param_dtype, name=name)
+
+
 def proj(
     config: LLMConfig,
     features: tuple[int, ...],
@@ -190,8 +239,9 @@ def proj(
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE. ``kv`` is None or the full stacked (k, v) cache, updated
-    in place at (``layer``, slot ``index``) so that no per-step copy of the cache is needed."""
+    """Grouped-query self-attention with RoPE (none when ``cos`` is None: learned positions). ``kv`` is
+    None or the full stacked (k, v) cache, updated in place at (``layer``, slot ``index``) so that no
+    per-step copy of the cache is needed."""
 
     config: LLMConfig
 
@@ -211,8 +261,9 @@ class Attention(nn.Module):
             q = proj(c, hd, 1, ("embed", *qn), "q", c.qkv_bias)(x)
             k = proj(c, kvd, 1, ("embed", *kvn), "k", c.qkv_bias)(x)
             v = proj(c, kvd, 1, ("embed", *kvn), "v", c.qkv_bias)(x)
-        q = nn.with_logical_constraint(_rotate(q, cos, sin), ("batch", "length", "act_heads", None))
-        k = _rotate(k, cos, sin)
+        if cos is not None:
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
         if kv is not None:
             k_all, v_all = kv
             start = (layer, 0, index, 0, 0)
@@ -227,22 +278,23 @@ class Attention(nn.Module):
         out = attention(
             q, k.astype(q.dtype), v.astype(q.dtype), mask, causal=kv is None, implementation=c.attention_impl
         )
-        out = proj(c, (c.hidden_size,), 2, ("heads", "head_dim", "embed"), "o")(out)
+        out = proj(c, (c.hidden_size,), 2, ("heads", "head_dim", "embed"), "o", c.bias)(out)
         return out, kv
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Feed-forward: SwiGLU ``down(silu(gate(x)) * up(x))`` or (``mlp="relu"``) ``fc2(relu(fc1(x)))``."""
 
     config: LLMConfig
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = proj(c, (c.intermediate_size,), 1, ("embed", "mlp"), "gate")(x)
-        up = proj(c, (c.intermediate_size,), 1, ("embed", "mlp"), "up")(x)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return proj(c, (c.hidden_size,), 1, ("mlp", "embed"), "down")(h)
+        up = lambda name: proj(c, (c.intermediate_size,), 1, ("embed", "mlp"), name, c.bias)(x)
+        swiglu = c.mlp == "swiglu"
+        h = nn.silu(up("gate")) * up("up") if swiglu else nn.relu(up("fc1"))
+        h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+        return proj(c, (c.hidden_size,), 1, ("mlp", "embed"), "down" if swiglu else "fc2", c.bias)(h)
 
 
 class DecoderLayer(nn.Module):
@@ -255,10 +307,9 @@ class DecoderLayer(nn.Module):
     def __call__(self, carry, cos, sin, mask, index):
         x, kv, layer = carry
         c = self.config
-        norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
-        h, kv = Attention(c, name="attn")(norm("input_norm")(x), cos, sin, mask, kv, layer, index)
+        h, kv = Attention(c, name="attn")(norm(c, "input_norm")(x), cos, sin, mask, kv, layer, index)
         x = x + h
-        x = x + MLP(c, name="mlp")(norm("post_attn_norm")(x))
+        x = x + MLP(c, name="mlp")(norm(c, "post_attn_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         return (x, kv, layer + 1), None
 
@@ -284,8 +335,9 @@ def _layer_class(config: LLMConfig):
 
 
 class CausalLM(nn.Module):
-    """Decoder LLM. Params: ``embed_tokens``, ``layers_{i}`` (or ``layers`` stacked on a leading axis
-    when ``scan_layers``), ``norm``, ``lm_head`` (absent when embeddings are tied)."""
+    """Decoder LLM. Params: ``embed_tokens``, ``embed_positions`` (learned positions only),
+    ``layers_{i}`` (or ``layers`` stacked on a leading axis when ``scan_layers``), ``norm``,
+    ``lm_head`` (absent when embeddings are tied)."""
 
     config: LLMConfig
 
@@ -310,7 +362,15 @@ class CausalLM(nn.Module):
         else:
             cls = _layer_class(c)
             self.blocks = [cls(c, name=f"layers_{i}") for i in range(c.num_layers)]
-        self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
+        if c.position_embedding == "learned":
+            self.embed_positions = nn.Embed(
+                c.max_position_embeddings + c.position_offset,
+                c.hidden_size,
+                dtype=c.dtype,
+                param_dtype=c.param_dtype,
+                embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+            )
+        self.norm = norm(c, "norm")
         if not c.tie_word_embeddings:
             self.lm_head = proj(c, (c.vocab_size,), 1, ("embed", "vocab"), "lm_head")
 
@@ -354,7 +414,6 @@ class CausalLM(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(c.dtype)
-        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         b, t = x.shape[:2]
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if cache is None:
@@ -364,9 +423,13 @@ class CausalLM(nn.Module):
             index, past = cache.index, cache.mask.sum(-1, keepdims=True, dtype=jnp.int32)
         if positions is None:
             positions = jnp.maximum(past + jnp.cumsum(mask, -1, dtype=jnp.int32) - 1, 0)
-        freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(c))
-        emb = jnp.concatenate([freqs, freqs], -1)
-        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        if c.position_embedding == "learned":  # OPT: inputs_embeds get their positions here too
+            x, cos, sin = x + self.embed_positions(positions + c.position_offset), None, None
+        else:
+            freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(c))
+            emb = jnp.concatenate([freqs, freqs], -1)
+            cos, sin = jnp.cos(emb), jnp.sin(emb)
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         # Without a cache: padding only (B, 1, 1, S), the attention core adds causality. With one: the
         # slots up to each query's own (T, S) too.
         attn_mask = kv_mask[:, None, None, :]
