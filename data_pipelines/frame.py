@@ -23,6 +23,8 @@ import numpy as np
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the default pixel mean / std everywhere
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # MAE's (and timm's) pixel mean / std
+IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_MODES = ("letterbox", "squash", "pad", "bug_compatible_448_crop")
 
 

@@ -28,7 +28,7 @@ from flax import linen as nn
 
 from data_pipelines.text import load_tokenizer
 from pargo_jax import checkpoints, configs, sharding
-from pargo_jax.convert import bert, hf, hf_vision
+from pargo_jax.convert import bert, hf, hf_mae, hf_vision
 from pargo_jax.convert.tables import expected_shapes
 from pargo_jax.models import projectors
 from pargo_jax.models.convnext import CONVNEXT_PRESETS, ConvNeXtConfig
@@ -42,11 +42,13 @@ from pargo_jax.models.factory import (
 )
 from pargo_jax.models.fusion import FusionConfig
 from pargo_jax.models.llm import LLMConfig
-from pargo_jax.models.mllm import HighResConfig, MLLMConfig, VisionLanguageModel
+from pargo_jax.models.mae import MAEConfig
+from pargo_jax.models.mllm import DetailConfig, HighResConfig, MLLMConfig, VisionLanguageModel
 from pargo_jax.models.vision import VisionConfig, vision_preset
 
 TOKENIZER_DIR = "tokenizer"
-MODEL_KEYS = {"vision", "projector", "llm", "dtype", "frozen_dtype", "high_res"}
+MODEL_KEYS = {"vision", "projector", "llm", "dtype", "frozen_dtype", "high_res", "detail"}
+DETAIL_KEYS = {"path", "config", "mask_ratio", "mean", "std"}
 HIGH_RES_KEYS = {"path", "preset", "image_size", "fusion", "max_boxes", "roi_output", "roi_grid"}
 VISION_KEYS = {"path", "format", "preset", "overrides"}
 LLM_KEYS = {"path", "config", "overrides"}
@@ -119,6 +121,22 @@ def high_res_config(h: Mapping[str, Any], low_width: int, dtype: str) -> HighRes
     )  # fmt: skip
 
 
+def detail_config(d: Mapping[str, Any], dtype: str) -> DetailConfig:
+    """``config.model.detail`` (X-Former's MAE): an HF ViTMAE checkpoint ``path`` or random-init
+    ``config`` (MAEConfig fields), the stage-1 ``mask_ratio`` and the MAE's pixel ``mean`` / ``std``."""
+    configs.check_keys(d, DETAIL_KEYS, "config.model.detail")
+    fields = dict(d.get("config") or {})
+    configs.check_keys(fields, configs.field_names(MAEConfig), "config.model.detail.config")
+    if d.get("mask_ratio") is not None:
+        fields["mask_ratio"] = float(d["mask_ratio"])
+    if d.get("path"):
+        mae = hf_mae.mae_config(configs.require_path(d["path"], "model.detail")).replace(**fields)
+    else:
+        mae = configs.dataclass_from(MAEConfig, fields, "config.model.detail.config")
+    pixels = {k: tuple(float(x) for x in d[k]) for k in ("mean", "std") if d.get(k)}
+    return DetailConfig(mae=mae.replace(dtype=jnp.dtype(dtype)), **pixels)
+
+
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
     """The :class:`MLLMConfig` of ``config.model``, the checkpoints it names, the tokenizer (vocabulary,
     image token) and ``config.input`` (pixel mean / std for on-device normalization)."""
@@ -133,6 +151,17 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
     high_res = high_res_config(m.high_res, vision.width, dtype) if m.get("high_res") else None
     width = high_res.fusion.out_dim if high_res else vision.width
     options.update(vision_width=width, llm_width=llm.hidden_size, dtype=dtype)
+    detail = detail_config(m.detail, dtype) if m.get("detail") else None
+    entry = projectors.PROJECTORS.get(name)
+    reads_detail = entry is not None and "detail_width" in configs.field_names(entry.config)
+    if detail and not reads_detail:
+        raise ValueError(
+            f"config.model.detail (an MAE) needs a projector that reads it (xformer), not {name!r}."
+        )
+    if reads_detail:
+        if not detail:
+            raise ValueError(f"The {name} projector fuses an MAE's tokens: set config.model.detail.")
+        options.update(detail_width=detail.mae.width, decoder_width=detail.mae.decoder_width)
     projector = projectors.projector_config(name, options)
     if getattr(projector, "num_partial", 0) and vision.class_token and not vision.drop_cls:
         raise ValueError(
@@ -147,6 +176,7 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
         pixel_mean=tuple(config.input.mean),
         pixel_std=tuple(config.input.std),
         high_res=high_res,
+        detail=detail,
     )
 
 
@@ -178,6 +208,10 @@ def load_pretrained(config: ml_collections.ConfigDict, shardings: Mapping[str, A
     if high_res.get("path"):
         _, variables = hf_vision.load_convnext(high_res["path"], int(high_res.get("image_size", 768)))
         loaded["high_res_tower"] = jax.device_put(variables["params"], shardings["high_res_tower"])
+    detail = config.model.get("detail") or {}
+    if detail.get("path"):
+        _, variables = hf_mae.load_mae(detail["path"])
+        loaded["detail_tower"] = jax.device_put(variables["params"], shardings["detail_tower"])
     return loaded
 
 

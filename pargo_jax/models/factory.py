@@ -22,11 +22,12 @@ from pargo_jax.models import projectors
 from pargo_jax.models.convnext import ConvNeXtConfig
 from pargo_jax.models.fusion import FusionConfig
 from pargo_jax.models.llm import LLMConfig, RopeScaling
-from pargo_jax.models.mllm import HighResConfig, MLLMConfig, VisionLanguageModel
+from pargo_jax.models.mae import MAEConfig
+from pargo_jax.models.mllm import DetailConfig, HighResConfig, MLLMConfig, VisionLanguageModel
 from pargo_jax.models.vision import VisionConfig
 
 MODEL_FILE = "model.json"  # where a run keeps model_config_to_dict's JSON
-PARTS = ("vision_tower", "projector", "llm", "high_res_tower", "fusion", "box_projector")
+PARTS = ("vision_tower", "projector", "llm", "high_res_tower", "fusion", "box_projector", "detail_tower")
 
 
 # --- MLLMConfig <-> model.json ----------------------------------------------------------------------
@@ -72,11 +73,17 @@ def model_config_from_dict(d: Mapping[str, Any]) -> MLLMConfig:
         tower = ConvNeXtConfig(**_fields(ConvNeXtConfig, high_res.pop("tower")))
         fusion = FusionConfig(**_fields(FusionConfig, high_res.pop("fusion")))
         high_res = HighResConfig(tower=tower, fusion=fusion, **_fields(HighResConfig, high_res))
+    detail = d.pop("detail", None)
+    if detail:
+        detail = dict(detail)
+        mae = MAEConfig(**_fields(MAEConfig, detail.pop("mae")))
+        detail = DetailConfig(mae=mae, **_fields(DetailConfig, detail))
     return MLLMConfig(
         vision=VisionConfig(**_fields(VisionConfig, d.pop("vision"))),
         projector=entry.config(**_fields(entry.config, proj)),
         llm=LLMConfig(**llm),
         high_res=high_res,
+        detail=detail,
         **_fields(MLLMConfig, d),
     )
 

@@ -215,24 +215,46 @@ class MAEDecoder(nn.Module):
 class MAE(nn.Module):
     """``ViTMAEForPreTraining``: pixels (B, H, W, C) [, noise (B, L)] -> :class:`MAEOutput`.
 
-    Without ``noise`` it is drawn uniformly from the ``"masking"`` rng stream."""
+    Without ``noise`` it is drawn uniformly from the ``"masking"`` rng stream. :meth:`encode` and
+    :meth:`decode` run the halves alone (X-Former reads the encoder and feeds the decoder)."""
 
     config: MAEConfig
 
-    @nn.compact
-    def __call__(self, pixels: jax.Array, noise: jax.Array | None = None) -> MAEOutput:
+    def setup(self):
+        self.encoder = MAEEncoder(self.config)
+        self.decoder = MAEDecoder(self.config)
+
+    def _check(self, pixels: jax.Array) -> None:
         cfg = self.config
-        b, h, w, c = pixels.shape
-        if (h, w, c) != (cfg.image_size, cfg.image_size, cfg.num_channels):
+        if pixels.shape[1:] != (cfg.image_size, cfg.image_size, cfg.num_channels):
             raise ValueError(
                 f"MAE expects {cfg.image_size}x{cfg.image_size}x{cfg.num_channels} images (NHWC), got "
-                f"{h}x{w}x{c}."
+                f"{'x'.join(map(str, pixels.shape[1:]))}."
             )
+
+    def noise(self, batch: int) -> jax.Array:
+        """Uniform per-patch noise (batch, L) from the ``"masking"`` rng stream."""
+        return jax.random.uniform(self.make_rng("masking"), (batch, self.config.num_patches))
+
+    def encode(self, pixels: jax.Array, noise: jax.Array | None = None):
+        """:class:`MAEEncoder`: (latent, mask, ids_restore); ``noise=None`` keeps every patch."""
+        self._check(pixels)
+        return self.encoder(pixels, noise)
+
+    def decode(self, latent: jax.Array, ids_restore: jax.Array, embedded: bool = False) -> jax.Array:
+        """:class:`MAEDecoder`: predicted patches (B, L, patch_dim)."""
+        return self.decoder(latent, ids_restore, embedded)
+
+    def __call__(self, pixels: jax.Array, noise: jax.Array | None = None) -> MAEOutput:
+        cfg = self.config
+        self._check(pixels)
         if noise is None:
-            noise = jax.random.uniform(self.make_rng("masking"), (b, cfg.num_patches))
-        elif noise.shape != (b, cfg.num_patches):
-            raise ValueError(f"noise must have shape {(b, cfg.num_patches)}, got {noise.shape}.")
-        latent, mask, ids_restore = MAEEncoder(cfg, name="encoder")(pixels, noise)
-        logits = MAEDecoder(cfg, name="decoder")(latent, ids_restore)
+            noise = self.noise(pixels.shape[0])
+        elif noise.shape != (pixels.shape[0], cfg.num_patches):
+            raise ValueError(
+                f"noise must have shape {(pixels.shape[0], cfg.num_patches)}, got {noise.shape}."
+            )
+        latent, mask, ids_restore = self.encoder(pixels, noise)
+        logits = self.decoder(latent, ids_restore)
         loss = reconstruction_loss(logits, pixels, mask, cfg)
         return MAEOutput(loss=loss, logits=logits, mask=mask, ids_restore=ids_restore, latent=latent)

@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from data_pipelines.frame import CLIP_MEAN, CLIP_STD
+from data_pipelines.frame import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from pargo_jax.models import regions
 from pargo_jax.models.convnext import ConvNeXt, ConvNeXtConfig
 from pargo_jax.models.fusion import DualPathFusion, FusionConfig
 from pargo_jax.models.llm import CausalLM, LLMConfig
+from pargo_jax.models.mae import MAE, MAEConfig
 from pargo_jax.models.projectors import projector_module
 from pargo_jax.models.vision import VisionConfig, VisionTower
 
@@ -43,6 +44,18 @@ class HighResConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DetailConfig:
+    """X-Former's second tower: a masked autoencoder (frozen) whose encoder reads the image with its
+    own pixel ``mean`` / ``std`` at its own size; the projector (``xformer``) fuses its tokens. Stage 1
+    masks ``mae.mask_ratio`` of the patches and reconstructs them through the MAE's decoder; otherwise
+    the encoder sees every patch."""
+
+    mae: MAEConfig
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclasses.dataclass(frozen=True)
 class MLLMConfig:
     vision: VisionConfig
     projector: Any  # a registered projector config (see pargo_jax.models.projectors)
@@ -52,6 +65,7 @@ class MLLMConfig:
     pixel_mean: tuple[float, float, float] = CLIP_MEAN
     pixel_std: tuple[float, float, float] = CLIP_STD
     high_res: HighResConfig | None = None  # MG-LLaVA's ConvNeXt path (None: one tower)
+    detail: DetailConfig | None = None  # X-Former's MAE (None: none)
 
     @property
     def num_image_tokens(self) -> int:
@@ -105,6 +119,19 @@ class VisionLanguageModel(nn.Module):
             self.fusion = DualPathFusion(c.high_res.fusion)
             if c.high_res.max_boxes:
                 self.box_projector = BoxProjector(c.llm.hidden_size, c.llm.dtype, c.llm.param_dtype)
+        if c.detail:
+            self.detail_tower = MAE(c.detail.mae)
+
+    def detail_pixels(self, images: jax.Array) -> jax.Array:
+        """Normalized images (B, H, W, 3) -> the MAE's input: its own mean / std, its size (bilinear)."""
+        c = self.config
+        mean, std = jnp.asarray(c.pixel_mean), jnp.asarray(c.pixel_std)
+        pixels = images.astype(jnp.float32) * std + mean
+        pixels = (pixels - jnp.asarray(c.detail.mean)) / jnp.asarray(c.detail.std)
+        size = c.detail.mae.image_size
+        if pixels.shape[1:3] != (size, size):
+            pixels = jax.image.resize(pixels, (pixels.shape[0], size, size, 3), "bilinear", antialias=False)
+        return pixels
 
     def encode_images(
         self, images: jax.Array, deterministic: bool = True, boxes: jax.Array | None = None
@@ -120,8 +147,16 @@ class VisionLanguageModel(nn.Module):
         if images.ndim == 4:
             images = images[:, None]
         b, n = images.shape[:2]
-        features = self.vision_tower(images.reshape(b * n, *images.shape[2:]))
-        tokens = self.projector(features, deterministic=deterministic)
+        flat = images.reshape(b * n, *images.shape[2:])
+        features = self.vision_tower(flat)
+        if self.config.detail:  # X-Former: the MAE's tokens of the whole image
+            pixels = self.detail_pixels(flat)
+            if self.is_initializing():  # create the decoder's params too
+                self.detail_tower(pixels, jnp.zeros((b * n, self.config.detail.mae.num_patches)))
+            detail, _, _ = self.detail_tower.encode(pixels)
+            tokens = self.projector(features, deterministic=deterministic, detail=detail)
+        else:
+            tokens = self.projector(features, deterministic=deterministic)
         return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
 
     def _encode_two_paths(self, images, deterministic, boxes):
