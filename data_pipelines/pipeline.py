@@ -30,7 +30,13 @@ import numpy as np
 
 from data_pipelines import images, schema
 from data_pipelines.schema import REASON_INDEX, SKIP_REASONS, BadRecord
-from data_pipelines.text import Tokenizer, load_tokenizer, pack_example
+from data_pipelines.text import (
+    QFormerTokenizer,
+    Tokenizer,
+    load_qformer_tokenizer,
+    load_tokenizer,
+    pack_example,
+)
 from pargo_jax.configs import check_keys, field_names
 
 OVERLONG = ("truncate", "skip")
@@ -83,6 +89,9 @@ class InputConfig:
     detections: str = ""  # MG-LLaVA: JSON {record_id: {boxes, scores, labels}}; "": the records' own boxes
     jpeg_draft: bool = False  # True: decode JPEGs at a reduced scale (PIL draft, both sides >= image_size):
     # faster, but not the pixels the references feed (a 700 px JPEG is decoded at 350 and upscaled)
+    qformer_tokenizer: str = ""  # BLIP-2 / X-Former stage 1: the Q-Former's tokenizer dir ("" = off; see
+    # text.prepare_qformer_tokenizer); batches then hold qformer_ids / qformer_mask ([CLS] caption [SEP] pad)
+    qformer_max_len: int = 32  # LAVIS's max_txt_len
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | InputConfig) -> InputConfig:
@@ -126,6 +135,11 @@ class InputConfig:
                 f"input.batch_size={self.batch_size}, max_len={self.max_len}, image_size={self.image_size} "
                 "must be positive (max_len >= 2)."
             )
+        if self.qformer_max_len < 3:
+            raise ValueError(
+                f"input.qformer_max_len={self.qformer_max_len} leaves no caption token between [CLS] and "
+                "[SEP]; use >= 3 (LAVIS: 32)."
+            )
         for s in self.sources:
             if s.weight <= 0:
                 raise ValueError(f"Source {s.name}/{s.split} has weight {s.weight}; weights must be > 0.")
@@ -134,15 +148,24 @@ class InputConfig:
 class Preprocessor:
     """Stored example -> training arrays, in two stages; each raises ``BadRecord`` if unusable.
     ``num_boxes`` > 0 (MG-LLaVA): also ``boxes`` (num_boxes, 4) in input pixels, the slots of absent
-    boxes masked out of attention."""
+    boxes masked out of attention. ``qformer`` (BLIP-2 stage 1): also ``qformer_ids`` / ``qformer_mask``
+    (``qformer_max_len``,), the caption in the Q-Former's tokens."""
 
-    def __init__(self, cfg: InputConfig, tokenizer: Tokenizer, num_image_tokens: int, num_boxes: int = 0):
+    def __init__(
+        self,
+        cfg: InputConfig,
+        tokenizer: Tokenizer,
+        num_image_tokens: int,
+        num_boxes: int = 0,
+        qformer: QFormerTokenizer | None = None,
+    ):
         self.cfg, self.tok, self.num_image_tokens, self.num_boxes = (
             cfg,
             tokenizer,
             num_image_tokens,
             num_boxes,
         )
+        self.qformer = qformer
         self.detections = None
         if num_boxes and cfg.detections:
             from data_pipelines.detections import read_detections
@@ -162,9 +185,22 @@ class Preprocessor:
             text_only=rec.text_only,
         )
         out["record_id"] = rec.id
+        if self.qformer is not None:  # after the LLM's checks, so their skip counts stay as they were
+            out["qformer_ids"], out["qformer_mask"] = self.qformer_caption(rec)
         if self.num_boxes:
             self.boxes(rec, out)
         return rec, out
+
+    def qformer_caption(self, rec: schema.Record) -> tuple[np.ndarray, np.ndarray]:
+        """The caption in the Q-Former's tokens. BLIP-2's stage 1 trains on captions; a conversation record
+        gives its first assistant turn (the answer about the image) instead. ``no_caption`` when it has no
+        text (or no token of it)."""
+        text = rec.caption
+        if rec.conversation:
+            text = next((t.text for t in rec.conversation if t.role == "assistant"), "")
+        if not text.strip() or not self.qformer.text_ids(text):
+            raise schema.BadRecord("no_caption", rec.id, "no caption text for the Q-Former")
+        return self.qformer.encode(text, self.cfg.qformer_max_len)
 
     def image(self, rec: schema.Record) -> np.ndarray:
         """Decode + resize: uint8 (S, S, 3) pixels (normalized per batch, in ``Collate``). A text-only
@@ -331,6 +367,7 @@ def make_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
     tok = load_tokenizer(cfg.tokenizer)
+    qformer = load_qformer_tokenizer(cfg.qformer_tokenizer) if cfg.qformer_tokenizer else None
     host_batch = cfg.batch_size // process_count
     datasets, weights = [], []
     for i, s in enumerate(_sources(cfg, task)):
@@ -346,7 +383,7 @@ def make_dataset(
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
     return _PreprocessedBatches(
         ds,
-        Preprocessor(cfg, tok, num_image_tokens, num_boxes),
+        Preprocessor(cfg, tok, num_image_tokens, num_boxes, qformer),
         (cfg.batch_size, process_index * host_batch, host_batch),
         Collate(cfg.mean, cfg.std, cfg.normalize),
         _derive(seed, "skip"),
@@ -445,7 +482,9 @@ def make_iterator(
     target is an answer token; ``attention_mask`` i32 (B, T); ``record_id`` str (B,).
     B = batch_size // process_count (this host's rows of the global batch), T = max_len. ``task`` keeps only
     sources tagged ``task`` (a source's tag is its ``task`` field, else its split). ``num_boxes`` > 0
-    (MG-LLaVA): ``boxes`` f32 (B, num_boxes, 4) too (see :class:`Preprocessor`).
+    (MG-LLaVA): ``boxes`` f32 (B, num_boxes, 4) too (see :class:`Preprocessor`). ``input.qformer_tokenizer``
+    set (BLIP-2 stage 1): ``qformer_ids`` / ``qformer_mask`` i32 (B, qformer_max_len), the caption as
+    ``[CLS] text [SEP] [PAD]...`` in the Q-Former's tokens.
     Skip counts: ``iterator.stats()``.
     """
     cfg = InputConfig.from_config(input_cfg)

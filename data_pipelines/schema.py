@@ -39,7 +39,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "template_error",  # the tokenizer's chat template rejected the conversation (raise_exception)
     "truncated_archive",  # a tar/WebDataset shard ends in the middle of a member
     "duplicate_id",  # a converter met this record id before: the first record of an id is kept
-)
+    "no_caption",  # input.qformer_tokenizer set: no caption (or first assistant turn) text for the Q-Former
+)  # new reasons go last: checkpointed iterator states and skip vectors index this order
 REASON_INDEX = {r: i for i, r in enumerate(SKIP_REASONS)}
 
 

@@ -329,6 +329,149 @@ def prepare_tokenizer(src: str, dst: str, *, image_token: str = IMAGE_PLACEHOLDE
     return dst
 
 
+# --- the Q-Former's caption tokens (BLIP-2 / X-Former stage 1) ---------------------------------------
+DEC_TOKEN = "[DEC]"  # LAVIS: tokenizer.add_special_tokens({"bos_token": "[DEC]"}); the ITG loss's first id
+
+
+class QFormerTokenizer:
+    """The Q-Former text branch's tokenizer (BLIP-2 reads the caption with ``bert-base-uncased`` + ``[DEC]``),
+    separate from the LLM's chat-template tokens.
+
+    ``encode(text, max_len)`` gives ``[CLS] text [SEP] [PAD]...`` and its attention mask, as
+    ``BertTokenizer(text, padding="max_length", truncation=True, max_length=max_len)``. The special tokens
+    come from ``tokenizer_config.json``: ``cls_token`` / ``sep_token`` / ``pad_token``, else ``bos_token`` /
+    ``eos_token`` / the sep token for a tokenizer without BERT's; ``dec_token`` (default ``[DEC]``) must be
+    one token (:func:`prepare_qformer_tokenizer` adds it). Normalization (BERT's lowercasing) is the
+    ``tokenizer.json``'s own.
+    """
+
+    def __init__(self, tokenizer: Any, config: dict[str, Any], path: str = "<memory>"):
+        self._tok = tokenizer
+        self._tok.no_truncation()  # encode() truncates and pads itself
+        self._tok.no_padding()
+        self.config = dict(config)
+        self.path = path
+
+        def token(keys: tuple[str, str], what: str) -> str:
+            value = next((t for k in keys if isinstance(t := _token_str(self.config.get(k)), str)), None)
+            if value is None:
+                raise ValueError(
+                    f"{path}: tokenizer_config.json sets neither {keys[0]} nor {keys[1]} (the Q-Former's "
+                    f"{what} token); set one, e.g. prepare_qformer_tokenizer(src, dst, {keys[0]}=...)."
+                )
+            return value
+
+        self.cls_token = token(("cls_token", "bos_token"), "first")
+        self.sep_token = token(("sep_token", "eos_token"), "last")
+        self.pad_token = _token_str(self.config.get("pad_token")) or self.sep_token
+        self.dec_token = _token_str(self.config.get("dec_token")) or DEC_TOKEN
+        self.cls_id = self._single_id(self.cls_token, "cls_token")
+        self.sep_id = self._single_id(self.sep_token, "sep_token")
+        self.pad_id = self._single_id(self.pad_token, "pad_token")
+        self.dec_id = self._single_id(self.dec_token, "dec_token")
+
+    def _single_id(self, token: str, what: str) -> int:
+        tid = self._tok.token_to_id(token)
+        ids = self._tok.encode(token, add_special_tokens=False).ids
+        if tid is None or ids != [tid]:
+            raise ValueError(
+                f"{self.path}: the Q-Former's {what} {token!r} is not a single token (encodes to {ids}); "
+                + (
+                    "run data_pipelines.text.prepare_qformer_tokenizer(src, dst) on the dir (it adds [DEC])."
+                    if what == "dec_token"
+                    else f"set {what} in tokenizer_config.json to a token of the vocabulary."
+                )
+            )
+        return tid
+
+    @classmethod
+    def load(cls, path: str) -> QFormerTokenizer:
+        """Load ``tokenizer.json`` + ``tokenizer_config.json`` from a dir (local or any epath URL)."""
+        from etils import epath
+        from tokenizers import Tokenizer as HFTokenizer
+
+        root = epath.Path(path)
+        tj, tc = root / "tokenizer.json", root / "tokenizer_config.json"
+        for f in (tj, tc):
+            if not f.exists():
+                raise FileNotFoundError(
+                    f"{f} not found; point input.qformer_tokenizer at a dir holding tokenizer.json and "
+                    "tokenizer_config.json (data_pipelines.text.prepare_qformer_tokenizer writes one)."
+                )
+        return cls(HFTokenizer.from_str(tj.read_text()), json.loads(tc.read_text()), path)
+
+    def __getstate__(self):  # picklable for grain worker processes
+        return {"json": self._tok.to_str(), "config": self.config, "path": self.path}
+
+    def __setstate__(self, state):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.__init__(HFTokenizer.from_str(state["json"]), state["config"], state["path"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def text_ids(self, text: str) -> list[int]:
+        """The caption's ids, no special tokens."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text: str, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, mask)``, int32 ``(max_len,)``: ``[CLS] text [SEP]`` padded with ``pad_id``; the text is
+        cut so that ``[SEP]`` stays last (as transformers' ``truncation=True``)."""
+        if max_len < 3:
+            raise ValueError(f"max_len={max_len} leaves no text token between CLS and SEP; use >= 3.")
+        body = self.text_ids(text)[: max_len - 2]
+        n = len(body) + 2
+        ids = np.full(max_len, self.pad_id, np.int32)
+        ids[:n] = [self.cls_id, *body, self.sep_id]
+        mask = np.zeros(max_len, np.int32)
+        mask[:n] = 1
+        return ids, mask
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def load_qformer_tokenizer(path: str) -> QFormerTokenizer:
+    """Load the tokenizer dir named by ``input.qformer_tokenizer``."""
+    return QFormerTokenizer.load(path)
+
+
+def prepare_qformer_tokenizer(
+    src: str, dst: str, *, cls_token: str | None = None, sep_token: str | None = None
+) -> str:
+    """A tokenizer dir (e.g. ``bert-base-uncased``'s) made usable as the Q-Former's: ``[DEC]`` added as a
+    special token at the end of the vocabulary if missing (as LAVIS's ``add_special_tokens({"bos_token":
+    "[DEC]"})``: BERT's 30522 words -> id 30522) and named ``dec_token`` in ``tokenizer_config.json``;
+    ``cls_token`` / ``sep_token`` set there when given (a tokenizer without BERT's otherwise uses its
+    ``bos_token`` / ``eos_token``). Writes ``dst`` (local or epath) and returns it."""
+    from etils import epath
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    root, out = epath.Path(src), epath.Path(dst)
+    if not (root / "tokenizer.json").exists():
+        raise FileNotFoundError(
+            f"No tokenizer.json in {src!r}; save the tokenizer as a fast one first: "
+            "AutoTokenizer.from_pretrained(src).save_pretrained(dir)."
+        )
+    tok = HFTokenizer.from_str((root / "tokenizer.json").read_text())
+    config_file = root / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    if tok.token_to_id(DEC_TOKEN) is None:
+        tok.add_special_tokens([AddedToken(DEC_TOKEN, special=True, normalized=False)])
+    config["dec_token"] = DEC_TOKEN
+    for key, value in (("cls_token", cls_token), ("sep_token", sep_token)):
+        if value is not None:
+            config[key] = value
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.json").write_text(tok.to_str())
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    QFormerTokenizer.load(dst)  # the checks the pipeline makes: single-token specials
+    return dst
+
+
 def main(argv: list[str]) -> None:
     """``python -m data_pipelines.text SRC_TOKENIZER_DIR DST_DIR``: :func:`prepare_tokenizer`."""
     if len(argv) != 3:

@@ -99,3 +99,37 @@ def word_tokenizer(path, words: list[str], specials: list[str], config: dict) ->
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump(config, f)
     return str(path)
+
+
+def bert_tokenizer(path, words: list[str]) -> str:
+    """A BERT-style (``bert-base-uncased``-like) WordPiece tokenizer directory: ``[PAD] [UNK] [CLS] [SEP]
+    [MASK]``, then ``words``, single characters and their ``##`` continuations (so any lowercase ASCII text
+    has no ``[UNK]``); BERT's normalizer (lowercasing), pre-tokenizer, ``[CLS] $A [SEP]`` post-processor
+    and decoder, and a ``tokenizer_config.json`` naming the special tokens. No ``[DEC]``."""
+    import string
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = string.ascii_lowercase + string.digits
+    vocab: dict[str, int] = {}
+    for t in specials + list(words) + list(chars + string.punctuation) + ["##" + c for c in chars]:
+        vocab.setdefault(t, len(vocab))
+    hf = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    hf.normalizer = normalizers.BertNormalizer(lowercase=True)
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    hf.decoder = decoders.WordPiece(prefix="##")
+    hf.add_special_tokens(specials)
+    os.makedirs(path, exist_ok=True)
+    hf.save(os.path.join(path, "tokenizer.json"))
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}
+    config |= {f"{k}_token": t for k, t in zip(("pad", "unk", "cls", "sep", "mask"), specials, strict=True)}
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return str(path)

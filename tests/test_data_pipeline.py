@@ -340,3 +340,68 @@ def test_worker_processes_give_identical_batches_and_resume(shapes_data):
     resumed.set_state(state)
     assert _same(_take(resumed, 3), ref[3:])
     del got, ref
+
+
+@pytest.fixture(scope="module")
+def qformer_tok(shapes_data, tmp_path_factory):
+    """A BERT-style Q-Former tokenizer (lowercasing WordPiece) over the shapes words, with [DEC] added."""
+    from data_pipelines.text import prepare_qformer_tokenizer
+    from tests.demo import bert_tokenizer
+
+    d = tmp_path_factory.mktemp("qformer_tok")
+    words = sorted(w for w in shapes.vocabulary() if w.isalpha())
+    return prepare_qformer_tokenizer(bert_tokenizer(str(d / "bert"), words), str(d / "ready"))
+
+
+def test_qformer_caption_tokens(shapes_data, qformer_tok):
+    """``input.qformer_tokenizer``: each row's ``qformer_ids`` is [CLS] caption [SEP] [PAD]... (a
+    conversation's first answer), the LLM arrays unchanged; off: no new keys."""
+    import re
+
+    from data_pipelines.text import load_qformer_tokenizer
+
+    q = load_qformer_tokenizer(qformer_tok)
+    for split, max_len in (("pretrain", 96), ("sft", 48)):
+        off = next(make_iterator(_cfg(shapes_data, split=split), num_image_tokens=N_IMG, seed=0))
+        cfg = _cfg(shapes_data, split=split, qformer_tokenizer=qformer_tok, qformer_max_len=max_len)
+        on = next(make_iterator(cfg, num_image_tokens=N_IMG, seed=0))
+        assert set(off) == {"image", "input_ids", "targets", "loss_mask", "attention_mask", "record_id"}
+        assert set(on) == set(off) | {"qformer_ids", "qformer_mask"}
+        assert all(np.array_equal(on[k], off[k]) for k in off)
+        for k in ("qformer_ids", "qformer_mask"):
+            assert on[k].dtype == np.int32 and on[k].shape == (4, max_len), k
+        for ids, mask, rid in zip(on["qformer_ids"], on["qformer_mask"], on["record_id"], strict=True):
+            rec = shapes.make_record(split, int(rid.split("/")[-1]), seed=1, image_size=32)
+            text = rec.caption or next(t.text for t in rec.conversation if t.role == "assistant")
+            n = int(mask.sum())
+            assert mask[:n].all() and (ids[n:] == q.pad_id).all()
+            assert ids[0] == q.cls_id and ids[n - 1] == q.sep_id
+            assert re.sub(r"\s", "", q.decode(ids[:n])) == re.sub(r"\s", "", text.lower())  # all fit
+    with pytest.raises(ValueError, match="qformer_max_len=2"):
+        InputConfig.from_config(_cfg(shapes_data, qformer_tokenizer=qformer_tok, qformer_max_len=2))
+
+
+def test_record_without_caption_text_is_skipped_as_no_caption(tmp_path, shapes_data, qformer_tok):
+    """A conversation whose first answer is blank trains the LLM (a later answer has text) but gives the
+    Q-Former no caption: skipped and counted as ``no_caption`` only when the Q-Former tokens are on."""
+    conv = [Turn("user", "<image>\nwhat colour?"), Turn("assistant", "red")]
+    recs = [Record(f"good{i}", _png(16, (i * 40, 50, 90)), conversation=conv) for i in range(5)]
+    blank = [
+        Turn("user", "<image>\nhi"),
+        Turn("assistant", " "),
+        Turn("user", "colour?"),
+        Turn("assistant", "red"),
+    ]
+    recs.append(Record("nocap", _png(), conversation=blank))
+    write_records(str(tmp_path), "qf", {"train": recs}, progress=False)
+    data = dict(shapes_data, data_dir=str(tmp_path))
+    cfg = _cfg(data, split="train", shuffle=False, repeat=False, batch_size=2) | {
+        "sources": [dict(name="qf", data_dir=str(tmp_path), split="train")]
+    }
+    off = make_iterator(cfg, num_image_tokens=N_IMG, seed=0)
+    assert "nocap" in [r for b in off for r in b["record_id"]] and off.stats()["skipped/total"] == 0
+    on = make_iterator(dict(cfg, qformer_tokenizer=qformer_tok), num_image_tokens=N_IMG, seed=0)
+    ids = [r for b in on for r in b["record_id"]]
+    assert len(ids) == 6 and "nocap" not in ids
+    stats = on.stats()
+    assert stats["skipped/no_caption"] >= 1 and stats["skipped/total"] == stats["skipped/no_caption"]

@@ -236,3 +236,83 @@ def test_prepare_tokenizer_adds_the_image_token(tmp_path):
     assert ids.count(tok.image_token_id) == 1
     with pytest.raises(FileNotFoundError, match=r"No tokenizer.json.*save a sentencepiece-only"):
         prepare_tokenizer(str(tmp_path), str(tmp_path / "x"))
+
+
+# --- the Q-Former's caption tokens (BLIP-2 stage 1) ---------------------------------------------------------
+QFORMER_WORDS = "a the red blue cat dog sits on sofa mat with two small big and is picture of".split()
+CAPTIONS = ["A red Cat sits on the SOFA.", "Two small dogs, a big cat with the red mat and a blue sofa " * 3]
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    from tests.demo import bert_tokenizer
+
+    return bert_tokenizer(tmp_path_factory.mktemp("bert"), QFORMER_WORDS)
+
+
+def test_qformer_tokenizer_matches_lavis_bert_tokenizer(bert_dir, tmp_path):
+    """``encode`` == LAVIS's ``BertTokenizer`` + ``add_special_tokens({"bos_token": "[DEC]"})`` called with
+    ``padding="max_length", truncation=True, max_length=...``, on a short and an overlong caption."""
+    import pickle
+
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    from data_pipelines.text import (
+        DEC_TOKEN,
+        QFormerTokenizer,
+        load_qformer_tokenizer,
+        prepare_qformer_tokenizer,
+    )
+
+    with pytest.raises(
+        ValueError, match=r"dec_token '\[DEC\]' is not a single token.*prepare_qformer_tokenizer"
+    ):
+        QFormerTokenizer.load(bert_dir)
+    ready = prepare_qformer_tokenizer(bert_dir, str(tmp_path / "ready"))
+    lavis = BertTokenizerFast(tokenizer_file=os.path.join(bert_dir, "tokenizer.json"))
+    lavis.add_special_tokens({"bos_token": DEC_TOKEN})
+    auto = AutoTokenizer.from_pretrained(ready)
+    q = load_qformer_tokenizer(ready)
+    assert q.dec_id == lavis.bos_token_id == auto.convert_tokens_to_ids(DEC_TOKEN) == len(lavis) - 1
+    assert q.vocab_size == len(lavis) == len(auto)
+    assert (q.cls_id, q.pad_id) == (lavis.cls_token_id, lavis.pad_token_id)
+    for text in CAPTIONS:
+        for max_len in (12, 32):
+            ids, mask = q.encode(text, max_len)
+            assert ids.dtype == mask.dtype == np.int32 and ids.shape == mask.shape == (max_len,)
+            for ref in (lavis, auto):
+                want = ref(text, padding="max_length", truncation=True, max_length=max_len)
+                assert ids.tolist() == want["input_ids"] and mask.tolist() == want["attention_mask"]
+    ids, mask = q.encode(CAPTIONS[0], 12)
+    assert q.decode(ids) == "a red cat sits on the sofa." and mask.sum() == 10
+    assert (
+        pickle.loads(pickle.dumps(q)).encode(CAPTIONS[1], 12)[0].tolist()
+        == q.encode(CAPTIONS[1], 12)[0].tolist()
+    )
+    again = load_qformer_tokenizer(prepare_qformer_tokenizer(ready, str(tmp_path / "again")))
+    assert (again.vocab_size, again.dec_id) == (q.vocab_size, q.dec_id)  # [DEC] is added once
+
+
+def test_qformer_tokenizer_on_a_tokenizer_without_bert_tokens(tmp_path):
+    """The shapes tokenizer has no [CLS]/[SEP]: ``bos_token`` opens the caption and ``eos_token`` (or the
+    given ``sep_token``) closes it; a missing one is named."""
+    from data_pipelines.text import QFormerTokenizer, prepare_qformer_tokenizer
+
+    q = QFormerTokenizer.load(
+        prepare_qformer_tokenizer(shapes.ASSET_TOKENIZER, str(tmp_path / "a"), sep_token="</s>")
+    )
+    llm = load_tokenizer(shapes.ASSET_TOKENIZER)
+    assert (q.cls_token, q.sep_token, q.pad_id) == ("<s>", "</s>", llm.pad_id)
+    assert q.dec_id == llm.vocab_size and q.vocab_size == llm.vocab_size + 1
+    caption = shapes.make_record("pretrain", 0).caption
+    ids, mask = q.encode(caption, 8)
+    assert ids.tolist() == [q.cls_id, *llm.encode(caption)[:6], q.sep_id] and mask.all()
+    ids, mask = q.encode(caption, 96)
+    n = int(mask.sum())
+    assert q.decode(ids[1 : n - 1]) == caption and (ids[n:] == llm.pad_id).all() and not mask[n:].any()
+    default = QFormerTokenizer.load(prepare_qformer_tokenizer(shapes.ASSET_TOKENIZER, str(tmp_path / "b")))
+    assert default.sep_token == "<|im_end|>"  # its eos_token
+    config = dict(default.config, bos_token=None)
+    with pytest.raises(ValueError, match="sets neither cls_token nor bos_token.*cls_token=") as e:
+        QFormerTokenizer(default._tok, config)
+    assert "\n" not in str(e.value)
