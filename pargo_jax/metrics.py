@@ -63,6 +63,20 @@ class TrainMetrics(clu_metrics.Collection):
     nonfinite_streak: Max.from_output("nonfinite_streak")
 
 
+def train_metrics(parts: tuple[str, ...] = ()) -> type[clu_metrics.Collection]:
+    """:class:`TrainMetrics`, plus the mean of each loss part ``p`` (model output ``loss_p``, written as
+    ``loss/p`` by :func:`metric_name`)."""
+    if not parts:
+        return TrainMetrics
+    extra = {f"loss_{p}": clu_metrics.Average.from_output(f"loss_{p}") for p in parts}
+    return clu_metrics.Collection.create(**TrainMetrics.__annotations__, **extra)
+
+
+def metric_name(key: str) -> str:
+    """The written name of a collection field: ``loss_itc`` -> ``loss/itc``."""
+    return "loss/" + key.removeprefix("loss_") if key.startswith("loss_") else key
+
+
 def _scalar(v: Any) -> float | int:
     x = np.asarray(jax.device_get(v))
     if x.size != 1:

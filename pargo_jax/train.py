@@ -30,7 +30,12 @@ from pargo_jax.param_tree import flatten, unflatten
 SECTIONS = {
     "seed", "total_steps", "log_every_steps", "sample_at_end", "max_nonfinite_steps", "loss_chunk",
     "model", "input", "shapes", "demo_tower", "optim", "trainable", "mesh", "checkpoint", "evals",
+    "objective",
 }  # fmt: skip
+# config.objective: "lm" (next-token loss of the LLM) or "qformer" (BLIP-2 / X-Former stage 1: the
+# Q-Former's ITC + ITM + ITG, + the MAE reconstruction with a detail tower), each part weighted
+OBJECTIVES = ("lm", "qformer")
+STAGE1_PARTS = ("itc", "itm", "itg", "recon")
 CHECKPOINT_KEYS = {"every_steps", "keep", "init_from", "init_from_parts"}
 TEXT_KEYS = ("input_ids", "targets", "loss_mask", "attention_mask")
 CONSOLE = ("loss", "grad_norm", "lr", "tokens_per_second", "images_per_second", "mfu", "skipped/total")
@@ -71,6 +76,36 @@ class TrainSetup:
     @property
     def model(self) -> VisionLanguageModel:
         return self.parts.model
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1:
+    """What the ``qformer`` objective needs: each loss part's weight and the ``[DEC]`` id."""
+
+    weights: Mapping[str, float]
+    bos_id: int
+
+
+def objective(config: ml_collections.ConfigDict, mcfg: MLLMConfig) -> Stage1 | None:
+    """``config.objective`` (``dict(name="lm")`` when absent): None for the LM loss, else the
+    :class:`Stage1` of ``name="qformer"`` with weights ``itc``, ``itm``, ``itg``, ``recon`` (default 1)."""
+    o = dict(config.get("objective") or {"name": "lm"})
+    name = o.pop("name", "lm")
+    if name not in OBJECTIVES:
+        raise ValueError(f"config.objective.name={name!r}; choose one of {OBJECTIVES}.")
+    if name == "lm":
+        configs.check_keys(o, set(), "config.objective (lm)")
+        return None
+    configs.check_keys(o, set(STAGE1_PARTS), "config.objective (qformer)")
+    if not hasattr(mcfg.projector, "cross_attention_freq"):
+        raise ValueError("config.objective.name='qformer' trains a Q-Former: use projector blip2 or xformer.")
+    if not config.input.get("qformer_tokenizer"):
+        raise ValueError("config.objective.name='qformer' reads captions: set input.qformer_tokenizer.")
+    from data_pipelines.text import load_qformer_tokenizer
+
+    parts = STAGE1_PARTS if mcfg.detail else STAGE1_PARTS[:3]
+    weights = {k: float(o.get(k, 1.0)) for k in parts}
+    return Stage1(weights, load_qformer_tokenizer(config.input.qformer_tokenizer).dec_id)
 
 
 def optimizer_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -143,12 +178,27 @@ def make_train_step(
     grad_accum: int = 1,
     seed: int = 0,
     loss_chunk: int = 0,
+    stage1: Stage1 | None = None,
 ):
     """``train_step(state, batch) -> (state, metrics.TrainMetrics)``; pure, to be jitted with shardings.
-    ``loss_chunk`` > 0: the cross-entropy takes that many positions at a time (never the whole logits)."""
+    ``loss_chunk`` > 0: the cross-entropy takes that many positions at a time (never the whole logits).
+    ``stage1``: the Q-Former's stage-1 losses instead, weighted and summed; each part is logged."""
 
     def loss_fn(train, frozen, batch, rng):
+        """(loss sum, (count, {part: loss})): the total is divided by the summed count."""
         variables = {"params": join_params(train, frozen)}
+        if stage1 is not None:
+            rngs = {
+                "dropout": rng,
+                "masking": jax.random.fold_in(rng, 1),
+                "negatives": jax.random.fold_in(rng, 2),
+            }
+            losses = model.apply(
+                variables, batch["image"], batch["qformer_ids"], batch["qformer_mask"], bos_id=stage1.bos_id,
+                deterministic=False, rngs=rngs, method=model.stage1_losses,
+            )  # fmt: skip
+            total = sum(stage1.weights[k] * losses[k] for k in stage1.weights)
+            return total, (jnp.ones(()), {k: losses[k] for k in stage1.weights})
         inputs = (batch["image"], batch["input_ids"], batch["attention_mask"])
         options = dict(deterministic=False, rngs={"dropout": rng})
         if "boxes" in batch:  # MG-LLaVA's object tokens
@@ -156,27 +206,35 @@ def make_train_step(
         if loss_chunk:
             hidden = model.apply(variables, *inputs, hidden_only=True, **options)
             kernel = model.apply(variables, method=model.output_kernel)
-            return chunked_next_token_loss(hidden, kernel, batch["targets"], batch["loss_mask"], loss_chunk)
-        logits = model.apply(variables, *inputs, **options)
-        return next_token_loss(logits, batch["targets"], batch["loss_mask"])
+            total, count = chunked_next_token_loss(
+                hidden, kernel, batch["targets"], batch["loss_mask"], loss_chunk
+            )
+        else:
+            logits = model.apply(variables, *inputs, **options)
+            total, count = next_token_loss(logits, batch["targets"], batch["loss_mask"])
+        return total, (count, {})
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    collection = metrics.train_metrics(tuple(stage1.weights) if stage1 else ())
 
     def train_step(state: TrainState, batch):
         train, frozen = split_params(state.params, labels)
         rng = jax.random.fold_in(jax.random.key(seed), state.step)  # dropout: a function of (seed, step)
         if grad_accum == 1:
-            (total, count), grads = grad_fn(train, frozen, batch, rng)
+            (total, (count, parts)), grads = grad_fn(train, frozen, batch, rng)
         else:
             micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
             def accumulate(carry, xs):
                 i, mb = xs
-                (t, c), g = grad_fn(train, frozen, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, ((t, c), g)), None
+                out = grad_fn(train, frozen, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, out), None
 
-            zeros = ((jnp.zeros(()), jnp.zeros(())), jax.tree.map(jnp.zeros_like, train))
-            ((total, count), grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+            shapes = jax.eval_shape(grad_fn, train, frozen, jax.tree.map(lambda x: x[0], micro), rng)
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+            ((total, (count, parts)), grads), _ = jax.lax.scan(
+                accumulate, zeros, (jnp.arange(grad_accum), micro)
+            )
         count = jnp.maximum(count, 1.0)
         loss = total / count
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -191,9 +249,10 @@ def make_train_step(
             opt_state=keep(new_opt, state.opt_state),
             nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
         )
-        out = metrics.TrainMetrics.single_from_model_output(
+        out = collection.single_from_model_output(
             loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
             skipped_nonfinite=1 - finite.astype(jnp.int32), nonfinite_streak=new_state.nonfinite,
+            **{f"loss_{k}": v / count for k, v in parts.items()},
         )  # fmt: skip
         return new_state, out
 
@@ -266,12 +325,15 @@ def _run(config, workdir, mesh):
         data.set_state(data_state["data"])
         logging.info("Resumed from step %d in %s.", latest, workdir)
 
+    stage1 = objective(config, mcfg)
     step_fn = make_train_step(
         setup.model, setup.tx, setup.labels, setup.schedule, grad_accum=grad_accum, seed=config.seed,
-        loss_chunk=int(config.get("loss_chunk", 0)),
+        loss_chunk=int(config.get("loss_chunk", 0)), stage1=stage1,
     )  # fmt: skip
     batch_sharding = sharding.batch_sharding(mesh)
     batch_keys = ("image", *TEXT_KEYS) + (("boxes",) if mcfg.high_res and mcfg.high_res.max_boxes else ())
+    if stage1:
+        batch_keys = ("image", "qformer_ids", "qformer_mask")
     jit_step = jax.jit(
         step_fn,
         in_shardings=(state_shardings, {k: batch_sharding for k in batch_keys}),
@@ -316,7 +378,7 @@ def _run(config, workdir, mesh):
             seconds = (time.perf_counter() - timer) / steps_acc
             tokens = float(np.sum(host_batch["attention_mask"])) * jax.process_count()
             summary = {
-                **{k: float(v) for k, v in jax.device_get(acc.compute()).items()},
+                **{metrics.metric_name(k): float(v) for k, v in jax.device_get(acc.compute()).items()},
                 "step_seconds": seconds,
                 "data_wait_seconds": data_wait / steps_acc,
                 "tokens_per_second": tokens / seconds,
@@ -324,11 +386,12 @@ def _run(config, workdir, mesh):
                 **{k: float(v) for k, v in data.stats().items()},
             }
             mfu = flops.mfu(flops_acc / steps_acc, seconds, jax.device_count(), jax.devices()[0].device_kind)
-            if mfu is not None:
+            if mfu is not None and not stage1:  # the FLOP count is the LM step's
                 summary["mfu"] = mfu
             if writer:
                 writer.write(step, summary)
-            progress.update(step, {k: summary[k] for k in CONSOLE if k in summary})
+            parts = [f"loss/{k}" for k in stage1.weights] if stage1 else []
+            progress.update(step, {k: summary[k] for k in (*CONSOLE, *parts) if k in summary})
             if summary["nonfinite_streak"] >= config.get("max_nonfinite_steps", 5):
                 ckpt.close()
                 raise FloatingPointError(
