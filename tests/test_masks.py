@@ -110,6 +110,49 @@ def test_self_masks_stack():
     assert not cascaded[:, :4, 4:].any() and cascaded[:, 4:, 4:].all()
 
 
+def test_qformer_pairs_mask_blocks_padded_keys_only():
+    """ITM (and, with no queries, the ITC text encoder): all-to-all except padded text as keys."""
+    text_mask = np.array([[1, 1, 0], [1, 1, 1]])
+    padded = grid("""
+        # # # # .
+        # # # # .
+        # # # # .
+        # # # # .
+        # # # # .
+    """)
+    got = np.asarray(masks.qformer_mask(2, text_mask, "pairs"))
+    assert got.shape == (2, 1, 5, 5) and got.dtype == bool
+    np.testing.assert_array_equal(got[0, 0], padded)
+    assert got[1].all()
+    text_only = np.asarray(masks.qformer_mask(0, text_mask, "pairs"))
+    np.testing.assert_array_equal(text_only[0, 0], grid("# # .\n# # .\n# # ."))
+
+
+def test_qformer_generate_mask():
+    """ITG: queries see the queries only; text token t sees every query and the real tokens <= t."""
+    text_mask = np.array([[1, 1, 1], [1, 1, 0]])
+    full = grid("""
+        # # . . .
+        # # . . .
+        # # # . .
+        # # # # .
+        # # # # #
+    """)
+    padded = grid("""
+        # # . . .
+        # # . . .
+        # # # . .
+        # # # # .
+        # # # # .
+    """)
+    got = np.asarray(masks.qformer_mask(2, text_mask, "generate"))
+    np.testing.assert_array_equal(got[0, 0], full)
+    np.testing.assert_array_equal(got[1, 0], padded)
+    np.testing.assert_array_equal(masks.qformer_structure(2, 3, "generate"), full)
+    with pytest.raises(ValueError, match="mode='causal' is not one of"):
+        masks.qformer_mask(2, text_mask, "causal")
+
+
 @pytest.mark.parametrize(
     "call, message",
     [

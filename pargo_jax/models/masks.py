@@ -1,4 +1,5 @@
-"""Attention masks as pure functions of shapes (numpy, bool, True = may attend).
+"""Attention masks as pure functions of shapes (numpy, bool, True = may attend), and the BLIP-2
+Q-Former's, of shapes and the runtime text padding mask (jax.numpy, so it traces under ``jit``).
 
 Queries are ordered ``[partial_0 .. partial_{P-1}, global_0 .. global_{G-1}]``. Image patches are
 ordered crop by crop, each crop in raster order (row-major over its patch grid). Every partial token
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 LAYOUTS = ("raster", "grid")
@@ -235,3 +237,53 @@ def receptive_fields(self_masks_: np.ndarray, cross_mask: np.ndarray) -> np.ndar
         seen = (s.astype(np.int64) @ seen.astype(np.int64) > 0) | cross_mask
         out.append(seen)
     return np.stack(out)
+
+
+QFORMER_MODES = ("pairs", "generate")
+
+
+def qformer_structure(num_queries: int, num_text: int, mode: str) -> np.ndarray:
+    """The Q-Former's self-attention pattern (Q+T, Q+T) before text padding, queries first.
+
+    ``"pairs"`` (image-text matching; with ``num_queries=0`` the text encoder): every position sees
+    every position. ``"generate"`` (image-grounded text generation, BLIP-2's UniLM-style mask):
+    queries see the queries only; text token ``t`` sees every query and the text tokens ``<= t``.
+    Example, ``"generate"``, Q=2, T=3::
+
+                q0 q1 t0 t1 t2
+        q0       #  #  .  .  .
+        q1       #  #  .  .  .
+        t0       #  #  #  .  .
+        t1       #  #  #  #  .
+        t2       #  #  #  #  #
+    """
+    _check_positive(num_queries=num_queries, num_text=num_text)
+    if mode not in QFORMER_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {QFORMER_MODES}.")
+    n = num_queries + num_text
+    if mode == "pairs":
+        return np.ones((n, n), bool)
+    row, col = np.arange(n)[:, None], np.arange(n)[None, :]
+    return (col < num_queries) | ((row >= num_queries) & (col <= row))
+
+
+def qformer_mask(num_queries: int, text_mask, mode: str = "pairs") -> jnp.ndarray:
+    """Self-attention mask (B, 1, Q+T, Q+T) of the Q-Former over ``[queries, text]``: the
+    :func:`qformer_structure` of ``mode`` with the padded text tokens (``text_mask`` (B, T), 0 =
+    padding) blocked as keys. Every row keeps a key: a query itself or, without queries, the text
+    tokens of a row with at least one real token (BERT's [CLS] comes first). Example, ``"pairs"``,
+    Q=1, text_mask ``[1, 1, 0]``::
+
+                q0 t0 t1 t2
+        q0       #  #  #  .
+        t0       #  #  #  .
+        t1       #  #  #  .
+        t2       #  #  #  .
+    """
+    text_mask = jnp.asarray(text_mask)
+    if text_mask.ndim != 2:
+        raise ValueError(f"text_mask must be (batch, length), got shape {text_mask.shape}.")
+    b, t = text_mask.shape
+    keys = jnp.concatenate([jnp.ones((b, num_queries), bool), text_mask.astype(bool)], axis=1)
+    structure = jnp.asarray(qformer_structure(num_queries, t, mode))
+    return structure[None, None] & keys[:, None, None, :]

@@ -16,6 +16,7 @@ from typing import Any
 from flax import linen as nn
 
 from pargo_jax.configs import check_keys, field_names
+from pargo_jax.models.projectors.blip2 import QFormer, QFormerConfig
 from pargo_jax.models.projectors.c_abstractor import CAbstractor, CAbstractorConfig
 from pargo_jax.models.projectors.mlp import MLPConfig, MLPProjector
 from pargo_jax.models.projectors.pargo import ParGo, ParGoConfig
@@ -74,9 +75,10 @@ register("qformer", ParGoConfig, ParGo, num_partial=0)  # BLIP-2 style: global q
 register("mlp", MLPConfig, MLPProjector)
 register("resampler", ResamplerConfig, Resampler)
 register("c_abstractor", CAbstractorConfig, CAbstractor)
+register("blip2", QFormerConfig, QFormer)  # the real BLIP-2 Q-Former, text branch and heads included
 
 __all__ = [
     "PROJECTORS", "CAbstractor", "CAbstractorConfig", "MLPConfig", "MLPProjector", "ParGo", "ParGoConfig",
-    "ProjectorType", "Resampler", "ResamplerConfig",
+    "ProjectorType", "QFormer", "QFormerConfig", "Resampler", "ResamplerConfig",
     "projector_config", "projector_module", "projector_name", "register",
 ]  # fmt: skip

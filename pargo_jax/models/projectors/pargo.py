@@ -27,7 +27,6 @@ matrix; global queries dense; cascade groups as blocks).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ from flax import linen as nn
 
 from pargo_jax.models import masks
 from pargo_jax.models.attention import attention, window_attention
-from pargo_jax.models.layers import KERNEL_INIT, dense_params
+from pargo_jax.models.layers import KERNEL_INIT
 from pargo_jax.models.projectors.common import ProjectorModule, check_width, layer_norm
 
 Dtype = jnp.dtype | str
@@ -117,23 +116,15 @@ class ParGo(ProjectorModule):
 
     config: ParGoConfig
 
-    def _norm(self, name: str, shape: Sequence[int], axes) -> tuple[jax.Array, jax.Array]:
-        return (
-            self._param(f"{name}_scale", shape, axes, nn.initializers.ones),
-            self._param(f"{name}_bias", shape, axes, nn.initializers.zeros),
-        )
-
     def _dense_params(self, name, shape, axes):
         """Kernel (lead..., in, out) + bias. ``init="fan_in"`` scales the kernel by its own ``in``
         axis, so that from scratch at small widths the image path is not ~50x weaker than the
         queries (N(0, 0.02) at hidden 64 leaves the tokens 0.6% image-dependent)."""
-        c = self.config
         init = KERNEL_INIT
-        if c.init == "fan_in":
+        if self.config.init == "fan_in":
             lead = tuple(range(len(shape) - 2))
             init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", -2, -1, lead)
-        kernel, bias = dense_params(self, f"{name}_", shape, axes, param_dtype=c.param_dtype, init=init)
-        return jnp.asarray(kernel, c.dtype), jnp.asarray(bias, c.dtype)
+        return super()._dense_params(name, shape, axes, init)
 
     @nn.compact
     def __call__(self, features: jax.Array, *, deterministic: bool = True) -> jax.Array:
