@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from flax import linen as nn
 
-from pargo_jax.models.dual_cross import DualCrossAttention
+from pargo_jax.models.projectors.xformer import DualCrossAttention
 from tests.torch_refs import dual_cross as ref
 
 H, C_MAE, HEADS, MLP, DEC = 32, 24, 4, 64, 16

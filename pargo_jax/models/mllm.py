@@ -17,11 +17,12 @@ import optax
 from flax import linen as nn
 
 from data_pipelines.frame import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from pargo_jax.models import blip2_objectives as objectives
 from pargo_jax.models import regions
 from pargo_jax.models.convnext import ConvNeXt, ConvNeXtConfig
 from pargo_jax.models.fusion import DualPathFusion, FusionConfig
 from pargo_jax.models.llm import CausalLM, LLMConfig
-from pargo_jax.models.mae import MAE, MAEConfig
+from pargo_jax.models.mae import MAE, MAEConfig, reconstruction_loss
 from pargo_jax.models.projectors import projector_module
 from pargo_jax.models.vision import VisionConfig, VisionTower
 
@@ -180,6 +181,53 @@ class VisionLanguageModel(nn.Module):
         pooled = regions.roi_align_mean(maps, boxes, image_size=h.tower.image_size, output_size=h.roi_output,
                                         grid=h.roi_grid)  # fmt: skip
         return jnp.concatenate([tokens, self.box_projector(pooled).astype(tokens.dtype)], axis=1)
+
+    def stage1_losses(
+        self, images: jax.Array, text_ids: jax.Array, text_mask: jax.Array, *, bos_id: int,
+        deterministic: bool = False,
+    ) -> dict[str, jax.Array]:  # fmt: skip
+        """BLIP-2's stage-1 losses of a ``blip2`` / ``xformer`` projector on images (B, H, W, 3) and their
+        captions' Q-Former tokens (B, T): ``itc``, ``itm``, ``itg`` (see
+        :mod:`pargo_jax.models.blip2_objectives`) and, with the MAE (X-Former), ``recon``: the masked
+        patches reconstructed from the fused tokens through the MAE decoder. The LLM is not run. Rng
+        streams: ``negatives`` (ITM), ``masking`` (MAE), ``dropout``."""
+        c = self.config
+        if images.dtype == jnp.uint8:
+            mean, std = jnp.asarray(c.pixel_mean), jnp.asarray(c.pixel_std)
+            images = (images.astype(jnp.float32) / 255.0 - mean) / std
+        xformer = c.detail is not None
+        qformer = self.projector.qformer if xformer else self.projector
+        features = self.vision_tower(images)
+        z = qformer.encode_image(features, deterministic=deterministic)
+        losses = {}
+        if xformer:
+            pixels = self.detail_pixels(images)
+            latent, mask, ids_restore = self.detail_tower.encode(
+                pixels, self.detail_tower.noise(images.shape[0])
+            )
+            z, fused = self.projector.fuse(z, latent)
+            pred = self.detail_tower.decode(
+                self.projector.fusion.to_decoder(fused), ids_restore, embedded=True
+            )
+            losses["recon"] = reconstruction_loss(pred, pixels, mask, c.detail.mae)
+        text = qformer.encode_text(text_ids, text_mask, deterministic=deterministic)
+        sim = objectives.itc_similarity(
+            qformer.image_feats(z), qformer.text_feat(text), qformer.temperature()
+        )
+        losses["itc"] = objectives.itc_loss(sim)
+        neg_text, neg_image = objectives.hard_negatives(sim, self.make_rng("negatives"))
+        image_idx, text_idx, labels = objectives.itm_pairs(neg_text, neg_image)
+        pairs = qformer.encode_pairs(
+            features[image_idx], text_ids[text_idx], text_mask[text_idx], deterministic=deterministic
+        )
+        queries = pairs[:, : qformer.config.num_queries]
+        if xformer:  # the matching pass's query outputs fused with their image's MAE tokens
+            queries, _ = self.projector.fuse(queries, latent[image_idx])
+        losses["itm"] = objectives.itm_loss(qformer.itm_logits(queries), labels)
+        dec = objectives.itg_input_ids(text_ids, bos_id)
+        logits = qformer.text_logits(features, dec, text_mask, deterministic=deterministic)
+        losses["itg"] = objectives.itg_loss(logits, dec, text_mask)
+        return losses
 
     def embed_inputs(self, images, input_ids, deterministic: bool = True, boxes=None) -> jax.Array:
         """Text embeddings with the image tokens spliced in: (B, T, D_llm)."""

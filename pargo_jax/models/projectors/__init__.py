@@ -21,6 +21,7 @@ from pargo_jax.models.projectors.c_abstractor import CAbstractor, CAbstractorCon
 from pargo_jax.models.projectors.mlp import MLPConfig, MLPProjector
 from pargo_jax.models.projectors.pargo import ParGo, ParGoConfig
 from pargo_jax.models.projectors.resampler import Resampler, ResamplerConfig
+from pargo_jax.models.projectors.xformer import XFormer, XFormerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,9 +77,10 @@ register("mlp", MLPConfig, MLPProjector)
 register("resampler", ResamplerConfig, Resampler)
 register("c_abstractor", CAbstractorConfig, CAbstractor)
 register("blip2", QFormerConfig, QFormer)  # the real BLIP-2 Q-Former, text branch and heads included
+register("xformer", XFormerConfig, XFormer)  # the Q-Former fused with an MAE (needs model.detail)
 
 __all__ = [
     "PROJECTORS", "CAbstractor", "CAbstractorConfig", "MLPConfig", "MLPProjector", "ParGo", "ParGoConfig",
-    "ProjectorType", "QFormer", "QFormerConfig", "Resampler", "ResamplerConfig",
+    "ProjectorType", "QFormer", "QFormerConfig", "Resampler", "ResamplerConfig", "XFormer", "XFormerConfig",
     "projector_config", "projector_module", "projector_name", "register",
 ]  # fmt: skip

@@ -304,7 +304,10 @@ class QFormer(ProjectorModule):
         return jnp.asarray(self.temp, jnp.float32)
 
     # --- stage 2 ----------------------------------------------------------------------------------
+    def project(self, z: jax.Array) -> jax.Array:
+        """Query outputs (B, Q, H) -> LLM tokens (B, Q, llm_width) (HF ``language_projection``)."""
+        return z @ self.llm_proj[0] + self.llm_proj[1]
+
     def __call__(self, features: jax.Array, *, deterministic: bool = True) -> jax.Array:
         """The projector face: features (B, N, C) -> LLM tokens (B, Q, llm_width)."""
-        z = self.encode_image(features, deterministic=deterministic)
-        return z @ self.llm_proj[0] + self.llm_proj[1]
+        return self.project(self.encode_image(features, deterministic=deterministic))
