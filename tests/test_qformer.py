@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +96,8 @@ def itr(tmp_path_factory):
             use_image_text_matching_head=True,
         )
     hook.remove()  # fmt: skip
-    return model, path, module, params, feats["x"], itc, itm
+    return SimpleNamespace(model=model, path=path, module=module, params=params, feats=feats["x"], itc=itc,
+                           itm=itm, pixels=pixels)  # fmt: skip
 
 
 def _apply(module, params, method, *args):
@@ -103,7 +105,7 @@ def _apply(module, params, method, *args):
 
 
 def test_query_pass_matches_hf(itr):
-    model, _, module, params, feats, _, _ = itr
+    model, module, params, feats = itr.model, itr.module, itr.params, itr.feats
     with torch.no_grad():
         image = model.vision_model.post_layernorm(feats)
         want = model.qformer(query_embeds=model.query_tokens.expand(2, -1, -1), encoder_hidden_states=image)
@@ -113,7 +115,7 @@ def test_query_pass_matches_hf(itr):
 
 
 def test_itc_features_and_scores_match_hf(itr):
-    _, _, module, params, feats, itc, _ = itr
+    module, params, feats, itc = itr.module, itr.params, itr.feats, itr.itc
     z = _apply(module, params, QFormer.encode_image, feats.numpy())
     img = _apply(module, params, QFormer.image_feats, z)
     txt = _apply(
@@ -133,7 +135,7 @@ def test_itc_features_and_scores_match_hf(itr):
 
 
 def test_itm_logits_match_hf_on_padded_text(itr):
-    _, _, module, params, feats, _, itm = itr
+    module, params, feats, itm = itr.module, itr.params, itr.feats, itr.itm
     h = _apply(module, params, QFormer.encode_pairs, feats.numpy(), IDS, TEXT_MASK)
     assert h.shape == (2, 8 + IDS.shape[1], 64)
     got = _apply(module, params, QFormer.itm_logits, h)
@@ -144,7 +146,7 @@ def test_itg_logits_match_lavis_mask_and_lm_head(itr):
     """HF's encoder layers under the LAVIS generation mask (built here: queries -> queries; text ->
     every query and the real text tokens <= itself) and LAVIS's ``BertLMHeadModel.cls.predictions``
     in plain torch (dense, exact GELU, LayerNorm, tied word embeddings + bias) with our LM-head weights."""
-    model, _, module, params, feats, _, _ = itr
+    model, module, params, feats = itr.model, itr.module, itr.params, itr.feats
     q, (b, t) = 8, IDS.shape
     allowed = torch.zeros(b, q + t, q + t, dtype=torch.bool)
     allowed[:, :, :q] = True
@@ -169,8 +171,19 @@ def test_itg_logits_match_lavis_mask_and_lm_head(itr):
     np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=ATOL)
 
 
+def test_vision_tower_matches_hf_before_post_layernorm(itr):
+    """BLIP-2's EVA-CLIP tower (kind ``blip2``: fused qkv with q/v biases) through ``load_vision``:
+    the encoder output HF feeds its ``post_layernorm`` (our Q-Former's ``ln_vision``)."""
+    from pargo_jax.convert.hf_vision import load_vision
+
+    tower, variables = load_vision(itr.path)
+    assert tower.config.kind == "blip2" and not tower.config.apply_final_norm
+    got = np.asarray(jax.jit(tower.apply)(variables, itr.pixels.permute(0, 2, 3, 1).numpy()))
+    np.testing.assert_allclose(got, itr.feats.numpy(), rtol=0, atol=ATOL)
+
+
 def test_retrieval_checkpoint_fills_all_but_the_lm_head_and_temp(itr):
-    _, path, module, _, _, _, _ = itr
+    path, module = itr.path, itr.module
     cfg = module.config
     shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 5, cfg.vision_width)))["params"]
     loaded = load_qformer(path, cfg, shapes)
@@ -206,7 +219,7 @@ def _edited(path: str, dest, edit) -> str:
 
 
 def test_loader_errors(itr, tmp_path):
-    _, path, module, params, _, _, _ = itr
+    path, module, params = itr.path, itr.module, itr.params
     cfg, shapes = module.config, {k: v.shape for k, v in flatten(params).items()}
     name = "qformer.encoder.layer.1.intermediate.dense.weight"
     with pytest.raises(ConversionError, match="Cannot load the BLIP-2 checkpoint") as e:
@@ -223,7 +236,7 @@ def test_loader_errors(itr, tmp_path):
 
 
 def test_text_longer_than_the_position_table(itr):
-    _, _, module, params, _, _, _ = itr
+    module, params = itr.module, itr.params
     ids = np.zeros((1, 33), np.int32)
     with pytest.raises(ValueError, match="The text has 33 tokens but the Q-Former has max_positions=32"):
         module.apply({"params": params}, ids, np.ones_like(ids), method=QFormer.encode_text)

@@ -16,6 +16,10 @@ not), ``llm_proj`` of a retrieval checkpoint and the text branch (word / positio
 feed-forwards, ITC / ITM heads) of a generation checkpoint. A group of params is taken when the
 checkpoint has any of its tensors, and then all of them must be there: a missing, unexpected or
 mis-shaped tensor is one :class:`~pargo_jax.convert.tables.ConversionError` naming every one.
+
+The tower itself (``vision_model.*`` but ``post_layernorm``) loads with
+:func:`pargo_jax.convert.hf_vision.load_vision` as ``kind="blip2"``, its output being what ``ln_vision``
+takes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Import vision towers: HF SigLIP / CLIP directories and timm / EVA-CLIP EVA02 state dicts.
+"""Import vision towers: HF SigLIP / CLIP / BLIP-2 directories and timm / EVA-CLIP EVA02 state dicts.
 
     module, variables = load_vision("/ckpt/siglip-so400m-patch14-384", feature_layer=-2)
     module, variables = load_eva02("/ckpt/pargo.bin", prefix="visual_encoder.", mesh=mesh)
@@ -45,7 +45,15 @@ from pargo_jax.models.vision import VisionConfig, VisionTower
 from pargo_jax.param_tree import flat_arrays, flatten
 from pargo_jax.sharding import logical_shardings
 
-HF_MODEL_TYPES = ("siglip", "siglip_vision_model", "clip", "clip_vision_model")
+HF_MODEL_TYPES = (
+    "siglip",
+    "siglip_vision_model",
+    "clip",
+    "clip_vision_model",
+    "blip-2",
+    "blip_2_vision_model",
+)
+_HF_FAMILIES = {"blip-2": "blip2", "blip_2_vision_model": "blip2"}  # else model_type's first word
 _HF_DEFAULTS = {  # transformers' VisionConfig defaults, for config.json files that omit fields.
     "siglip": dict(
         hidden_size=768,
@@ -67,6 +75,16 @@ _HF_DEFAULTS = {  # transformers' VisionConfig defaults, for config.json files t
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
     ),
+    "blip2": dict(
+        hidden_size=1408,
+        intermediate_size=6144,
+        num_hidden_layers=39,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+    ),
 }
 _HF_ACTS = {
     "gelu_pytorch_tanh": "gelu_tanh",
@@ -80,9 +98,28 @@ EVA_PREFIXES = ("visual_encoder.", "module.visual_encoder.", "visual.trunk.", "v
 
 # --- rule tables -----------------------------------------------------------------------------------
 def hf_rules(heads: int) -> list[Rule]:
-    """HF ``SiglipVisionModel`` / ``CLIPVisionModel`` names (without ``vision_model.``) -> our params."""
+    """HF ``SiglipVisionModel`` / ``CLIPVisionModel`` / ``Blip2VisionModel`` names (without
+    ``vision_model.``; BLIP-2's fused ``qkv`` split beforehand by :class:`_SplitQKV`) -> our params."""
     L = r"encoder\.layers\.(\d+)\."
-    return [
+    # Import-only aliases for BLIP-2: its (1, 1, C) / (1, N, C) tables and attention output name (the
+    # class-embedding alias comes first: it also flattens CLIP's (C,) one).
+    blip2 = [
+        Rule(r"embeddings\.class_embedding", "cls_token", reshape((1, 1, -1), (-1,)), exported=False),
+        Rule(
+            r"embeddings\.position_embedding",
+            "pos_embed",
+            reshape(lambda x: (1, *x.shape), lambda x: x.shape[-2:]),
+            exported=False,
+        ),
+        Rule(
+            L + r"self_attn\.projection\.weight",
+            "blocks/attn/out/kernel[{0}]",
+            merge_heads_in(heads),
+            exported=False,
+        ),
+        Rule(L + r"self_attn\.projection\.bias", "blocks/attn/out/bias[{0}]", exported=False),
+    ]
+    return blip2 + [
         Rule(r"embeddings\.patch_embedding\.weight", "patch_embed/kernel", conv_oihw_to_hwio),
         Rule(r"embeddings\.patch_embedding\.bias", "patch_embed/bias"),
         Rule(r"embeddings\.class_embedding", "cls_token"),
@@ -166,9 +203,10 @@ class _View(Mapping[str, Any]):
 
 
 class _SplitQKV(Mapping[str, Any]):
-    """Exposes each fused ``X.attn.qkv.weight`` (3*C, C) as ``X.attn.{q,k,v}_proj.weight``."""
+    """Exposes each fused ``X.attn.qkv.weight`` (3*C, C) / ``.bias`` (3*C,) as
+    ``X.attn.{q,k,v}_proj.weight`` / ``.bias``."""
 
-    _FUSED = re.compile(r"(.*attn\.)qkv\.weight")
+    _FUSED = re.compile(r"(.*attn\.)qkv\.(weight|bias)")
 
     def __init__(self, base: Mapping[str, Any]):
         self._base = base
@@ -180,7 +218,7 @@ class _SplitQKV(Mapping[str, Any]):
                 self._keys.append(k)
                 continue
             for i, part in enumerate("qkv"):
-                name = f"{m.group(1)}{part}_proj.weight"
+                name = f"{m.group(1)}{part}_proj.{m.group(2)}"
                 self._virtual[name] = (k, i)
                 self._keys.append(name)
 
@@ -263,8 +301,8 @@ def hf_vision_config(path: str) -> VisionConfig:
             f"Unsupported vision model_type {model_type!r} in {cfg_file}; supported: {HF_MODEL_TYPES} "
             "(EVA02 state dicts load with load_eva02)."
         )
-    family = model_type.split("_")[0]
-    vc = (raw.get("vision_config") or {}) if model_type in ("siglip", "clip") else raw
+    family = _HF_FAMILIES.get(model_type, model_type.split("_")[0])
+    vc = (raw.get("vision_config") or {}) if model_type in ("siglip", "clip", "blip-2") else raw
     vc = {**_HF_DEFAULTS[family], **{k: v for k, v in vc.items() if v is not None}}
     if vc["hidden_act"] not in _HF_ACTS:
         raise ValueError(
@@ -292,8 +330,10 @@ def load_vision(
     compute_dtype=None,
     **options,
 ) -> tuple[VisionTower, dict]:
-    """Loads a SigLIP / CLIP vision tower from a local HF directory (``config.json`` + single or
-    sharded safetensors; full CLIP/SigLIP checkpoints keep the tower under ``vision_model.``).
+    """Loads a SigLIP / CLIP / BLIP-2 vision tower from a local HF directory (``config.json`` + single
+    or sharded safetensors; full CLIP / SigLIP / BLIP-2 checkpoints keep the tower under
+    ``vision_model.``; BLIP-2's ``post_layernorm`` is the Q-Former's ``ln_vision``, see
+    :mod:`pargo_jax.convert.hf_blip2`).
 
     ``dtype``: parameter dtype (also the compute dtype unless ``compute_dtype``). ``mesh``: place each
     parameter on the sharding given by its logical axis names; or pass ``shardings`` (a tree like the
@@ -308,6 +348,8 @@ def load_vision(
     if not cfg.apply_final_norm:
         drop.append(r"post_layernorm\..*")
     source = _View(files, prefix, tuple(drop))
+    if cfg.kind == "blip2":
+        source = _SplitQKV(source)
     ignore = [r"head\..*"]  # SigLIP's attention-pooling head: not part of the token features
     return _load(
         cfg,

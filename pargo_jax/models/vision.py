@@ -1,4 +1,5 @@
-"""ViT vision towers: SigLIP, CLIP and EVA02-CLIP, one transformer block shared by all three.
+"""ViT vision towers: SigLIP, CLIP, EVA02-CLIP and BLIP-2's EVA-CLIP ViT-g, one transformer block
+shared by all.
 
 Layouts follow the checkpoints we import (``pargo_jax.convert.hf_vision``):
 
@@ -11,6 +12,11 @@ Layouts follow the checkpoints we import (``pargo_jax.convert.hf_vision``):
           patch tokens (not CLS), q/v bias without k bias, LayerNorm on the attention output before
           ``proj`` (``scale_attn_inner``), SwiGLU MLP with a LayerNorm before ``fc2`` (``scale_mlp``);
           final ``norm``.
+  blip2   HF ``Blip2VisionModel`` (LAVIS ``eva_vit_g``: EVA-CLIP ViT-g/14 without its last block):
+          patch conv (+bias), CLS + pos emb, no pre-norm; pre-LN blocks, fused qkv with q/v biases
+          (the k slice of HF's ``qkv.bias`` is zero and loads as a zero k bias: a constant key bias
+          shifts every logit of a query equally, so softmax ignores it), exact gelu MLP. Its
+          ``post_layernorm`` is the Q-Former's ``ln_vision``, so no final norm here by default.
 
 Input: pixels (B, H, W, 3) NHWC, normalized as the checkpoint expects, H == W == ``image_size``.
 Output: (B, tokens, width); by default identical to the HF ``last_hidden_state`` (timm
@@ -33,9 +39,9 @@ from flax import linen as nn
 from pargo_jax.models.attention import attention
 from pargo_jax.models.layers import KERNEL_INIT, Dense
 
-KINDS = ("siglip", "clip", "eva02")
+KINDS = ("siglip", "clip", "eva02", "blip2")
 _ACTS = ("gelu_tanh", "gelu", "quick_gelu", "swiglu")
-_DEFAULT_ACT = {"siglip": "gelu_tanh", "clip": "quick_gelu", "eva02": "swiglu"}
+_DEFAULT_ACT = {"siglip": "gelu_tanh", "clip": "quick_gelu", "eva02": "swiglu", "blip2": "gelu"}
 
 
 @dataclass(frozen=True)
@@ -43,11 +49,12 @@ class VisionConfig:
     """Shape and options of a vision tower.
 
     Structure options (set by presets / the importer): ``act`` ("" = the kind's default: siglip
-    gelu_tanh, clip quick_gelu, eva02 swiglu), ``attn_norm`` / ``mlp_norm`` (EVA02 sub-LNs),
-    ``rope_ref_grid`` (EVA02 RoPE reference grid, timm ``ref_feat_shape``).
+    gelu_tanh, clip quick_gelu, eva02 swiglu, blip2 gelu), ``attn_norm`` / ``mlp_norm`` (EVA02
+    sub-LNs), ``rope_ref_grid`` (EVA02 RoPE reference grid, timm ``ref_feat_shape``).
     Output options: ``feature_layer`` (HF ``hidden_states`` index; -1 last block, -2 penultimate as
     LLaVA), ``final_norm`` (None = as HF/timm: the tower's final norm only on the last block's output
-    and never for CLIP tokens; True/False forces it), ``drop_cls`` (drop the CLS token of clip/eva02).
+    and never for CLIP tokens nor BLIP-2's, whose ``post_layernorm`` is the Q-Former's ``ln_vision``;
+    True/False forces it), ``drop_cls`` (drop the CLS token of clip/eva02/blip2).
     Numerics: ``dtype`` (compute), ``param_dtype``; ``remat`` rematerializes each block.
     """
 
@@ -94,7 +101,7 @@ class VisionConfig:
 
     @property
     def class_token(self) -> bool:
-        return self.kind in ("clip", "eva02")
+        return self.kind in ("clip", "eva02", "blip2")
 
     @property
     def num_prefix(self) -> int:
@@ -133,7 +140,7 @@ class VisionConfig:
     def apply_final_norm(self) -> bool:
         if self.final_norm is not None:
             return self.final_norm
-        return self.kind != "clip" and self.num_blocks == self.depth
+        return self.kind not in ("clip", "blip2") and self.num_blocks == self.depth
 
     @property
     def num_tokens(self) -> int:
