@@ -19,8 +19,8 @@ from pargo_jax.models.projectors import QFormerConfig, XFormerConfig
 from pargo_jax.models.vision import vision_preset
 
 VOCAB, DEC, IMAGE_TOKEN = 40, 39, 3
-QFORMER = dict(num_queries=4, hidden=32, heads=4, layers=2, mlp_dim=64, cross_attention_freq=2, vision_width=32,
-               llm_width=16, vocab_size=VOCAB, max_positions=16, embed_dim=16)  # fmt: skip
+QFORMER = dict(num_queries=4, hidden=32, heads=4, layers=2, mlp_dim=64, cross_attention_freq=2,
+               vision_width=32, llm_width=16, vocab_size=VOCAB, max_positions=16, embed_dim=16)  # fmt: skip
 
 
 def _config(xformer: bool) -> MLLMConfig:
@@ -58,59 +58,55 @@ def _init(model, images):
     return nn.unbox(jax.jit(model.init)(jax.random.key(0), images, ids, jnp.ones_like(ids))["params"])
 
 
-@pytest.mark.parametrize("xformer", [False, True], ids=["blip2", "xformer"])
+@pytest.mark.parametrize(
+    "xformer", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["blip2", "xformer"]
+)
 def test_stage1_losses_fall_while_the_projector_trains(xformer):
-    """30 Adam steps on the projector alone (towers and LLM frozen, as stage 1 trains) lower every
-    loss part's sum; each part starts finite and near its chance value where one exists."""
+    """30 Adam steps on the projector alone (towers and LLM frozen, as stage 1 trains) lower the sum
+    of the loss parts, ITC and ITG each; every part starts finite, ITM near chance (log 2). X-Former:
+    the recon loss alone has gradients on the Q-Former's queries and cross-attention (M' reads Zq) and
+    on the fusion, none on the ITC / ITM heads it never reads. (One compiled step serves all of it:
+    compiling the passes is most of X-Former's ~20 s.)"""
     model = VisionLanguageModel(_config(xformer))
     images, ids, mask = _batch()
     params = _init(model, images)
-    rngs = lambda step: {n: jax.random.fold_in(jax.random.key(step), i)
-                         for i, n in enumerate(("dropout", "masking", "negatives"))}  # fmt: skip
-
-    def losses(projector, step):
-        return model.apply({"params": {**params, "projector": projector}}, images, ids, mask, bos_id=DEC,
-                           rngs=rngs(step), method=model.stage1_losses)  # fmt: skip
-
-    first = jax.jit(losses)(params["projector"], 0)
-    assert set(first) == ({"itc", "itm", "itg", "recon"} if xformer else {"itc", "itm", "itg"})
-    assert all(np.isfinite(float(v)) for v in first.values())
-    assert abs(float(first["itm"]) - np.log(2)) < 0.3  # a fresh 2-way head
+    names = ("itc", "itm", "itg", "recon") if xformer else ("itc", "itm", "itg")
     tx = optax.adam(3e-3)
 
     @jax.jit
-    def step(projector, opt, i):
-        total = lambda p: sum(losses(p, i).values())
-        value, grads = jax.value_and_grad(total)(projector)
-        updates, opt = tx.update(grads, opt, projector)
-        return optax.apply_updates(projector, updates), opt, value
+    def step(projector, opt, i, weights):
+        def total(p):
+            rngs = {
+                n: jax.random.fold_in(jax.random.key(i), k)
+                for k, n in enumerate(("dropout", "masking", "negatives"))
+            }
+            variables = {"params": {**params, "projector": p}}
+            out = model.apply(variables, images, ids, mask, bos_id=DEC, rngs=rngs, method=model.stage1_losses)
+            return sum(weights[k] * out[k] for k in names), out
 
+        (_, out), grads = jax.value_and_grad(total, has_aux=True)(projector)
+        updates, new_opt = tx.update(grads, opt, projector)
+        return optax.apply_updates(projector, updates), new_opt, out, grads
+
+    ones = {k: jnp.ones(()) for k in names}
     projector, opt = params["projector"], tx.init(params["projector"])
-    for i in range(30):
-        projector, opt, _ = step(projector, opt, i)
-    last = jax.jit(losses)(projector, 0)
+    if xformer:
+        recon_only = {k: jnp.asarray(float(k == "recon")) for k in names}
+        g = step(projector, opt, 0, recon_only)[3]
+        norm = lambda tree: float(optax.tree.norm(tree))
+        assert norm(g["qformer"]["query_tokens"]) > 0 and norm(g["qformer"]["layer_0"]["cross_kv_kernel"]) > 0
+        assert norm(g["fusion"]["local_0"]) > 0 and norm(g["fusion"]["to_decoder"]) > 0
+        assert norm(g["qformer"]["text_proj_kernel"]) == 0 and norm(g["qformer"]["itm_head_kernel"]) == 0
+    first = None
+    for i in range(31):
+        new, new_opt, out, _ = step(projector, opt, i % 2, ones)
+        first = first or out
+        projector, opt = new, new_opt
+    assert set(first) == set(names) and all(np.isfinite(float(v)) for v in first.values())
+    assert abs(float(first["itm"]) - np.log(2)) < 0.3  # a fresh 2-way head
+    last = out  # the losses of the 31st step, before its update (same rng as step 0)
     assert sum(float(v) for v in last.values()) < 0.8 * sum(float(v) for v in first.values())
     assert float(last["itg"]) < float(first["itg"]) and float(last["itc"]) < float(first["itc"])
-
-
-def test_reconstruction_trains_the_qformer_through_the_fusion():
-    """The recon loss has gradients on the Q-Former's queries and cross-attention (M' reads Zq), on
-    the fusion, and none on the ITC heads it never reads."""
-    model = VisionLanguageModel(_config(True))
-    images, ids, mask = _batch()
-    params = _init(model, images)
-
-    def recon(projector):
-        out = model.apply({"params": {**params, "projector": projector}}, images, ids, mask, bos_id=DEC,
-                          rngs={"masking": jax.random.key(1), "negatives": jax.random.key(2)},
-                          method=model.stage1_losses)  # fmt: skip
-        return out["recon"]
-
-    g = jax.grad(recon)(params["projector"])
-    norm = lambda tree: float(optax.tree.norm(tree))
-    assert norm(g["qformer"]["query_tokens"]) > 0 and norm(g["qformer"]["layer_0"]["cross_kv_kernel"]) > 0
-    assert norm(g["fusion"]["local_0"]) > 0 and norm(g["fusion"]["to_decoder"]) > 0
-    assert norm(g["qformer"]["text_proj_kernel"]) == 0 and norm(g["qformer"]["itm_head_kernel"]) == 0
 
 
 def test_stage2_face_reads_the_whole_image():
