@@ -14,8 +14,13 @@ from ml_collections.config_dict import placeholder
 from data_pipelines.frame import CLIP_MEAN, CLIP_STD
 from pargo_jax.configs import ConfigError
 
-PRESETS = ("demo", "paper", "siglip_qwen2", "mg_llava", "mg_llava_demo")
+PRESETS = ("demo", "paper", "siglip_qwen2", "mg_llava", "mg_llava_demo", "xformer", "blip2", "xformer_demo",
+           "blip2_demo")  # fmt: skip
 DEMOS = ("demo", "mg_llava_demo")  # presets on the synthetic shapes set (their stages train the LLM too)
+# Q-Former presets: stage 1 trains the Q-Former with BLIP-2's objectives (and X-Former's reconstruction),
+# stage 2 the projector with the LM loss
+QFORMER_DEMOS = ("xformer_demo", "blip2_demo")
+QFORMERS = ("xformer", "blip2", *QFORMER_DEMOS)
 # MG-LLaVA's parts trained with the projector (its ConvNeXt stays frozen)
 MG_LLAVA_PARTS = {"fusion/.*": 1.0, "box_projector/.*": 1.0}
 
@@ -55,6 +60,9 @@ def base() -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.checkpoint = dict(every_steps=500, keep=3, init_from=placeholder(str), init_from_parts=("projector",))
     c.evals = {}  # {name: dict(type=..., data=..., log_steps=...)}: see pargo_jax/evaluators
+    # "lm": the LLM's next-token loss; "qformer": BLIP-2 / X-Former stage 1, each part weighted (itc, itm,
+    # itg, recon; default 1): dict(name="qformer", recon=0.0) is X-Former without reconstruction
+    c.objective = dict(name="lm")
     return c
 
 
@@ -189,9 +197,51 @@ def mg_llava_demo_model(c: ml_collections.ConfigDict) -> None:
     c.input.update(image_size=256, max_len=144)  # 4 more image tokens than the demo
 
 
+def qformer_demo_model(c: ml_collections.ConfigDict, *, mae: bool) -> None:
+    """BLIP-2's Q-Former (``blip2_demo``) or X-Former (``xformer_demo``) on the shapes set: the demo tower
+    as the contrastive tower, 32 queries (BERT-like, width 64, 2 layers, both cross-attending), the
+    demo LLM; X-Former adds a small MAE pretrained on shapes scenes on first run
+    (``pargo_jax.demo_mae``, into ``workdir/demo_mae``) and one round of dual cross-attention. The
+    Q-Former reads the captions with the shapes words (``<s> ... </s>`` and ``[DEC]``, written beside
+    the data on first run)."""
+    demo_model(c)
+    c.model.projector = dict(
+        name="xformer" if mae else "blip2", num_queries=32, hidden=64, heads=4, layers=2, mlp_dim=128,
+        cross_attention_freq=1, max_positions=32, embed_dim=32, **(dict(fusion_layers=1) if mae else {}),
+    )  # fmt: skip
+    if mae:
+        c.model.detail = dict(path="workdir/demo_mae", mask_ratio=0.5)
+        c.demo_mae = {}  # pargo_jax.demo_mae.build's options (its defaults)
+    c.input.update(max_len=140, qformer_max_len=32)  # 12 more image tokens than the demo's 20
+
+
+def xformer_model(c: ml_collections.ConfigDict, *, mae: bool = True) -> None:
+    """X-Former (``xformer``; ECCV 2024): BLIP-2's EVA-CLIP ViT-g/14 (its HF BLIP-2 directory's tower,
+    the output before ``post_layernorm``, which is the Q-Former's ``ln_vision``), MAE ViT-H/14 (HF
+    ``facebook/vit-mae-huge``), a BERT-base Q-Former with 32 queries cross-attending every 2nd layer and
+    one round of dual cross-attention, OPT-2.7B; 224 px. ``blip2``: the same without the MAE. The
+    Q-Former starts from ``init_from_blip2`` where given (else random: BLIP-2 starts it from BERT-base,
+    not built here)."""
+    c.model.dtype = "bfloat16"
+    c.model.frozen_dtype = "bfloat16"
+    c.model.vision = dict(path="checkpoints/blip2-opt-2.7b", format="hf", preset="tiny", overrides={})
+    c.model.projector = dict(name="xformer" if mae else "blip2")
+    if mae:
+        c.model.detail = dict(path="checkpoints/vit-mae-huge", mask_ratio=0.5)
+    c.model.llm = dict(path="checkpoints/opt-2.7b", config={}, overrides=dict(remat_policy="full"))
+    c.input.update(
+        image_size=224, resize="squash", mean=CLIP_MEAN, std=CLIP_STD, max_len=256, qformer_max_len=32
+    )
+    c.input.tokenizer = "checkpoints/opt-2.7b"  # with a chat template: python -m data_pipelines.text prepare
+    c.input.qformer_tokenizer = "checkpoints/bert-base-uncased-dec"  # prepare_qformer_tokenizer: + [DEC]
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+
+
 MODELS = {
     "demo": demo_model, "paper": paper_model, "siglip_qwen2": siglip_qwen2_model, "mg_llava": mg_llava_model,
-    "mg_llava_demo": mg_llava_demo_model,
+    "mg_llava_demo": mg_llava_demo_model, "xformer": xformer_model,
+    "blip2": lambda c: xformer_model(c, mae=False), "xformer_demo": lambda c: qformer_demo_model(c, mae=True),
+    "blip2_demo": lambda c: qformer_demo_model(c, mae=False),
 }  # fmt: skip
 
 

@@ -31,6 +31,25 @@ def get_config(arg: str | None = None):
             c.checkpoint.init_from = "workdir/pretrain_mg_llava_demo"
             c.checkpoint.init_from_parts = ("vision_tower", "projector", "llm", "high_res_tower", "fusion",
                                             "box_projector")  # fmt: skip
+    elif name in base.QFORMERS:  # stage 2: the Q-Former (+ fusion) and its projection to the LLM, LM loss
+        c.checkpoint.init_from = "workdir/pretrain_" + name
+        c.checkpoint.init_from_parts = ("projector",)
+        c.trainable = base.regex_dict({"projector/.*": 1.0})
+        if name in base.QFORMER_DEMOS:  # the demo LLM is random: it trains too
+            base.set_steps(c, total=2500, warmup=50)
+            c.log_every_steps = 100
+            c.optim.lr = 6e-4
+            c.trainable.update(base.regex_dict({"llm/.*": 1.0}))
+            c.input.sources = [dict(name="shapes", split="sft")]
+            c.checkpoint.every_steps = 500
+            c.evals = evals.get_config("shapes")
+            c.evals.shapes.log_steps = 500
+        else:  # BLIP-2's stage 2 on captions (LLM frozen); instruction data works the same way
+            base.set_steps(c, total=80_000, warmup=2000)
+            c.input.update(
+                batch_size=1920, data_dir="data", sources=[dict(name="llava/pretrain", split="train")]
+            )
+            c.optim.update(lr=1e-4, min_lr_ratio=0.1, weight_decay=0.05)
     elif name == "mg_llava":  # stage 2: + the whole LLM at lr 2e-5, batch 128
         base.set_steps(c, total=5200, warmup=156)
         c.input.batch_size = 128

@@ -9,8 +9,10 @@ from __future__ import annotations
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
 from pargo_jax import paths
+from pargo_jax.models import projectors
 
 
 def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -38,6 +40,20 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
         config.input.data_dir = data_dir
         if not config.input.get("tokenizer"):
             config.input.tokenizer = paths.join(data_dir, "shapes_tokenizer")
+    if projectors.has_text_branch(config.model.projector.get("name", "")) and not config.input.get(
+        "qformer_tokenizer"
+    ):  # a Q-Former reads the captions with the shapes words, <s> ... </s> and [DEC]
+        from data_pipelines.text import prepare_qformer_tokenizer
+
+        path = paths.join(data_dir, "shapes_qformer_tokenizer")
+        if jax.process_index() == 0 and not epath.Path(path, "tokenizer.json").exists():
+            prepare_qformer_tokenizer(config.input.tokenizer, path, cls_token="<s>", sep_token="</s>")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("Q-Former tokenizer written")
+        with config.unlocked():
+            config.input.qformer_tokenizer = path
     if built and built["summary"] is not None:
         logging.info("Built the shapes dataset in %s (%.1f s).", data_dir, built["seconds"])
 

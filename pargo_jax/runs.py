@@ -28,7 +28,7 @@ from flax import linen as nn
 
 from data_pipelines.text import load_tokenizer
 from pargo_jax import checkpoints, configs, sharding
-from pargo_jax.convert import bert, hf, hf_mae, hf_vision
+from pargo_jax.convert import bert, hf, hf_blip2, hf_mae, hf_vision
 from pargo_jax.convert.tables import expected_shapes
 from pargo_jax.models import projectors
 from pargo_jax.models.convnext import CONVNEXT_PRESETS, ConvNeXtConfig
@@ -45,6 +45,7 @@ from pargo_jax.models.llm import LLMConfig
 from pargo_jax.models.mae import MAEConfig
 from pargo_jax.models.mllm import DetailConfig, HighResConfig, MLLMConfig, VisionLanguageModel
 from pargo_jax.models.vision import VisionConfig, vision_preset
+from pargo_jax.param_tree import flatten, unflatten
 
 TOKENIZER_DIR = "tokenizer"
 MODEL_KEYS = {"vision", "projector", "llm", "dtype", "frozen_dtype", "high_res", "detail"}
@@ -137,6 +138,23 @@ def detail_config(d: Mapping[str, Any], dtype: str) -> DetailConfig:
     return DetailConfig(mae=mae.replace(dtype=jnp.dtype(dtype)), **pixels)
 
 
+def qformer_vocab(config: ml_collections.ConfigDict, given: int | None) -> int:
+    """A Q-Former's vocabulary: ``model.projector.vocab_size`` when set, else its tokenizer's
+    (``input.qformer_tokenizer``), else BERT-base's with ``[DEC]`` (30523)."""
+    path = config.input.get("qformer_tokenizer")
+    if not path:
+        return int(given or 30523)
+    from data_pipelines.text import load_qformer_tokenizer
+
+    size = load_qformer_tokenizer(path).vocab_size
+    if given is not None and int(given) < size:
+        raise ValueError(
+            f"model.projector.vocab_size={given} but input.qformer_tokenizer has {size} tokens; drop it or "
+            "raise it."
+        )
+    return int(given or size)
+
+
 def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
     """The :class:`MLLMConfig` of ``config.model``, the checkpoints it names, the tokenizer (vocabulary,
     image token) and ``config.input`` (pixel mean / std for on-device normalization)."""
@@ -148,6 +166,12 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
     options = dict(m.projector)
     name = options.pop("name", "pargo")
     options.pop("init_from_bert", None)  # where the weights start, not the model: see init_params
+    blip2 = options.pop("init_from_blip2", None)
+    if blip2:  # the Q-Former's shape defaults to the checkpoint's
+        hf_cfg = hf.read_hf_config(configs.require_path(blip2, "model.projector.init_from_blip2"))
+        shape = dataclasses.asdict(hf_blip2.qformer_config_from_hf(hf_cfg))
+        options = {**{k: v for k, v in shape.items() if k not in ("vision_width", "llm_width")}, **options}
+        options.pop("dtype", None)
     high_res = high_res_config(m.high_res, vision.width, dtype) if m.get("high_res") else None
     width = high_res.fusion.out_dim if high_res else vision.width
     options.update(vision_width=width, llm_width=llm.hidden_size, dtype=dtype)
@@ -158,6 +182,8 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
         raise ValueError(
             f"config.model.detail (an MAE) needs a projector that reads it (xformer), not {name!r}."
         )
+    if entry is not None and "vocab_size" in configs.field_names(entry.config):
+        options["vocab_size"] = qformer_vocab(config, options.get("vocab_size"))
     if reads_detail:
         if not detail:
             raise ValueError(f"The {name} projector fuses an MAE's tokens: set config.model.detail.")
@@ -227,6 +253,10 @@ def init_params(parts: ModelParts, config: ml_collections.ConfigDict) -> dict[st
     if bert:
         path = configs.require_path(bert, "model.projector.init_from_bert")
         params["projector"] = _projector_from_bert(parts, params["projector"], path)
+    blip2 = config.model.projector.get("init_from_blip2")
+    if blip2:
+        path = configs.require_path(blip2, "model.projector.init_from_blip2")
+        params["projector"] = _projector_from_blip2(parts, params["projector"], path)
     init_from = config.checkpoint.get("init_from")
     if init_from:
         configs.require_path(init_from, "checkpoint.init_from")
@@ -245,6 +275,22 @@ def _projector_from_bert(parts: ModelParts, fresh: dict[str, Any], path: str) ->
     taken = bert.pargo_from_bert(path, parts.mcfg.projector, expected_shapes(parts.abstract["projector"]))
     shardings = parts.shardings["projector"]
     return {**fresh, **{k: jax.device_put(v, shardings[k]) for k, v in taken.items()}}
+
+
+def _projector_from_blip2(parts: ModelParts, fresh: dict[str, Any], path: str) -> dict[str, Any]:
+    """The ``fresh`` projector params with the Q-Former of the HF BLIP-2 directory ``path`` put in
+    (an ``xformer``'s under ``qformer/``; its fusion stays fresh)."""
+    cfg = parts.mcfg.projector
+    if not hasattr(cfg, "cross_attention_freq"):
+        raise ValueError("model.projector.init_from_blip2 applies to the blip2 and xformer projectors.")
+    nested = "fusion_layers" in configs.field_names(type(cfg))
+    abstract = parts.abstract["projector"]
+    taken = hf_blip2.load_qformer(path, cfg, abstract["qformer"] if nested else abstract)
+    prefix = "qformer/" if nested else ""
+    flat = flatten(fresh)
+    for k, v in taken.items():
+        flat[prefix + k] = jax.device_put(v.astype(flat[prefix + k].dtype), flat[prefix + k].sharding)
+    return unflatten(flat)
 
 
 # --- a trained run -----------------------------------------------------------------------------------

@@ -66,6 +66,12 @@ def projector_name(config: Any) -> str:
     raise ValueError(f"No registered projector has config class {type(config).__name__}.")
 
 
+def has_text_branch(name: str) -> bool:
+    """Whether projector ``name`` is a BLIP-2 Q-Former (``blip2``, ``xformer``): it reads captions in
+    stage 1 (``input.qformer_tokenizer``)."""
+    return name in PROJECTORS and issubclass(PROJECTORS[name].config, QFormerConfig)
+
+
 def projector_module(config: Any) -> nn.Module:
     """The projector module for ``config``."""
     return PROJECTORS[projector_name(config)].module(config)
@@ -82,5 +88,5 @@ register("xformer", XFormerConfig, XFormer)  # the Q-Former fused with an MAE (n
 __all__ = [
     "PROJECTORS", "CAbstractor", "CAbstractorConfig", "MLPConfig", "MLPProjector", "ParGo", "ParGoConfig",
     "ProjectorType", "QFormer", "QFormerConfig", "Resampler", "ResamplerConfig", "XFormer", "XFormerConfig",
-    "projector_config", "projector_module", "projector_name", "register",
+    "has_text_branch", "projector_config", "projector_module", "projector_name", "register",
 ]  # fmt: skip
