@@ -103,6 +103,7 @@ def objective(config: ml_collections.ConfigDict, mcfg: MLLMConfig) -> Stage1 | N
         raise ValueError("config.objective.name='qformer' reads captions: set input.qformer_tokenizer.")
     from data_pipelines.text import load_qformer_tokenizer
 
+    mcfg.projector.check_text_length(int(config.input.get("qformer_max_len", 32)))
     parts = STAGE1_PARTS if mcfg.detail else STAGE1_PARTS[:3]
     weights = {k: float(o.get(k, 1.0)) for k in parts}
     return Stage1(weights, load_qformer_tokenizer(config.input.qformer_tokenizer).dec_id)

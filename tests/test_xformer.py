@@ -129,3 +129,25 @@ def test_xformer_without_its_mae_is_one_clear_error():
     images, _, _ = _batch(b=2)
     with pytest.raises(ValueError, match="X-Former fuses an MAE's tokens"):
         _init(model, images)
+
+
+def test_stage1_config_errors(shapes_dir, tmp_path):
+    """One clear line each: captions longer than the Q-Former's positions, the qformer objective
+    without a Q-Former, a mask ratio outside (0, 1), an MAE without a projector that reads it."""
+    from data_pipelines.text import load_tokenizer
+    from experiments import pretrain
+    from pargo_jax import prepare, runs, train
+    from tests import demo
+
+    def check(preset, overrides, match):
+        c = demo.demo_config(shapes_dir, 1, stage=pretrain, preset=preset, **overrides)
+        c.demo_mae = None
+        prepare.prepare_data(c, str(tmp_path))
+        with pytest.raises(ValueError, match=match):
+            train.objective(c, runs.model_config(c, load_tokenizer(c.input.tokenizer)))
+
+    check("blip2_demo", {"input.qformer_max_len": 40}, "has max_positions=32 position embeddings")
+    check("demo", {"objective.name": "qformer"}, "trains a Q-Former: use projector blip2 or xformer")
+    mae = {"model.detail": {"config": {"image_size": 64, "patch_size": 8, "width": 32}, "mask_ratio": 1.5}}
+    check("xformer_demo", mae, r"mask_ratio must lie in \(0, 1\)")
+    check("demo", {"model.detail": {"config": {"image_size": 64}}}, "needs a projector that reads it")
