@@ -13,7 +13,9 @@ Writes, with LoRA merged into the LLM weights:
   DIR/llm/           the LLM alone as a standard HF directory (``AutoModelForCausalLM`` for Llama /
                      Qwen2 / OPT; InternLM2 in its own layout, which transformers runs with its remote
                      code)
-  DIR/vision_tower/  the tower in its source format (HF dir for SigLIP / CLIP, EVA02 state dict)
+  DIR/vision_tower/  the tower in its source format (HF dir for SigLIP / CLIP, EVA02 state dict; a
+                     BLIP-2 tower is skipped: it stays frozen, its BLIP-2 checkpoint holds it)
+  DIR/detail_tower/  X-Former's MAE as an HF ViTMAEForPreTraining directory
   DIR/llm_adapter/   the LoRA adapters as a PEFT directory over the LLM the run started from (when
                      only they trained in the LLM)
   DIR/official/pytorch_model.bin  the release's whole-model layout (EVA02 + released raster ParGo +
@@ -153,15 +155,28 @@ def export_workdir(
     done["llm"] = hf.save_llm(os.path.join(out, "llm"), llm_params, llm_cfg, max_shard_bytes=max_shard_bytes)
     run.tokenizer.save(done["llm"])
     done["llm_adapter"] = save_adapter(os.path.join(out, "llm_adapter"), params["llm"], run)
-    done["vision_tower"] = hf_vision.save_vision(
-        os.path.join(out, "vision_tower"), params["vision_tower"], mcfg.vision
+    done["vision_tower"] = _or_skipped(
+        hf_vision.save_vision, os.path.join(out, "vision_tower"), params["vision_tower"], mcfg.vision
     )
+    if mcfg.detail:  # X-Former's MAE, as an HF ViTMAEForPreTraining directory
+        from pargo_jax.convert import hf_mae
+
+        done["detail_tower"] = hf_mae.save_mae(os.path.join(out, "detail_tower"), params["detail_tower"],
+                                               mcfg.detail.mae)  # fmt: skip
     done["official"] = (
         save_official(os.path.join(out, "official"), mcfg, params)
         if not mcfg.high_res else "skipped: the release's format has no high-res path"
     )  # fmt: skip
     _write_json(out, "export.json", {"workdir": str(workdir), "step": run.step, "parts": done})
     return {"step": run.step, **done}
+
+
+def _or_skipped(write, *args) -> str:
+    """``write(*args)``'s path, or ``"skipped: why"`` when the part has no export (a ValueError)."""
+    try:
+        return write(*args)
+    except ValueError as e:
+        return f"skipped: {e}"
 
 
 def save_adapter(out: str, llm_params: Mapping[str, Any], run) -> str:

@@ -87,19 +87,31 @@ VARIANTS: dict[str, Callable[[int, int], dict | None]] = {
     "c_abstractor": _square("c_abstractor", depth=2),
     "mlp": lambda t, n: dict(name="mlp", group=n // t) if n % t == 0 else None,
     "mg_llava": lambda t, n: _pargo(t - MG_LLAVA_BOXES, _tiling(t - MG_LLAVA_BOXES - 4, n)),
+    "blip2": lambda t, n: dict(name="blip2", num_queries=t),
+    "xformer": lambda t, n: dict(name="xformer", num_queries=t, fusion_layers=1),
+    "xformer_norecon": lambda t, n: dict(name="xformer", num_queries=t, fusion_layers=1),
 }
+# The BLIP-2 Q-Former family first trains with its stage-1 objectives (``--qformer-steps`` on the
+# captions: ITC, ITM, ITG, + X-Former's MAE reconstruction unless ``_norecon``), then runs the schedule
+# from that projector (the demo's MAE, pretrained once per ``--out``, is X-Former's second tower).
+QFORMER_VARIANTS = {"blip2": "blip2_demo", "xformer": "xformer_demo", "xformer_norecon": "xformer_demo"}
+XFORMER_ABLATION = ("xformer", "xformer_norecon", "blip2")
 FAMILIES = ("pargo", "qformer", "resampler", "c_abstractor", "mlp")
 ABLATIONS = ("pargo_released", "pargo_raster", "pargo_few_partial")  # by default at the smallest budget
 # MG-LLaVA (preset mg_llava_demo): ParGo over the demo tower fused by the Conv-Gate with a tiny ConvNeXt
 # at 4x the image size, plus this many object tokens (the records' boxes); they count in the budget.
 MG_LLAVA_BOXES = 4
+QFORMER_WIDTHS = dict(hidden=64, heads=4, layers=2, mlp_dim=128, cross_attention_freq=1, max_positions=128,
+                      embed_dim=32)  # fmt: skip
 WIDTHS = dict(pargo=dict(hidden=64, heads=4, layers=2, mlp_dim=128, max_positions=128, init="fan_in"),
               qformer=dict(hidden=64, heads=4, layers=2, mlp_dim=128, max_positions=128, init="fan_in"),
-              resampler=dict(hidden=64), c_abstractor=dict(hidden=64))  # fmt: skip
+              resampler=dict(hidden=64), c_abstractor=dict(hidden=64),
+              blip2=QFORMER_WIDTHS, xformer=QFORMER_WIDTHS)  # fmt: skip
 FULL = dict(budgets=(16, 64), seeds=(0, 1, 2), lrs=(1.0,), variants=FAMILIES + ABLATIONS)
 QUICK = dict(budgets=(16,), seeds=(0,), lrs=(1.0,), variants=("pargo", "resampler"))
 QUICK_DATA = dict(num_pretrain=128, num_sft=128, num_eval=16, num_val=16)
 QUICK_TOWER = dict(steps=20, batch_size=16)
+QUICK_MAE = dict(steps=10, batch_size=8)
 
 
 def num_patches(data: str) -> int:
@@ -115,9 +127,14 @@ def projector_options(variant: str, budget: int, data: str = "fine") -> dict | N
 
 
 def _shared(c, out: str, data: str, quick: bool, mg_llava: bool) -> None:
-    """The settings every run of ``data`` shares: its data, tower, image size and sequence length."""
+    """The settings every run of ``data`` shares: its data, tower, image size and sequence length (and
+    X-Former's MAE, the Q-Former's caption length)."""
     c.input.data_dir = os.path.join(out, data, "data")
     c.model.vision.path = os.path.join(out, data, "demo_tower")
+    if c.model.projector.get("name") == "xformer":
+        c.model.detail = dict(path=os.path.join(out, data, "demo_mae"), mask_ratio=0.5)
+        c.demo_mae = dict(image_size=IMAGE_SIZE[data], **(QUICK_MAE if quick else {}))
+    c.input.qformer_max_len = CAPTION_TEXT[data]  # whole captions (LAVIS cuts at 32: fine ones are longer)
     c.sample_at_end = ""
     c.checkpoint.every_steps = 10**9  # only the final step
     size = IMAGE_SIZE[data]
@@ -145,18 +162,38 @@ def stage_configs(
     mg_llava: bool = False,
     schedule: str = "caption",
     budget: int = 64,
+    variant: str = "",
+    qformer_steps: int | None = None,
 ) -> list:
     """The configs of one run, in order: ``caption``: the demo preset's stage 1 (``mg_llava``:
     mg_llava_demo's) with the tower frozen; ``demo``: its stages 1 and 2. On the ``data`` variant of the
-    shapes set (the demo tower pretrained on it) with this projector, seed and LR scale."""
+    shapes set (the demo tower pretrained on it) with this projector, seed and LR scale. A Q-Former
+    ``variant`` (:data:`QFORMER_VARIANTS`) runs its stage 1 first, ``qformer_steps`` long (default:
+    its preset's)."""
     from experiments import base, evals, pretrain, sft
 
     stages = (pretrain,) if schedule == "caption" else (pretrain, sft)
     configs = []
+    qformer = QFORMER_VARIANTS.get(variant)
+    if qformer:  # its stage 1 first
+        c = pretrain.get_config(qformer)
+        c.seed = seed
+        c.model.projector = dict(projector)
+        c.optim.lr *= lr_scale
+        _shared(c, out, data, quick, False)
+        if variant.endswith("_norecon"):
+            c.objective.recon = 0.0
+        c.evals = {}
+        steps_1 = qformer_steps or (4 if quick else c.total_steps)
+        base.set_steps(c, total=steps_1, warmup=min(c.optim.warmup_steps, steps_1 // 4))
+        c.log_every_steps = max(1, steps_1 // 4)
+        configs.append(c)
     for stage in stages:
         c = stage.get_config("mg_llava_demo" if mg_llava else "demo")
         c.seed = seed
         c.model.projector = dict(projector)
+        if qformer:  # the Q-Former's stage-1 projector continues
+            c.checkpoint.init_from_parts = tuple(dict.fromkeys((*c.checkpoint.init_from_parts, "projector")))
         c.optim.lr *= lr_scale
         _shared(c, out, data, quick, mg_llava)
         if schedule == "caption":  # the tower is the same frozen one for every projector
@@ -196,6 +233,7 @@ def train_one(
     quick=False,
     data="fine",
     schedule="caption",
+    qformer_steps=None,
     log=print,
 ) -> dict:
     """Trains one run (every stage of ``schedule``) unless its ``result.json`` exists; returns the result."""
@@ -211,11 +249,13 @@ def train_one(
         return result
     projector = projector_options(variant, budget, data)
     configs = stage_configs(
-        projector, seed, lr_scale, out, steps, quick, data, variant == "mg_llava", schedule, budget
-    )
+        projector, seed, lr_scale, out, steps, quick, data, variant == "mg_llava", schedule, budget, variant,
+        qformer_steps,
+    )  # fmt: skip
     t0 = time.perf_counter()
     workdir = None
-    for stage, c in zip(("pretrain", "sft"), configs):
+    names = ("qformer",) * (len(configs) - (1 if schedule == "caption" else 2)) + ("pretrain", "sft")
+    for stage, c in zip(names, configs):
         if workdir:
             c.checkpoint.init_from = workdir  # stage 2 starts from stage 1
         workdir = os.path.join(root, stage)
@@ -247,7 +287,12 @@ def _projector_size(workdir: str) -> dict[str, Any]:
     mcfg = runs.read_model_config(workdir)
     n = mcfg.vision.num_tokens
     x = jax.ShapeDtypeStruct((1, n, mcfg.projector.vision_width), np.float32)
-    shapes = jax.eval_shape(projector_module(mcfg.projector).init, jax.random.key(0), x)
+    extra = {}
+    if mcfg.detail:  # X-Former: the MAE's tokens (its patches + CLS)
+        extra["detail"] = jax.ShapeDtypeStruct(
+            (1, mcfg.detail.mae.num_patches + 1, mcfg.detail.mae.width), np.float32
+        )
+    shapes = jax.eval_shape(projector_module(mcfg.projector).init, jax.random.key(0), x, **extra)
     params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(shapes))
     return dict(tokens=mcfg.num_image_tokens, params=params, gflops=mcfg.projector.flops(n) / 1e9)
 
@@ -322,7 +367,7 @@ def plan_cells(budgets, variants, data: str, ablations_everywhere: bool) -> list
         seen: dict[str, str] = {}
         for v in variants:
             options = projector_options(v, t, data)
-            key = json.dumps([options, v == "mg_llava"], sort_keys=True)
+            key = json.dumps([options, v == "mg_llava", v.endswith("_norecon")], sort_keys=True)
             if v in ABLATIONS and t != min(budgets) and not ablations_everywhere:
                 continue
             if options is None:
@@ -335,15 +380,17 @@ def plan_cells(budgets, variants, data: str, ablations_everywhere: bool) -> list
     return cells
 
 
-def _prepare(out: str, data: str, quick: bool, schedule: str) -> None:
-    """Builds the shared data and demo tower once, before runs start side by side."""
+def _prepare(out: str, data: str, quick: bool, schedule: str, variants=()) -> None:
+    """Builds the shared data, demo tower (and X-Former's MAE) once, before runs start side by side."""
     from pargo_jax import prepare
 
     c = stage_configs(
-        projector_options("qformer", 16, data), 0, 1.0, out, None, quick, data, False, schedule
+        projector_options("xformer", 16, data), 0, 1.0, out, None, quick, data, False, schedule
     )[0]
-    prepare.prepare_data(c, os.path.join(out, data))
+    prepare.prepare_data(c, os.path.join(out, data))  # also the Q-Former's tokenizer
     prepare.prepare_demo_tower(c)
+    if any(v.startswith("xformer") for v in variants):
+        prepare.prepare_demo_mae(c)
 
 
 def _trained(run: tuple, out: str, data: str, schedule: str) -> bool:
@@ -369,6 +416,9 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, help="steps per stage (default: caption 300, demo the demo's)")
     p.add_argument("--data", default="fine", choices=tuple(IMAGE_SIZE), help="shapes variant (fine: 128 px)")
     p.add_argument("--jobs", type=int, default=2, help="runs trained side by side (processes)")
+    p.add_argument(
+        "--qformer-steps", type=int, help="stage-1 steps of the Q-Former variants (default: preset's)"
+    )
     a = p.parse_args(argv)
     grid = dict(QUICK if a.quick else FULL)
     for key, cast in (("budgets", int), ("seeds", int), ("lrs", float), ("variants", str)):
@@ -381,8 +431,8 @@ def main(argv=None) -> dict:
     cells = plan_cells(grid["budgets"], grid["variants"], a.data, ablations_everywhere=bool(a.variants))
     plan = [(v, t, s, lr) for v, t in cells for s in grid["seeds"] for lr in grid["lrs"]]
     t0 = time.perf_counter()
-    _prepare(a.out, a.data, a.quick, a.schedule)
-    kw = dict(steps=steps, quick=a.quick, data=a.data, schedule=a.schedule)
+    _prepare(a.out, a.data, a.quick, a.schedule, grid["variants"])
+    kw = dict(steps=steps, quick=a.quick, data=a.data, schedule=a.schedule, qformer_steps=a.qformer_steps)
     spawn = multiprocessing.get_context("spawn")  # a fresh JAX per run: no fork of a started runtime
     with concurrent.futures.ProcessPoolExecutor(max(1, a.jobs), mp_context=spawn) as pool:
         futures = [_done(train_one(*run, a.out, **kw)) if _trained(run, a.out, a.data, a.schedule)
