@@ -51,6 +51,7 @@ def base() -> ml_collections.ConfigDict:
     )  # fmt: skip
     c.shapes = None  # dict(...) of data_pipelines.shapes.build arguments: build the demo set on first run
     c.demo_tower = None  # dict(...) of pargo_jax.demo_tower.build options: build model.vision.path if missing
+    c.demo_mae = None  # dict(...) of pargo_jax.demo_mae.build options: build model.detail.path if missing
     c.optim = dict(
         lr=1e-3, warmup_steps=30, schedule="cosine", min_lr_ratio=0.0,
         weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, grad_accum_steps=1,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -157,28 +158,38 @@ def pretrain(
 
 def build(out: str, *, image_size: int = 64, log=print, **options) -> str:
     """Pretrains the tower (``options``: :func:`pretrain`'s, as the config's ``demo_tower`` section holds
-    them) and writes its HF directory; written beside ``out`` and renamed into place, so concurrent
-    builders leave one whole copy."""
-    import os
-    import shutil
-    import tempfile
-
+    them) and writes its HF directory into place at ``out`` (:func:`write_into_place`)."""
     from pargo_jax.convert.hf_vision import save_vision
 
     cfg = tower_config(image_size)
     params = pretrain(cfg, log=log, **options)
+    return write_into_place(out, lambda tmp: save_vision(tmp, params, cfg), ".demo_tower_")
+
+
+def write_into_place(out: str, write: Callable[[str], Any], prefix: str) -> str:
+    """``write(tmp)`` fills a temporary directory beside ``out``, which is then renamed to ``out``, so
+    concurrent builders leave one whole copy. Returns ``out`` (absolute)."""
+    import os
+    import shutil
+    import tempfile
+
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = save_vision(tempfile.mkdtemp(prefix=".demo_tower_", dir=os.path.dirname(out)), params, cfg)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=os.path.dirname(out))
     try:
+        write(tmp)
         os.rename(tmp, out)
     except OSError:  # another process finished first
-        shutil.rmtree(tmp)
+        if not os.path.exists(os.path.join(out, "config.json")):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def ensure(out: str, **options) -> bool:
-    """Builds the demo tower at ``out`` unless it is there; returns whether it built."""
+def ensure(out: str, build: Callable[..., str] = build, **options) -> bool:
+    """Builds the directory at ``out`` with ``build(out, **options)`` (the demo tower's unless told)
+    unless its ``config.json`` is there; returns whether it built."""
     import os
 
     if os.path.exists(os.path.join(out, "config.json")):

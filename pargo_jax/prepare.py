@@ -1,5 +1,6 @@
-"""What a run needs made before it trains: the demo's synthetic shapes set and its pretrained tower,
-each built on first use when the config asks for it (``config.shapes``, ``config.demo_tower``).
+"""What a run needs made before it trains: the demo's synthetic shapes set, its pretrained tower and
+(X-Former's demo) its pretrained MAE, each built on first use when the config asks for it
+(``config.shapes``, ``config.demo_tower``, ``config.demo_mae``).
 
     prepare.prepare_run(config, workdir)   # then train.run(config, workdir)
 """
@@ -16,9 +17,10 @@ from pargo_jax.models import projectors
 
 
 def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """The demo's data and tower for a run of ``config`` in ``workdir``; nothing for other configs."""
+    """The demo's data, tower and MAE for a run of ``config`` in ``workdir``; nothing for other configs."""
     prepare_data(config, workdir)
-    prepare_demo_tower(config)  # before the mesh: its pretraining runs on one device
+    prepare_demo_tower(config)  # before the mesh: their pretraining runs on one device
+    prepare_demo_mae(config)
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -65,12 +67,30 @@ def prepare_demo_tower(config: ml_collections.ConfigDict) -> None:
         return
     from pargo_jax import demo_tower
 
-    path = paths.join(config.model.vision.path)
-    if jax.process_index() == 0 and demo_tower.ensure(path, **config.demo_tower.to_dict()):
-        logging.info("Built the demo tower in %s.", path)
+    _build_once(config, "demo_tower", config.model.vision, demo_tower.ensure, "demo tower")
+
+
+def prepare_demo_mae(config: ml_collections.ConfigDict) -> None:
+    """X-Former's demo MAE is built at ``model.detail.path`` on first run (``config.demo_mae`` holds the
+    build options), by process 0 while the others wait."""
+    if config.get("demo_mae") is None:
+        return
+    if not (config.model.get("detail") or {}).get("path"):
+        raise ValueError("config.demo_mae builds the demo MAE at config.model.detail.path: set that path.")
+    from pargo_jax import demo_mae
+
+    _build_once(config, "demo_mae", config.model.detail, demo_mae.ensure, "demo MAE")
+
+
+def _build_once(config: ml_collections.ConfigDict, section: str, target, ensure, what: str) -> None:
+    """``ensure(target.path, **config[section])`` on process 0 while the others wait; ``target.path``
+    made absolute."""
+    path = paths.join(target.path)
+    if jax.process_index() == 0 and ensure(path, **config[section].to_dict()):
+        logging.info("Built the %s in %s.", what, path)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("demo tower built")
+        multihost_utils.sync_global_devices(f"{what} built")
     with config.unlocked():
-        config.model.vision.path = path
+        target.path = path

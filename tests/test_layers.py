@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     # 6 apps
     "pargo_jax.prepare": 6,
     "pargo_jax.demo_tower": 6,
+    "pargo_jax.demo_mae": 6,
     "pargo_jax.train": 6,
     "pargo_jax.predictor": 6,
     "pargo_jax.evaluators": 6,

@@ -2,6 +2,7 @@
 
     module, variables = load_mae("/ckpt/vit-mae-base", norm_pix_loss=True)
     out = module.apply(variables, pixels, noise)          # MAEOutput: loss, logits, mask, ids_restore
+    save_mae("/tmp/my-mae", variables["params"], module.config)   # and back: an HF directory
 
 Both transformers v5's module names (``vit.layers.N.attention.q_proj``, ``mlp.fc1``) and the v4 names
 of the released checkpoints (``vit.encoder.layer.N.attention.attention.query``, ``intermediate.dense``,
@@ -12,7 +13,8 @@ Every tensor is accounted for: the two fixed position tables (``vit.embeddings.p
 ``decoder.decoder_pos_embed``) must equal the 2-D sin-cos tables the model computes (a model built
 fresh by transformers v5 leaves them zero, so its directory is refused), every other tensor fills
 exactly one parameter, and anything missing or left over raises
-:class:`~pargo_jax.convert.tables.ConversionError` naming it.
+:class:`~pargo_jax.convert.tables.ConversionError` naming it. :func:`save_mae` reads the table
+backwards and writes the released checkpoints' names and both sin-cos tables.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pargo_jax.configs import check_keys, field_names
-from pargo_jax.convert.hf_vision import _HF_ACTS
+from pargo_jax.convert.hf_vision import _ACT_NAMES, _HF_ACTS
 from pargo_jax.convert.tables import (
     ConversionError,
     LazySource,
@@ -36,13 +38,16 @@ from pargo_jax.convert.tables import (
     conv_oihw_to_hwio,
     convert,
     expected_shapes,
+    export,
     merge_heads_in,
     reshape,
+    save_safetensors,
     split_heads_bias,
     split_heads_out,
     transpose,
 )
 from pargo_jax.models.mae import MAE, MAEConfig, sincos_pos_embed
+from pargo_jax.param_tree import flat_arrays
 
 # HF ViTMAEConfig key -> MAEConfig field (absent keys keep MAEConfig's defaults, which are HF's).
 _HF_FIELDS = {
@@ -69,7 +74,8 @@ POS_TABLES = {  # fixed (not learned) tensors: name -> which width's table they 
 
 def _block_rules(layers: str, dst: str, heads: int) -> list[Rule]:
     """One stack of HF ``ViTMAELayer`` s (``layers`` matches the prefix before the index) -> the
-    scanned :class:`~pargo_jax.models.vision.Block` s at ``dst``; v4 names import as aliases."""
+    scanned :class:`~pargo_jax.models.vision.Block` s at ``dst``. The v4 names of the released
+    checkpoints export (every transformers version loads them); v5's module names import as aliases."""
     L = layers + r"(\d+)\."
     at = lambda ours: f"{dst}/{ours}[{{0}}]"
     wb = lambda src, ours, w_tf, b_tf=None, **kw: [
@@ -77,27 +83,29 @@ def _block_rules(layers: str, dst: str, heads: int) -> list[Rule]:
         Rule(L + src + r"\.bias", at(f"{ours}/bias"), b_tf, **kw),
     ]
     qkv = (split_heads_out(heads), split_heads_bias(heads))
-    rules = [
+    norms = [
         Rule(L + r"layernorm_before\.weight", at("norm1/scale")),
         Rule(L + r"layernorm_before\.bias", at("norm1/bias")),
         Rule(L + r"layernorm_after\.weight", at("norm2/scale")),
         Rule(L + r"layernorm_after\.bias", at("norm2/bias")),
-        *(r for q in "qkv" for r in wb(rf"attention\.{q}_proj", f"attn/{q}", *qkv)),
-        *wb(r"attention\.o_proj", "attn/out", merge_heads_in(heads)),
-        *wb(r"mlp\.fc1", "mlp/fc1", transpose),
-        *wb(r"mlp\.fc2", "mlp/fc2", transpose),
     ]
-    v4 = [
+    v4 = [  # the released checkpoints' names: what save_mae writes
         *(
             r
             for q, old in (("q", "query"), ("k", "key"), ("v", "value"))
-            for r in wb(rf"attention\.attention\.{old}", f"attn/{q}", *qkv, exported=False)
+            for r in wb(rf"attention\.attention\.{old}", f"attn/{q}", *qkv)
         ),
-        *wb(r"attention\.output\.dense", "attn/out", merge_heads_in(heads), exported=False),
-        *wb(r"intermediate\.dense", "mlp/fc1", transpose, exported=False),
-        *wb(r"output\.dense", "mlp/fc2", transpose, exported=False),
+        *wb(r"attention\.output\.dense", "attn/out", merge_heads_in(heads)),
+        *wb(r"intermediate\.dense", "mlp/fc1", transpose),
+        *wb(r"output\.dense", "mlp/fc2", transpose),
     ]
-    return rules + v4
+    v5 = [
+        *(r for q in "qkv" for r in wb(rf"attention\.{q}_proj", f"attn/{q}", *qkv, exported=False)),
+        *wb(r"attention\.o_proj", "attn/out", merge_heads_in(heads), exported=False),
+        *wb(r"mlp\.fc1", "mlp/fc1", transpose, exported=False),
+        *wb(r"mlp\.fc2", "mlp/fc2", transpose, exported=False),
+    ]
+    return norms + v4 + v5
 
 
 def mae_rules(cfg: MAEConfig) -> list[Rule]:
@@ -111,7 +119,7 @@ def mae_rules(cfg: MAEConfig) -> list[Rule]:
         ),
         Rule(r"vit\.embeddings\.patch_embeddings\.projection\.bias", "encoder/patch_embed/bias"),
         Rule(r"vit\.embeddings\.cls_token", "encoder/cls_token", token),
-        *_block_rules(r"vit\.(?:layers|encoder\.layer)\.", "encoder/blocks", cfg.heads),
+        *_block_rules(r"vit\.(?:encoder\.layer|layers)\.", "encoder/blocks", cfg.heads),
         Rule(r"vit\.layernorm\.weight", "encoder/norm/scale"),
         Rule(r"vit\.layernorm\.bias", "encoder/norm/bias"),
         Rule(r"decoder\.decoder_embed\.weight", "decoder/embed/kernel", transpose),
@@ -184,3 +192,27 @@ def load_mae(path: str, dtype=np.float32, *, compute_dtype=None, **options) -> t
         dtype=np.dtype(dtype), what=what,
     )  # fmt: skip
     return module, {"params": params}
+
+
+def save_mae(path: str, params: Mapping[str, Any], cfg: MAEConfig) -> str:
+    """Writes :class:`MAE` ``params`` (unboxed) as an HF ``ViTMAEForPreTraining`` directory at ``path``:
+    ``config.json`` (every ``ViTMAEConfig`` field, ``mask_ratio`` and ``norm_pix_loss`` included) and
+    ``model.safetensors`` in the released checkpoints' names, with the two fixed position tables the
+    model computes. :func:`load_mae` reads back the same params; transformers computes the same
+    outputs. Returns ``path``."""
+    if cfg.act not in _ACT_NAMES:
+        raise ValueError(f"MAE act {cfg.act!r} has no HF name; supported: {sorted(_ACT_NAMES)}.")
+    tensors = export(flat_arrays(params), mae_rules(cfg), what="MAE")
+    for name, width in POS_TABLES.items():
+        tensors[name] = sincos_pos_embed(cfg.grid, getattr(cfg, width))[None]
+    config = {hf: getattr(cfg, ours) for hf, ours in _HF_FIELDS.items()}
+    config.update(
+        model_type="vit_mae", architectures=["ViTMAEForPreTraining"], hidden_act=_ACT_NAMES[cfg.act],
+        qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.02,
+        dtype="float32",
+    )  # fmt: skip
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_safetensors(path, {k: np.asarray(v, np.float32) for k, v in tensors.items()})
+    return path
