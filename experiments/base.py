@@ -212,7 +212,8 @@ def qformer_demo_model(c: ml_collections.ConfigDict, *, mae: bool) -> None:
     )  # fmt: skip
     if mae:
         c.model.detail = dict(path="workdir/demo_mae", mask_ratio=0.5)
-        c.demo_mae = {}  # pargo_jax.demo_mae.build's options (its defaults)
+        # pargo_jax.demo_mae.build's options; built when model.detail.path is missing (~70 s)
+        c.demo_mae = dict(steps=2000, batch_size=32, lr=2e-3, seed=0, mask_ratio=0.5, image_size=64)
     c.input.update(max_len=140, qformer_max_len=32)  # 12 more image tokens than the demo's 20
 
 
