@@ -28,13 +28,54 @@ def _token_str(value: Any) -> str | None:
     return value
 
 
-class Tokenizer:
-    """Text <-> ids plus chat-template rendering and answer masks for training."""
+class TokenizerDir:
+    """What a tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``) gives every wrapper:
+    reading it, pickling for grain worker processes, the vocabulary size, decoding."""
 
     def __init__(self, tokenizer: Any, config: dict[str, Any], path: str = "<memory>"):
         self._tok = tokenizer
         self.config = dict(config)
         self.path = path
+
+    @staticmethod
+    def read(path: str, hint: str) -> tuple[Any, dict[str, Any]]:
+        """(HF ``tokenizers.Tokenizer``, tokenizer_config.json) of the dir ``path`` (local or any epath
+        URL); a missing file is one error ending with ``hint``."""
+        from etils import epath
+        from tokenizers import Tokenizer as HFTokenizer
+
+        root = epath.Path(path)
+        tj, tc = root / "tokenizer.json", root / "tokenizer_config.json"
+        for f in (tj, tc):
+            if not f.exists():
+                raise FileNotFoundError(f"{f} not found; {hint}")
+        return HFTokenizer.from_str(tj.read_text()), json.loads(tc.read_text())
+
+    def token_ids(self, token: str) -> tuple[int | None, list[int]]:
+        """(the vocabulary's id of ``token`` or None, what encoding it as text gives)."""
+        return self._tok.token_to_id(token), self._tok.encode(token, add_special_tokens=False).ids
+
+    def __getstate__(self):  # picklable for grain worker processes
+        return {"json": self._tok.to_str(), "config": self.config, "path": self.path}
+
+    def __setstate__(self, state):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.__init__(HFTokenizer.from_str(state["json"]), state["config"], state["path"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+class Tokenizer(TokenizerDir):
+    """Text <-> ids plus chat-template rendering and answer masks for training."""
+
+    def __init__(self, tokenizer: Any, config: dict[str, Any], path: str = "<memory>"):
+        super().__init__(tokenizer, config, path)
         template = self.config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -64,23 +105,18 @@ class Tokenizer:
     # --- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str) -> Tokenizer:
-        """Load ``tokenizer.json`` + ``tokenizer_config.json`` from a checkpoint dir."""
+        """Load ``tokenizer.json`` + ``tokenizer_config.json`` (+ ``chat_template.jinja``) from a
+        checkpoint dir (local or any epath URL, gs://...)."""
         from etils import epath
-        from tokenizers import Tokenizer as HFTokenizer
 
-        root = epath.Path(path)  # local or any epath URL (gs://...)
-        tj, tc = root / "tokenizer.json", root / "tokenizer_config.json"
-        for f in (tj, tc):
-            if not f.exists():
-                raise FileNotFoundError(
-                    f"{f} not found; point input.tokenizer at a dir holding tokenizer.json and "
-                    "tokenizer_config.json (data_pipelines.shapes.build writes one)."
-                )
-        config = json.loads(tc.read_text())
-        template = root / "chat_template.jinja"
+        tok, config = cls.read(
+            path, "point input.tokenizer at a dir holding tokenizer.json and tokenizer_config.json "
+            "(data_pipelines.shapes.build writes one).",
+        )  # fmt: skip
+        template = epath.Path(path) / "chat_template.jinja"
         if not config.get("chat_template") and template.exists():
             config["chat_template"] = template.read_text()
-        return cls(HFTokenizer.from_str(tj.read_text()), config, path)
+        return cls(tok, config, path)
 
     def save(self, path: str) -> str:
         """Writes ``tokenizer.json`` + ``tokenizer_config.json`` (chat template included) to ``path``
@@ -110,8 +146,7 @@ class Tokenizer:
         return ids
 
     def _single_id(self, token: str, what: str) -> int:
-        tid = self._tok.token_to_id(token)
-        ids = self._tok.encode(token, add_special_tokens=False).ids
+        tid, ids = self.token_ids(token)
         if tid is None or ids != [tid]:
             raise ValueError(
                 f"{self.path}: {what} {token!r} is not a single token (encodes to {ids}); add it to the "
@@ -119,24 +154,9 @@ class Tokenizer:
             )
         return tid
 
-    def __getstate__(self):  # picklable for grain worker processes
-        return {"json": self._tok.to_str(), "config": self.config, "path": self.path}
-
-    def __setstate__(self, state):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        self.__init__(HFTokenizer.from_str(state["json"]), state["config"], state["path"])
-
     # --- basic ---------------------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -333,7 +353,7 @@ def prepare_tokenizer(src: str, dst: str, *, image_token: str = IMAGE_PLACEHOLDE
 DEC_TOKEN = "[DEC]"  # LAVIS: tokenizer.add_special_tokens({"bos_token": "[DEC]"}); the ITG loss's first id
 
 
-class QFormerTokenizer:
+class QFormerTokenizer(TokenizerDir):
     """The Q-Former text branch's tokenizer (BLIP-2 reads the caption with ``bert-base-uncased`` + ``[DEC]``),
     separate from the LLM's chat-template tokens.
 
@@ -346,11 +366,9 @@ class QFormerTokenizer:
     """
 
     def __init__(self, tokenizer: Any, config: dict[str, Any], path: str = "<memory>"):
-        self._tok = tokenizer
+        super().__init__(tokenizer, config, path)
         self._tok.no_truncation()  # encode() truncates and pads itself
         self._tok.no_padding()
-        self.config = dict(config)
-        self.path = path
 
         def token(keys: tuple[str, str], what: str) -> str:
             value = next((t for k in keys if isinstance(t := _token_str(self.config.get(k)), str)), None)
@@ -371,8 +389,7 @@ class QFormerTokenizer:
         self.dec_id = self._single_id(self.dec_token, "dec_token")
 
     def _single_id(self, token: str, what: str) -> int:
-        tid = self._tok.token_to_id(token)
-        ids = self._tok.encode(token, add_special_tokens=False).ids
+        tid, ids = self.token_ids(token)
         if tid is None or ids != [tid]:
             raise ValueError(
                 f"{self.path}: the Q-Former's {what} {token!r} is not a single token (encodes to {ids}); "
@@ -387,30 +404,9 @@ class QFormerTokenizer:
     @classmethod
     def load(cls, path: str) -> QFormerTokenizer:
         """Load ``tokenizer.json`` + ``tokenizer_config.json`` from a dir (local or any epath URL)."""
-        from etils import epath
-        from tokenizers import Tokenizer as HFTokenizer
-
-        root = epath.Path(path)
-        tj, tc = root / "tokenizer.json", root / "tokenizer_config.json"
-        for f in (tj, tc):
-            if not f.exists():
-                raise FileNotFoundError(
-                    f"{f} not found; point input.qformer_tokenizer at a dir holding tokenizer.json and "
-                    "tokenizer_config.json (data_pipelines.text.prepare_qformer_tokenizer writes one)."
-                )
-        return cls(HFTokenizer.from_str(tj.read_text()), json.loads(tc.read_text()), path)
-
-    def __getstate__(self):  # picklable for grain worker processes
-        return {"json": self._tok.to_str(), "config": self.config, "path": self.path}
-
-    def __setstate__(self, state):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        self.__init__(HFTokenizer.from_str(state["json"]), state["config"], state["path"])
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        hint = ("point input.qformer_tokenizer at a dir holding tokenizer.json and tokenizer_config.json "
+                "(data_pipelines.text.prepare_qformer_tokenizer writes one).")  # fmt: skip
+        return cls(*cls.read(path, hint), path)
 
     def text_ids(self, text: str) -> list[int]:
         """The caption's ids, no special tokens."""
@@ -428,9 +424,6 @@ class QFormerTokenizer:
         mask = np.zeros(max_len, np.int32)
         mask[:n] = 1
         return ids, mask
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
 def load_qformer_tokenizer(path: str) -> QFormerTokenizer:
