@@ -33,6 +33,7 @@ def get_config(arg: str | None = None):
     elif name in base.QFORMERS:  # BLIP-2's stage 1: ITC + ITM + ITG (+ X-Former's reconstruction)
         c.objective = dict(name="qformer", itc=1.0, itm=1.0, itg=1.0, recon=1.0)
         c.trainable = base.regex_dict({"projector/.*": 1.0})
+        c.sample_at_end = ""  # no LLM trains in this stage
         c.checkpoint.every_steps = 500
         if name in base.QFORMER_DEMOS:
             base.set_steps(c, total=2000, warmup=50)

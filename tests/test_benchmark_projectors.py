@@ -81,3 +81,21 @@ def test_ablations_run_at_the_smallest_budget_unless_named():
     assert {v for v, t in cells if t == 16} == set(bench.FAMILIES + bench.ABLATIONS)
     named = bench.plan_cells((16, 64), ("pargo_raster",), "fine", ablations_everywhere=True)
     assert named == [("pargo_raster", 16), ("pargo_raster", 64)]
+
+
+def test_qformer_variants_run_their_stage_1_first(tmp_path):
+    """X-Former, X-Former without reconstruction and BLIP-2: their stage 1 (the qformer objective,
+    ``--qformer-steps`` long; the reconstruction weight 0 for ``_norecon``) comes before the schedule,
+    which continues from its projector; ``_norecon`` is not taken for a duplicate of ``xformer``."""
+    cells = bench.plan_cells((32,), bench.XFORMER_ABLATION, "fine", ablations_everywhere=True)
+    assert cells == [("xformer", 32), ("xformer_norecon", 32), ("blip2", 32)]
+    for variant, recon in (("xformer", 1.0), ("xformer_norecon", 0.0), ("blip2", 1.0)):
+        p = bench.projector_options(variant, 32)
+        stage1, caption = bench.stage_configs(p, 0, 1.0, str(tmp_path), None, False, "fine", budget=32,
+                                              variant=variant, qformer_steps=7)  # fmt: skip
+        assert stage1.objective.name == "qformer" and stage1.objective.recon == recon
+        assert stage1.total_steps == 7 and stage1.model.projector.num_queries == 32
+        assert caption.objective.name == "lm" and "projector" in caption.checkpoint.init_from_parts
+        mae = variant.startswith("xformer")
+        assert all(bool(c.model.get("detail")) == mae for c in (stage1, caption))
+        assert stage1.input.qformer_max_len == bench.CAPTION_TEXT["fine"] == caption.input.qformer_max_len

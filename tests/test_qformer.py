@@ -22,7 +22,7 @@ from pargo_jax.convert.hf import read_hf_config
 from pargo_jax.convert.hf_blip2 import load_qformer, qformer_config_from_hf
 from pargo_jax.convert.tables import ConversionError
 from pargo_jax.models.projectors import projector_config, projector_module
-from pargo_jax.models.qformer import QFormer
+from pargo_jax.models.projectors.blip2 import QFormer
 from pargo_jax.param_tree import flatten, unflatten
 
 ATOL = 1e-5  # float32 on both sides; hidden states (post-LN, ~unit scale) and logits

@@ -1,4 +1,4 @@
-"""Import the Q-Former of a local HF BLIP-2 directory into :class:`pargo_jax.models.qformer.QFormer`.
+"""Import the Q-Former of a local HF BLIP-2 directory into :class:`pargo_jax.models.projectors.blip2.QFormer`.
 
     cfg = qformer_config_from_hf(read_hf_config(path), llm_width=4096)
     abstract = jax.eval_shape(QFormer(cfg).init, jax.random.key(0), jnp.zeros((1, 257, cfg.vision_width)))
@@ -46,7 +46,7 @@ from pargo_jax.convert.tables import (
     reshape,
     transpose,
 )
-from pargo_jax.models.qformer import QFormerConfig
+from pargo_jax.models.projectors.blip2 import QFormerConfig
 from pargo_jax.param_tree import flatten
 
 MODEL_TYPE = "blip-2"
