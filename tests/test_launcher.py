@@ -40,7 +40,8 @@ def test_an_unknown_preset_is_one_line(capsys):
     assert (code, len(err)) == (2, 1)
     assert err[0] == (
         "error: --config=experiments/pretrain.py:foo: unknown preset 'foo'; "
-        "choose one of demo, paper, siglip_qwen2, mg_llava, mg_llava_demo"
+        "choose one of demo, paper, siglip_qwen2, mg_llava, mg_llava_demo, xformer, blip2, xformer_demo, "
+        "blip2_demo"
     )
 
 

@@ -1,7 +1,8 @@
 """The Q-Former presets as ``python -m pargo_jax.main`` runs them (prepare, then train), stage 1 then
 stage 2: ``xformer`` on tiny checkpoints written in the real layouts (an HF BLIP-2 directory for the
 tower and the Q-Former, an HF ViTMAE directory, an HF OPT directory, a BERT tokenizer given
-``[DEC]``), and the ``blip2_demo`` preset on the small shapes set."""
+``[DEC]``), and the ``xformer_demo`` preset on the small shapes set (with its shapes evaluation, the
+workdir loading back and the export)."""
 
 from __future__ import annotations
 
@@ -139,3 +140,34 @@ def test_xformer_preset_on_tiny_checkpoints_in_the_real_layouts(shapes_dir, tmp_
     assert np.isfinite(stage2["loss"]) and "loss/itc" not in stage2
     rows = demo.metric_rows(str(tmp_path / "pt"))
     assert {"loss/itc", "loss/itm", "loss/itg", "loss/recon"} <= set(rows[0]) and len(rows) == 3
+
+
+@pytest.mark.slow
+def test_xformer_demo_trains_evaluates_loads_and_exports(shapes_dir, tmp_path):
+    """``xformer_demo``'s two stages as ``main --config=experiments/STAGE.py:xformer_demo`` runs them
+    (3 + 3 steps; the demo MAE built on first use with tiny options), the shapes evaluation
+    at the end of stage 2, the workdir loading back with its MAE, and the export: the LLM, the tower
+    and the MAE written (the MAE loads in transformers), the whole-model directory skipped with its
+    reason. Two stages of compiling, an MAE build and an evaluation make it ~50 s."""
+    from transformers import ViTMAEForPreTraining
+
+    from pargo_jax import runs
+    from pargo_jax.export import export_workdir
+
+    tiny_mae = {"demo_mae.steps": 5, "demo_mae.batch_size": 4, "model.detail.path": str(tmp_path / "mae")}
+    pt, ft = str(tmp_path / "pt"), str(tmp_path / "sft")
+    stage1 = demo.prepare_and_train(
+        demo.demo_config(shapes_dir, 3, preset="xformer_demo", **{**tiny_mae, "input.batch_size": 4}), pt
+    )
+    assert {"loss/itc", "loss/itm", "loss/itg", "loss/recon"} <= set(stage1)
+    extra = {"input.batch_size": 4, "checkpoint.init_from": pt, "evals.shapes.log_steps": 3}
+    c = demo.demo_config(shapes_dir, 3, stage=sft, preset="xformer_demo", **tiny_mae, **extra)
+    stage2 = demo.prepare_and_train(c, ft)
+    assert 0 <= stage2["eval/shapes/accuracy"] <= 1 and np.isfinite(stage2["loss"])
+    loaded = runs.load_workdir(ft)
+    assert loaded.mcfg.detail.mae.mask_ratio == 0.5 and "detail_tower" in loaded.params
+    done = export_workdir(ft, str(tmp_path / "export"))
+    assert done["transformers"] == "skipped: The 'xformer' projector has no PyTorch export."
+    assert os.path.isdir(done["llm"]) and os.path.isdir(done["vision_tower"])
+    mae = ViTMAEForPreTraining.from_pretrained(done["detail_tower"])
+    assert mae.config.hidden_size == loaded.mcfg.detail.mae.width
