@@ -171,18 +171,16 @@ def model_config(config: ml_collections.ConfigDict, tokenizer) -> MLLMConfig:
         hf_cfg = hf.read_hf_config(configs.require_path(blip2, "model.projector.init_from_blip2"))
         shape = dataclasses.asdict(hf_blip2.qformer_config_from_hf(hf_cfg))
         options = {**{k: v for k, v in shape.items() if k not in ("vision_width", "llm_width")}, **options}
-        options.pop("dtype", None)
     high_res = high_res_config(m.high_res, vision.width, dtype) if m.get("high_res") else None
     width = high_res.fusion.out_dim if high_res else vision.width
     options.update(vision_width=width, llm_width=llm.hidden_size, dtype=dtype)
     detail = detail_config(m.detail, dtype) if m.get("detail") else None
-    entry = projectors.PROJECTORS.get(name)
-    reads_detail = entry is not None and "detail_width" in configs.field_names(entry.config)
+    reads_detail = projectors.reads_detail(name)
     if detail and not reads_detail:
         raise ValueError(
             f"config.model.detail (an MAE) needs a projector that reads it (xformer), not {name!r}."
         )
-    if entry is not None and "vocab_size" in configs.field_names(entry.config):
+    if projectors.has_text_branch(name):
         options["vocab_size"] = qformer_vocab(config, options.get("vocab_size"))
     if reads_detail:
         if not detail:
@@ -281,9 +279,9 @@ def _projector_from_blip2(parts: ModelParts, fresh: dict[str, Any], path: str) -
     """The ``fresh`` projector params with the Q-Former of the HF BLIP-2 directory ``path`` put in
     (an ``xformer``'s under ``qformer/``; its fusion stays fresh)."""
     cfg = parts.mcfg.projector
-    if not hasattr(cfg, "cross_attention_freq"):
+    if not isinstance(cfg, projectors.QFormerConfig):
         raise ValueError("model.projector.init_from_blip2 applies to the blip2 and xformer projectors.")
-    nested = "fusion_layers" in configs.field_names(type(cfg))
+    nested = isinstance(cfg, projectors.XFormerConfig)
     abstract = parts.abstract["projector"]
     taken = hf_blip2.load_qformer(path, cfg, abstract["qformer"] if nested else abstract)
     prefix = "qformer/" if nested else ""

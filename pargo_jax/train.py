@@ -23,7 +23,7 @@ from absl import logging
 from flax import struct
 
 from pargo_jax import checkpoints, configs, flops, metrics, optim, runs, sharding
-from pargo_jax.models import factory
+from pargo_jax.models import factory, projectors
 from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel, chunked_next_token_loss, next_token_loss
 from pargo_jax.param_tree import flatten, unflatten
 
@@ -97,7 +97,7 @@ def objective(config: ml_collections.ConfigDict, mcfg: MLLMConfig) -> Stage1 | N
         configs.check_keys(o, set(), "config.objective (lm)")
         return None
     configs.check_keys(o, set(STAGE1_PARTS), "config.objective (qformer)")
-    if not hasattr(mcfg.projector, "cross_attention_freq"):
+    if not isinstance(mcfg.projector, projectors.QFormerConfig):
         raise ValueError("config.objective.name='qformer' trains a Q-Former: use projector blip2 or xformer.")
     if not config.input.get("qformer_tokenizer"):
         raise ValueError("config.objective.name='qformer' reads captions: set input.qformer_tokenizer.")
@@ -291,6 +291,7 @@ def _run(config, workdir, mesh):
     tokenizer = load_tokenizer(configs.require_path(config.input.get("tokenizer"), "input.tokenizer"))
     setup = build_model(config, tokenizer, mesh)
     mcfg = setup.mcfg
+    stage1 = objective(config, mcfg)  # a config mistake fails here, before any weights are read
     runs.save_run(workdir, config, mcfg, tokenizer)
     batch_size = config.input.batch_size
     if batch_size % sharding.batch_divisor(mesh):
@@ -326,7 +327,6 @@ def _run(config, workdir, mesh):
         data.set_state(data_state["data"])
         logging.info("Resumed from step %d in %s.", latest, workdir)
 
-    stage1 = objective(config, mcfg)
     step_fn = make_train_step(
         setup.model, setup.tx, setup.labels, setup.schedule, grad_accum=grad_accum, seed=config.seed,
         loss_chunk=int(config.get("loss_chunk", 0)), stage1=stage1,

@@ -123,6 +123,13 @@ class VisionLanguageModel(nn.Module):
         if c.detail:
             self.detail_tower = MAE(c.detail.mae)
 
+    def normalized(self, images: jax.Array) -> jax.Array:
+        """uint8 pixels normalized with the model's mean / std (on device); float images as they are."""
+        if images.dtype != jnp.uint8:
+            return images
+        mean, std = jnp.asarray(self.config.pixel_mean), jnp.asarray(self.config.pixel_std)
+        return (images.astype(jnp.float32) / 255.0 - mean) / std
+
     def detail_pixels(self, images: jax.Array) -> jax.Array:
         """Normalized images (B, H, W, 3) -> the MAE's input: its own mean / std, its size (bilinear)."""
         c = self.config
@@ -140,9 +147,7 @@ class VisionLanguageModel(nn.Module):
         """images (B, H, W, 3) or (B, I, H, W, 3) -> image tokens (B, I * T_img, D_llm). Float images are
         taken as normalized; uint8 pixels are normalized here, on device (``input.normalize=False``).
         MG-LLaVA (``high_res``): one image per sample, ``boxes`` (B, max_boxes, 4) in input pixels."""
-        if images.dtype == jnp.uint8:
-            mean, std = jnp.asarray(self.config.pixel_mean), jnp.asarray(self.config.pixel_std)
-            images = (images.astype(jnp.float32) / 255.0 - mean) / std
+        images = self.normalized(images)
         if self.config.high_res:
             return self._encode_two_paths(images, deterministic, boxes)
         if images.ndim == 4:
@@ -192,9 +197,7 @@ class VisionLanguageModel(nn.Module):
         patches reconstructed from the fused tokens through the MAE decoder. The LLM is not run. Rng
         streams: ``negatives`` (ITM), ``masking`` (MAE), ``dropout``."""
         c = self.config
-        if images.dtype == jnp.uint8:
-            mean, std = jnp.asarray(c.pixel_mean), jnp.asarray(c.pixel_std)
-            images = (images.astype(jnp.float32) / 255.0 - mean) / std
+        images = self.normalized(images)
         xformer = c.detail is not None
         qformer = self.projector.qformer if xformer else self.projector
         features = self.vision_tower(images)

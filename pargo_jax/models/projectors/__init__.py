@@ -72,6 +72,11 @@ def has_text_branch(name: str) -> bool:
     return name in PROJECTORS and issubclass(PROJECTORS[name].config, QFormerConfig)
 
 
+def reads_detail(name: str) -> bool:
+    """Whether projector ``name`` fuses an MAE's tokens (``xformer``: needs ``config.model.detail``)."""
+    return name in PROJECTORS and issubclass(PROJECTORS[name].config, XFormerConfig)
+
+
 def projector_module(config: Any) -> nn.Module:
     """The projector module for ``config``."""
     return PROJECTORS[projector_name(config)].module(config)
@@ -88,5 +93,5 @@ register("xformer", XFormerConfig, XFormer)  # the Q-Former fused with an MAE (n
 __all__ = [
     "PROJECTORS", "CAbstractor", "CAbstractorConfig", "MLPConfig", "MLPProjector", "ParGo", "ParGoConfig",
     "ProjectorType", "QFormer", "QFormerConfig", "Resampler", "ResamplerConfig", "XFormer", "XFormerConfig",
-    "has_text_branch", "projector_config", "projector_module", "projector_name", "register",
+    "has_text_branch", "projector_config", "reads_detail", "projector_module", "projector_name", "register",
 ]  # fmt: skip
