@@ -47,7 +47,9 @@ def _require_file(path: str | None, what: str, flag: str) -> str:
 
 
 class LlavaBuilder(ConverterBuilder, skip_registration=True):
-    """LLaVA JSON: ``[{"id", "image": "rel/path.jpg", "conversations": [{"from", "value"}, ...]}]``."""
+    """LLaVA JSON: ``[{"id", "image": "rel/path.jpg", "conversations": [{"from", "value"}, ...]}]``;
+    ``"image"`` may be a list of paths (multi-image / interleaved data: the k-th ``<image>`` is the k-th
+    path)."""
 
     name = "llava"
 
@@ -104,8 +106,11 @@ class LlavaBuilder(ConverterBuilder, skip_registration=True):
             if any(IMAGE_PLACEHOLDER in t.text for t in turns):
                 raise BadRecord("missing_image", rid, "no 'image' but the conversation has <image>")
             return Record(rid, b"", conversation=turns)
-        image = read_image_file(os.path.join(self.image_dir, ex["image"]), rid)
-        return Record(rid, image, conversation=turns)
+        paths = ex["image"] if isinstance(ex["image"], list) else [ex["image"]]
+        if not all(isinstance(p, str) and p for p in paths):
+            raise BadRecord("missing_image", rid, f"'image' holds {paths!r}, not file paths")
+        first, *more = [read_image_file(os.path.join(self.image_dir, p), rid) for p in paths]
+        return Record(rid, first, conversation=turns, more_images=more)
 
 
 def _ends_with_eof_marker(path: str, offset: int) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -92,6 +93,9 @@ class InputConfig:
     qformer_tokenizer: str = ""  # BLIP-2 / X-Former stage 1: the Q-Former's tokenizer dir ("" = off; see
     # text.prepare_qformer_tokenizer); batches then hold qformer_ids / qformer_mask ([CLS] caption [SEP] pad)
     qformer_max_len: int = 32  # LAVIS's max_txt_len
+    max_images: int = 1  # images a sample may have; > 1: `image` is (B, max_images, H, W, 3) + `image_mask`
+    packing: bool = False  # pack several samples into each row of max_len tokens (see _PackedBatches)
+    max_images_per_row: int = 4  # packing: images a row may hold (a sample that does not fit opens the next)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | InputConfig) -> InputConfig:
@@ -123,6 +127,14 @@ class InputConfig:
         out.validate()
         return out
 
+    @property
+    def image_slots(self) -> int:
+        """Image slots per row: 0 for today's one image per row ``(B, H, W, 3)``, else ``I`` of
+        ``(B, I, H, W, 3)`` (``max_images_per_row`` when packing, else ``max_images``)."""
+        if self.packing:
+            return self.max_images_per_row
+        return self.max_images if self.max_images > 1 else 0
+
     def validate(self) -> None:
         if not self.sources:
             raise ValueError("input.sources is empty; add at least one dict(name=, data_dir=, split=).")
@@ -139,6 +151,17 @@ class InputConfig:
             raise ValueError(
                 f"input.qformer_max_len={self.qformer_max_len} leaves no caption token between [CLS] and "
                 "[SEP]; use >= 3 (LAVIS: 32)."
+            )
+        if self.max_images < 1 or (self.packing and self.max_images_per_row < self.max_images):
+            raise ValueError(
+                f"input.max_images={self.max_images} must be >= 1, and with packing input.max_images_per_row="
+                f"{self.max_images_per_row} at least max_images (a sample must fit an empty row)."
+            )
+        if self.packing and not self.repeat:
+            raise ValueError("input.packing packs the training stream: it needs input.repeat=True.")
+        if self.packing and self.qformer_tokenizer:
+            raise ValueError(
+                "input.packing is for the LLM objective; BLIP-2's stage 1 reads a caption per row."
             )
         for s in self.sources:
             if s.weight <= 0:
@@ -175,6 +198,10 @@ class Preprocessor:
     def text(self, ex: Mapping[str, Any]) -> tuple[schema.Record, dict[str, Any]]:
         """Parse and validate the record; render, tokenize, mask and pad its conversation."""
         rec = schema.from_example(ex)
+        if len(rec.images) > self.cfg.max_images:
+            raise schema.BadRecord(
+                "too_many_images", rec.id, f"{len(rec.images)} images > max_images {self.cfg.max_images}"
+            )
         out = pack_example(
             self.tok,
             rec.messages(self.cfg.caption_prompt),
@@ -182,7 +209,7 @@ class Preprocessor:
             max_len=self.cfg.max_len,
             overlong=self.cfg.overlong,
             record_id=rec.id,
-            text_only=rec.text_only,
+            num_images=len(rec.images),
         )
         out["record_id"] = rec.id
         if self.qformer is not None:  # after the LLM's checks, so their skip counts stay as they were
@@ -203,14 +230,14 @@ class Preprocessor:
         return self.qformer.encode(text, self.cfg.qformer_max_len)
 
     def image(self, rec: schema.Record) -> np.ndarray:
-        """Decode + resize: uint8 (S, S, 3) pixels (normalized per batch, in ``Collate``). A text-only
-        record gets black pixels: its sequence has no image token, so the tower's output is unused."""
-        if rec.text_only:
-            size = self.cfg.image_size
-            return np.zeros((size, size, 3), np.uint8)
-        cfg = self.cfg
-        img = images.load(rec.image, cfg.image_size, cfg.resize, cfg.mean, rec.id, jpeg_draft=cfg.jpeg_draft)
-        return images.to_array(img)
+        """Decode + resize every image of the record: uint8 (n, S, S, 3) pixels (normalized per batch, in
+        ``Collate``); n = 0 for a text-only record."""
+        cfg, size = self.cfg, self.cfg.image_size
+        loaded = [
+            images.to_array(images.load(data, size, cfg.resize, cfg.mean, rec.id, jpeg_draft=cfg.jpeg_draft))
+            for data in rec.images
+        ]
+        return np.stack(loaded) if loaded else np.zeros((0, size, size, 3), np.uint8)
 
     def __call__(self, ex: Mapping[str, Any]) -> dict[str, Any]:
         rec, out = self.text(ex)
@@ -311,25 +338,208 @@ class _PreprocessedBatches(grain.MapDataset):
         return batch
 
 
+class _PackedBatches(grain.MapDataset):
+    """Element ``k`` = this host's rows of packed global batch ``k`` of the record stream ``parent`` read
+    from record ``start`` on.
+
+    Global batch ``k`` packs records ``[c_k, c_{k+1})`` in order, first fit, into ``G`` rows of ``max_len``
+    tokens and at most ``max_images_per_row`` images each; the first record that fits no row opens batch
+    ``k + 1``. A row is its samples' unpadded arrays one after another, then padding; ``segment_ids``
+    numbers them 1, 2, ... (0 = padding). So batch ``k`` is a pure function of the records' lengths and
+    image counts in the seed's order, whatever the number of hosts: every host plans every batch (the
+    text stage, cheap) and decodes the images of its own rows only. Cursors are planned in order under a
+    lock (grain's read threads ask out of order) and kept; a plan is cached for a while and re-planned
+    from its cursor if asked again. A batch carries ``_cursor`` (``c_{k+1}``) for the iterator's state.
+
+    A record that fails its text stage is skipped and counted in the batch whose plan read it; one whose
+    image fails to decode is left out of its row and counted by the host of that row.
+    """
+
+    def __init__(
+        self,
+        parent: grain.MapDataset,
+        fn: Preprocessor,
+        rows: tuple[int, int, int],
+        collate,
+        strict: bool,
+        start: int = 0,
+    ):
+        super().__init__(parent)
+        self._fn, self._collate, self._strict, self._start = fn, collate, strict, start
+        self._global, self._offset, self._batch = rows
+        self._setup()
+
+    def _setup(self):
+        self._lock = threading.Lock()
+        self._cursors = [self._start]  # _cursors[k]: first record of batch k
+        self._plans: collections.OrderedDict = collections.OrderedDict()
+        self._last_text: tuple[int, Any] = (-1, None)  # the record that opened the next batch
+
+    def __getstate__(self):  # picklable for grain worker processes: each plans from the cursor again
+        state = dict(self.__dict__)
+        for key in ("_lock", "_cursors", "_plans", "_last_text"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._setup()
+
+    def __len__(self) -> int:
+        return len(self._parent) - self._start  # a bound: every batch reads at least one record
+
+    def __str__(self) -> str:
+        return f"PackedBatches(rows={self._batch}, start={self._start})"
+
+    def from_cursor(self, start: int) -> _PackedBatches:
+        """The same stream read from record ``start`` (the iterator's resume point)."""
+        return _PackedBatches(
+            self._parent,
+            self._fn,
+            (self._global, self._offset, self._batch),
+            self._collate,
+            self._strict,
+            start,
+        )
+
+    def _text(self, index: int):
+        if self._last_text[0] == index:
+            return self._last_text[1]
+        try:
+            return self._fn.text(self._parent[index])
+        except BadRecord as e:
+            if self._strict:
+                raise
+            return e
+
+    def _plan(self, start: int) -> tuple[list[list[tuple]], np.ndarray, int]:
+        """(rows of (record, text arrays), skip counts, next cursor) of the batch starting at ``start``."""
+        cfg = self._fn.cfg
+        rows: list[list[tuple]] = [[] for _ in range(self._global)]
+        tokens, pictures = [0] * self._global, [0] * self._global
+        skipped, bad, index = np.zeros(len(SKIP_REASONS), np.int64), 0, start
+        while True:
+            res = self._text(index)
+            if isinstance(res, BadRecord):
+                skipped[REASON_INDEX[res.reason]] += 1
+                bad, index = bad + 1, index + 1
+                if bad >= MAX_ATTEMPTS:
+                    raise RuntimeError(
+                        f"{MAX_ATTEMPTS} records in a row were unusable before record {index}; check "
+                        "the dataset (python -m data_pipelines.build prints a summary)."
+                    )
+                continue
+            bad, (rec, out) = 0, res
+            length, count = out["length"], len(rec.images)
+            fits = (
+                r
+                for r in range(self._global)
+                if tokens[r] + length <= cfg.max_len and pictures[r] + count <= cfg.max_images_per_row
+            )
+            row = next(fits, None)
+            if row is None:
+                self._last_text = (index, res)
+                return rows, skipped, index
+            rows[row].append((rec, out))
+            tokens[row], pictures[row], index = tokens[row] + length, pictures[row] + count, index + 1
+
+    def plan(self, k: int) -> tuple[list[list[tuple]], np.ndarray, int]:
+        """The plan of batch ``k`` (see :meth:`_plan`), planning the batches before it first if needed."""
+        with self._lock:
+            while len(self._cursors) <= k + 1:
+                n = len(self._cursors) - 1
+                plan = self._plan(self._cursors[n])
+                self._cursors.append(plan[2])
+                self._plans[n] = plan
+                while len(self._plans) > 64:
+                    self._plans.popitem(last=False)
+            plan = self._plans.pop(k, None)
+            return plan if plan is not None else self._plan(self._cursors[k])
+
+    def _row(self, samples: Sequence[tuple], skipped: np.ndarray) -> dict[str, Any]:
+        """One packed row: the samples' arrays one after another (a sample whose image fails is left out)."""
+        cfg, pad = self._fn.cfg, self._fn.tok.pad_id
+        row = {
+            key: np.zeros(cfg.max_len, np.float32 if key == "loss_mask" else np.int32)
+            for key in ("input_ids", "targets", "loss_mask", "attention_mask", "segment_ids")
+        }
+        row["input_ids"][:], row["targets"][:] = pad, pad
+        pixels, boxes, ids, truncated, pos = [], [], [], 0, 0
+        for rec, out in samples:
+            try:
+                image = self._fn.image(rec)
+            except BadRecord as e:
+                if self._strict:
+                    raise
+                skipped[REASON_INDEX[e.reason]] += 1
+                continue
+            n = out["length"]
+            for key in ("input_ids", "targets", "loss_mask", "attention_mask"):
+                row[key][pos : pos + n] = out[key][:n]
+            row["segment_ids"][pos : pos + n] = len(ids) + 1
+            pixels.append(image)
+            if "boxes" in out and len(image):
+                boxes.append(np.asarray(out["boxes"], np.float32)[None])
+            ids.append(rec.id)
+            truncated, pos = truncated + int(out["truncated"]), pos + n
+        size = cfg.image_size
+        row["image"] = np.concatenate(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+        if self._fn.num_boxes:
+            row["boxes"] = (
+                np.concatenate(boxes) if boxes else np.zeros((0, self._fn.num_boxes, 4), np.float32)
+            )
+        row["record_id"], row["truncated"] = ",".join(ids), truncated
+        return row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        rows, skipped, cursor = self.plan(index)
+        skipped = skipped.copy()
+        mine = rows[self._offset : self._offset + self._batch]
+        batch = self._collate([self._row(samples, skipped) for samples in mine])
+        batch["_skipped"], batch["_cursor"] = skipped, np.int64(cursor)
+        return batch
+
+
 class Collate:
     """Stack examples into a batch and normalize the uint8 images in one pass over the batch.
 
-    Record ids become a str array.
-    """
+    An example's ``image`` is (n, S, S, 3). ``slots`` 0: the batch's ``image`` is (B, S, S, 3), the
+    first image of each example (black for a text-only one, whose sequence has no image token, so the
+    tower's output is unused). ``slots`` I > 0: (B, I, S, S, 3), each row's images in the first slots,
+    the rest black, and ``image_mask`` int32 (B, I); ``boxes`` (per image) likewise (B, I, M, 4). Record
+    ids become a str array."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], normalize: bool = True):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], normalize: bool = True, slots: int = 0):
         self.normalize = images.Normalizer(mean, std) if normalize else None
+        self.slots = slots
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-        skip = ("record_id", "image", "truncated")
+        skip = ("record_id", "image", "truncated", "length", "boxes")
         batch = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k not in skip}
-        batch["_truncated"] = np.int64(sum(bool(e.get("truncated")) for e in examples))
-        pixels = np.stack([e["image"] for e in examples])  # uint8 (B, H, W, 3): 4x less to copy
-        b, h, w, c = pixels.shape
-        if self.normalize is None:
+        batch["_truncated"] = np.int64(sum(int(e.get("truncated", 0)) for e in examples))
+        counts = [len(e["image"]) for e in examples]
+        slots = self.slots or 1
+        pixels = np.zeros((len(examples), slots, *examples[0]["image"].shape[1:]), np.uint8)
+        for row, (e, n) in enumerate(zip(examples, counts, strict=True)):
+            pixels[row, : min(n, slots)] = e["image"][:slots]
+        if "boxes" in examples[0]:
+            boxes = [np.asarray(e["boxes"], np.float32).reshape(-1, *np.shape(examples[0]["boxes"])[-2:])
+                     for e in examples]  # fmt: skip
+            batch["boxes"] = np.zeros((len(examples), slots, *boxes[0].shape[1:]), np.float32)
+            for row, b in enumerate(boxes):
+                batch["boxes"][row, : len(b)] = b
+            if not self.slots:
+                batch["boxes"] = batch["boxes"][:, 0]
+        if self.normalize is not None:
+            b, i, h, w, c = pixels.shape
+            pixels = self.normalize(pixels.reshape(b * i * h, w, c)).reshape(b, i, h, w, c)
+        if self.slots:
             batch["image"] = pixels
+            batch["image_mask"] = (np.arange(slots)[None] < np.asarray(counts)[:, None]).astype(np.int32)
         else:
-            batch["image"] = self.normalize(pixels.reshape(b * h, w, c)).reshape(b, h, w, c)
+            batch["image"] = pixels[:, 0]
         batch["record_id"] = np.array([e["record_id"] for e in examples])
         return batch
 
@@ -366,6 +576,11 @@ def make_dataset(
         )
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is outside [0, {process_count}).")
+    if num_boxes and cfg.max_images > 1:
+        raise ValueError(
+            f"input.max_images={cfg.max_images}: MG-LLaVA's object tokens read one image per sample; use "
+            "input.packing to put several samples (one image each) in a row."
+        )
     tok = load_tokenizer(cfg.tokenizer)
     qformer = load_qformer_tokenizer(cfg.qformer_tokenizer) if cfg.qformer_tokenizer else None
     host_batch = cfg.batch_size // process_count
@@ -381,14 +596,12 @@ def make_dataset(
         datasets.append(ds)
         weights.append(s.weight)
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-    return _PreprocessedBatches(
-        ds,
-        Preprocessor(cfg, tok, num_image_tokens, num_boxes, qformer),
-        (cfg.batch_size, process_index * host_batch, host_batch),
-        Collate(cfg.mean, cfg.std, cfg.normalize),
-        _derive(seed, "skip"),
-        cfg.strict,
-    )
+    preprocess = Preprocessor(cfg, tok, num_image_tokens, num_boxes, qformer)
+    rows = (cfg.batch_size, process_index * host_batch, host_batch)
+    collate = Collate(cfg.mean, cfg.std, cfg.normalize, cfg.image_slots)
+    if cfg.packing:
+        return _PackedBatches(ds, preprocess, rows, collate, cfg.strict)
+    return _PreprocessedBatches(ds, preprocess, rows, collate, _derive(seed, "skip"), cfg.strict)
 
 
 def _derive(seed: int, *parts: Any) -> int:
@@ -405,10 +618,12 @@ class InputIterator(grain.DatasetIterator):
         self._next = 0
         self._skipped: collections.Counter = collections.Counter()
         self._truncated = 0
+        self._cursor = 0  # packing: the first record of the next batch
         self._it = None
 
     def _start(self):
-        ds = self._batches[self._next :]
+        packed = isinstance(self._batches, _PackedBatches)
+        ds = self._batches.from_cursor(self._cursor) if packed else self._batches[self._next :]
         read = grain.ReadOptions(
             num_threads=max(1, self._cfg.read_threads), prefetch_buffer_size=self._cfg.prefetch
         )
@@ -431,19 +646,31 @@ class InputIterator(grain.DatasetIterator):
         batch = next(self._it)
         self._next += 1
         self._truncated += int(batch.pop("_truncated"))
+        if "_cursor" in batch:
+            self._cursor = int(batch.pop("_cursor"))
         for reason, count in zip(SKIP_REASONS, batch.pop("_skipped"), strict=True):
             if count:
                 self._skipped[reason] += int(count)
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"next_batch": self._next, "skipped": dict(self._skipped), "truncated": self._truncated}
+        state = {"next_batch": self._next, "skipped": dict(self._skipped), "truncated": self._truncated}
+        if isinstance(self._batches, _PackedBatches):
+            state["next_record"] = self._cursor
+        return state
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self.close_workers()
         self._next = int(state["next_batch"])
         self._skipped = collections.Counter({k: int(v) for k, v in state.get("skipped", {}).items()})
         self._truncated = int(state.get("truncated", 0))
+        if isinstance(self._batches, _PackedBatches):
+            if "next_record" not in state:
+                raise ValueError(
+                    "This checkpoint's data state has no next_record: it was not written with "
+                    "input.packing; resume it with the packing setting it was trained with."
+                )
+            self._cursor = int(state["next_record"])
 
     def stats(self) -> dict[str, int]:
         """Counters so far, as metrics: ``{"skipped/<reason>": n, ..., "skipped/total": n, "truncated": n}``

@@ -1,9 +1,10 @@
 """The one record schema shared by every source, and the reasons a record can be skipped.
 
-A record is: ``id``, ``image`` (encoded PNG/JPEG/WebP bytes), and EITHER a ``caption`` OR a
-``conversation`` (turns of ``role`` in {system, user, assistant} and ``text``; the image placeholder
-``<image>`` appears exactly once, in the first user turn), plus optional ``boxes`` (pixels of the
-original image, ``[x1, y1, x2, y2]``) with one ``label`` each.
+A record is: ``id``, ``image`` (encoded PNG/JPEG/WebP bytes; ``more_images`` for a second, third ...
+image), and EITHER a ``caption`` OR a ``conversation`` (turns of ``role`` in {system, user, assistant}
+and ``text``; one image placeholder ``<image>`` per image, in user turns: the k-th placeholder stands
+for the k-th image, and a one-image record has its placeholder in the first user turn), plus optional
+``boxes`` (pixels of the original (first) image, ``[x1, y1, x2, y2]``) with one ``label`` each.
 
 On disk (TFDS ArrayRecord) strings are stored as UTF-8 ``Text`` features and the image as a scalar
 bytes ``Tensor``, so neither writing nor reading needs TensorFlow.
@@ -40,6 +41,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "truncated_archive",  # a tar/WebDataset shard ends in the middle of a member
     "duplicate_id",  # a converter met this record id before: the first record of an id is kept
     "no_caption",  # input.qformer_tokenizer set: no caption (or first assistant turn) text for the Q-Former
+    "image_count_mismatch",  # the number of <image> placeholders differs from the number of images
+    "too_many_images",  # more images than input.max_images
 )  # new reasons go last: checkpointed iterator states and skip vectors index this order
 REASON_INDEX = {r: i for i, r in enumerate(SKIP_REASONS)}
 
@@ -64,7 +67,8 @@ class Turn:
 class Record:
     """One training example, independent of its source format. ``image == b""`` with a conversation
     that has no ``<image>`` is a text-only example (LLaVA-Instruct has ~40K): it trains the LLM with no
-    image tokens."""
+    image tokens. ``more_images``: the images after the first, in placeholder order (multi-image and
+    interleaved conversations)."""
 
     id: str
     image: bytes
@@ -72,10 +76,16 @@ class Record:
     conversation: list[Turn] = dataclasses.field(default_factory=list)
     boxes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 4), np.float32))
     labels: list[str] = dataclasses.field(default_factory=list)
+    more_images: list[bytes] = dataclasses.field(default_factory=list)
 
     @property
     def text_only(self) -> bool:
-        return len(self.image) == 0
+        return len(self.image) == 0 and not self.more_images
+
+    @property
+    def images(self) -> list[bytes]:
+        """Every image of the record, in placeholder order ([] for a text-only record)."""
+        return [] if self.text_only else [self.image, *self.more_images]
 
     def messages(self, caption_prompt: str = "") -> list[dict[str, str]]:
         """Chat messages for the template; a caption becomes user ``<image>`` -> assistant caption."""
@@ -98,6 +108,7 @@ def features():
             "conversation": f.Sequence({"role": f.Text(), "text": f.Text()}),
             "boxes": f.Tensor(shape=(None, 4), dtype=np.float32),
             "labels": f.Sequence(f.Text()),
+            "more_images": f.Sequence(f.Tensor(shape=(), dtype=np.object_)),
         }
     )
 
@@ -114,6 +125,7 @@ def to_example(rec: Record) -> dict[str, Any]:
         },
         "boxes": np.asarray(rec.boxes, np.float32).reshape(-1, 4),
         "labels": list(rec.labels),
+        "more_images": [bytes(b) for b in rec.more_images],
     }
 
 
@@ -136,8 +148,9 @@ def parse_example(data: bytes) -> dict[str, Any]:
             k: list(feature[f"conversation/{k}"].bytes_list.value) if f"conversation/{k}" in feature else []
             for k in ("role", "text")
         }
-    if "labels" in feature:
-        ex["labels"] = list(feature["labels"].bytes_list.value)
+    for key in ("labels", "more_images"):  # absent in datasets built before multi-image records
+        if key in feature:
+            ex[key] = list(feature[key].bytes_list.value)
     if "boxes" in feature:
         boxes = np.asarray(feature["boxes"].float_list.value, np.float32)
         ex["boxes"] = boxes.reshape(-1, 4) if boxes.size % 4 == 0 else boxes  # else: bad_boxes later
@@ -165,8 +178,11 @@ def validate(rec: Record) -> Record:
     if not isinstance(rec.image, (bytes, np.bytes_)) or rec.image is None:
         raise BadRecord("missing_image", rid)
     placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in rec.conversation)
-    if len(rec.image) == 0 and not (rec.conversation and placeholders == 0):
+    if len(rec.image) == 0 and not (rec.conversation and placeholders == 0 and not rec.more_images):
         raise BadRecord("zero_byte_image", rid)
+    if any(len(b) == 0 for b in rec.more_images):
+        raise BadRecord("zero_byte_image", rid, "an empty image in more_images")
+    num_images = len(rec.images)
     if rec.conversation:
         roles = [t.role for t in rec.conversation]
         if any(r not in ROLES for r in roles):
@@ -177,15 +193,20 @@ def validate(rec: Record) -> Record:
         if not any(t.role == "assistant" and t.text.strip() for t in rec.conversation):
             raise BadRecord("empty_conversation", rid, "no assistant turn with text")
         counts = [t.text.count(IMAGE_PLACEHOLDER) for t in rec.conversation]
-        if sum(counts) == 0 and not rec.text_only:
+        if placeholders == 0 and num_images:
             raise BadRecord("no_image_placeholder", rid)
-        if not rec.text_only and (sum(counts) > 1 or counts[first_user] != 1):
+        outside = [r for r, n in zip(roles, counts, strict=True) if n and r != "user"]
+        if outside or (num_images == 1 and counts[first_user] != 1 and placeholders == 1):
             raise BadRecord("misplaced_image_placeholder", rid, f"placeholder counts per turn {counts}")
+        if placeholders != num_images:
+            raise BadRecord("image_count_mismatch", rid, f"{placeholders} <image> for {num_images} images")
     else:
         if not rec.caption.strip():
             raise BadRecord("empty_caption", rid)
         if IMAGE_PLACEHOLDER in rec.caption:
             raise BadRecord("misplaced_image_placeholder", rid, "caption contains <image>")
+        if rec.more_images:
+            raise BadRecord("image_count_mismatch", rid, f"a caption for {num_images} images")
     boxes = np.asarray(rec.boxes)
     if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) != len(rec.labels):
         raise BadRecord("bad_boxes", rid, f"boxes shape {boxes.shape}, {len(rec.labels)} labels")
@@ -220,5 +241,6 @@ def from_example(ex: Mapping[str, Any]) -> Record:
     boxes = np.asarray(ex.get("boxes", np.zeros((0, 4))), np.float32)
     if boxes.size == 0:
         boxes = boxes.reshape(0, 4)
-    rec = Record(rid, bytes(ex["image"]), caption, turns, boxes, labels)
+    more = [bytes(b) for b in ex.get("more_images", [])]
+    rec = Record(rid, bytes(ex["image"]), caption, turns, boxes, labels, more)
     return validate(rec)

@@ -241,28 +241,39 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def expand_image_token(
-    ids: np.ndarray, image_token_id: int, num_image_tokens: int, record_id: str = "?"
-) -> tuple[np.ndarray, int]:
-    """``ids`` with its one image token repeated ``num_image_tokens`` times, and that token's index;
-    ``BadRecord`` when there is no image token or more than one."""
-    pos = np.flatnonzero(ids == image_token_id)
-    if len(pos) == 0:
-        raise BadRecord("no_image_placeholder", record_id, "the rendered chat has no image token")
-    if len(pos) > 1:
-        raise BadRecord("misplaced_image_placeholder", record_id, f"{len(pos)} image tokens")
-    p = int(pos[0])
-    image = np.full(num_image_tokens, image_token_id, np.int32)
-    return np.concatenate([ids[:p], image, ids[p + 1 :]]).astype(np.int32), p
+def expand_image_tokens(
+    ids: np.ndarray, image_token_id: int, num_image_tokens: int, num_images: int = 1, record_id: str = "?"
+) -> np.ndarray:
+    """``ids`` with each of its image tokens repeated ``num_image_tokens`` times (the k-th block holds the
+    k-th image's tokens); ``BadRecord`` unless it has exactly ``num_images`` image tokens."""
+    return _expand(ids, ids == image_token_id, num_image_tokens, num_images, record_id)[0]
+
+
+def _expand(ids, is_image, num_image_tokens, num_images, record_id, *more):
+    """``ids`` and each array of ``more`` with the image positions repeated ``num_image_tokens`` times."""
+    count = int(is_image.sum())
+    if count != num_images:
+        if num_images == 0:
+            raise BadRecord("misplaced_image_placeholder", record_id, f"text-only, {count} image tokens")
+        if count == 0:
+            raise BadRecord("no_image_placeholder", record_id, "the rendered chat has no image token")
+        raise BadRecord("image_count_mismatch", record_id, f"{count} image tokens for {num_images} images")
+    reps = np.where(is_image, num_image_tokens, 1)
+    return [np.repeat(x, reps) for x in (ids, *more)]
 
 
 def prompt_ids(
-    tok: Tokenizer, messages: Sequence[Message], *, num_image_tokens: int, record_id: str = "?"
+    tok: Tokenizer,
+    messages: Sequence[Message],
+    *,
+    num_image_tokens: int,
+    num_images: int = 1,
+    record_id: str = "?",
 ) -> np.ndarray:
     """The ids a model reads before answering ``messages`` (which end with a user turn): the chat
-    template with its generation prompt, the image token expanded as in training."""
+    template with its generation prompt, each of its ``num_images`` image tokens expanded as in training."""
     ids = np.asarray(tok.apply_chat_template(messages, add_generation_prompt=True), np.int32)
-    return expand_image_token(ids, tok.image_token_id, num_image_tokens, record_id)[0]
+    return expand_image_tokens(ids, tok.image_token_id, num_image_tokens, num_images, record_id)
 
 
 def pack_example(
@@ -273,29 +284,28 @@ def pack_example(
     max_len: int,
     overlong: str = "truncate",
     record_id: str = "?",
-    text_only: bool = False,
+    num_images: int = 1,
 ) -> dict[str, np.ndarray]:
     """Render + tokenize a conversation into fixed-length training arrays.
 
-    The single image token is expanded to ``num_image_tokens`` copies (``text_only``: there is none).
-    Returns ``input_ids``, ``targets`` (ids shifted left, last = pad), ``loss_mask`` (1 where the
-    target is an answer token) and ``attention_mask``, all of length ``max_len``, and ``truncated``
-    (whether tokens past ``max_len`` were cut, with ``overlong="truncate"``).
+    Each of the ``num_images`` image tokens is expanded to ``num_image_tokens`` copies (0: a text-only
+    conversation). Returns ``input_ids``, ``targets`` (ids shifted left, last = pad), ``loss_mask`` (1
+    where the target is an answer token) and ``attention_mask``, all of length ``max_len``; ``length``
+    (the tokens before the padding) and ``truncated`` (whether tokens past ``max_len`` were cut, with
+    ``overlong="truncate"``; an image is never cut: its record is ``too_long``).
     """
     ids, answer = tok.tokenize_chat(messages, record_id)
-    if text_only:
-        if (ids == tok.image_token_id).any():
-            raise BadRecord("misplaced_image_placeholder", record_id, "a text-only record has an image token")
-        p, num_image_tokens = 0, 0
-    else:
-        ids, p = expand_image_token(ids, tok.image_token_id, num_image_tokens, record_id)
-        answer = np.concatenate([answer[:p], np.zeros(num_image_tokens, bool), answer[p + 1 :]])
+    is_image = ids == tok.image_token_id
+    ids, answer, is_image = _expand(
+        ids, is_image, num_image_tokens, num_images, record_id, answer & ~is_image, is_image
+    )
     truncated = len(ids) > max_len
     if truncated:
         if overlong == "skip":
             raise BadRecord("too_long", record_id, f"{len(ids)} tokens > max_len {max_len}")
-        if p + num_image_tokens > max_len:
-            raise BadRecord("too_long", record_id, f"image tokens end at {p + num_image_tokens} > {max_len}")
+        if is_image[max_len:].any():
+            end = int(np.flatnonzero(is_image)[-1]) + 1
+            raise BadRecord("too_long", record_id, f"image tokens end at {end} > {max_len}")
         ids, answer = ids[:max_len], answer[:max_len]
     n = len(ids)
     input_ids = np.full(max_len, tok.pad_id, np.int32)
@@ -313,6 +323,7 @@ def pack_example(
         "targets": targets,
         "loss_mask": loss_mask,
         "attention_mask": attention_mask,
+        "length": n,
         "truncated": truncated,
     }
 

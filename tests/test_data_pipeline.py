@@ -179,7 +179,7 @@ BAD = {
     "nocap": ("empty_caption", _raw("nocap", _png(), caption="")),
     "noph": ("no_image_placeholder", _raw("noph", _png(), roles=["user", "assistant"], texts=["hi", "red"])),
     "twice": (
-        "misplaced_image_placeholder",
+        "image_count_mismatch",
         _raw("twice", _png(), roles=["user", "assistant"], texts=["<image><image>", "red"]),
     ),
     "noans": ("empty_conversation", _raw("noans", _png(), roles=["user"], texts=["<image>\nhi"])),
