@@ -11,10 +11,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
-from pargo_jax import train
+from pargo_jax import sharding, train
+from pargo_jax.models import factory
 from pargo_jax.models.convnext import CONVNEXT_PRESETS, ConvNeXtConfig
 from pargo_jax.models.fusion import FusionConfig
 from pargo_jax.models.llm import LLMConfig
@@ -162,28 +164,90 @@ def setup(name: str):
     return model, params, samples, unpacked, packed
 
 
-@pytest.mark.parametrize("name", ["pargo", "mlp", "mg_llava", "opt"])
-def test_packed_rows_equal_their_samples_unpacked(name):
-    model, params, samples, unpacked, packed = setup(name)
+def on_device(batch: dict) -> dict:
+    """What the train step sends to the device: all but ``image_mask`` (the model never reads it)."""
+    return {k: v for k, v in batch.items() if k != "image_mask"}
+
+
+@functools.cache
+def unpacked_reference(name: str):
+    """(loss sum, token count, summed grads, {sample: logits}) of the samples run one per row."""
+    model, params, _, unpacked, _ = setup(name)
     grad = jax.jit(jax.value_and_grad(functools.partial(loss_fn, model), has_aux=True))
-    device = lambda b: {k: v for k, v in b.items() if k != "image_mask"}  # the model never reads it
     total, count, grads, logits = 0.0, 0.0, None, {}
     for group, batch in unpacked:
-        (t, (c, lg)), g = grad(params, device(batch))
+        (t, (c, lg)), g = grad(params, on_device(batch))
         total, count = total + t, count + c
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         logits.update({i: np.asarray(lg[r]) for r, i in enumerate(group)})
-    (p_total, (p_count, p_logits)), p_grads = grad(params, device(packed))
+    return total, count, grads, logits
+
+
+def assert_grads_close(got, want, scale: float = 1.0) -> None:
+    """Leaf by leaf, <= TOL relative to the leaf's largest entry (absolute below 1)."""
+    for (path, w), g in zip(jax.tree.leaves_with_path(want), jax.tree.leaves(got), strict=True):
+        atol = TOL * scale * max(1.0, float(jnp.abs(w).max()))
+        np.testing.assert_allclose(g, w, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("name", ["pargo", "mlp", "mg_llava", "opt"])
+def test_packed_rows_equal_their_samples_unpacked(name):
+    model, params, samples, _, packed = setup(name)
+    total, count, grads, logits = unpacked_reference(name)
+    grad = jax.jit(jax.value_and_grad(functools.partial(loss_fn, model), has_aux=True))
+    (p_total, (p_count, p_logits)), p_grads = grad(params, on_device(packed))
     assert p_count == count == sum(s["loss_mask"].sum() for s in samples)
     np.testing.assert_allclose(p_total, total, rtol=TOL)
     for r, members in enumerate(ROWS):
         start = 0
-        for i in members:
+        for k, i in enumerate(members):
             n = len(samples[i]["input_ids"])
-            assert (packed["segment_ids"][r, start : start + n] == members.index(i) + 1).all()
+            assert (packed["segment_ids"][r, start : start + n] == k + 1).all()
             np.testing.assert_allclose(p_logits[r, start : start + n], logits[i][:n], atol=TOL, rtol=0)
             start += n
-    flat_want, flat_got = jax.tree.leaves_with_path(grads), jax.tree.leaves(p_grads)
-    for (path, want), got in zip(flat_want, flat_got, strict=True):
-        scale = max(1.0, float(jnp.abs(want).max()))
-        np.testing.assert_allclose(got, want, atol=TOL * scale, rtol=0, err_msg=jax.tree_util.keystr(path))
+    assert_grads_close(p_grads, grads)
+
+
+def test_packed_train_step_sharded_equals_one_device_and_the_unpacked_gradient():
+    """``make_train_step`` on the packed batch (SGD, everything trained): on one device its loss is the
+    unpacked samples' token-level mean and its update ``-lr * grad / count``; on a 2 x 2 x 2 mesh of
+    the 8 fake CPU devices the same."""
+    lr = 0.5
+    model, params, _, _, packed = setup("mlp")
+    total, count, grads, _ = unpacked_reference("mlp")
+    labels = jax.tree.map(lambda _: "all", params)
+    tx = optax.sgd(lr)
+    step = jax.jit(train.make_train_step(model, tx, labels, lambda s: lr))
+    out = {}
+    for name, spec, devices in [
+        ("one", {"data": 1}, jax.devices()[:1]),
+        ("2x2x2", {"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()),
+    ]:
+        mesh = sharding.make_mesh(spec, devices)
+        with sharding.mesh_context(mesh):
+            placed = jax.device_put(params, factory.build(model.config, mesh).shardings)
+            zero = jnp.zeros((), jnp.int32)
+            opt_state = tx.init(train.split_params(placed, labels)[0])
+            state = train.TrainState(step=zero, params=placed, opt_state=opt_state, nonfinite=zero)
+            new, metrics = step(state, sharding.shard_batch(on_device(packed), mesh))
+            out[name] = jax.device_get((new.params, metrics.compute()["loss"]))
+    (one, loss), (sharded, sharded_loss) = out["one"], out["2x2x2"]
+    np.testing.assert_allclose(loss, total / count, rtol=TOL)
+    np.testing.assert_allclose(sharded_loss, loss, rtol=TOL)
+    delta = lambda new: jax.tree.map(lambda a, b: (b - a) / lr * count, new, params)  # = the grad sum
+    assert_grads_close(delta(one), grads, scale=10.0)
+    assert_grads_close(sharded, one)
+
+
+def test_check_batch_wants_the_image_tokens_of_each_rows_images():
+    mcfg = model_config("mlp")
+    n = mcfg.num_image_tokens
+    ids = np.full((3, 4 * n), 7)
+    ids[0, :n] = ids[2, n : 3 * n] = IMAGE_ID  # row 0: one image, row 1: text only, row 2: two images
+    batch = {"input_ids": ids, "record_id": np.array(["a", "b", "c"])}
+    train.check_batch(dict(batch, image_mask=np.array([[1, 0], [0, 0], [1, 1]])), mcfg)
+    with pytest.raises(ValueError, match=r"Records \['c'\] carry \[8\] image tokens but the model makes 4"):
+        train.check_batch(batch, mcfg)  # without image_mask: one image per row, or none
+    train.check_batch(dict(batch, input_ids=ids[:2]), mcfg)
+    with pytest.raises(ValueError, match=r"Records \['a'\]"):
+        train.check_batch(dict(batch, image_mask=np.array([[1, 1], [0, 0], [1, 1]])), mcfg)
