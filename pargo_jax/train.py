@@ -264,8 +264,8 @@ def make_train_step(
 
 # --- run -------------------------------------------------------------------------------------------
 def check_batch(batch, mcfg: MLLMConfig) -> None:
-    """Every row carries ``num_image_tokens`` image tokens per image: per :func:`batch_images`' count,
-    or without ``image_mask`` one image per row (a text-only row: none)."""
+    """Every row carries ``num_image_tokens`` image tokens per image: ``image_mask.sum(1)`` images when
+    the batch has it, else one per row (a text-only row: none)."""
     counts = (batch["input_ids"] == mcfg.image_token_id).sum(1)
     want = mcfg.num_image_tokens
     images = batch["image_mask"].sum(1) if "image_mask" in batch else (counts > 0)
