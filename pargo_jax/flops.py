@@ -107,18 +107,39 @@ def mllm_training_flops(
 
 
 def batch_training_flops(
-    vision: VisionConfig, projector: Any, llm: LLMConfig, lengths: Sequence[int], **trains: bool
+    vision: VisionConfig,
+    projector: Any,
+    llm: LLMConfig,
+    lengths: Sequence[int],
+    images: int | None = None,
+    **trains: bool,
 ) -> float:
-    """Training FLOPs of a batch whose examples hold ``lengths`` non-pad tokens each (image tokens
-    included; one image per example): :func:`mllm_training_flops` summed over the examples, so
-    padding counts for nothing (one closed form per batch: it runs every training step).
-    ``trains``: the ``train_vision`` / ``train_projector`` / ``train_llm`` flags."""
-    n, text = len(lengths), float(np.sum(llm_flops(llm, np.asarray(lengths, np.float64))))
+    """Training FLOPs of a batch whose samples hold ``lengths`` non-pad tokens each (image tokens
+    included; :func:`sample_lengths`) and which has ``images`` images in all (None: one per sample):
+    each sample's sequence through the LLM on its own (packed samples attend only within themselves),
+    each image through tower and projector, so padding counts for nothing (one closed form per batch:
+    it runs every training step). ``trains``: the ``train_vision`` / ``train_projector`` /
+    ``train_llm`` flags."""
+    n = len(lengths) if images is None else images
+    text = float(np.sum(llm_flops(llm, np.asarray(lengths, np.float64))))
     return training_flops([
         (n * vision_flops(vision), trains.get("train_vision", False)),
         (n * projector.flops(vision.num_tokens), trains.get("train_projector", True)),
         (text, trains.get("train_llm", False)),
     ])  # fmt: skip
+
+
+def sample_lengths(attention_mask: np.ndarray, segment_ids: np.ndarray | None = None) -> np.ndarray:
+    """Non-pad tokens of each sample of a (B, T) batch: of each row, or with ``segment_ids`` (packed rows:
+    sample k >= 1 of its row, 0 = padding) of each segment."""
+    mask = np.asarray(attention_mask)
+    if segment_ids is None:
+        return mask.sum(1)
+    seg = np.asarray(segment_ids)
+    width = int(seg.max(initial=0)) + 1
+    keys = (np.arange(len(seg))[:, None] * width + seg).ravel()
+    count = lambda w: np.bincount(keys, weights=w, minlength=len(seg) * width).reshape(len(seg), width)[:, 1:]
+    return count(mask.ravel()).astype(np.int64)[count(None) > 0]
 
 
 def peak_flops(device_kind: str) -> float | None:

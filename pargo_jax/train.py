@@ -204,6 +204,8 @@ def make_train_step(
         options = dict(deterministic=False, rngs={"dropout": rng})
         if "boxes" in batch:  # MG-LLaVA's object tokens
             options["boxes"] = batch["boxes"]
+        if "segment_ids" in batch:  # packed rows
+            options["segment_ids"] = batch["segment_ids"]
         if loss_chunk:
             hidden = model.apply(variables, *inputs, hidden_only=True, **options)
             kernel = model.apply(variables, method=model.output_kernel)
@@ -262,14 +264,24 @@ def make_train_step(
 
 # --- run -------------------------------------------------------------------------------------------
 def check_batch(batch, mcfg: MLLMConfig) -> None:
+    """Every row carries ``num_image_tokens`` image tokens per image: ``image_mask.sum(1)`` images when
+    the batch has it, else one per row (a text-only row: none)."""
     counts = (batch["input_ids"] == mcfg.image_token_id).sum(1)
     want = mcfg.num_image_tokens
-    if (counts != want).any():
-        bad = [str(r) for r, c in zip(batch["record_id"], counts) if c != want]
+    images = batch["image_mask"].sum(1) if "image_mask" in batch else (counts > 0)
+    bad = counts != want * images
+    if bad.any():
+        ids = [str(r) for r, b in zip(batch["record_id"], bad) if b]
         raise ValueError(
-            f"Records {bad[:5]} carry {sorted(set(counts.tolist()))} image tokens but the model makes {want} "
-            "per image; the input pipeline must be given num_image_tokens of this model."
+            f"Records {ids[:5]} carry {sorted(set(counts[bad].tolist()))} image tokens but the model makes "
+            f"{want} per image; the input pipeline must be given num_image_tokens of this model."
         )
+
+
+def batch_images(batch) -> int:
+    """Images of a host batch: ``image_mask``'s (several per row), else one per row (a text-only row's
+    black image included: the tower reads it)."""
+    return int(batch["image_mask"].sum()) if "image_mask" in batch else len(batch["input_ids"])
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -333,6 +345,7 @@ def _run(config, workdir, mesh):
     )  # fmt: skip
     batch_sharding = sharding.batch_sharding(mesh)
     batch_keys = ("image", *TEXT_KEYS) + (("boxes",) if mcfg.high_res and mcfg.high_res.max_boxes else ())
+    batch_keys += ("segment_ids",) if config.input.get("packing", False) else ()  # image_mask stays here
     if stage1:
         batch_keys = ("image", "qformer_ids", "qformer_mask")
     jit_step = jax.jit(
@@ -359,7 +372,7 @@ def _run(config, workdir, mesh):
     step = int(jax.device_get(state.step))
     progress.start(step)
     preempted = checkpoints.install_preemption_handler()
-    acc, steps_acc, data_wait, flops_acc = None, 0, 0.0, 0.0
+    acc, steps_acc, data_wait, flops_acc, images_acc = None, 0, 0.0, 0.0, 0
     first_step, truncated_before, warned_truncation = step, data.stats()["truncated"], False
     timer = time.perf_counter()
     last_ids: list[str] = []
@@ -374,7 +387,10 @@ def _run(config, workdir, mesh):
         state, out = jit_step(state, batch)
         step += 1
         acc, steps_acc = (out if acc is None else acc.merge(out)), steps_acc + 1  # stays on device
-        flops_acc += batch_flops(host_batch["attention_mask"].sum(1)) * jax.process_count()
+        images = batch_images(host_batch)
+        lengths = flops.sample_lengths(host_batch["attention_mask"], host_batch.get("segment_ids"))
+        flops_acc += batch_flops(lengths, images) * jax.process_count()
+        images_acc += images * jax.process_count()
         if step % config.log_every_steps == 0 or step == total:
             seconds = (time.perf_counter() - timer) / steps_acc
             tokens = float(np.sum(host_batch["attention_mask"])) * jax.process_count()
@@ -383,7 +399,7 @@ def _run(config, workdir, mesh):
                 "step_seconds": seconds,
                 "data_wait_seconds": data_wait / steps_acc,
                 "tokens_per_second": tokens / seconds,
-                "images_per_second": batch_size / seconds,
+                "images_per_second": images_acc / steps_acc / seconds,
                 **{k: float(v) for k, v in data.stats().items()},
             }
             mfu = flops.mfu(flops_acc / steps_acc, seconds, jax.device_count(), jax.devices()[0].device_kind)
@@ -402,7 +418,8 @@ def _run(config, workdir, mesh):
             cut = data.stats()["truncated"] - truncated_before
             seen = (step - first_step) * batch_size // jax.process_count()
             warned_truncation = warned_truncation or warn_truncation(cut, seen, config.input.max_len)
-            acc, steps_acc, data_wait, flops_acc, timer = None, 0, 0.0, 0.0, time.perf_counter()
+            acc, steps_acc, data_wait, flops_acc, images_acc = None, 0, 0.0, 0.0, 0
+            timer = time.perf_counter()
         stop = preempted(step)
         if ckpt.should_save(step) or step == total or stop:
             ckpt.save(step, state, {"data": data.get_state()}, force=stop or step == total)

@@ -50,6 +50,10 @@ def test_attention_selection():
     assert choose_implementation(None, Q, K, bf16, None, backend="gpu") == "cudnn"
     assert choose_implementation(None, Q, K, bf16, (2, 1, 1, 64), backend="gpu") == "cudnn"
     assert choose_implementation("xla", Q, K, bf16, None, backend="gpu") == "xla"
+    packed = (2, 1, 64, 64)  # packed rows' segment mask (B, 1, T, T): still the fused kernel
+    assert choose_implementation(None, Q, K, bf16, packed, backend="gpu") == "cudnn"
+    assert choose_implementation(None, Q, K, jnp.float32, packed, backend="gpu") == "xla"
+    assert choose_implementation(None, Q, K, bf16, packed, backend="cpu") == "xla"
     unsupported = {
         "dtype float32": ((Q, K, jnp.float32, None)),
         "head_dim 60": (((2, 64, 8, 60), (2, 64, 2, 60), bf16, None)),

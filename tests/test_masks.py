@@ -153,6 +153,44 @@ def test_qformer_generate_mask():
         masks.qformer_mask(2, text_mask, "causal")
 
 
+def test_segment_positions_restart_per_sample_and_skip_masked_tokens():
+    seg = np.array([[1, 1, 1, 2, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    real = np.array([[1, 1, 1, 1, 1, 0, 1, 0, 0], [1, 1, 0, 0, 1, 1, 1, 0, 0]])
+    got = np.asarray(masks.segment_positions(seg, real))
+    np.testing.assert_array_equal(got[0], [0, 1, 2, 0, 1, 1, 2, 0, 0])
+    np.testing.assert_array_equal(got[1], np.maximum(np.cumsum(real[1]) - 1, 0))  # one segment: as unpacked
+    assert got.dtype == np.int32
+
+
+def test_segment_mask_is_block_diagonal_over_real_keys():
+    seg = np.array([[1, 1, 1, 2, 2, 2, 0], [1, 1, 2, 2, 3, 0, 0]])
+    real = np.array([[1, 1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 1, 0, 0]])
+    got = np.asarray(masks.segment_mask(seg, real))
+    assert got.shape == (2, 1, 7, 7) and got.dtype == bool
+    row0 = grid("""
+        # # # . . . .
+        # # # . . . .
+        # # # . . . .
+        . . . # . # .
+        . . . # . # .
+        . . . # . # .
+        . . . . . . #
+    """)
+    row1 = grid("""
+        # # . . . . .
+        # # . . . . .
+        . . # # . . .
+        . . # # . . .
+        . . . . # . .
+        . . . . . # .
+        . . . . . . #
+    """)
+    np.testing.assert_array_equal(got[0, 0], row0)
+    np.testing.assert_array_equal(got[1, 0], row1)
+    causal = got[:, 0] & np.tril(np.ones((7, 7), bool))
+    assert causal.any(-1).all()  # every query keeps a key under the attention core's causality
+
+
 @pytest.mark.parametrize(
     "call, message",
     [

@@ -126,3 +126,13 @@ def test_batch_flops_count_non_pad_tokens_only():
     one = lambda n: flops.mllm_training_flops(v, p, llm, n, train_llm=True)
     assert flops.batch_training_flops(v, p, llm, [10, 30], train_llm=True) == pytest.approx(one(10) + one(30))
     assert flops.batch_training_flops(v, p, llm, [10, 30], train_llm=True) < 2 * one(30)  # padding is free
+    # several images per sample: lengths per sample, images counted in all (1 + 2 here)
+    two = flops.mllm_training_flops(v, p, llm, 30, train_llm=True, images_per_example=2)
+    assert flops.batch_training_flops(v, p, llm, [10, 30], 3, train_llm=True) == pytest.approx(one(10) + two)
+
+
+def test_sample_lengths_per_row_or_per_packed_segment():
+    mask = np.array([[1, 1, 1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(flops.sample_lengths(mask), [5, 8])
+    segments = np.array([[1, 1, 1, 2, 2, 2, 0, 0], [1, 1, 2, 2, 2, 3, 3, 3]])
+    np.testing.assert_array_equal(flops.sample_lengths(mask, segments), [3, 2, 2, 3, 3])

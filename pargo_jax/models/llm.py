@@ -30,6 +30,7 @@ from flax import linen as nn
 
 from pargo_jax.models.attention import attention
 from pargo_jax.models.layers import Dense
+from pargo_jax.models.masks import segment_mask, segment_positions
 
 Dtype = Any
 
@@ -405,14 +406,20 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         last_logits_only: bool = False,
         hidden_only: bool = False,
+        segment_ids: jax.Array | None = None,
     ):
         """Logits (B, T, V) (or (B, 1, V) with ``last_logits_only``); with ``cache``, returns
         ``(logits, new_cache)``. ``attention_mask`` (B, T): 1 = real token, 0 = padding.
         ``hidden_only``: the final-norm hidden states (B, T, D) instead, whose logits are their product
-        with :meth:`output_kernel` (for a loss that never holds all the logits)."""
+        with :meth:`output_kernel` (for a loss that never holds all the logits). ``segment_ids`` (B, T)
+        (packed rows, no cache): sample k >= 1 of a row, 0 = padding; each sample gets its own
+        positions (:func:`~pargo_jax.models.masks.segment_positions`) and attends only within itself
+        (:func:`~pargo_jax.models.masks.segment_mask`), exactly as unpacked."""
         c = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) are for training: decode without them.")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(c.dtype)
         b, t = x.shape[:2]
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -421,7 +428,9 @@ class CausalLM(nn.Module):
         else:
             kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
             index, past = cache.index, cache.mask.sum(-1, keepdims=True, dtype=jnp.int32)
-        if positions is None:
+        if positions is None and segment_ids is not None:
+            positions = segment_positions(segment_ids, mask)
+        elif positions is None:
             positions = jnp.maximum(past + jnp.cumsum(mask, -1, dtype=jnp.int32) - 1, 0)
         if c.position_embedding == "learned":  # OPT: inputs_embeds get their positions here too
             x, cos, sin = x + self.embed_positions(positions + c.position_offset), None, None
@@ -430,10 +439,12 @@ class CausalLM(nn.Module):
             emb = jnp.concatenate([freqs, freqs], -1)
             cos, sin = jnp.cos(emb), jnp.sin(emb)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        # Without a cache: padding only (B, 1, 1, S), the attention core adds causality. With one: the
-        # slots up to each query's own (T, S) too.
+        # Without a cache: padding only (B, 1, 1, S), or with segment ids the samples' blocks (B, 1, T, T);
+        # the attention core adds causality. With one: the slots up to each query's own (T, S) too.
         attn_mask = kv_mask[:, None, None, :]
-        if cache is not None:
+        if segment_ids is not None:
+            attn_mask = segment_mask(segment_ids, mask)
+        elif cache is not None:
             q_slot = index + jnp.arange(t)
             causal = jnp.arange(kv_mask.shape[1])[None, :] <= q_slot[:, None]  # (T, S)
             attn_mask = causal[None, None] & attn_mask  # (B, 1, T, S)

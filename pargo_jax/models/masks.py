@@ -1,5 +1,6 @@
 """Attention masks as pure functions of shapes (numpy, bool, True = may attend), and the BLIP-2
-Q-Former's, of shapes and the runtime text padding mask (jax.numpy, so it traces under ``jit``).
+Q-Former's, of shapes and the runtime text padding mask (jax.numpy, so it traces under ``jit``); the
+LLM's positions and mask of packed rows (several samples per row, told apart by segment ids), likewise.
 
 Queries are ordered ``[partial_0 .. partial_{P-1}, global_0 .. global_{G-1}]``. Image patches are
 ordered crop by crop, each crop in raster order (row-major over its patch grid). Every partial token
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -287,3 +289,47 @@ def qformer_mask(num_queries: int, text_mask, mode: str = "pairs") -> jnp.ndarra
     keys = jnp.concatenate([jnp.ones((b, num_queries), bool), text_mask.astype(bool)], axis=1)
     structure = jnp.asarray(qformer_structure(num_queries, t, mode))
     return structure[None, None] & keys[:, None, None, :]
+
+
+def segment_positions(segment_ids, attention_mask) -> jnp.ndarray:
+    """Positions (B, T) int32 of packed rows: within each segment (a run of equal ``segment_ids``),
+    the real tokens (``attention_mask`` 1) before this one, clamped at 0; i.e. ``cumsum(mask) - 1`` of
+    each sample alone, the positions it gets unpacked. A masked token (padding, an empty object-token
+    slot) does not advance them. Example, one row::
+
+        segment_ids     1 1 1 2 2 2 2 0 0
+        attention_mask  1 1 1 1 1 0 1 0 0
+        positions       0 1 2 0 1 1 2 0 0
+    """
+    seg = jnp.asarray(segment_ids)
+    real = jnp.asarray(attention_mask).astype(jnp.int32)
+    count = jnp.cumsum(real, axis=-1)
+    start = jnp.concatenate([jnp.ones_like(seg[..., :1], bool), seg[..., 1:] != seg[..., :-1]], axis=-1)
+    # real tokens before each segment's start, carried forward (non-decreasing along the row)
+    before = jax.lax.cummax(jnp.where(start, count - real, 0), axis=seg.ndim - 1)
+    return jnp.maximum(count - before - 1, 0).astype(jnp.int32)
+
+
+def segment_mask(segment_ids, attention_mask) -> jnp.ndarray:
+    """Self-attention mask (B, 1, T, T) of packed rows: query ``i`` may attend key ``j`` iff both are in
+    the same segment ``> 0`` and key ``j`` is real (``attention_mask``); a padding query (segment 0)
+    attends itself only, so no row is empty. Causality is not in it: the attention core adds it
+    (``causal=True``), keeping the lower triangle. Every segment must start with a real token (each
+    query then has >= 1 allowed key, as unpacked). Example, segment_ids ``1 1 1 2 2 2 0``,
+    attention_mask ``1 1 1 1 0 1 0`` (key 4: an empty slot)::
+
+                  k0 k1 k2 k3 k4 k5 k6
+        q0 seg 1   #  #  #  .  .  .  .
+        q1 seg 1   #  #  #  .  .  .  .
+        q2 seg 1   #  #  #  .  .  .  .
+        q3 seg 2   .  .  .  #  .  #  .
+        q4 seg 2   .  .  .  #  .  #  .
+        q5 seg 2   .  .  .  #  .  #  .
+        q6 pad     .  .  .  .  .  .  #
+    """
+    seg = jnp.asarray(segment_ids)
+    real = jnp.asarray(attention_mask).astype(bool)
+    query, key = seg[:, :, None], seg[:, None, :]
+    same = (query == key) & (query > 0) & real[:, None, :]
+    itself = (query == 0) & jnp.eye(seg.shape[1], dtype=bool)[None]
+    return (same | itself)[:, None]

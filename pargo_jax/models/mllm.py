@@ -144,33 +144,39 @@ class VisionLanguageModel(nn.Module):
     def encode_images(
         self, images: jax.Array, deterministic: bool = True, boxes: jax.Array | None = None
     ) -> jax.Array:
-        """images (B, H, W, 3) or (B, I, H, W, 3) -> image tokens (B, I * T_img, D_llm). Float images are
-        taken as normalized; uint8 pixels are normalized here, on device (``input.normalize=False``).
-        MG-LLaVA (``high_res``): one image per sample, ``boxes`` (B, max_boxes, 4) in input pixels."""
+        """images (B, H, W, 3) or (B, I, H, W, 3) -> image tokens (B, I * T_img, D_llm), image by image.
+        Float images are taken as normalized; uint8 pixels are normalized here, on device
+        (``input.normalize=False``). MG-LLaVA (``high_res``): ``boxes`` (B, max_boxes, 4), or (B, I,
+        max_boxes, 4) with I images per sample, in input pixels; each image's T_img tokens are its
+        projector tokens then its object tokens."""
         images = self.normalized(images)
-        if self.config.high_res:
-            return self._encode_two_paths(images, deterministic, boxes)
         if images.ndim == 4:
-            images = images[:, None]
+            images, boxes = images[:, None], None if boxes is None else boxes[:, None]
+        if boxes is not None and (boxes.ndim != 4 or boxes.shape[:2] != images.shape[:2]):
+            raise ValueError(f"boxes {boxes.shape} do not match images {images.shape} (B, I, ...).")
         b, n = images.shape[:2]
         flat = images.reshape(b * n, *images.shape[2:])
-        features = self.vision_tower(flat)
-        if self.config.detail:  # X-Former: the MAE's tokens of the whole image
-            pixels = self.detail_pixels(flat)
-            if self.is_initializing():  # create the decoder's params too
-                self.detail_tower(pixels, jnp.zeros((b * n, self.config.detail.mae.num_patches)))
-            detail, _, _ = self.detail_tower.encode(pixels)
-            tokens = self.projector(features, deterministic=deterministic, detail=detail)
+        flat_boxes = None if boxes is None else boxes.reshape(b * n, *boxes.shape[2:])
+        if self.config.high_res:
+            tokens = self._encode_two_paths(flat, deterministic, flat_boxes)
         else:
-            tokens = self.projector(features, deterministic=deterministic)
+            tokens = self._encode_one_path(flat, deterministic)
         return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
 
+    def _encode_one_path(self, images, deterministic):
+        """Normalized images (N, H, W, 3) -> the projector's tokens (N, T_img, D_llm)."""
+        features = self.vision_tower(images)
+        if not self.config.detail:
+            return self.projector(features, deterministic=deterministic)
+        pixels = self.detail_pixels(images)  # X-Former: the MAE's tokens of the whole image
+        if self.is_initializing():  # create the decoder's params too
+            self.detail_tower(pixels, jnp.zeros((images.shape[0], self.config.detail.mae.num_patches)))
+        detail, _, _ = self.detail_tower.encode(pixels)
+        return self.projector(features, deterministic=deterministic, detail=detail)
+
     def _encode_two_paths(self, images, deterministic, boxes):
+        """MG-LLaVA: normalized images (N, H, W, 3), boxes (N, max_boxes, 4) -> (N, T_img, D_llm)."""
         c = self.config
-        if images.ndim != 4:
-            raise ValueError(
-                f"MG-LLaVA's two paths take one image per sample (B, H, W, 3), got {images.shape}."
-            )
         b, size = images.shape[0], c.vision.image_size
         low = jax.image.resize(images, (b, size, size, 3), "bilinear", antialias=False)
         maps = self.high_res_tower(images)
@@ -240,12 +246,15 @@ class VisionLanguageModel(nn.Module):
 
     def __call__(
         self, images, input_ids, attention_mask, *, deterministic: bool = True, hidden_only: bool = False,
-        boxes: jax.Array | None = None,
+        boxes: jax.Array | None = None, segment_ids: jax.Array | None = None,
     ) -> jax.Array:  # fmt: skip
         """Logits (B, T, V); ``hidden_only``: the LLM's final hidden states (B, T, D) instead (see
-        :func:`chunked_next_token_loss`); ``boxes``: MG-LLaVA's object boxes."""
+        :func:`chunked_next_token_loss`); ``boxes``: MG-LLaVA's object boxes; ``segment_ids`` (B, T):
+        packed rows (see :class:`~pargo_jax.models.llm.CausalLM`), whose images (B, I, H, W, 3) are
+        the row's in the order of their image tokens."""
         embeds = self.embed_inputs(images, input_ids, deterministic, boxes)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, hidden_only=hidden_only)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, hidden_only=hidden_only,
+                        segment_ids=segment_ids)  # fmt: skip
 
     def output_kernel(self) -> jax.Array:
         """The LLM's (D, V) hidden-to-logits matrix (:meth:`CausalLM.output_kernel`)."""
