@@ -48,6 +48,7 @@ def base() -> ml_collections.ConfigDict:
         sources=[], data_dir=placeholder(str), tokenizer=placeholder(str), batch_size=16, image_size=336,
         resize="letterbox", max_len=512, overlong="truncate", num_workers=0, prefetch=2, strict=False,
         mean=CLIP_MEAN, std=CLIP_STD, detections="", jpeg_draft=False,
+        max_images=1, packing=False, max_images_per_row=4,  # several images per sample; packed rows
     )  # fmt: skip
     c.shapes = None  # dict(...) of data_pipelines.shapes.build arguments: build the demo set on first run
     c.demo_tower = None  # dict(...) of pargo_jax.demo_tower.build options: build model.vision.path if missing

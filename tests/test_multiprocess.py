@@ -1,7 +1,8 @@
 """Two processes on one machine as one JAX job (localhost coordinator, 4 CPU devices each, gloo
 collectives) train the demo through ``python -m pargo_jax.main``: the losses and the end-of-run eval
 equal a 1-process 8-device run on the same data 2 x fsdp 4 mesh, and the 2-process checkpoint resumes
-in 1 process on another mesh (data 2 x fsdp 2 x tensor 2) with the losses of the uninterrupted run."""
+in 1 process on another mesh (data 2 x fsdp 2 x tensor 2) with the losses of the uninterrupted run; with
+one sample per row and with packed rows (every host plans the global batch, reads its rows)."""
 
 from __future__ import annotations
 
@@ -18,24 +19,25 @@ from tests import procs
 from tests.demo import demo_config, demo_flags, eval_metrics, losses, metric_rows, prepare_and_train
 
 
-def _overrides(data_dir: str, mesh: dict[str, int]) -> dict:
+def _overrides(data_dir: str, mesh: dict[str, int], packing: bool) -> dict:
     return {
-        "input.data_dir": data_dir, "input.batch_size": 8, "total_steps": 4, "log_every_steps": 1,
+        "input.data_dir": data_dir, "input.packing": packing, "input.batch_size": 8, "total_steps": 4,
+        "log_every_steps": 1,
         "optim.warmup_steps": 1, "checkpoint.every_steps": 2, "sample_at_end": "", "evals.val.log_steps": 4,
         **{f"mesh.{axis}": size for axis, size in mesh.items()},
     }  # fmt: skip
 
 
-def _flags(data_dir: str, workdir: str, mesh: dict[str, int]) -> list[str]:
+def _flags(data_dir: str, workdir: str, mesh: dict[str, int], packing: bool) -> list[str]:
     return [
         "--config=experiments/pretrain.py", f"--workdir={workdir}", *demo_flags(data_dir),
-        *(f"--config.{k}={v}" for k, v in _overrides(data_dir, mesh).items()),
+        *(f"--config.{k}={v}" for k, v in _overrides(data_dir, mesh, packing).items()),
     ]  # fmt: skip
 
 
-def _one_process(data_dir: str, workdir: str, mesh: dict[str, int]) -> None:
+def _one_process(data_dir: str, workdir: str, mesh: dict[str, int], packing: bool) -> None:
     """The same run in this process (8 devices), as ``python -m pargo_jax.main`` would configure it."""
-    prepare_and_train(demo_config(data_dir, 4, **_overrides(data_dir, mesh)), workdir)
+    prepare_and_train(demo_config(data_dir, 4, **_overrides(data_dir, mesh, packing)), workdir)
 
 
 def _free_port() -> int:
@@ -45,14 +47,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow  # two processes form one job, then two reference runs
-def test_two_processes_equal_one_and_resume_on_another_mesh(shapes_dir, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["rows", "packed"])  # packed: every host plans
+def test_two_processes_equal_one_and_resume_on_another_mesh(shapes_dir, tmp_path, packing):
     mesh = {"data": 2, "fsdp": 4, "tensor": 1}
     two, one, resumed = (str(tmp_path / name) for name in ("two", "one", "resumed"))
     job = ["--multihost=yes", f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
     workers = [
         procs.popen(
             "pargo_jax.main",
-            *_flags(shapes_dir, two, mesh),
+            *_flags(shapes_dir, two, mesh, packing),
             *job,
             f"--process_id={i}",
             devices=4,
@@ -71,7 +74,7 @@ def test_two_processes_equal_one_and_resume_on_another_mesh(shapes_dir, tmp_path
     assert "Process 1/2" in logs[1] and "Process 0/2" in logs[0]
     assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]
 
-    _one_process(shapes_dir, one, mesh)
+    _one_process(shapes_dir, one, mesh, packing)
     want = losses(one)
     assert sorted(want) == [1, 2, 3, 4] and len(set(want.values())) == 4
     np.testing.assert_allclose([losses(two)[s] for s in want], list(want.values()), rtol=0, atol=1e-5)
@@ -87,6 +90,6 @@ def test_two_processes_equal_one_and_resume_on_another_mesh(shapes_dir, tmp_path
     rows = [r for r in metric_rows(resumed) if r["step"] <= 2]
     with open(os.path.join(resumed, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    _one_process(shapes_dir, resumed, {"data": 2, "fsdp": 2, "tensor": 2})
+    _one_process(shapes_dir, resumed, {"data": 2, "fsdp": 2, "tensor": 2}, packing)
     again = losses(resumed)
     np.testing.assert_allclose([again[3], again[4]], [want[3], want[4]], rtol=0, atol=1e-5)

@@ -160,8 +160,10 @@ def test_nonfinite_losses_skip_updates_then_stop_naming_records(data_dir, tmp_pa
 
 
 @pytest.mark.slow  # a real process to kill, plus the straight run
-def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(data_dir, tmp_path):
-    common = {"optim.schedule": "constant", "optim.warmup_steps": 0, "checkpoint.every_steps": 2}
+@pytest.mark.parametrize("packing", [False, True], ids=["rows", "packed"])  # packed: resumes at its record
+def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(data_dir, tmp_path, packing):
+    common = {"optim.schedule": "constant", "optim.warmup_steps": 0, "checkpoint.every_steps": 2,
+              "input.packing": packing}  # fmt: skip
     straight = str(tmp_path / "straight")
     prepare_and_train(demo(data_dir, 8, **common), straight)
 

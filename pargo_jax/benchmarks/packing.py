@@ -14,16 +14,17 @@ interleaved. Reported per kind: the median step, non-pad tokens per second (the 
 steps one pass over the records takes; for the packed kind also what packing costs the host per batch
 (the plan: text stage + first fit, and the whole batch with its images), beside the step.
 
-Shapes: those of :mod:`pargo_jax.benchmarks.train_step` (demo: ParGo 20 image tokens, ``max_len``
-128, batch 16; mid: ParGo 57 image tokens on a ViT-B/16-sized tower, a SmolLM2-135M-sized LLM with
-``--mid_layers`` layers, ``max_len`` 256, batch 8).
+Shapes: those of :mod:`pargo_jax.benchmarks.train_step` (demo: ParGo 20 image tokens, batch 16, and
+the SFT demo's ``max_len`` 128; mid: ParGo 57 image tokens on a ViT-B/16-sized tower, a
+SmolLM2-135M-sized LLM with ``--mid_layers`` layers, ``max_len`` 256, batch 8).
 
 The mix: LLaVA-1.5's SFT data by source, with its sample counts (the LLaVA-1.5 paper, Table 7: 665K
 in all). Turn counts and tokens per turn are this module's estimates of each source's shape (no data
 is downloaded here), in LLaMA tokens at LLaVA's 2048-token context with 576 image tokens; a shape
-scales them by its text room, ``(max_len - image tokens) / (2048 - 576)``, with at least one word per
-turn. LLaVA-1.5 merges every question about an image into one conversation, which is why the VQA
-sources are multi-turn. The text-only ShareGPT conversations are the long tail.
+scales a sample's text by its text room, ``(max_len - image tokens) / (2048 - 576)``, merging turns
+where the chat template's own tokens would not fit (see :func:`draw`). LLaVA-1.5 merges every question
+about an image into one conversation, which is why the VQA sources are multi-turn. The text-only
+ShareGPT conversations are the long tail.
 """
 
 from __future__ import annotations
@@ -67,19 +68,23 @@ LLAVA_665K = (
     Source("vg", 86_000, 1, (1, 10), 22.0, 0.3),
 )
 LLAVA_CONTEXT, LLAVA_IMAGE_TOKENS = 2048, 576
-TEMPLATE_TOKENS = 8  # this vocabulary's chat template: <|im_start|>, role, \n, <|im_end|>, \n per turn x2
+TEMPLATE_TOKENS = 10  # the shapes chat template's own tokens per turn (user + assistant message)
 
 
 def draw(n: int, scale: float, seed: int = 0) -> list[tuple[str, int, list[int]]]:
-    """``n`` samples of the mix: (source, images, words per turn), a pure function of ``seed``."""
+    """``n`` samples of the mix: (source, images, words per turn), a pure function of ``seed``. A sample's
+    text keeps its share of the context (its LLaVA tokens x ``scale``); where the chat template's own
+    tokens would exceed that share, its turns are merged into fewer."""
     rng = np.random.default_rng(seed)
     weights = np.array([s.samples for s in LLAVA_665K], np.float64)
     out = []
     for i in rng.choice(len(LLAVA_665K), size=n, p=weights / weights.sum()):
         s = LLAVA_665K[i]
         turns = int(rng.integers(s.turns[0], s.turns[1] + 1))
-        tokens = s.tokens_per_turn * np.exp(s.sigma * rng.standard_normal(turns)) * scale
-        out.append((s.name, s.images, [max(2, int(round(t)) - TEMPLATE_TOKENS) for t in tokens]))
+        text = float(np.sum(s.tokens_per_turn * np.exp(s.sigma * rng.standard_normal(turns)))) * scale
+        kept = int(np.clip(text // (TEMPLATE_TOKENS + 2), 1, turns))
+        words = max(2, int(round(text / kept)) - TEMPLATE_TOKENS)
+        out.append((s.name, s.images, [words] * kept))
     return out
 
 
@@ -116,6 +121,7 @@ def _args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed steps per kind")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--images_per_row", default="demo=4,mid=3", help="input.max_images_per_row per shape")
+    p.add_argument("--max_len", default="demo=128,mid=256", help="input.max_len per shape")
     p.add_argument("--mid_layers", type=int, default=30, help="LLM layers of the mid shape")
     p.add_argument("--quick", action="store_true", help="smoke run: demo shape, 300 records, 2 steps each")
     p.add_argument("--out", default="bench_results/packing.json")
@@ -142,9 +148,12 @@ def _shape(name: str, a, data_dir: str, tokenizer: str):
     fake = types.SimpleNamespace(vocab_size=vocab or tok.vocab_size, image_token_id=tok.image_token_id)
     mcfg = runs.model_config(config, fake)
     per_row = dict(x.split("=") for x in a.images_per_row.split(","))
-    config.input.update(sources=[dict(name="mix", data_dir=data_dir, split="train")], tokenizer=tokenizer,
-                        data_dir=data_dir, image_size=mcfg.image_size, shuffle=True, overlong="truncate",
-                        max_images_per_row=int(per_row[name]))  # fmt: skip
+    max_len = dict(x.split("=") for x in a.max_len.split(","))
+    config.input.update(
+        sources=[dict(name="mix", data_dir=data_dir, split="train")], tokenizer=tokenizer, data_dir=data_dir,
+        image_size=mcfg.image_size, shuffle=True, overlong="truncate", max_len=int(max_len[name]),
+        max_images_per_row=int(per_row[name]),
+    )  # fmt: skip
     return config, mcfg, fake
 
 
