@@ -3,6 +3,11 @@
     python -m pargo_jax.predict --workdir W --image photo.jpg --prompt "What is in the image?"
     python -m pargo_jax.predict --workdir W --input q.jsonl --output a.jsonl [--batch_size 16]
 
+A line of ``q.jsonl``: ``{"id": "q1", "image": "photo.jpg", "prompt": "What is in the image?"}``;
+``"image": ["a.jpg", "b.jpg"]`` asks about several images (one ``<image>`` line each before the
+prompt, or the prompt's own ``<image>`` placeholders, one per image, in order); ``"conversation"``
+(LLaVA turns) instead of ``"prompt"``; ``"boxes"`` for MG-LLaVA (one image per query).
+
 The prediction functions and :class:`~pargo_jax.predictor.Predictor` are :mod:`pargo_jax.predictor`.
 """
 
@@ -29,8 +34,9 @@ from pargo_jax.predictor import (
 
 
 def read_queries(path: str) -> Iterator[Query | PredictError]:
-    """Queries of a JSONL file (``id``, ``image`` relative to the file, ``prompt`` or ``conversation``,
-    optional ``boxes`` for MG-LLaVA); a line that cannot be a query yields a PredictError naming it."""
+    """Queries of a JSONL file (``id``, ``image``: a path or a list of paths relative to the file,
+    ``prompt`` or ``conversation``, optional ``boxes`` for MG-LLaVA); a line that cannot be a query
+    yields a PredictError naming it."""
     base = os.path.dirname(os.path.abspath(path))
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -42,7 +48,7 @@ def read_queries(path: str) -> Iterator[Query | PredictError]:
                 qid = str(rec.get("id", qid))
                 if "image" not in rec:
                     raise PredictError(f"{qid}: no 'image' field")
-                image = read_image(os.path.join(base, rec["image"]))
+                image = _read_images(base, rec["image"], qid)
                 boxes = rec.get("boxes")  # MG-LLaVA: [[x1, y1, x2, y2], ...] in the image's pixels
                 if "conversation" in rec:
                     yield conversation(qid, image, rec["conversation"], boxes)
@@ -52,6 +58,15 @@ def read_queries(path: str) -> Iterator[Query | PredictError]:
                 yield PredictError(f"{qid}: not a JSON object ({e.msg})")
             except PredictError as e:
                 yield PredictError(str(e) if str(e).startswith(qid) else f"{qid}: {e}")
+
+
+def _read_images(base: str, paths, qid: str) -> bytes | tuple[bytes, ...]:
+    """A JSONL line's ``image``: the bytes of one path, or a tuple of those of a non-empty list."""
+    if isinstance(paths, str):
+        return read_image(os.path.join(base, paths))
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise PredictError(f"{qid}: 'image' must be a path or a non-empty list of paths")
+    return tuple(read_image(os.path.join(base, p)) for p in paths)
 
 
 def parse_flags(argv: Sequence[str]):
@@ -72,7 +87,8 @@ def _define_flags(fv=None) -> None:
     f.DEFINE_integer("step", None, "Checkpoint step (default: the newest).", flag_values=fv)
     f.DEFINE_string("image", None, "An image file to ask about (with --prompt).", flag_values=fv)
     f.DEFINE_string("prompt", None, "The question about --image.", flag_values=fv)
-    f.DEFINE_string("input", None, "JSONL of queries: id, image, prompt or conversation.", flag_values=fv)
+    f.DEFINE_string("input", None, "JSONL of queries: id, image (a path or a list of paths), prompt or "
+                    "conversation.", flag_values=fv)  # fmt: skip
     f.DEFINE_string("output", None, "JSONL of answers for --input (default: stdout).", flag_values=fv)
     f.DEFINE_integer("batch_size", 8, "Queries per batch with --input.", flag_values=fv)
     f.DEFINE_integer("max_new_tokens", 64, "Most tokens an answer may have.", flag_values=fv)

@@ -101,8 +101,8 @@ def decode(
     pad_id: int,
     detokenize: Callable[[Sequence[int]], str] | None = None,
 ) -> GenerateOutput:
-    """Answers of a batch: ``image`` (B, H, W, 3), left-padded ``input_ids`` / ``attention_mask``
-    (B, T). Returns host arrays of every row (all processes)."""
+    """Answers of a batch: ``image`` (B, H, W, 3) or (B, I, H, W, 3) (several per row), left-padded
+    ``input_ids`` / ``attention_mask`` (B, T). Returns host arrays of every row (all processes)."""
     embeds = _embed(model, params, batch["image"], batch["input_ids"], batch.get("boxes"))
     o = options
     return generate(
@@ -115,11 +115,11 @@ def decode(
 
 
 def score(model: VisionLanguageModel, params, batch: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
-    """Per row of a training-format batch (``image``, ``input_ids``, ``attention_mask``, ``targets``,
-    ``loss_mask``): summed log-likelihood of the masked targets, their number, and how many are the
-    argmax. With ``group_masks`` (B, G, T) also ``group_logprob`` / ``group_tokens`` /
-    ``group_correct`` (B, G): the same sums over the masked targets each group selects. Host arrays of
-    every row."""
+    """Per row of a training-format batch (``image`` (B, [I,] H, W, 3), ``input_ids``,
+    ``attention_mask``, ``targets``, ``loss_mask``): summed log-likelihood of the masked targets, their
+    number, and how many are the argmax. With ``group_masks`` (B, G, T) also ``group_logprob`` /
+    ``group_tokens`` / ``group_correct`` (B, G): the same sums over the masked targets each group
+    selects. Host arrays of every row."""
     return {k: sharding.to_host(v) for k, v in _score(model, params, batch).items()}
 
 
@@ -131,15 +131,25 @@ def image_tokens(model: VisionLanguageModel, params, images: jax.Array) -> np.nd
 # --- queries -----------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Query:
-    """One question: ``messages`` ({"role", "content"} dicts) end with a user turn; the first user
-    turn holds the ``<image>`` placeholder; ``image`` is the encoded image file; ``boxes`` (K, 4)
-    pixel boxes (x1, y1, x2, y2) of that image for MG-LLaVA's object tokens, or a detections entry
+    """One question: ``messages`` ({"role", "content"} dicts) end with a user turn and hold one
+    ``<image>`` placeholder per image (the k-th stands for the k-th image); ``image`` is the encoded
+    image file, or a tuple of them for several images (a list becomes a tuple); ``boxes`` (K, 4) pixel
+    boxes (x1, y1, x2, y2) of the (one) image for MG-LLaVA's object tokens, or a detections entry
     ``{"boxes", "scores", "labels"}`` (scores and labels drive its per-class NMS); None: none."""
 
     id: str
-    image: bytes
+    image: bytes | tuple[bytes, ...]
     messages: tuple[Mapping[str, str], ...]
     boxes: Any = None
+
+    def __post_init__(self):
+        if isinstance(self.image, list):
+            object.__setattr__(self, "image", tuple(self.image))
+
+    @property
+    def images(self) -> tuple[bytes, ...]:
+        """Every image of the query, in placeholder order."""
+        return self.image if isinstance(self.image, tuple) else (self.image,)
 
 
 def read_image(path: str) -> bytes:
@@ -151,20 +161,20 @@ def read_image(path: str) -> bytes:
     return p.read_bytes()
 
 
-def question(qid: str, image: bytes, prompt: str, boxes=None) -> Query:
-    """A one-turn query: ``<image>`` then ``prompt``."""
-    from data_pipelines.schema import IMAGE_PLACEHOLDER
-
+def question(qid: str, image: bytes | Sequence[bytes], prompt: str, boxes=None) -> Query:
+    """A one-turn query: one ``<image>`` line per image, then ``prompt`` (which may place the
+    placeholders itself instead: one per image)."""
     if not prompt or not prompt.strip():
         raise PredictError(f"{qid}: the prompt is empty; ask a question")
-    return Query(qid, image, ({"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{prompt.strip()}"},), boxes)
+    return _with_placeholders(Query(qid, image, ({"role": "user", "content": prompt.strip()},), boxes))
 
 
-def conversation(qid: str, image: bytes, turns: Sequence[Mapping[str, str]], boxes=None) -> Query:
+def conversation(
+    qid: str, image: bytes | Sequence[bytes], turns: Sequence[Mapping[str, str]], boxes=None
+) -> Query:
     """A query from a conversation (``role``/``content`` or LLaVA's ``from``/``value`` turns) ending
-    with a user turn; ``<image>`` is put before the first user turn's text if it is absent."""
-    from data_pipelines.schema import IMAGE_PLACEHOLDER
-
+    with a user turn; without ``<image>`` placeholders, one line of ``<image>`` per image is put before
+    the first user turn's text."""
     roles = {
         "human": "user",
         "gpt": "assistant",
@@ -180,10 +190,26 @@ def conversation(qid: str, image: bytes, turns: Sequence[Mapping[str, str]], box
         messages.append({"role": roles[role], "content": text})
     if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise PredictError(f"{qid}: the conversation must end with a non-empty user turn")
-    if not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
-        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages[first] = dict(messages[first], content=f"{IMAGE_PLACEHOLDER}\n{messages[first]['content']}")
-    return Query(qid, image, tuple(messages), boxes)
+    return _with_placeholders(Query(qid, image, tuple(messages), boxes))
+
+
+def _with_placeholders(query: Query) -> Query:
+    """``query`` with one ``<image>`` per image: put before the first user turn's text (each on its own
+    line) when its messages have none; PredictError when they have another number."""
+    from data_pipelines.schema import IMAGE_PLACEHOLDER
+
+    n = len(query.images)
+    count = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in query.messages)
+    if count and count != n:
+        raise PredictError(
+            f"{query.id}: the text has {count} {IMAGE_PLACEHOLDER} placeholders for {n} images"
+        )
+    if count:
+        return query
+    messages = list(query.messages)
+    first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[first] = dict(messages[first], content=f"{IMAGE_PLACEHOLDER}\n" * n + messages[first]["content"])
+    return dataclasses.replace(query, messages=tuple(messages))
 
 
 def _agree(value: int) -> int:
@@ -263,6 +289,16 @@ class Predictor:
             raise _undecodable(qid, e) from e
         return images.to_array(img)
 
+    def pixels_of(self, images: Sequence[bytes], qid: str = "?") -> np.ndarray:
+        """uint8 (n, S, S, 3): each of a query's ``images`` as :meth:`pixels` prepares it; PredictError
+        for none, and for several on MG-LLaVA (its object tokens read one image per query)."""
+        n = len(images)
+        if not n:
+            raise PredictError(f"{qid}: no image; a query needs at least one")
+        if n > 1 and self.mcfg.high_res:
+            raise PredictError(f"{qid}: MG-LLaVA reads one image per query; this query has {n}")
+        return np.stack([self.pixels(b, _nth_image(qid, k, n)) for k, b in enumerate(images)])
+
     @property
     def max_boxes(self) -> int:
         return self.mcfg.high_res.max_boxes if self.mcfg.high_res else 0
@@ -305,6 +341,7 @@ class Predictor:
                 self.tokenizer,
                 query.messages,
                 num_image_tokens=self.mcfg.num_image_tokens,
+                num_images=len(query.images),
                 record_id=query.id,
             )
         except BadRecord as e:
@@ -345,9 +382,9 @@ class Predictor:
                     continue
                 try:
                     q = queries[i]
-                    p = {"image": self.pixels(q.image, q.id), "ids": self.prompt(q)}
+                    p = {"image": self.pixels_of(q.images, q.id), "ids": self.prompt(q)}
                     if self.max_boxes:
-                        p["boxes"], p["real"] = self.object_boxes(q.image, q.boxes, q.id)
+                        p["boxes"], p["real"] = self.object_boxes(q.images[0], q.boxes, q.id)
                     prepared.append(p)
                 except PredictError as e:
                     rows[i] = {"id": queries[i].id, "error": str(e)}
@@ -360,8 +397,12 @@ class Predictor:
             mask = np.zeros((len(prepared), width), np.int32)
             for r, p in enumerate(prepared):  # left padding: every prompt ends at the last column
                 ids[r, width - len(p["ids"]) :], mask[r, width - len(p["ids"]) :] = p["ids"], 1
-            pixels = np.stack([p["image"] for p in prepared])
-            arrays = {"image": pixels, "input_ids": ids, "attention_mask": mask, "index": index}
+            arrays = {
+                "image": _image_batch([p["image"] for p in prepared]),
+                "input_ids": ids,
+                "attention_mask": mask,
+                "index": index,
+            }
             if self.max_boxes:
                 from data_pipelines.detections import mask_box_slots
 
@@ -396,7 +437,8 @@ class Predictor:
                 "streaming one answer runs on a single process; use --input on multi-host jobs"
             )
         tok = self.tokenizer
-        images, ids = self.pixels(query.image, query.id)[None], self.prompt(query)[None]
+        images = _image_batch([self.pixels_of(query.images, query.id)])
+        ids = self.prompt(query)[None]
         model, params = self.for_decoding(params)
         with sharding.mesh_context(self.mesh):
             embeds = _embed(model, params, images, ids)
@@ -425,7 +467,8 @@ class Predictor:
         batch_size: int = 8,
         groups: int = 0,
     ) -> list[dict[str, Any] | None]:
-        """:func:`score` over training-format examples (``pack_example`` + ``image``), in order;
+        """:func:`score` over training-format examples (``pack_example`` + ``image``: (S, S, 3), or
+        (n, S, S, 3) for n images, batched as :func:`_image_batch` does), in order;
         None entries (examples that could not be prepared) stay None. Each process reads only its
         share of ``examples`` (others may be None there). ``groups`` > 0: every example carries
         ``group_masks`` (groups, T) and its row the per-group sums as lists."""
@@ -435,10 +478,11 @@ class Predictor:
             real = [examples[i] if i >= 0 else None for i in chunk]
             template = next((e for e in real if e is not None), None) or self._score_dummy(examples, groups)
             index = np.array([i if e is not None else -1 for i, e in zip(chunk, real)], np.int32)
-            keys = ("image", "input_ids", "attention_mask", "targets", "loss_mask")
+            keys = ("input_ids", "attention_mask", "targets", "loss_mask")
             keys += ("boxes",) if self.max_boxes else ()
             keys += ("group_masks",) if groups else ()
             stacked = {k: np.stack([(e or template)[k] for e in real]) for k in keys}
+            stacked["image"] = _image_batch([(e or template)["image"] for e in real])
             stacked["loss_mask"] = stacked["loss_mask"] * (index >= 0)[:, None]
             batch = sharding.shard_batch({**stacked, "index": index}, self.mesh)
             with sharding.mesh_context(self.mesh):
@@ -459,6 +503,20 @@ class Predictor:
                 "targets": zeros, "loss_mask": zeros.astype(np.float32),
                 "boxes": np.zeros((self.max_boxes, 4), np.float32),
                 "group_masks": np.zeros((groups, width), np.float32)}  # fmt: skip
+
+
+def _image_batch(pixels: Sequence[np.ndarray]) -> np.ndarray:
+    """The batch's images from each row's (S, S, 3) or (n, S, S, 3) pixels: (B, S, S, 3) when every row
+    has one image (on every process), else (B, I, S, S, 3) with I the most images of a row over all
+    processes, each row's images in its first slots and black in the rest (no image token reads them)."""
+    rows = [np.reshape(x, (-1, *np.shape(x)[-3:])) for x in pixels]
+    slots = _agree(max(len(x) for x in rows))
+    if slots == 1:
+        return np.stack([x[0] for x in rows])
+    out = np.zeros((len(rows), slots, *rows[0].shape[1:]), np.uint8)
+    for r, x in enumerate(rows):
+        out[r, : len(x)] = x
+    return out
 
 
 def _share_errors(errors: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -482,16 +540,23 @@ def _progress(total: int, what: str, show: bool):
     return tqdm(total=total, desc=what, unit="batch", file=sys.stderr, dynamic_ncols=True, disable=disable)
 
 
+def _nth_image(qid: str, k: int, n: int) -> str:
+    """How errors name the k-th (from 0) of a query's n images."""
+    return qid if n == 1 else f"{qid} (image {k + 1} of {n})"
+
+
 def _undecodable(qid: str, e) -> PredictError:
     return PredictError(f"{qid}: the image does not decode ({e.reason}: {e.detail or 'empty'})")
 
 
 def check_decodes(query: Query) -> None:
-    """PredictError unless the query's image decodes (checked before a model is loaded)."""
+    """PredictError unless each of the query's images decodes (checked before a model is loaded)."""
     from data_pipelines import images
     from data_pipelines.schema import BadRecord
 
-    try:
-        images.decode(query.image, query.id)
-    except BadRecord as e:
-        raise _undecodable(query.id, e) from e
+    for k, image in enumerate(query.images):
+        name = _nth_image(query.id, k, len(query.images))
+        try:
+            images.decode(image, name)
+        except BadRecord as e:
+            raise _undecodable(name, e) from e

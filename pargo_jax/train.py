@@ -465,7 +465,7 @@ def sample_answer(predictor, config, params) -> dict[str, str]:
     rec = schema.from_example(open_source(data_dir, source["name"], config.sample_at_end)[0])
     messages = rec.messages(config.input.get("caption_prompt", ""))
     options = DecodeOptions(max_new_tokens=min(32, int(config.input.max_len)))
-    answer = predictor.answers(params, [conversation(rec.id, rec.image, messages[:-1])], options)[0]
+    answer = predictor.answers(params, [conversation(rec.id, rec.images, messages[:-1])], options)[0]
     result = {
         "prompt": messages[-2]["content"],
         "answer": answer["answer"],

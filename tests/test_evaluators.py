@@ -129,6 +129,37 @@ def test_undecodable_images_are_skipped_and_counted(trained, tmp_path):
     assert out["v"]["examples"] == 3 and out["v"]["skipped"] == 1
 
 
+def test_a_two_image_record_is_scored_and_asked(trained, tmp_path):
+    """Perplexity and the shapes evaluator read every image of a record (``more_images``): beside a
+    one-image record, the two-image one is asked and scored, its loss that of the model run by hand
+    on its (1, 2, S, S, 3) pixels."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from data_pipelines.text import pack_example
+
+    one, other = shapes.make_record("eval", 0), shapes.make_record("eval", 1)
+    turns = [Turn("user", "<image>\n" + one.conversation[0].text), one.conversation[1]]
+    two = Record("two/0", one.image, conversation=turns, more_images=[other.image])
+    write_records(str(tmp_path), "multi", {"eval": [to_example(other), to_example(two)]}, progress=False)
+    data = dict(name="multi", split="eval", data_dir=str(tmp_path))
+    cfg = {"q": dict(type="shapes", data=data), "v": dict(type="perplexity", data=data)}
+    built = _build(trained, cfg)
+    out = {n: dict(ev.run(trained.params, str(tmp_path / "out"))) for n, ev in built.items()}
+    assert out["q"]["examples"] == 2 and out["q"]["skipped"] == 0
+    assert out["v"]["examples"] == 2 and out["v"]["skipped"] == 0
+    loss = {p["id"]: p["loss"] for p in map(json.loads, open(tmp_path / "out" / "v.predictions.jsonl"))}
+    p = built["v"].predictor
+    ex = pack_example(trained.tokenizer, two.messages(), num_image_tokens=p.mcfg.num_image_tokens,
+                      max_len=trained.config.input.max_len, num_images=2)  # fmt: skip
+    pixels = p.pixels_of(two.images)[None]
+    logits = trained.model.apply({"params": trained.params}, pixels, ex["input_ids"][None],
+                                 ex["attention_mask"][None])  # fmt: skip
+    logp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)))
+    picked = logp[np.arange(len(ex["targets"])), ex["targets"]][ex["loss_mask"] > 0]
+    assert loss["two/0"] == pytest.approx(-picked.mean(), rel=1e-5)
+
+
 def test_text_questions_that_are_not_shapes_questions_are_counted(trained, tmp_path):
     turns = [Turn("user", "<image>\nwhat is the meaning of life?"), Turn("assistant", "42")]
     odd = Record("odd/0", shapes.make_record("eval", 0).image, conversation=turns)

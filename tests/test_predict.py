@@ -1,5 +1,6 @@
 """Prediction: the predict functions against the model run by hand, padding and batching that change
-nothing, one device == eight, streaming == batch decoding, and the command line with its errors."""
+nothing, one device == eight, streaming == batch decoding, several images per query, and the command
+line with its errors."""
 
 import json
 import os
@@ -39,9 +40,14 @@ def _queries(records, n=5):
 
 
 def _by_hand(trained, predictor, query, max_new_tokens):
-    """Greedy answer tokens of one query: pixels + prompt ids, spliced embeddings, generate()."""
-    ids = prompt_ids(trained.tokenizer, query.messages, num_image_tokens=trained.mcfg.num_image_tokens)
-    pixels = predictor.pixels(query.image)[None]
+    """Greedy answer tokens of one query: pixels ((1, S, S, 3), or (1, n, S, S, 3) for n images) + prompt
+    ids, spliced embeddings, generate()."""
+    n = len(query.images)
+    ids = prompt_ids(
+        trained.tokenizer, query.messages, num_image_tokens=trained.mcfg.num_image_tokens, num_images=n
+    )
+    pixels = np.stack([predictor.pixels(b) for b in query.images])[None]
+    pixels = pixels[:, 0] if n == 1 else pixels
     model, params = trained.model, trained.params
     embeds = jax.jit(lambda p, x, i: model.apply({"params": p}, x, i, method=model.embed_inputs))(
         params, pixels, ids[None]
@@ -84,6 +90,38 @@ def test_answers_equal_the_model_run_by_hand(run, records):
         assert g["tokens"] == _by_hand(trained, predictor, q, 12), q.id
         assert g["answer"] == trained.tokenizer.decode(g["tokens"])
         assert g["ended"] == (bool(g["tokens"]) and g["tokens"][-1] in trained.tokenizer.stop_ids)
+
+
+def test_several_images_per_query(run, records):
+    """A two-image query's prompt has one block of image tokens per image, and its answer is the model
+    run by hand on (1, 2, S, S, 3) pixels, batched with a one-image query (whose answer stays that of
+    the one-image path) and streamed. MG-LLaVA refuses it."""
+    import dataclasses
+    import itertools
+
+    from pargo_jax.models.convnext import ConvNeXtConfig
+    from pargo_jax.models.fusion import FusionConfig
+    from pargo_jax.models.mllm import HighResConfig, VisionLanguageModel
+
+    trained, predictor = run
+    one = _queries(records, 1)[0]
+    two = question("two", [records[1].image, records[2].image], "what colour is the circle?")
+    assert two.images == (records[1].image, records[2].image)
+    assert two.messages[0]["content"] == "<image>\n<image>\nwhat colour is the circle?"
+    is_image = predictor.prompt(two) == trained.mcfg.image_token_id
+    blocks = [len(list(g)) for image, g in itertools.groupby(is_image) if image]
+    assert blocks == [trained.mcfg.num_image_tokens] * 2
+    options = DecodeOptions(max_new_tokens=8)
+    together = predictor.answers(trained.params, [one, two], options)
+    assert together[0] == predictor.answers(trained.params, [one], options)[0]
+    assert together[1]["tokens"] == _by_hand(trained, predictor, two, 8)
+    assert "".join(predictor.stream(trained.params, two, options)) == together[1]["answer"]
+
+    high_res = HighResConfig(ConvNeXtConfig(), FusionConfig(), max_boxes=4)
+    mg = Predictor(VisionLanguageModel(dataclasses.replace(trained.mcfg, high_res=high_res)),
+                   trained.tokenizer, trained.mesh)  # fmt: skip
+    with pytest.raises(PredictError, match="two: MG-LLaVA reads one image per query; this query has 2"):
+        mg.pixels_of(two.images, two.id)
 
 
 def test_padding_rows_batch_size_and_mesh_change_nothing(run, records):
@@ -172,6 +210,12 @@ def test_bad_queries_are_named():
         conversation("q3", b"x", [{"speaker": "user", "content": "hi"}])
     q = conversation("q4", b"x", [{"from": "human", "value": "what colour?"}])
     assert q.messages[0] == {"role": "user", "content": "<image>\nwhat colour?"}
+    q = conversation("q5", [b"x", b"y"], [{"role": "user", "content": "<image> or <image>?"}])
+    assert q.image == (b"x", b"y") and q.messages[0]["content"] == "<image> or <image>?"  # kept as placed
+    with pytest.raises(PredictError, match="q6: the text has 1 <image> placeholders for 2 images"):
+        question("q6", [b"x", b"y"], "<image> which?")
+    with pytest.raises(PredictError, match="q7: the text has 2 <image> placeholders for 1 images"):
+        conversation("q7", b"x", [{"role": "user", "content": "<image> or <image>?"}])
 
 
 # --- the command line --------------------------------------------------------------------------------
@@ -205,6 +249,8 @@ def test_command_answers_an_image_and_a_jsonl_file(run, records, tmp_path, capsy
         {"id": "c", "image": "missing.png", "prompt": "what?"},
         {"id": "d", "image": "broken.png", "prompt": "what?"},
         {"id": "e", "image": images[0], "prompt": ""},
+        {"id": "f", "image": images, "prompt": prompt},  # two images: one batch with one-image queries
+        {"id": "g", "image": [], "prompt": "what?"},
     ]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + "not json\n")
     out = tmp_path / "a.jsonl"
@@ -214,14 +260,20 @@ def test_command_answers_an_image_and_a_jsonl_file(run, records, tmp_path, capsy
     stderr = capsys.readouterr().err
     answers = [json.loads(x) for x in out.read_text().splitlines()]
     expected = predictor.answers(trained.params, _queries(records, 2), DecodeOptions())
-    assert answers == [{"id": "a", "answer": want["answer"]}, {"id": "b", "answer": expected[1]["answer"]}]
+    both = question("f", [r.image for r in records[:2]], prompt)
+    assert answers == [
+        {"id": "a", "answer": want["answer"]},
+        {"id": "b", "answer": expected[1]["answer"]},
+        {"id": "f", "answer": predictor.answers(trained.params, [both], DecodeOptions())[0]["answer"]},
+    ]
     skipped = [x for x in stderr.splitlines() if x.startswith("predict: skipped")]
-    assert len(skipped) == 4, stderr
+    assert len(skipped) == 5, stderr
     assert any("c:" in x and "not found" in x for x in skipped)
     assert any("d:" in x and "does not decode" in x for x in skipped)
     assert any("e:" in x and "prompt is empty" in x for x in skipped)
-    assert any("line 6" in x and "not a JSON object" in x for x in skipped)
-    assert "answered 2 of 6 queries (4 skipped)" in stderr
+    assert any("g:" in x and "a non-empty list of paths" in x for x in skipped)
+    assert any("line 8" in x and "not a JSON object" in x for x in skipped)
+    assert "answered 3 of 8 queries (5 skipped)" in stderr
 
 
 @pytest.mark.parametrize(

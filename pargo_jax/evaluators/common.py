@@ -95,15 +95,18 @@ class Evaluator:
         return configs.require_path(path, f"evals.{self.name}.data.{key}")
 
     def ask(self, params, items: Sequence[Mapping[str, Any]], query) -> tuple[list[tuple[Any, dict]], int]:
-        """Asks ``query(item, image bytes) -> predictor.Query`` of every item (its ``image``: a path or
-        the bytes) and returns ``([(item, answer dict)], skipped)``: an item whose image is missing or
-        does not decode is skipped and counted, never an error."""
+        """Asks ``query(item, image) -> predictor.Query`` of every item (its ``image``: a path or the
+        bytes, or a list of those for several images, passed on as a tuple of bytes) and returns
+        ``([(item, answer dict)], skipped)``: an item whose image is missing or does not decode is
+        skipped and counted, never an error."""
         from pargo_jax.predictor import PredictError, read_image
 
+        read = lambda x: x if isinstance(x, bytes) else read_image(x)
         asked, queries, skipped = [], [], 0
         for it in items:
             try:
-                image = it["image"] if isinstance(it["image"], bytes) else read_image(it["image"])
+                many = isinstance(it["image"], (list, tuple))
+                image = tuple(map(read, it["image"])) if many else read(it["image"])
             except PredictError:
                 skipped += 1
                 continue
@@ -115,8 +118,8 @@ class Evaluator:
 
     def attach_detections(self, query: Query, item: Mapping[str, Any]) -> Query:
         """``query`` with MG-LLaVA's object boxes from the ``detections`` option (a JSON ``{key: {boxes,
-        scores, labels}}`` as ``input.detections``), keyed by the item's ``id``, else its image path,
-        else that path's file name; an item without an entry has no object tokens and is counted in
+        scores, labels}}`` as ``input.detections``), keyed by the item's ``id``, else its (first) image
+        path, else that path's file name; an item without an entry has no object tokens and is counted in
         the ``without_boxes`` metric. Unchanged for models without object tokens."""
         if not self.detections_path or not self.predictor.max_boxes:
             return query
@@ -126,7 +129,9 @@ class Evaluator:
             self._detections = read_detections(
                 configs.require_path(self.detections_path, f"evals.{self.name}.detections")
             )
-        image = item.get("image") if isinstance(item.get("image"), str) else None
+        image = item.get("image")
+        image = image[0] if isinstance(image, (list, tuple)) and image else image
+        image = image if isinstance(image, str) else None
         keys = [str(item.get("id")), *([image, os.path.basename(image)] if image else [])]
         entry = next((self._detections[k] for k in keys if k in self._detections), None)
         self.without_boxes += entry is None

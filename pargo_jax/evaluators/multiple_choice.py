@@ -233,7 +233,7 @@ class MultipleChoiceEvaluator(common.Evaluator):
         examples, owners = [], []
         for n, (q, (_, opts, _)) in enumerate(zip(queries, asks)):
             try:
-                pixels = p.pixels(q.image, q.id)
+                pixels = p.pixels_of(q.images, q.id)
             except PredictError:
                 owners.append((n, None))
                 continue
@@ -243,9 +243,10 @@ class MultipleChoiceEvaluator(common.Evaluator):
                     p.tokenizer,
                     messages,
                     num_image_tokens=p.mcfg.num_image_tokens,
+                    num_images=len(q.images),
                     max_len=self.config.input.max_len,
                 )
-                examples.append(p.with_boxes(dict(arrays, image=pixels), q.image, q.boxes, q.id))
+                examples.append(p.with_boxes(dict(arrays, image=pixels), q.images[0], q.boxes, q.id))
                 owners.append((n, LETTERS[i]))
         scores = p.scores(params, examples, batch_size=self.batch_size)
         best: dict[int, tuple[float, str]] = {}

@@ -68,15 +68,14 @@ class PerplexityEvaluator(common.Evaluator):
             try:
                 arrays = pack_example(
                     p.tokenizer, rec.messages(cfg.get("caption_prompt", "")),
-                    num_image_tokens=p.mcfg.num_image_tokens, max_len=cfg.max_len,
+                    num_image_tokens=p.mcfg.num_image_tokens, num_images=len(rec.images), max_len=cfg.max_len,
                     overlong=cfg.get("overlong", "truncate"), record_id=rec.id,
                 )  # fmt: skip
                 if groups:  # each group's share of the answer tokens, scored in the same pass
                     hits = [np.isin(arrays["targets"], ids) for ids in groups.values()]
                     arrays["group_masks"] = np.stack(hits).astype(np.float32)
-                examples.append(
-                    p.with_boxes(dict(arrays, image=p.pixels(rec.image, rec.id)), rec.image, rec.boxes)
-                )
+                pixels = p.pixels_of(rec.images, rec.id)  # a text-only record (no image) is skipped
+                examples.append(p.with_boxes(dict(arrays, image=pixels), rec.image, rec.boxes))
             except (BadRecord, PredictError):
                 examples.append(None)
                 skipped += 1

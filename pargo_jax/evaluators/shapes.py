@@ -90,7 +90,7 @@ class ShapesEvaluator(common.Evaluator):
             if kind is None or turns[-1]["role"] != "assistant":
                 bad["not_a_shapes_question"] = bad.get("not_a_shapes_question", 0) + 1
                 continue
-            queries.append(conversation(rec.id, rec.image, turns[:-1], rec.boxes))
+            queries.append(conversation(rec.id, rec.images, turns[:-1], rec.boxes))
             refs.append((kind, turns[-1]["content"], turns[-2]["content"]))
         results = self.predictor.answers(params, queries, self.decode_options(), batch_size=self.batch_size)
         items, skipped = [], sum(bad.values())
