@@ -474,9 +474,10 @@ class Predictor:
         ``group_masks`` (groups, T) and its row the per-group sums as lists."""
         rows: dict[int, dict[str, Any]] = {}
         batch_size = self.batch_size(batch_size)
+        dummy = self._score_dummy(examples, groups)  # on every process: its width is agreed by all
         for chunk in shares(len(examples), batch_size):
             real = [examples[i] if i >= 0 else None for i in chunk]
-            template = next((e for e in real if e is not None), None) or self._score_dummy(examples, groups)
+            template = next((e for e in real if e is not None), None) or dummy
             index = np.array([i if e is not None else -1 for i, e in zip(chunk, real)], np.int32)
             keys = ("input_ids", "attention_mask", "targets", "loss_mask")
             keys += ("boxes",) if self.max_boxes else ()

@@ -159,6 +159,16 @@ def test_nonfinite_losses_skip_updates_then_stop_naming_records(data_dir, tmp_pa
     assert not all(np.isfinite(list(rows.values())))
 
 
+def test_image_slots_train_exactly_like_one_image_rows(data_dir, tmp_path):
+    """``input.max_images=2`` on one-image records: (B, 2, H, W, 3) pixels with an empty slot per row give
+    the losses of today's (B, H, W, 3) rows."""
+    rows = prepare_and_train(demo(data_dir, 3), str(tmp_path / "rows"))
+    slots = prepare_and_train(demo(data_dir, 3, **{"input.max_images": 2}), str(tmp_path / "slots"))
+    assert rows["step"] == slots["step"] == 3
+    a, b = losses(str(tmp_path / "rows")), losses(str(tmp_path / "slots"))
+    np.testing.assert_allclose([b[s] for s in a], list(a.values()), rtol=0, atol=1e-6)
+
+
 @pytest.mark.slow  # a real process to kill, plus the straight run
 @pytest.mark.parametrize("packing", [False, True], ids=["rows", "packed"])  # packed: resumes at its record
 def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(data_dir, tmp_path, packing):
