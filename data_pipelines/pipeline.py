@@ -267,7 +267,28 @@ def _substitute(seed: int, index: int, attempt: int) -> int:
     return int.from_bytes(h, "little") % (1 << 30) + 1
 
 
-class _PreprocessedBatches(grain.MapDataset):
+class _HostBatches(grain.MapDataset):
+    """This host's ``B`` rows of each global batch of ``G`` rows read from ``parent``: what the one-sample
+    and the packed kind share."""
+
+    def __init__(self, parent: grain.MapDataset, fn: Preprocessor, rows: tuple[int, int, int], collate,
+                 strict: bool):  # fmt: skip
+        super().__init__(parent)
+        self._fn, self._collate, self._strict = fn, collate, strict
+        self._global, self._offset, self._batch = rows  # (G, offset, B)
+
+    def _attempt(self, stage, arg, skipped: np.ndarray):
+        """``stage(arg)``, or None for a bad record, counted in ``skipped`` (strict mode: raised)."""
+        try:
+            return stage(arg)
+        except BadRecord as e:
+            if self._strict:
+                raise
+            skipped[REASON_INDEX[e.reason]] += 1
+            return None
+
+
+class _PreprocessedBatches(_HostBatches):
     """Element ``k`` = the collated, preprocessed records ``[k * G + offset, k * G + offset + B)`` of
     ``parent``: this host's ``B`` rows of global batch ``k`` (``G`` records).
 
@@ -278,34 +299,15 @@ class _PreprocessedBatches(grain.MapDataset):
     cache-warm (measured ~0.5 ms/image less than record-by-record).
     """
 
-    def __init__(
-        self,
-        parent: grain.MapDataset,
-        fn: Preprocessor,
-        rows: tuple[int, int, int],
-        collate,
-        seed: int,
-        strict: bool,
-    ):
-        super().__init__(parent)
-        self._fn, self._collate = fn, collate
-        self._global, self._offset, self._batch = rows  # (G, offset, B)
-        self._seed, self._strict = seed, strict
+    def __init__(self, parent, fn, rows, collate, seed: int, strict: bool):
+        super().__init__(parent, fn, rows, collate, strict)
+        self._seed = seed
 
     def __len__(self) -> int:
         return len(self._parent) // self._global
 
     def __str__(self) -> str:
         return f"PreprocessedBatches(batch_size={self._batch})"
-
-    def _attempt(self, stage, arg, skipped: np.ndarray):
-        try:
-            return stage(arg)
-        except BadRecord as e:
-            if self._strict:
-                raise
-            skipped[REASON_INDEX[e.reason]] += 1
-            return None
 
     def _replacement(self, index: int, skipped: np.ndarray) -> dict[str, Any]:
         length = len(self._parent)
@@ -338,7 +340,7 @@ class _PreprocessedBatches(grain.MapDataset):
         return batch
 
 
-class _PackedBatches(grain.MapDataset):
+class _PackedBatches(_HostBatches):
     """Element ``k`` = this host's rows of packed global batch ``k`` of the record stream ``parent`` read
     from record ``start`` on.
 
@@ -355,18 +357,9 @@ class _PackedBatches(grain.MapDataset):
     image fails to decode is left out of its row and counted by the host of that row.
     """
 
-    def __init__(
-        self,
-        parent: grain.MapDataset,
-        fn: Preprocessor,
-        rows: tuple[int, int, int],
-        collate,
-        strict: bool,
-        start: int = 0,
-    ):
-        super().__init__(parent)
-        self._fn, self._collate, self._strict, self._start = fn, collate, strict, start
-        self._global, self._offset, self._batch = rows
+    def __init__(self, parent, fn, rows, collate, strict: bool, start: int = 0):
+        super().__init__(parent, fn, rows, collate, strict)
+        self._start = start
         self._setup()
 
     def _setup(self):
@@ -402,15 +395,12 @@ class _PackedBatches(grain.MapDataset):
             start,
         )
 
-    def _text(self, index: int):
+    def _text(self, index: int, skipped: np.ndarray):
+        """Record ``index``'s text stage (None: bad, counted); the record that opened the next batch is
+        kept from the last plan."""
         if self._last_text[0] == index:
             return self._last_text[1]
-        try:
-            return self._fn.text(self._parent[index])
-        except BadRecord as e:
-            if self._strict:
-                raise
-            return e
+        return self._attempt(self._fn.text, self._parent[index], skipped)
 
     def _plan(self, start: int) -> tuple[list[list[tuple]], np.ndarray, int]:
         """(rows of (record, text arrays), skip counts, next cursor) of the batch starting at ``start``."""
@@ -419,9 +409,8 @@ class _PackedBatches(grain.MapDataset):
         tokens, pictures = [0] * self._global, [0] * self._global
         skipped, bad, index = np.zeros(len(SKIP_REASONS), np.int64), 0, start
         while True:
-            res = self._text(index)
-            if isinstance(res, BadRecord):
-                skipped[REASON_INDEX[res.reason]] += 1
+            res = self._text(index, skipped)
+            if res is None:
                 bad, index = bad + 1, index + 1
                 if bad >= MAX_ATTEMPTS:
                     raise RuntimeError(
@@ -466,12 +455,8 @@ class _PackedBatches(grain.MapDataset):
         row["input_ids"][:], row["targets"][:] = pad, pad
         pixels, boxes, ids, truncated, pos = [], [], [], 0, 0
         for rec, out in samples:
-            try:
-                image = self._fn.image(rec)
-            except BadRecord as e:
-                if self._strict:
-                    raise
-                skipped[REASON_INDEX[e.reason]] += 1
+            image = self._attempt(self._fn.image, rec, skipped)
+            if image is None:
                 continue
             n = out["length"]
             for key in ("input_ids", "targets", "loss_mask", "attention_mask"):
