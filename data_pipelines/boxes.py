@@ -9,13 +9,18 @@ Frames: ``original`` measures coordinates on the original ``width x height`` ima
 measures them on the image padded (centred, integer offset) to a ``max(w, h)`` square, which is what
 the model sees after the ``letterbox`` resize (LLaVA / ParGo ``expand2square``): the same
 :func:`data_pipelines.frame.square_frame` as the pixels.
+
+A codec is recorded as ``{"format": ..., "frame": ...}`` (:meth:`BoxCodec.as_dict`): by a dataset whose
+text holds boxes (``box_codec.json``, :func:`data_pipelines.builders.read_box_codec`), by a run
+(``config.box_codec``) and by an export (``generation_config.json``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +44,22 @@ class BoxCodec:
             raise ValueError(f"Unknown box format {self.fmt!r}; use one of {FORMATS}.")
         if self.frame not in FRAMES:
             raise ValueError(f"Unknown box frame {self.frame!r}; use one of {FRAMES}.")
+
+    def __str__(self) -> str:
+        return f"{self.fmt}/{self.frame}"
+
+    def as_dict(self) -> dict[str, str]:
+        """``{"format": fmt, "frame": frame}``: how datasets, runs and exports record the codec."""
+        return {"format": self.fmt, "frame": self.frame}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "the box codec") -> BoxCodec:
+        """The codec of an :meth:`as_dict` mapping (a missing key takes the default); other keys fail
+        naming ``where``."""
+        unknown = sorted(set(d) - {"format", "frame"})
+        if unknown:
+            raise ValueError(f"Unknown key(s) {unknown} in {where}; a box codec is dict(format=, frame=).")
+        return cls(d.get("format", cls.fmt), d.get("frame", cls.frame))
 
     def _frame(self, width: float, height: float) -> tuple[float, float, float, float]:
         """(offset_x, offset_y, scale_x, scale_y) mapping original pixels into the frame's [0, 1]."""

@@ -8,6 +8,9 @@ Datasets land in ``data_dir/<name>[/<config>]/<version>/`` and are read back wit
 ``open_source(data_dir, name, split)`` (raw ArrayRecord bytes + ``schema.parse_example``), which
 needs neither registration nor TensorFlow. Builders are not registered with TFDS
 (``skip_registration``) so their names never clash with TFDS's own catalog.
+
+A builder whose text holds boxes declares their codec (``box_codec=``): it is written beside the
+dataset as ``<version>/box_codec.json`` and read back with ``read_box_codec(data_dir, name)``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import collections
 import dataclasses
 import glob
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -27,9 +31,11 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_pipelines import schema
+from data_pipelines.boxes import BoxCodec
 from data_pipelines.schema import BadRecord, Record
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+BOX_CODEC_FILE = "box_codec.json"  # in the dataset's version dir: the codec of the boxes its text holds
 
 
 @dataclasses.dataclass
@@ -106,7 +112,8 @@ def spill_without_tensorflow() -> None:
 
 
 class ConverterBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base: subclasses set ``name`` and implement ``_split_names``, ``_items``, ``_convert``."""
+    """Base: subclasses set ``name`` and implement ``_split_names``, ``_items``, ``_convert``; one whose
+    text holds boxes passes their ``box_codec`` (written as ``box_codec.json``)."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Shared pargo_jax record schema."}
@@ -120,9 +127,11 @@ class ConverterBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         num_workers: int = 4,
         strict: bool = False,
         progress: bool = True,
+        box_codec: BoxCodec | None = None,
         **kwargs,
     ):
         self.num_workers, self.strict, self.progress = num_workers, strict, progress
+        self.box_codec = box_codec
         self.stats: dict[str, SplitStats] = {}
         cfg = tfds.core.BuilderConfig(name=config) if config else None
         super().__init__(data_dir=data_dir, config=cfg, file_format="array_record", **kwargs)
@@ -153,6 +162,12 @@ class ConverterBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             return schema.validate(self._convert(item))
         except BadRecord as e:
             return e
+
+    def _download_and_prepare(self, dl_manager, download_config=None) -> None:
+        super()._download_and_prepare(dl_manager, download_config)
+        if self.box_codec is not None:  # into TFDS's temporary dir: it lands with the dataset, or not at all
+            text = json.dumps(self.box_codec.as_dict()) + "\n"
+            (epath.Path(self.data_dir) / BOX_CODEC_FILE).write_text(text)
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -237,6 +252,15 @@ def dataset_dir(data_dir: str, name: str) -> str:
             f"`python -m data_pipelines.build --dataset ... --data_dir {data_dir}`."
         )
     return versions[-1]
+
+
+def read_box_codec(data_dir: str, name: str) -> BoxCodec | None:
+    """The codec of the boxes in the text of the built dataset ``name`` (its ``box_codec.json``); None
+    when it declares none (caption-only data, builds older than the file)."""
+    path = epath.Path(dataset_dir(data_dir, name)) / BOX_CODEC_FILE
+    if not path.exists():
+        return None
+    return BoxCodec.from_dict(json.loads(path.read_text()), where=str(path))
 
 
 class RecordSource:

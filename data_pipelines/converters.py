@@ -265,7 +265,8 @@ REFER_NEXT = "provide the bounding box of the region this sentence describes: {s
 class RefCocoBuilder(ConverterBuilder, skip_registration=True):
     """RefCOCO/+/g: ``--src`` dir with ``refs(<split_by>).p`` and ``instances.json``; ``--image_dir``
     the COCO ``train2014`` images. One record per referred object: each referring sentence is a
-    user turn answered by the box, written by ``codec`` in the frame of the image it measures.
+    user turn answered by the box, written by ``codec`` (default norm3 / square; declared as the
+    dataset's ``box_codec``) in the frame of the image it measures.
     """
 
     name = "refcoco"
@@ -289,11 +290,10 @@ class RefCocoBuilder(ConverterBuilder, skip_registration=True):
         self.refs_path = refs[0]
         self.instances_path = _require_file(os.path.join(src, "instances.json"), "instances.json", "--src")
         self.image_dir = image_dir or os.path.join(src, "images")
-        self.codec = codec or BoxCodec()
         self._refs: list | None = None
         self._images: dict | None = None
         self._anns: dict | None = None
-        super().__init__(**kwargs)
+        super().__init__(box_codec=codec or BoxCodec(), **kwargs)
 
     def _load(self):
         if self._refs is None:
@@ -337,7 +337,7 @@ class RefCocoBuilder(ConverterBuilder, skip_registration=True):
         if bw <= 0 or bh <= 0 or not np.isfinite([x, y, bw, bh]).all():
             raise BadRecord("bad_boxes", rid, f"bbox {ann['bbox']}")
         box = [x, y, x + bw, y + bh]
-        answer = self.codec.encode(box, w, h)
+        answer = self.box_codec.encode(box, w, h)
         turns = []
         for i, s in enumerate(sents):
             turns += [

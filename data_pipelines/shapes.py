@@ -15,8 +15,9 @@ Every image holds 1-4 small shapes (side 1/8 to 1/4 of the image) on a dark back
 of the image) and a 2-digit number in a 3 x 5-pixel font drawn at scale 2, with three more kinds: reading
 the number (OCR), the colour of the k-th shape from the left, and whether one small shape is left of
 another. Everything is a pure function of (seed, split, index, variant). ``build()`` writes the TFDS
-ArrayRecord dataset ``data_dir/shapes/1.0.0`` and a word-level tokenizer in ``data_dir/shapes_tokenizer``
-(vocabulary derived from the generator's templates, so it is also a pure function of this file).
+ArrayRecord dataset ``data_dir/shapes/1.0.0`` (its ``box_codec.json``: ``CODEC``, norm3 / square) and a
+word-level tokenizer in ``data_dir/shapes_tokenizer`` (vocabulary derived from the generator's
+templates, so it is also a pure function of this file).
 """
 
 from __future__ import annotations
@@ -416,7 +417,8 @@ def write_tokenizer(path: str) -> str:
 # Builder
 # ------------------------------------------------------------------------------------------------
 class ShapesBuilder(ConverterBuilder, skip_registration=True):
-    """Synthetic shapes: captions (pretrain), QA + grounding (sft), held-out QA (eval)."""
+    """Synthetic shapes: captions (pretrain), QA + grounding (sft), held-out QA (eval); boxes in
+    ``CODEC``."""
 
     name = "shapes"
 
@@ -426,7 +428,7 @@ class ShapesBuilder(ConverterBuilder, skip_registration=True):
     ):  # fmt: skip
         self.image_size, self.seed, self.variant = image_size, seed, variant
         self.sizes = {"pretrain": num_pretrain, "sft": num_sft, "eval": num_eval, "val": num_val}
-        super().__init__(**kw)
+        super().__init__(box_codec=CODEC, **kw)
 
     def _split_names(self):
         return [s for s, n in self.sizes.items() if n > 0]
@@ -506,7 +508,7 @@ def ensure(data_dir: str, **kwargs) -> dict[str, Any]:
 
 
 STAMP = "shapes_build.json"  # the build's arguments and GENERATOR: ensure() reuses a build when they match
-GENERATOR = 2  # bumped when the records a seed generates change (2: half the captions by shape)
+GENERATOR = 3  # bumped when what a build writes changes (2: captions by shape, 3: box_codec.json)
 ASSET_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "shapes_tokenizer")
 
 

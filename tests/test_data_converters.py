@@ -17,7 +17,7 @@ from PIL import Image
 
 from data_pipelines import build as build_cli
 from data_pipelines.boxes import BoxCodec
-from data_pipelines.builders import open_source
+from data_pipelines.builders import open_source, read_box_codec
 from data_pipelines.converters import CocoCaptionsBuilder, LlavaBuilder, RefCocoBuilder, WebDatasetBuilder
 from data_pipelines.schema import BadRecord, from_example
 from data_pipelines.text import load_tokenizer
@@ -248,6 +248,7 @@ def test_coco_captions(tmp_path):
     recs = _read_all(out, "coco_captions", "val")
     assert recs["1_10"].caption == "A white square on blue."
     assert not recs["1_10"].conversation
+    assert read_box_codec(out, "coco_captions") is None  # no boxes in its text: no codec declared
 
 
 @pytest.mark.parametrize("fmt,frame", [("norm3", "square"), ("int1000", "original"), ("pixel", "square")])
@@ -291,6 +292,7 @@ def test_refcoco_grounding_with_box_codec(tmp_path, fmt, frame):
     np.testing.assert_allclose(rec.boxes, [[20, 10, 40, 20]])
     decoded = codec.decode(rec.conversation[1].text, 80, 40)
     assert np.abs(decoded - [20, 10, 40, 20]).max() <= codec.tolerance(80, 40)
+    assert read_box_codec(out, "refcoco/refcoco") == codec  # the dataset declares the codec it wrote
 
 
 def test_cli_prints_summary_and_output_feeds_the_pipeline(tmp_path, capsys):

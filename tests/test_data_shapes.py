@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from data_pipelines import shapes
-from data_pipelines.builders import format_summary, open_source
+from data_pipelines.builders import format_summary, open_source, read_box_codec
 from data_pipelines.schema import from_example
 
 
@@ -110,6 +110,7 @@ def test_build_writes_splits_tokenizer_and_is_fast(tmp_path):
     captions = {r.id: r.caption for r in (from_example(val[i]) for i in range(len(val)))}
     assert captions["shapes/val/0"] == shapes.make_record("val", 0, seed=4).caption  # held-out captions
     assert shapes.make_record("val", 0, seed=4).image != shapes.make_record("pretrain", 0, seed=4).image
+    assert read_box_codec(out["data_dir"], "shapes") == shapes.CODEC  # the codec of its ground / refer text
 
 
 def test_ensure_reuses_an_identical_build(tmp_path):
