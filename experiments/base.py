@@ -62,6 +62,9 @@ def base() -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.checkpoint = dict(every_steps=500, keep=3, init_from=placeholder(str), init_from_parts=("projector",))
     c.evals = {}  # {name: dict(type=..., data=..., log_steps=...)}: see pargo_jax/evaluators
+    # How boxes are written as text in the run's data and answers (data_pipelines.boxes.BoxCodec): every
+    # input source that declares a codec (box_codec.json) must use it; the evaluators read answers with it
+    c.box_codec = dict(format="norm3", frame="square")
     # "lm": the LLM's next-token loss; "qformer": BLIP-2 / X-Former stage 1, each part weighted (itc, itm,
     # itg, recon; default 1): dict(name="qformer", recon=0.0) is X-Former without reconstruction
     c.objective = dict(name="lm")

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pargo_jax import sharding
+from data_pipelines.boxes import BoxCodec
+from pargo_jax import configs, sharding
 from pargo_jax.generate import GenerateOutput, generate, stream
 from pargo_jax.models.llm import CausalLM, unscanned
 from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel
@@ -232,7 +233,9 @@ def shares(n: int, batch_size: int) -> Iterator[list[int]]:
 
 class Predictor:
     """A model (without its params) and the run's preprocessing: turns queries into batches, runs
-    the device functions on them and returns results in query order on every process."""
+    the device functions on them and returns results in query order on every process.
+    ``box_codec``: the run's (default norm3 / square), which reads the boxes of its answers:
+    ``predictor.box_codec.decode(answer, width, height)``."""
 
     def __init__(
         self,
@@ -242,9 +245,10 @@ class Predictor:
         *,
         resize: str = "letterbox",
         jpeg_draft: bool = False,
+        box_codec: BoxCodec | None = None,
     ):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
-        self.resize, self.jpeg_draft = resize, jpeg_draft
+        self.resize, self.jpeg_draft, self.box_codec = resize, jpeg_draft, box_codec or BoxCodec()
         self._decoding: tuple = (None, model, None)  # (params, model, params) laid out for decoding
 
     def for_decoding(self, params) -> tuple[VisionLanguageModel, Any]:
@@ -261,10 +265,11 @@ class Predictor:
 
     @classmethod
     def from_config(cls, model: VisionLanguageModel, tokenizer, mesh, config) -> Predictor:
-        """With the preprocessing of ``config.input`` (an experiment config); the padding colour is
-        the model's pixel mean (``config.input.mean``, passed into the model config)."""
+        """With the preprocessing of ``config.input`` (an experiment config) and its ``box_codec``; the
+        padding colour is the model's pixel mean (``config.input.mean``, passed into the model config)."""
         draft = bool(config.input.get("jpeg_draft", False))
-        return cls(model, tokenizer, mesh, resize=config.input.resize, jpeg_draft=draft)
+        codec = configs.box_codec(config)
+        return cls(model, tokenizer, mesh, resize=config.input.resize, jpeg_draft=draft, box_codec=codec)
 
     @property
     def mcfg(self) -> MLLMConfig:

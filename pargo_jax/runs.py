@@ -7,9 +7,9 @@ prediction, evaluation, export and the benchmarks all start their models here.
     params = runs.init_params(parts, config)           # random init + pretrained parts + init_from
     run = runs.load_workdir("workdir/sft")             # a trained run: model, params, tokenizer, ...
 
-A run's workdir is self-contained: ``config.json`` (the experiment config), ``model.json`` (the
-resolved :class:`MLLMConfig`, so the tower / LLM checkpoints it started from are not needed to use
-it), ``tokenizer/`` and ``checkpoints/``.
+A run's workdir is self-contained: ``config.json`` (the experiment config, with ``box_codec``, how its
+text writes boxes), ``model.json`` (the resolved :class:`MLLMConfig`, so the tower / LLM checkpoints
+it started from are not needed to use it), ``tokenizer/`` and ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from absl import logging
 from etils import epath
 from flax import linen as nn
 
+from data_pipelines.boxes import BoxCodec
 from data_pipelines.text import load_tokenizer
 from pargo_jax import checkpoints, configs, sharding
 from pargo_jax.convert import bert, hf, hf_blip2, hf_mae, hf_vision
@@ -304,6 +305,11 @@ class TrainedModel:
     step: int
     mesh: jax.sharding.Mesh
     workdir: str
+
+    @property
+    def box_codec(self) -> BoxCodec:
+        """The codec the run's data wrote boxes in, and so its answers (``config.box_codec``)."""
+        return configs.box_codec(self.config)
 
 
 def mesh_for(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:

@@ -30,7 +30,7 @@ from pargo_jax.param_tree import flatten, unflatten
 SECTIONS = {
     "seed", "total_steps", "log_every_steps", "sample_at_end", "max_nonfinite_steps", "loss_chunk",
     "model", "input", "shapes", "demo_tower", "demo_mae", "optim", "trainable", "mesh", "checkpoint",
-    "evals", "objective",
+    "evals", "objective", "box_codec",
 }  # fmt: skip
 # config.objective: "lm" (next-token loss of the LLM) or "qformer" (BLIP-2 / X-Former stage 1: the
 # Q-Former's ITC + ITM + ITG, + the MAE reconstruction with a detail tower), each part weighted
@@ -54,9 +54,32 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Unknown keys fail loudly (typos would otherwise be silently ignored)."""
     configs.check_keys(config.keys(), SECTIONS, "the config")
     configs.check_keys(config.checkpoint.keys(), CHECKPOINT_KEYS, "config.checkpoint")
+    configs.box_codec(config)
     if "total_steps" in config.optim:
         raise ValueError(
             "config.optim.total_steps is not a setting: the schedule ends at config.total_steps; set that."
+        )
+
+
+def check_box_codecs(config: ml_collections.ConfigDict) -> None:
+    """Every input source whose dataset declares a box codec (``box_codec.json``) uses the run's
+    (``config.box_codec``): else one ConfigError naming each such source, its codec and the run's."""
+    from data_pipelines.builders import read_box_codec
+    from data_pipelines.pipeline import InputConfig
+
+    run = configs.box_codec(config)
+    wrong = {}
+    for i, s in enumerate(InputConfig.from_config(config.input).sources):
+        declared = read_box_codec(s.data_dir, s.name)
+        if declared is not None and declared != run:
+            wrong[f"input.sources[{i}] ({s.name} in {s.data_dir})"] = declared
+    if wrong:
+        named = "; ".join(f"{source} writes its boxes as {codec}" for source, codec in wrong.items())
+        fix = next(iter(wrong.values()))
+        raise configs.ConfigError(
+            f"{named}, but the run's config.box_codec is {run}: a model reads and writes boxes in one codec. "
+            f"Set config.box_codec=dict(format={fix.fmt!r}, frame={fix.frame!r}) or rebuild the data with "
+            f"--box_format={run.fmt} --box_frame={run.frame}."
         )
 
 
@@ -324,6 +347,7 @@ def _run(config, workdir, mesh):
             f"input.image_size={config.input.image_size} but the model takes {mcfg.image_size} px images "
             f"(the {'high-res tower' if mcfg.high_res else 'vision tower'}'s size); set them equal."
         )
+    check_box_codecs(config)  # the last config check: it reads the datasets' metadata, no weights
     data = make_iterator(
         config.input, num_image_tokens=mcfg.num_image_tokens, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),

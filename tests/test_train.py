@@ -3,6 +3,7 @@ uninterrupted, SFT starts from the pretrain projector, and config mistakes fail 
 
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -285,6 +286,41 @@ def test_config_errors_are_one_clear_line(data_dir, tmp_path, mutate, error, mes
     with pytest.raises(error) as err:
         prepare_and_train(config, str(tmp_path / "bad"))
     assert message in str(err.value)
+
+
+def test_config_sources_in_another_box_codec_fail_at_start(tmp_path, monkeypatch):
+    """A dataset built with int1000 boxes and a run configured for norm3 (the default): one error at start,
+    before any weights are read, naming the source, both codecs and the fix; a caption set declaring no
+    codec is no error, and neither is the run set to the data's codec."""
+    from data_pipelines import shapes
+    from data_pipelines.boxes import BoxCodec
+    from data_pipelines.builders import write_records
+    from data_pipelines.schema import IMAGE_PLACEHOLDER, Record, Turn
+
+    data_dir, codec = str(tmp_path / "data"), BoxCodec("int1000", "square")
+    objects = shapes.sample_scene(random.Random(0), 64)
+    box = codec.encode(objects[0]["box"], 64, 64)
+    turns = [Turn("user", IMAGE_PLACEHOLDER + "\ngive the bounding box."), Turn("assistant", box)]
+    image = shapes.draw_scene(objects, 64, 20)
+    write_records(data_dir, "refs", {"train": [Record("r0", image, conversation=turns)]}, box_codec=codec)
+    write_records(data_dir, "captions", {"train": [Record("c0", image, caption="shapes.")]})
+    config = pretrain.get_config("demo")
+    config.model.vision = dict(path=None, format="hf", preset="tiny", overrides=dict(image_size=64))
+    sources = [dict(name="captions", split="train"), dict(name="refs", split="train")]
+    config.input.update(data_dir=data_dir, tokenizer=shapes.ASSET_TOKENIZER, batch_size=2, sources=sources)
+    config.evals, config.mesh = {}, dict(data=1, num_devices=1)
+    monkeypatch.setattr(train, "init_state", lambda *a: pytest.fail("weights read before the codec check"))
+    with pytest.raises(ValueError) as err:
+        train.run(config, str(tmp_path / "run"))
+    message = str(err.value)
+    assert f"input.sources[1] (refs in {data_dir}) writes its boxes as int1000/square" in message
+    assert "config.box_codec is norm3/square" in message and "captions" not in message
+    assert "config.box_codec=dict(format='int1000', frame='square')" in message
+    config.box_codec = codec.as_dict()
+    train.check_box_codecs(config)  # the data's codec: no error
+    config.box_codec.frame = "skewed"
+    with pytest.raises(ValueError, match="config.box_codec: Unknown box frame 'skewed'"):
+        train.check_config(config)
 
 
 def test_real_preset_path_loads_hf_tower_and_llm(data_dir, tmp_path):
