@@ -79,8 +79,8 @@ EVALS = {
     "refcoco": entry(
         "grounding", dict(refs=f"{B}/refcoco/refs(unc).p", instances=f"{B}/refcoco/instances.json",
                           images=f"{B}/coco/train2014", split="val"),
-        max_new_tokens=32, box_format="norm3", box_frame="square",
-    ),
+        max_new_tokens=32,
+    ),  # boxes in the run's config.box_codec
     "coco_caption": entry(
         "caption", dict(annotations=f"{B}/coco/annotations/captions_val2014.json",
                         images=f"{B}/coco/val2014"),

@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from data_pipelines import shapes
+from data_pipelines.boxes import BoxCodec
 from data_pipelines.builders import write_records
 from data_pipelines.schema import Record, Turn, to_example
 from experiments import evals as eval_presets
@@ -33,6 +34,8 @@ def test_grounding_by_iou_and_unparseable_answers_count_as_wrong():
     ok, iou = score_item("ground", "[0.250,0.000,0.750,0.500]", ref)  # IoU 1/3
     assert not ok and iou == pytest.approx(1 / 3)
     assert score_item("ground", "[0.00.0.00,0.0.00,0.0", ref) == (False, None)
+    ok, iou = score_item("ground", "[0,0,500,400]", "[0,0,500,500]", BoxCodec("int1000"))  # a run's codec
+    assert ok and iou == pytest.approx(0.8)
     items = [
         dict(kind="ground", prediction="[0.000,0.000,0.500,0.400]", reference=ref, ended=True),
         dict(kind="ground", prediction="somewhere", reference=ref, ended=False),
@@ -45,6 +48,29 @@ def test_grounding_by_iou_and_unparseable_answers_count_as_wrong():
     assert m["ground_unparseable"] == 1 and m["ground_miou"] == pytest.approx(0.4)
     assert m["accuracy"] == pytest.approx(3 / 5) and m["ended"] == pytest.approx(4 / 5) and m["examples"] == 5
     assert "shape" not in m  # kinds without questions are not reported as 0
+
+
+def test_evaluators_read_boxes_in_the_runs_codec_and_a_conflict_is_one_error(tmp_path):
+    """Grounding and shapes evaluators take the run's ``config.box_codec``; an explicit box_format /
+    box_frame naming another, or shapes data declaring another, is one error naming both."""
+    from experiments import base
+
+    config = base.base()
+    config.box_codec = dict(format="int1000", frame="square")
+    grounding = {"type": "grounding", "data": dict(refs="r.p", instances="i.json", images="im", split="val")}
+    built = evaluators.build({"g": grounding, "s": dict(type="shapes")}, None, config)
+    assert built["g"].codec == built["s"].codec == BoxCodec("int1000", "square")
+    evaluators.build({"g": dict(grounding, box_format="int1000", box_frame="square")}, None, config)  # agrees
+    with pytest.raises(ValueError) as err:
+        evaluators.build({"g": dict(grounding, box_format="norm3")}, None, config)
+    assert "config.evals.g reads boxes as norm3/square" in str(err.value)
+    assert "config.box_codec is int1000/square" in str(err.value)
+    data_dir = shapes.build(str(tmp_path), num_pretrain=0, num_sft=0, num_eval=2, num_val=0)["data_dir"]
+    data = dict(name="shapes", split="eval", data_dir=data_dir)
+    ev = evaluators.build({"s": dict(type="shapes", data=data)}, None, config)["s"]
+    declared = r"shapes\) writes its boxes as norm3/square but the run's config.box_codec is int1000"
+    with pytest.raises(ValueError, match=declared):
+        dict(ev.run(None))  # before any question is asked
 
 
 def test_question_kinds_of_every_template():

@@ -5,6 +5,10 @@ batch_size=..., ...)}``, and a :class:`~pargo_jax.predictor.Predictor`; ``run(pa
 ``(metric, value)`` pairs and writes ``{out_dir}/{name}.json`` (the metrics) and
 ``{out_dir}/{name}.predictions.jsonl`` (one line per example) from process 0. Metrics are pure
 functions of the predictions, defined beside each evaluator and unit-tested on their own.
+
+Boxes in questions and answers are read and written with ``codec``, the run's ``config.box_codec``;
+evaluators that read boxes take ``box_format`` / ``box_frame`` options (``BOX_OPTIONS``) only as a
+check: one naming another codec is an error, as is data declaring another (:meth:`check_data_codec`).
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from data_pipelines.boxes import BoxCodec
 from pargo_jax import configs, paths
 from pargo_jax.predictor import DecodeOptions, Predictor, Query
 
 COMMON_KEYS = {"type", "data", "log_steps", "batch_size", "detections"}
+BOX_OPTIONS = {"box_format": None, "box_frame": None}  # None: the run's codec
 
 
 class Evaluator:
@@ -41,9 +47,33 @@ class Evaluator:
         self.data = dict(options.get("data") or {})
         configs.check_keys(self.data, self.DATA_KEYS, f"config.evals.{name}.data")
         self.options = {**self.OPTIONS, **{k: v for k, v in options.items() if k in self.OPTIONS}}
+        self.codec = self._box_codec()
         self.detections_path = options.get("detections") or ""
         self._detections: dict[str, dict[str, Any]] | None = None
         self.without_boxes = 0  # items of a model with object tokens that the detections file lacks
+
+    def _box_codec(self) -> BoxCodec:
+        """The run's ``config.box_codec``; ``box_format`` / ``box_frame`` options naming another codec
+        are one ConfigError naming both."""
+        run = configs.box_codec(self.config)
+        given = {k: self.options.get(f"box_{k}") for k in ("format", "frame")}
+        asked = BoxCodec.from_dict({**run.as_dict(), **{k: v for k, v in given.items() if v is not None}})
+        if asked != run:
+            raise configs.ConfigError(
+                f"config.evals.{self.name} reads boxes as {asked} (box_format / box_frame) but the run's "
+                f"config.box_codec is {run}: the model answers in the codec it was trained with. Drop the "
+                "options (they default to the run's) or evaluate a run trained with that codec."
+            )
+        return run
+
+    def check_data_codec(self, declared: BoxCodec | None) -> None:
+        """The evaluated data's codec (``declared``, e.g. its ``box_codec.json``; None: none declared)
+        must be the run's: its questions and references hold boxes the model reads and writes."""
+        if declared is not None and declared != self.codec:
+            raise configs.ConfigError(
+                f"config.evals.{self.name}.data ({self.data.get('name')}) writes its boxes as {declared} but "
+                f"the run's config.box_codec is {self.codec}; evaluate it with a run trained with {declared}."
+            )
 
     def due(self, step: int, final: bool) -> bool:
         """Whether to evaluate after training step ``step`` (``final``: the last one)."""

@@ -4,8 +4,9 @@ mean IoU and the number of answers without a box (counted wrong, IoU 0).
 
 Data, the official files: ``data=dict(refs=".../refs(unc).p", instances=".../instances.json",
 images="<COCO train2014 dir>", split="val")`` (``testA``, ``testB``, ``test`` ...). The prompt is the
-one the RefCOCO converter trains with (``data_pipelines.converters.REFER_FIRST``); ``box_format`` /
-``box_frame`` must be the codec the model was trained with (the converter's default: norm3 / square).
+one the RefCOCO converter trains with (``data_pipelines.converters.REFER_FIRST``). Answers are read with
+the run's box codec (``config.box_codec``, what its data declared); a ``box_format`` / ``box_frame``
+option naming another is an error.
 """
 
 from __future__ import annotations
@@ -72,8 +73,7 @@ def load_refcoco(refs: str, instances: str, images: str, split: str) -> list[dic
 
 class GroundingEvaluator(common.Evaluator):
     OPTIONS = {
-        "box_format": "norm3",
-        "box_frame": "square",
+        **common.BOX_OPTIONS,
         "max_new_tokens": 32,
         "method": "greedy",
         "num_beams": 4,
@@ -81,13 +81,12 @@ class GroundingEvaluator(common.Evaluator):
     DATA_KEYS = frozenset({"refs", "instances", "images", "split"})
 
     def evaluate(self, params, out_dir):
-        from data_pipelines.boxes import BoxCodec, box_iou
+        from data_pipelines.boxes import box_iou
         from data_pipelines.converters import REFER_FIRST
         from data_pipelines.images import decode
         from data_pipelines.schema import BadRecord
         from pargo_jax.predictor import conversation
 
-        codec = BoxCodec(self.options["box_format"], self.options["box_frame"])
         items = load_refcoco(
             self.data_dir("refs"),
             self.data_dir("instances"),
@@ -108,7 +107,7 @@ class GroundingEvaluator(common.Evaluator):
         rows = []
         for it, a in done:
             try:
-                box = [float(v) for v in codec.decode(a["answer"], *it["size"])]
+                box = [float(v) for v in self.codec.decode(a["answer"], *it["size"])]
                 iou = box_iou(box, it["box"])
             except ValueError:
                 box, iou = None, None

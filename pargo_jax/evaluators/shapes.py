@@ -2,9 +2,11 @@
 
 Kinds (``data_pipelines.shapes.KINDS``): colour, shape, count (all counting questions), position, refer
 ("what is at [box]?") and the fine variant's digit, kth and relation are exact matches after
-:func:`normalize`; ground ("give the bounding box of ...") parses the answer's box with the set's box
+:func:`normalize`; ground ("give the bounding box of ...") parses the answer's box with the run's box
 codec and counts it right at IoU >= 0.5 (also reported: mean IoU, the number of answers without a box).
-An answer that does not parse is wrong and counted, never an exception.
+An answer that does not parse is wrong and counted, never an exception. The set declares its codec
+(``shapes.CODEC``, norm3 / square; builds older than ``box_codec.json`` are taken to be in it): a run
+with another is one error.
 
     config.evals.shapes = dict(type="shapes", data=dict(name="shapes", split="eval"), log_steps=0)
 """
@@ -16,6 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from data_pipelines.boxes import BoxCodec
 from pargo_jax.evaluators import common
 
 KIND_ORDER = ("colour", "shape", "count", "position", "refer", "ground", "digit", "kth", "relation")
@@ -27,31 +30,34 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower()).rstrip(". ").strip()
 
 
-def box_iou_text(prediction: str, reference: str) -> float | None:
-    """IoU of the first box in ``prediction`` with the box in ``reference`` (both in the shapes
-    codec's text), or None when the prediction holds no box."""
+def box_iou_text(prediction: str, reference: str, codec: BoxCodec | None = None) -> float | None:
+    """IoU of the first box in ``prediction`` with the box in ``reference`` (both ``codec``'s text of a
+    square image; default: the shapes set's), or None when the prediction holds no box."""
     from data_pipelines.boxes import box_iou
     from data_pipelines.shapes import CODEC
 
+    codec = codec or CODEC
     try:
-        predicted = CODEC.decode(prediction, 1.0, 1.0)
+        predicted = codec.decode(prediction, 1.0, 1.0)
     except ValueError:
         return None
-    return box_iou(predicted, CODEC.decode(reference, 1.0, 1.0))
+    return box_iou(predicted, codec.decode(reference, 1.0, 1.0))
 
 
-def score_item(kind: str, prediction: str, reference: str) -> tuple[bool, float | None]:
-    """(right, IoU): ground answers by IoU >= 0.5 (IoU None when the answer holds no box), the
-    other kinds by exact match after :func:`normalize`."""
+def score_item(
+    kind: str, prediction: str, reference: str, codec: BoxCodec | None = None
+) -> tuple[bool, float | None]:
+    """(right, IoU): ground answers by IoU >= 0.5 of their ``codec`` boxes (IoU None when the answer
+    holds no box), the other kinds by exact match after :func:`normalize`."""
     if kind == "ground":
-        iou = box_iou_text(prediction, reference)
+        iou = box_iou_text(prediction, reference, codec)
         return (iou or 0.0) >= 0.5, iou
     return normalize(prediction) == normalize(reference), None
 
 
-def shapes_metrics(items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+def shapes_metrics(items: Sequence[Mapping[str, Any]], codec: BoxCodec | None = None) -> dict[str, float]:
     """Metrics of ``items`` (``kind``, ``prediction``, ``reference``; ``ended`` optional): accuracy
-    per kind (ground: IoU >= 0.5), overall accuracy, ``ground_miou`` (no box = IoU 0),
+    per kind (ground: IoU >= 0.5 of ``codec`` boxes), overall accuracy, ``ground_miou`` (no box = IoU 0),
     ``ground_unparseable``, ``ended`` (fraction of answers that stopped at an end-of-turn token),
     ``examples``."""
     right: dict[str, int] = collections.Counter()
@@ -59,7 +65,7 @@ def shapes_metrics(items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     ious, unparseable = [], 0
     for it in items:
         kind = it["kind"]
-        ok, iou = score_item(kind, it["prediction"], it["reference"])
+        ok, iou = score_item(kind, it["prediction"], it["reference"], codec)
         total[kind] += 1
         right[kind] += ok
         if kind == "ground":
@@ -76,13 +82,15 @@ def shapes_metrics(items: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 class ShapesEvaluator(common.Evaluator):
-    OPTIONS = {"max_new_tokens": 32, "method": "greedy", "num_beams": 4}
+    OPTIONS = {**common.BOX_OPTIONS, "max_new_tokens": 32, "method": "greedy", "num_beams": 4}
 
     def evaluate(self, params, out_dir):
-        from data_pipelines.shapes import KINDS, question_kind
+        from data_pipelines.builders import read_box_codec
+        from data_pipelines.shapes import CODEC, KINDS, question_kind
         from pargo_jax.predictor import conversation
 
         records, bad = self.records()
+        self.check_data_codec(read_box_codec(self.data_dir(), self.data["name"]) or CODEC)
         queries, refs = [], []
         for rec in records:
             turns = [{"role": t.role, "content": t.text} for t in rec.conversation]
@@ -100,10 +108,10 @@ class ShapesEvaluator(common.Evaluator):
                 continue
             items.append(dict(id=r["id"], kind=kind, question=q, reference=reference,
                               prediction=r["answer"], ended=r["ended"]))  # fmt: skip
-        metrics = shapes_metrics(items)
+        metrics = shapes_metrics(items, self.codec)
         metrics["skipped"] = float(skipped)
         for it in items:
-            it["correct"], iou = score_item(it["kind"], it["prediction"], it["reference"])
+            it["correct"], iou = score_item(it["kind"], it["prediction"], it["reference"], self.codec)
             if iou is not None:
                 it["iou"] = iou
         return metrics, items
