@@ -10,6 +10,8 @@ Writes, with LoRA merged into the LLM weights:
                      image token expanded (as ``pargo_jax.predict`` builds them) and ``pixel_values``
                      (B, 3, H, W), normalized with the preprocessor's mean / std.
                      SigLIP / CLIP towers from transformers, EVA02 in the written code.
+                     ``generation_config.json``'s ``box_codec`` (``{"format", "frame"}``, the run's
+                     ``config.box_codec``) says how answers write boxes (``GenerationConfig.box_codec``).
   DIR/llm/           the LLM alone as a standard HF directory (``AutoModelForCausalLM`` for Llama /
                      Qwen2 / OPT; InternLM2 in its own layout, which transformers runs with its remote
                      code)
@@ -36,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines.boxes import BoxCodec
 from pargo_jax.lora import merged
 from pargo_jax.models.mllm import MLLMConfig
 from pargo_jax.param_tree import flat_arrays, flatten
@@ -72,9 +75,16 @@ def projector_tensors(params: Mapping[str, Any], p, num_patches: int) -> tuple[d
 
 
 def save_transformers(
-    out: str, mcfg: MLLMConfig, params: Mapping[str, Any], tokenizer, *, max_shard_bytes=2 << 30
+    out: str,
+    mcfg: MLLMConfig,
+    params: Mapping[str, Any],
+    tokenizer,
+    *,
+    box_codec: BoxCodec | None = None,
+    max_shard_bytes=2 << 30,
 ) -> str:
-    """The transformers custom-code directory of a model (params as numpy or jax arrays)."""
+    """The transformers custom-code directory of a model (params as numpy or jax arrays); ``box_codec``
+    (the run's; default norm3 / square) goes into ``generation_config.json``."""
     from pargo_jax.convert import hf, hf_vision
     from pargo_jax.convert.tables import save_safetensors
 
@@ -112,7 +122,7 @@ def save_transformers(
     save_safetensors(out, tensors, max_shard_bytes)
     _write_json(out, "generation_config.json", dict(
         eos_token_id=list(tokenizer.stop_ids), pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id,
-        do_sample=False, max_new_tokens=64,
+        do_sample=False, max_new_tokens=64, box_codec=(box_codec or BoxCodec()).as_dict(),
     ))  # fmt: skip
     _write_json(out, "preprocessor_config.json", dict(
         image_size=v.image_size, image_mean=list(mcfg.pixel_mean), image_std=list(mcfg.pixel_std),
@@ -147,7 +157,7 @@ def export_workdir(
                 "MG-LLaVA's high-res path (ConvNeXt, fusion, object tokens) has no PyTorch export."
             )
         done["transformers"] = save_transformers(
-            out, mcfg, params, run.tokenizer, max_shard_bytes=max_shard_bytes
+            out, mcfg, params, run.tokenizer, box_codec=run.box_codec, max_shard_bytes=max_shard_bytes
         )
     except ValueError as e:
         done["transformers"] = f"skipped: {e}"
@@ -167,7 +177,10 @@ def export_workdir(
         save_official(os.path.join(out, "official"), mcfg, params)
         if not mcfg.high_res else "skipped: the release's format has no high-res path"
     )  # fmt: skip
-    _write_json(out, "export.json", {"workdir": str(workdir), "step": run.step, "parts": done})
+    codec = run.box_codec.as_dict()
+    _write_json(
+        out, "export.json", {"workdir": str(workdir), "step": run.step, "box_codec": codec, "parts": done}
+    )
     return {"step": run.step, **done}
 
 

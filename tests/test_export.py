@@ -119,6 +119,37 @@ def test_eva02_tower_exports_in_the_written_code(final_norm, tmp_path):
     assert (hf.vision_tower.norm is not None) == final_norm
 
 
+def test_the_runs_box_codec_round_trips_through_the_workdir_into_the_export(tmp_path):
+    """``config.box_codec`` is saved with the run (W/config.json), read back by ``load_workdir`` and the
+    predictor, and written into the export's ``generation_config.json`` and ``export.json``."""
+    import json
+
+    from transformers import GenerationConfig
+
+    from data_pipelines.boxes import BoxCodec
+    from experiments import base
+    from pargo_jax import checkpoints
+    from pargo_jax.export import export_workdir
+    from pargo_jax.predictor import Predictor
+
+    tok = load_tokenizer(shapes.ASSET_TOKENIZER)
+    _, params, mcfg = random_model("mlp", tok)
+    config, codec = base.base(), BoxCodec("int1000", "original")
+    config.box_codec, config.mesh = codec.as_dict(), dict(data=1, num_devices=1)
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
+    runs.save_run(workdir, config, mcfg, tok)
+    saved = checkpoints.Checkpointer(workdir, every_steps=1, async_save=False)
+    saved.save(1, {"params": params}, {})
+    saved.close()
+    run = runs.load_workdir(workdir)
+    assert run.box_codec == codec
+    assert Predictor.from_config(run.model, run.tokenizer, run.mesh, run.config).box_codec == codec
+    export_workdir(workdir, out)
+    assert GenerationConfig.from_pretrained(out).box_codec == {"format": "int1000", "frame": "original"}
+    with open(os.path.join(out, "export.json")) as f:
+        assert json.load(f)["box_codec"] == codec.as_dict()
+
+
 def test_demo_workdir_exports_through_the_command_line(trained_workdir, shapes_dir, tmp_path):
     """Demo workdir -> ``python -m pargo_jax.export`` -> transformers: forward equals the JAX logits,
     greedy ``generate`` the tokens ``pargo_jax.predict`` answers; DIR/llm and DIR/vision_tower load."""
@@ -148,6 +179,9 @@ def test_demo_workdir_exports_through_the_command_line(trained_workdir, shapes_d
         jax.jit(run.model.apply)({"params": params}, pixels[:1], ids[0][None], np.ones_like(ids[0][None]))
     )
     _close(hf_logits, want)
+    assert (
+        model.generation_config.box_codec == run.box_codec.as_dict() == {"format": "norm3", "frame": "square"}
+    )
     answers = predictor.answers(run.params, queries)
     for q_ids, px, a in zip(ids, pixels, answers, strict=True):
         image = torch.tensor(px[None]).permute(0, 3, 1, 2)
