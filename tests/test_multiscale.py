@@ -19,6 +19,7 @@ from data_pipelines.boxes import BOX_RE, BoxCodec
 from data_pipelines.builders import open_source
 from data_pipelines.frame import CLIP_MEAN, fill_color
 from data_pipelines.schema import IMAGE_PLACEHOLDER, from_example
+from tests import procs
 
 BACKGROUND = (90, 90, 90)
 MARGINS = (0.0, 0.25, 0.5)
@@ -538,3 +539,38 @@ def test_records_are_deterministic_given_the_seed():
         a, b = make(config, 0), make(config, 0)
         assert a.conversation == b.conversation and a.more_images == b.more_images
     assert make("perception", 0).conversation != make("perception", 1).conversation
+
+
+def test_cli_builds_a_multiscale_set(tmp_path):
+    src = _drawn_coco(str(tmp_path / "coco"))
+    out, summary_json = str(tmp_path / "out"), str(tmp_path / "summary.json")
+    args = [
+        "--dataset",
+        "multiscale",
+        "--source",
+        "coco",
+        "--config",
+        "local",
+        "--src",
+        src,
+        "--data_dir",
+        out,
+        "--crop_margins",
+        "0,0.5",
+        "--max_crops",
+        "2",
+        "--box_format",
+        "int1000",
+        "--num_workers",
+        "1",
+        "--summary_json",
+        summary_json,
+    ]
+    proc = procs.run("data_pipelines.build", *args, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "multiscale_coco/local objects" in proc.stdout and "over_max_objects=2" in proc.stdout
+    saved = json.load(open(summary_json))
+    assert saved["name"] == "multiscale_coco/local"
+    assert saved["splits"]["val"]["objects"] == {"read": 6, "used": 4, "skipped": {"over_max_objects": 2}}
+    rec = _records(out, "multiscale_coco/local", "val")["img2"]
+    assert len(rec.images) == 1 + 2 + 2 and any(BOX_RE.search(a) for _, a in _qa(rec))
