@@ -8,6 +8,7 @@ text.py        ``Tokenizer`` over ``tokenizers`` + Jinja chat templates, answer 
 builders.py    TFDS ``GeneratorBasedBuilder`` base with accounting, ``open_source``, ``write_records``
 converters.py  LLaVA JSON, WebDataset tars, COCO captions, RefCOCO/+/g
 shapes.py      synthetic shapes set + its word-level tokenizer (``shapes.build(data_dir)``)
+multiscale.py  multi-scale alignment records (perception / local crops / global) from any boxed source
 build.py       CLI: ``python -m data_pipelines.build --dataset NAME --src ... --data_dir ...``
 pipeline.py    ``make_iterator(input_cfg, num_image_tokens=, seed=, ...)``: checkpointable batches
 """

@@ -12,6 +12,8 @@ Examples::
       --data_dir /data
   python -m data_pipelines.build --dataset refcoco --config refcoco --src refcoco/ \\
       --image_dir coco/train2014 --box_format norm3 --box_frame square --data_dir /data
+  python -m data_pipelines.build --dataset multiscale --source coco --config local \\
+      --src coco/annotations/instances_train2017.json --data_dir /data   # also refcoco / llava / shapes
 
 The result lands in ``data_dir/NAME[/CONFIG]/1.0.0``; use ``name="NAME[/CONFIG]"`` in ``input.sources``.
 Prints a progress bar per split and, at the end, records read / written / skipped by reason.
@@ -22,12 +24,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import time
 from typing import Any
 
 from absl import flags
 
-DATASETS = ("shapes", "llava", "webdataset", "coco_captions", "refcoco")
+DATASETS = ("shapes", "llava", "webdataset", "coco_captions", "refcoco", "multiscale")
 
 
 def make_builder(args: flags.FlagValues):
@@ -48,6 +51,25 @@ def make_builder(args: flags.FlagValues):
             seed=args.seed,
             **common,
         )
+    if args.dataset == "multiscale":
+        from data_pipelines import multiscale
+
+        if args.config not in multiscale.CONFIGS or args.source not in multiscale.SOURCES:
+            raise SystemExit(
+                f"--dataset multiscale needs --source (one of {multiscale.SOURCES}) and --config (one of "
+                f"{multiscale.CONFIGS})."
+            )
+        reader = multiscale.make_reader(
+            args.source, src=args.src, image_dir=args.image_dir, split_by=args.split_by,
+            detections=args.detections, split=args.split, num=args.num_scenes, num_eval=args.num_eval,
+            image_size=args.image_size, seed=args.seed,
+        )  # fmt: skip
+        options = multiscale.Options(
+            margins=tuple(float(m) for m in args.crop_margins), max_objects=args.max_objects,
+            max_crops=args.max_crops, seed=args.seed,
+        )  # fmt: skip
+        codec = BoxCodec(args.box_format, args.box_frame)
+        return multiscale.MultiscaleBuilder(reader=reader, codec=codec, options=options, **common)
     if not args.src:
         raise SystemExit(f"--src is required for --dataset {args.dataset}; point it at the source files.")
     if args.dataset == "llava":
@@ -80,6 +102,14 @@ def define_flags(fv: flags.FlagValues) -> None:
     enum("box_format", "norm3", ["norm3", "int1000", "pixel"], "How box coordinates are written.")
     enum("box_frame", "square", ["square", "original"], "The frame box coordinates are relative to.")
     string("split_by", None, "RefCOCO refs file variant: unc, google, umd.")
+    enum("source", None, ["refcoco", "coco", "llava", "shapes"], "multiscale: the source's format.")
+    string("detections", None, "multiscale llava: detections JSON {record_id: {boxes, scores, labels}}.")
+    flags.DEFINE_list(
+        "crop_margins", ["0", "0.25", "0.5"], "multiscale local: crop context margins.", flag_values=fv
+    )
+    integer("max_objects", 8, "multiscale: objects per record (the largest kept).")
+    integer("max_crops", 3, "multiscale local: objects with their own crop per record.")
+    integer("num_scenes", 2000, "multiscale shapes: scenes in the train split (--num_eval: eval).")
     integer("image_size", 64, "shapes: image side.")
     integer("num_pretrain", 2000, "shapes: pretraining captions.")
     integer("num_sft", 2000, "shapes: instruction conversations.")
@@ -92,6 +122,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def run(args: flags.FlagValues) -> dict[str, Any]:
     """Builds the dataset ``args`` (:func:`define_flags`, parsed) name; returns its summary."""
+    from data_pipelines import multiscale, shapes
     from data_pipelines.builders import format_summary
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # TFDS chatter; our summary says what matters
@@ -103,13 +134,14 @@ def run(args: flags.FlagValues) -> dict[str, Any]:
     summary = builder.build()
     name = builder.name + (f"/{args.config}" if args.config else "")
     if args.dataset == "shapes":
-        import os
-
-        from data_pipelines import shapes
-
-        tok_dir = shapes.write_tokenizer(os.path.join(args.data_dir, "shapes_tokenizer"))
-        print(f"tokenizer: {tok_dir}")
+        print(f"tokenizer: {shapes.write_tokenizer(os.path.join(args.data_dir, 'shapes_tokenizer'))}")
+    if args.dataset == "multiscale" and args.source == "shapes":
+        print(
+            f"tokenizer: {multiscale.write_tokenizer(os.path.join(args.data_dir, multiscale.TOKENIZER_DIR))}"
+        )
     print(format_summary(name, summary))
+    if args.dataset == "multiscale":
+        print(multiscale.format_objects(name, summary))
     print(f"wrote {builder.data_dir} in {time.perf_counter() - t0:.1f}s")
     if args.summary_json:
         with open(args.summary_json, "w") as f:

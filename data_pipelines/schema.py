@@ -43,6 +43,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "no_caption",  # input.qformer_tokenizer set: no caption (or first assistant turn) text for the Q-Former
     "image_count_mismatch",  # the number of <image> placeholders differs from the number of images
     "too_many_images",  # more images than input.max_images
+    "no_objects",  # a multi-scale alignment scene with no usable object (data_pipelines.multiscale)
 )  # new reasons go last: checkpointed iterator states and skip vectors index this order
 REASON_INDEX = {r: i for i, r in enumerate(SKIP_REASONS)}
 
