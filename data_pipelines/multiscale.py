@@ -667,7 +667,7 @@ class MultiscaleBuilder(ConverterBuilder, skip_registration=True):
         self.options = options or Options()
         self.objects: dict[str, collections.Counter] = {}
         self._lock = threading.Lock()
-        super().__init__(config=config, **kwargs)
+        super().__init__(config=config, box_codec=self.codec, **kwargs)
 
     def _split_names(self):
         return self.reader.splits()
