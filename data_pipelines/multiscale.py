@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import glob
 import io
+import json
 import math
 import os
 import pickle
@@ -809,3 +810,29 @@ def build_shapes(
         "summary": summary,
         "seconds": time.perf_counter() - t0,
     }
+
+
+STAMP = "multiscale_shapes_build.json"  # the arguments of ensure_shapes' last build
+
+
+def ensure_shapes(data_dir: str, *, num: int = 2000, num_eval: int = 200, image_size: int = 64, seed: int = 0,
+                  progress: bool = False, **options: Any) -> dict[str, Any]:  # fmt: skip
+    """The three configs of shapes scenes and their tokenizer under ``data_dir``, built unless a build with
+    the same arguments is there. ``options``: :class:`Options` fields. Returns ``{"names": {config: name},
+    "tokenizer", "built"}``."""
+    params = dict(num=num, num_eval=num_eval, image_size=image_size, seed=seed, options=options)
+    stamp = os.path.join(data_dir, STAMP)
+    names = {config: f"multiscale_shapes/{config}" for config in CONFIGS}
+    tokenizer = os.path.join(data_dir, TOKENIZER_DIR)
+    if os.path.exists(stamp) and os.path.exists(os.path.join(tokenizer, "tokenizer.json")):
+        with open(stamp) as f:
+            if json.load(f) == params:
+                return {"names": names, "tokenizer": tokenizer, "built": False}
+    opts = Options(**options)
+    for config in CONFIGS:
+        out = build_shapes(data_dir, config=config, num=num, num_eval=num_eval, image_size=image_size,
+                           seed=seed, options=opts, progress=progress)  # fmt: skip
+        names[config], tokenizer = out["name"], out["tokenizer"]
+    with open(stamp, "w") as f:
+        json.dump(params, f)
+    return {"names": names, "tokenizer": tokenizer, "built": True}

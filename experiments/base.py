@@ -51,6 +51,7 @@ def base() -> ml_collections.ConfigDict:
         max_images=1, packing=False, max_images_per_row=4,  # several images per sample; packed rows
     )  # fmt: skip
     c.shapes = None  # dict(...) of data_pipelines.shapes.build arguments: build the demo set on first run
+    c.multiscale = None  # dict(...) of data_pipelines.multiscale.ensure_shapes: the grounding demo's records
     c.demo_tower = None  # dict(...) of pargo_jax.demo_tower.build options: build model.vision.path if missing
     c.demo_mae = None  # dict(...) of pargo_jax.demo_mae.build options: build model.detail.path if missing
     c.optim = dict(
@@ -161,6 +162,26 @@ def siglip_qwen2_model(c: ml_collections.ConfigDict) -> None:
     c.input.update(image_size=384, resize="letterbox", mean=(0.5,) * 3, std=(0.5,) * 3, max_len=1024)
     c.input.tokenizer = "checkpoints/Qwen2.5-7B-Instruct"
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
+
+
+def tinygroundinggpt_model(c: ml_collections.ConfigDict) -> None:
+    """TinyGroundingGPT (arXiv 2411.09691): CLIP-L/14-336 (penultimate layer, CLS dropped, as LLaVA-1.5)
+    -> LLaVA-1.5's two-layer MLP -> a ~3B LLM (Qwen2.5-3B-Instruct here); boxes as GroundingGPT's text."""
+    c.model.dtype = "bfloat16"
+    c.model.frozen_dtype = "bfloat16"
+    c.model.vision = dict(
+        path="checkpoints/clip-vit-large-patch14-336", format="hf", preset="tiny",
+        overrides=dict(feature_layer=-2, drop_cls=True),
+    )  # fmt: skip
+    c.model.projector = dict(name="mlp")
+    c.model.llm = dict(
+        path="checkpoints/Qwen2.5-3B-Instruct",
+        config={},
+        overrides=dict(scan_layers=True, remat_policy="full"),
+    )
+    c.input.update(image_size=336, resize="letterbox", mean=CLIP_MEAN, std=CLIP_STD, max_len=2048)
+    c.input.tokenizer = "checkpoints/Qwen2.5-3B-Instruct"  # with <image>: python -m data_pipelines.text
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
 
 
 def mg_llava_model(c: ml_collections.ConfigDict) -> None:

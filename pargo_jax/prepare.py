@@ -1,6 +1,7 @@
-"""What a run needs made before it trains: the demo's synthetic shapes set, its pretrained tower and
-(X-Former's demo) its pretrained MAE, each built on first use when the config asks for it
-(``config.shapes``, ``config.demo_tower``, ``config.demo_mae``).
+"""What a run needs made before it trains: the demo's synthetic shapes set (and, for the grounding demo,
+its multi-scale records), its pretrained tower and (X-Former's demo) its pretrained MAE, each built on
+first use when the config asks for it (``config.shapes``, ``config.multiscale``, ``config.demo_tower``,
+``config.demo_mae``).
 
     prepare.prepare_run(config, workdir)   # then train.run(config, workdir)
 """
@@ -38,6 +39,19 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("shapes data built")
+    if config.get("multiscale") is not None:  # TinyGroundingGPT's demo: its words are a superset of shapes'
+        from data_pipelines import multiscale
+
+        if jax.process_index() == 0:
+            multiscale.ensure_shapes(data_dir, progress=True, **config.multiscale.to_dict())
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("multi-scale data built")
+        with config.unlocked():
+            config.input.tokenizer = config.input.get("tokenizer") or paths.join(
+                data_dir, multiscale.TOKENIZER_DIR
+            )
     with config.unlocked():
         config.input.data_dir = data_dir
         if not config.input.get("tokenizer"):

@@ -30,7 +30,7 @@ from pargo_jax.param_tree import flatten, unflatten
 SECTIONS = {
     "seed", "total_steps", "log_every_steps", "sample_at_end", "max_nonfinite_steps", "loss_chunk",
     "model", "input", "shapes", "demo_tower", "demo_mae", "optim", "trainable", "mesh", "checkpoint",
-    "evals", "objective", "box_codec",
+    "evals", "objective", "box_codec", "multiscale",
 }  # fmt: skip
 # config.objective: "lm" (next-token loss of the LLM) or "qformer" (BLIP-2 / X-Former stage 1: the
 # Q-Former's ITC + ITM + ITG, + the MAE reconstruction with a detail tower), each part weighted
