@@ -213,3 +213,39 @@ def test_clip_and_llama_directories_train(checkpoints, tmp_path, caplog):
     assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))
     model = json.load(open(os.path.join(workdir, "model.json")))
     assert model["vision"]["kind"] == "clip" and model["llm"]["family"] == "llama"
+
+
+def test_tinygroundinggpt_stages_on_tiny_checkpoints(checkpoints, tmp_path, caplog):
+    """``experiments/grounding.py:tinygroundinggpt:1..3`` on a CLIP directory and a Qwen2 directory: stage 1
+    trains the projector alone, stage 2 starts from its projector and reads object crops as extra images,
+    stage 3 from stage 2's projector and LLM; the multi-scale sources are the shapes source's builds."""
+    import ml_collections
+
+    from data_pipelines import multiscale
+    from experiments import grounding
+
+    data = str(tmp_path / "data")
+    names = multiscale.ensure_shapes(data, num=16, num_eval=4, **{
+        k: v for k, v in grounding.DEMO_MULTISCALE.items() if k in ("max_objects", "max_crops", "num_choices")
+    })["names"]  # fmt: skip
+    llava = lambda split: dict(name=f"llava/{split}", split="train", data_dir=checkpoints["data"])  # noqa: E731
+    ms = lambda config: dict(name=names[config], split="train", data_dir=data)  # noqa: E731
+    sources = {1: [ms("perception"), llava("pretrain")], 2: [ms("local"), ms("perception")],
+               3: [ms("global"), llava("instruct")]}  # fmt: skip
+    common = {
+        **_common(checkpoints, "clip", "qwen2", 28),
+        "input.max_len": 160,
+        "evals": ml_collections.ConfigDict(),
+    }
+    for k in PROJECTOR:
+        common.pop(f"model.projector.{k}")  # the MLP projector
+    for stage in (1, 2, 3):
+        flags = {**common, "input.sources": sources[stage], "input.data_dir": data}
+        if stage > 1:
+            flags["checkpoint.init_from"] = str(tmp_path / f"tg_{stage - 1}")
+        log = _train(grounding, f"tinygroundinggpt:{stage}", str(tmp_path / f"tg_{stage}"), flags, caplog)
+        assert sorted(demo.losses(str(tmp_path / f"tg_{stage}"))) == [1, 2, 3]
+        if stage == 2:
+            assert f"Initialized projector from {tmp_path / 'tg_1'}" in log
+        if stage == 3:
+            assert "Initialized llm" in log
