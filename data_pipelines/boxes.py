@@ -61,6 +61,19 @@ class BoxCodec:
             raise ValueError(f"Unknown key(s) {unknown} in {where}; a box codec is dict(format=, frame=).")
         return cls(d.get("format", cls.fmt), d.get("frame", cls.frame))
 
+    @classmethod
+    def of_run(cls, config) -> BoxCodec:
+        """A run's codec, ``config.box_codec = dict(format=, frame=)``: the text boxes its data, its answers
+        and its evaluators use (norm3 / square for a run saved before the field existed). A wrong key or
+        value is a ``ConfigError``."""
+        from pargo_jax.configs import ConfigError
+
+        given = config.get("box_codec") or {}
+        try:
+            return cls.from_dict(given.to_dict() if hasattr(given, "to_dict") else dict(given))
+        except ValueError as e:
+            raise ConfigError(f"config.box_codec: {e}") from e
+
     def _frame(self, width: float, height: float) -> tuple[float, float, float, float]:
         """(offset_x, offset_y, scale_x, scale_y) mapping original pixels into the frame's [0, 1]."""
         if width <= 0 or height <= 0:

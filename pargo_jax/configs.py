@@ -5,7 +5,7 @@ dataclass fields): unknown keys fail with one line naming them. A user's mistake
 :class:`ConfigError` (``pargo_jax.launcher`` prints it as one line, no traceback).
 ``dataclass_from`` builds a frozen config dataclass from such a dict. ``save_run_config`` /
 ``load_run_config`` keep the experiment config of a run as ``{workdir}/config.json`` (what
-predict, evaluate and export start from); ``box_codec`` reads the run's box codec from it.
+predict, evaluate and export start from).
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ import difflib
 import json
 import os
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    from data_pipelines.boxes import BoxCodec
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -106,16 +103,3 @@ def load_run_config(workdir: str):
             "(python -m pargo_jax.main writes it when it starts)."
         )
     return ml_collections.ConfigDict(json.loads(path.read_text()), allow_dotted_keys=True)
-
-
-def box_codec(config) -> BoxCodec:
-    """The run's box codec, ``config.box_codec = dict(format=, frame=)``: the text boxes its data, its
-    answers and its evaluators use (norm3 / square for a run saved before the field existed). A wrong
-    key or value is a :class:`ConfigError`."""
-    from data_pipelines.boxes import BoxCodec
-
-    given = config.get("box_codec") or {}
-    try:
-        return BoxCodec.from_dict(given.to_dict() if hasattr(given, "to_dict") else dict(given))
-    except ValueError as e:
-        raise ConfigError(f"config.box_codec: {e}") from e

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines.boxes import BoxCodec
-from pargo_jax import configs, sharding
+from pargo_jax import sharding
 from pargo_jax.generate import GenerateOutput, generate, stream
 from pargo_jax.models.llm import CausalLM, unscanned
 from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel
@@ -268,7 +268,7 @@ class Predictor:
         """With the preprocessing of ``config.input`` (an experiment config) and its ``box_codec``; the
         padding colour is the model's pixel mean (``config.input.mean``, passed into the model config)."""
         draft = bool(config.input.get("jpeg_draft", False))
-        codec = configs.box_codec(config)
+        codec = BoxCodec.of_run(config)
         return cls(model, tokenizer, mesh, resize=config.input.resize, jpeg_draft=draft, box_codec=codec)
 
     @property

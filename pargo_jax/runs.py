@@ -309,7 +309,7 @@ class TrainedModel:
     @property
     def box_codec(self) -> BoxCodec:
         """The codec the run's data wrote boxes in, and so its answers (``config.box_codec``)."""
-        return configs.box_codec(self.config)
+        return BoxCodec.of_run(self.config)
 
 
 def mesh_for(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:

@@ -22,6 +22,7 @@ import optax
 from absl import logging
 from flax import struct
 
+from data_pipelines.boxes import BoxCodec
 from pargo_jax import checkpoints, configs, flops, metrics, optim, runs, sharding
 from pargo_jax.models import factory, projectors
 from pargo_jax.models.mllm import MLLMConfig, VisionLanguageModel, chunked_next_token_loss, next_token_loss
@@ -54,7 +55,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Unknown keys fail loudly (typos would otherwise be silently ignored)."""
     configs.check_keys(config.keys(), SECTIONS, "the config")
     configs.check_keys(config.checkpoint.keys(), CHECKPOINT_KEYS, "config.checkpoint")
-    configs.box_codec(config)
+    BoxCodec.of_run(config)
     if "total_steps" in config.optim:
         raise ValueError(
             "config.optim.total_steps is not a setting: the schedule ends at config.total_steps; set that."
@@ -67,7 +68,7 @@ def check_box_codecs(config: ml_collections.ConfigDict) -> None:
     from data_pipelines.builders import read_box_codec
     from data_pipelines.pipeline import InputConfig
 
-    run = configs.box_codec(config)
+    run = BoxCodec.of_run(config)
     wrong = {}
     for i, s in enumerate(InputConfig.from_config(config.input).sources):
         declared = read_box_codec(s.data_dir, s.name)

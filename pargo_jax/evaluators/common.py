@@ -55,7 +55,7 @@ class Evaluator:
     def _box_codec(self) -> BoxCodec:
         """The run's ``config.box_codec``; ``box_format`` / ``box_frame`` options naming another codec
         are one ConfigError naming both."""
-        run = configs.box_codec(self.config)
+        run = BoxCodec.of_run(self.config)
         given = {k: self.options.get(f"box_{k}") for k in ("format", "frame")}
         asked = BoxCodec.from_dict({**run.as_dict(), **{k: v for k, v in given.items() if v is not None}})
         if asked != run:
