@@ -5,11 +5,13 @@ one-sample row from the same records, and the length mix it draws is a pure func
 import json
 
 import numpy as np
+import pytest
 
 from pargo_jax.benchmarks import packing
 from tests import procs
 
 
+@pytest.mark.slow  # the command in a subprocess: the stack's import and two train steps compiled
 def test_quick_run_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "packing.json"
     res = procs.run("pargo_jax.benchmarks.packing", "--quick", "--out", str(out), devices=1)
