@@ -247,3 +247,26 @@ def test_packing_skips_and_counts_bad_records(mixed, tmp_path):
 def test_packing_config_errors(mixed, change, message):
     with pytest.raises(ValueError, match=message):
         make_iterator(_cfg(mixed, **change), num_image_tokens=N_IMG, seed=0)
+
+
+def test_mg_llava_object_boxes_pack_with_their_samples(mixed):
+    """MG-LLaVA's object tokens: each packed sample brings its image's boxes (B, I, M, 4) and its masked
+    empty box slots, as it has them unpacked."""
+    source = dict(name="shapes", data_dir=mixed["data_dir"], split="pretrain")
+    cfg = _cfg(mixed, sources=[source], max_images=1, batch_size=2)
+    boxes = 4
+    unpacked = {}
+    for b in make_iterator({**cfg, "repeat": False, "batch_size": 1}, num_image_tokens=N_IMG + boxes, seed=0,
+                           num_boxes=boxes):  # fmt: skip
+        unpacked[str(b["record_id"][0])] = b
+    packed = next(
+        make_iterator({**cfg, "packing": True}, num_image_tokens=N_IMG + boxes, seed=0, num_boxes=boxes)
+    )
+    assert packed["boxes"].shape == (2, 4, boxes, 4) and packed["image_mask"].sum() > 2  # rows hold several
+    for r, ids in enumerate(packed["record_id"]):
+        for s, rid in enumerate(str(ids).split(","), 1):
+            want = unpacked[rid]
+            np.testing.assert_array_equal(packed["boxes"][r, s - 1], want["boxes"][0])
+            where = packed["segment_ids"][r] == s
+            n = int(where.sum())
+            np.testing.assert_array_equal(packed["attention_mask"][r][where], want["attention_mask"][0][:n])
