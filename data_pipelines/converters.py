@@ -34,13 +34,13 @@ LLAVA_ROLES = {
 }
 
 
-def _load_json(path: str) -> Any:
+def load_json(path: str) -> Any:
     """JSON whose invalid UTF-8 bytes survive as lone surrogates (caught per record later)."""
     with open(path, "rb") as f:
         return json.loads(f.read().decode("utf-8", errors="surrogateescape"))
 
 
-def _require_file(path: str | None, what: str, flag: str) -> str:
+def require_file(path: str | None, what: str, flag: str) -> str:
     if not path or not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path!r} not found; pass it with {flag}.")
     return path
@@ -54,7 +54,7 @@ class LlavaBuilder(ConverterBuilder, skip_registration=True):
     name = "llava"
 
     def __init__(self, *, src: str, image_dir: str | None = None, split: str = "train", **kwargs):
-        self.src = _require_file(src, "LLaVA JSON file", "--src")
+        self.src = require_file(src, "LLaVA JSON file", "--src")
         self.image_dir = image_dir or os.path.dirname(os.path.abspath(src))
         self.split = split
         self._data: list | None = None
@@ -62,7 +62,7 @@ class LlavaBuilder(ConverterBuilder, skip_registration=True):
 
     def _load(self) -> list:
         if self._data is None:
-            data = _load_json(self.src)
+            data = load_json(self.src)
             if not isinstance(data, list):
                 raise ValueError(
                     f"{self.src} holds a {type(data).__name__}; LLaVA JSON is a list of records."
@@ -205,7 +205,7 @@ class CocoCaptionsBuilder(ConverterBuilder, skip_registration=True):
     def __init__(self, *, src: str, image_dir: str | None = None, **kwargs):
         self.files = {}
         for path in src.split(","):
-            _require_file(path, "COCO captions file", "--src")
+            require_file(path, "COCO captions file", "--src")
             m = re.match(r"captions_(\w+?)\.json$", os.path.basename(path))
             if not m:
                 raise ValueError(
@@ -223,7 +223,7 @@ class CocoCaptionsBuilder(ConverterBuilder, skip_registration=True):
 
     def _load(self, split):
         if split not in self._cache:
-            data = _load_json(self.files[split][0])
+            data = load_json(self.files[split][0])
             if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
                 raise ValueError(
                     f"{self.files[split][0]} lacks 'images'/'annotations'; is it a COCO captions file?"
@@ -262,6 +262,17 @@ REFER_FIRST = IMAGE_PLACEHOLDER + "\nprovide the bounding box of the region this
 REFER_NEXT = "provide the bounding box of the region this sentence describes: {sent}"
 
 
+def refcoco_files(src: str, split_by: str | None = None) -> tuple[str, str]:
+    """``(refs(<split_by>).p, instances.json)`` of a RefCOCO/+/g dir (the first refs file without
+    ``split_by``); one error naming what is missing."""
+    refs = sorted(glob.glob(os.path.join(src, "refs(*).p")))
+    if split_by:
+        refs = [r for r in refs if os.path.basename(r) == f"refs({split_by}).p"]
+    if not refs:
+        raise FileNotFoundError(f"No refs({split_by or '*'}).p in {src!r}; pass the RefCOCO dir with --src.")
+    return refs[0], require_file(os.path.join(src, "instances.json"), "instances.json", "--src")
+
+
 class RefCocoBuilder(ConverterBuilder, skip_registration=True):
     """RefCOCO/+/g: ``--src`` dir with ``refs(<split_by>).p`` and ``instances.json``; ``--image_dir``
     the COCO ``train2014`` images. One record per referred object: each referring sentence is a
@@ -280,15 +291,7 @@ class RefCocoBuilder(ConverterBuilder, skip_registration=True):
         codec: BoxCodec | None = None,
         **kwargs,
     ):
-        refs = sorted(glob.glob(os.path.join(src, "refs(*).p")))
-        if split_by:
-            refs = [r for r in refs if os.path.basename(r) == f"refs({split_by}).p"]
-        if not refs:
-            raise FileNotFoundError(
-                f"No refs({split_by or '*'}).p in {src!r}; pass the RefCOCO dir with --src."
-            )
-        self.refs_path = refs[0]
-        self.instances_path = _require_file(os.path.join(src, "instances.json"), "instances.json", "--src")
+        self.refs_path, self.instances_path = refcoco_files(src, split_by)
         self.image_dir = image_dir or os.path.join(src, "images")
         self._refs: list | None = None
         self._images: dict | None = None
@@ -299,7 +302,7 @@ class RefCocoBuilder(ConverterBuilder, skip_registration=True):
         if self._refs is None:
             with open(self.refs_path, "rb") as f:  # the official files are pickles (trusted input)
                 self._refs = pickle.load(f, encoding="latin1")
-            inst = _load_json(self.instances_path)
+            inst = load_json(self.instances_path)
             self._images = {im["id"]: im for im in inst.get("images", [])}
             self._anns = {a["id"]: a for a in inst.get("annotations", [])}
         return self._refs

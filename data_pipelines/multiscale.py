@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import glob
 import io
 import json
 import math
@@ -48,7 +47,7 @@ from PIL import Image
 from data_pipelines import images, schema, shapes
 from data_pipelines.boxes import BoxCodec
 from data_pipelines.builders import ConverterBuilder, check_image, read_image_file
-from data_pipelines.converters import _load_json, _require_file
+from data_pipelines.converters import load_json, refcoco_files, require_file
 from data_pipelines.detections import read_detections
 from data_pipelines.schema import IMAGE_PLACEHOLDER, BadRecord, Record, Turn
 
@@ -422,15 +421,7 @@ class RefCocoReader:
     source = "refcoco"
 
     def __init__(self, src: str, image_dir: str | None = None, split_by: str | None = None):
-        refs = sorted(glob.glob(os.path.join(src, "refs(*).p")))
-        if split_by:
-            refs = [r for r in refs if os.path.basename(r) == f"refs({split_by}).p"]
-        if not refs:
-            raise FileNotFoundError(
-                f"No refs({split_by or '*'}).p in {src!r}; pass the RefCOCO dir with --src."
-            )
-        self.refs_path = refs[0]
-        self.instances_path = _require_file(os.path.join(src, "instances.json"), "instances.json", "--src")
+        self.refs_path, self.instances_path = refcoco_files(src, split_by)
         self.image_dir = image_dir or os.path.join(src, "images")
         self._data: tuple | None = None
 
@@ -438,7 +429,7 @@ class RefCocoReader:
         if self._data is None:
             with open(self.refs_path, "rb") as f:  # the official files are pickles (trusted input)
                 refs = [r for r in pickle.load(f, encoding="latin1") if isinstance(r, dict)]
-            inst = _load_json(self.instances_path)
+            inst = load_json(self.instances_path)
             self._data = refs, {im["id"]: im for im in inst.get("images", [])}, *_index_instances(inst)
         return self._data
 
@@ -485,7 +476,7 @@ class CocoReader:
     def __init__(self, src: str, image_dir: str | None = None):
         self.files: dict[str, tuple[str, str]] = {}
         for path in src.split(","):
-            _require_file(path, "COCO instances file", "--src")
+            require_file(path, "COCO instances file", "--src")
             m = re.match(r"instances_(\w+?)\.json$", os.path.basename(path))
             if not m:
                 raise ValueError(f"{path} is not named instances_<split>.json; pass the COCO instances file.")
@@ -496,7 +487,7 @@ class CocoReader:
 
     def _load(self, split: str) -> dict:
         if split not in self._cache:
-            data = _load_json(self.files[split][0])
+            data = load_json(self.files[split][0])
             if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
                 raise ValueError(
                     f"{self.files[split][0]} lacks 'images'/'annotations'; is it a COCO instances file?"
@@ -535,8 +526,8 @@ class LlavaReader:
         split: str = "train",
         min_score: float = 0.0,
     ):
-        self.src = _require_file(src, "LLaVA JSON file", "--src")
-        self.detections = _require_file(detections, "detections file", "--detections")
+        self.src = require_file(src, "LLaVA JSON file", "--src")
+        self.detections = require_file(detections, "detections file", "--detections")
         self.image_dir = image_dir or os.path.dirname(os.path.abspath(src))
         self.split, self.min_score = split, min_score
 
@@ -547,7 +538,7 @@ class LlavaReader:
         return None
 
     def scenes(self, split: str) -> Iterator[Pending]:
-        data, dets, seen = _load_json(self.src), read_detections(self.detections), set()
+        data, dets, seen = load_json(self.src), read_detections(self.detections), set()
         if not isinstance(data, list):
             raise ValueError(f"{self.src} holds a {type(data).__name__}; LLaVA JSON is a list of records.")
         for index, raw in enumerate(data):

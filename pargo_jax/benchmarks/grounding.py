@@ -13,14 +13,13 @@ workdir stays under ``--root`` so a rerun resumes.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 from pargo_jax import launcher
+from pargo_jax.benchmarks import report
 
 KINDS = ("ground", "ground_miou", "position", "refer", "colour", "shape", "count", "accuracy")
 RECIPES = {"plain": ("pretrain", "sft"), "three_stage": ("ground_1", "ground_2", "ground_3")}
@@ -100,17 +99,7 @@ def main(argv=None) -> dict:
     a = _args(argv)
     seeds = [0] if a.quick else [int(s) for s in a.seeds.split(",")]
     rows = [run_recipe(r, s, a.root, a.quick) for s in seeds for r in a.recipes.split(",")]
-    text = table(rows)
-    print(text)
-    load = os.getloadavg()
-    print(f"load average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load)}")
-    result = dict(rows=rows, table=text, args=vars(a), machine=dict(platform=platform.platform(),
-                  cpu_count=os.cpu_count(), load_average=load))  # fmt: skip
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-    return result
+    return report.finish(rows, table(rows), a, a.out)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +41,7 @@ import time
 import numpy as np
 
 from pargo_jax import launcher
+from pargo_jax.benchmarks import report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,17 +284,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as root:
         for name in a.shapes.split(","):
             rows += run_shape(name, a, root)
-    text = table(rows)
-    print(text)
-    load = os.getloadavg()
-    print(f"load average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load)}")
-    machine = dict(platform=platform.platform(), cpu_count=os.cpu_count(), load_average=load)
-    result = dict(rows=rows, table=text, args=vars(a), machine=machine)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-    return result
+    return report.finish(rows, table(rows), a, a.out)
 
 
 if __name__ == "__main__":
