@@ -398,7 +398,7 @@ def _run(config, workdir, mesh):
     progress.start(step)
     preempted = checkpoints.install_preemption_handler()
     acc, steps_acc, data_wait, flops_acc, images_acc = None, 0, 0.0, 0.0, 0
-    first_step, truncated_before, warned_truncation = step, data.stats()["truncated"], False
+    truncated_before, warned_truncation, records_seen = data.stats()["truncated"], False, 0
     timer = time.perf_counter()
     last_ids: list[str] = []
     summary: dict[str, Any] = {}
@@ -408,6 +408,7 @@ def _run(config, workdir, mesh):
         data_wait += time.perf_counter() - t0
         check_batch(host_batch, mcfg)
         last_ids = [str(r) for r in host_batch["record_id"]]
+        records_seen += sum(len(r.split(",")) for r in last_ids if r)  # a packed row: "id,id,..."
         batch = sharding.shard_batch({k: host_batch[k] for k in batch_keys}, mesh)
         state, out = jit_step(state, batch)
         step += 1
@@ -441,8 +442,7 @@ def _run(config, workdir, mesh):
                     f"records of the last batch: {last_ids[:8]}. Lower the learning rate or check them."
                 )
             cut = data.stats()["truncated"] - truncated_before
-            seen = (step - first_step) * batch_size // jax.process_count()
-            warned_truncation = warned_truncation or warn_truncation(cut, seen, config.input.max_len)
+            warned_truncation = warned_truncation or warn_truncation(cut, records_seen, config.input.max_len)
             acc, steps_acc, data_wait, flops_acc, images_acc = None, 0, 0.0, 0.0, 0
             timer = time.perf_counter()
         stop = preempted(step)
