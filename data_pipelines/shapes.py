@@ -316,17 +316,26 @@ def question_kind(text: str) -> str | None:
     return next((kind for kind, rx in _PATTERNS if rx.fullmatch(text)), None)
 
 
-def make_record(
+def make_scene(
     split: str, index: int, *, seed: int = 0, image_size: int = 64, variant: str = "basic"
-) -> Record:
-    """The record ``index`` of ``split``: a pure function of its arguments."""
+) -> tuple[random.Random, list[dict[str, Any]], dict[str, Any] | None, bytes]:
+    """Scene ``index`` of ``split``, a pure function of its arguments: (its random stream, left where
+    the questions continue it; objects; the fine variant's number or None; PNG bytes)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not one of {VARIANTS}.")
     fine = variant == "fine"
     rng = _rng(seed, split if not fine else f"fine/{split}", index)
     number = sample_number(rng, image_size) if fine else None
     objects = sample_scene(rng, image_size, variant, occupied=(number["box"],) if fine else ())
-    image = draw_scene(objects, image_size, rng.randint(15, 69), number)
+    return rng, objects, number, draw_scene(objects, image_size, rng.randint(15, 69), number)
+
+
+def make_record(
+    split: str, index: int, *, seed: int = 0, image_size: int = 64, variant: str = "basic"
+) -> Record:
+    """The record ``index`` of ``split``: a pure function of its arguments."""
+    fine = variant == "fine"
+    rng, objects, number, image = make_scene(split, index, seed=seed, image_size=image_size, variant=variant)
     boxes = np.array([o["box"] for o in objects], np.float32).reshape(-1, 4)
     labels = [f"{o['color']} {o['shape']}" for o in objects]
     rid = f"shapes/{split}/{index}"

@@ -380,7 +380,7 @@ def plan_cells(budgets, variants, data: str, ablations_everywhere: bool) -> list
     return cells
 
 
-def _prepare(out: str, data: str, quick: bool, schedule: str, variants=()) -> None:
+def prepare_shared(out: str, data: str, quick: bool, schedule: str, variants=()) -> None:
     """Builds the shared data, demo tower (and X-Former's MAE) once, before runs start side by side."""
     from pargo_jax import prepare
 
@@ -431,7 +431,7 @@ def main(argv=None) -> dict:
     cells = plan_cells(grid["budgets"], grid["variants"], a.data, ablations_everywhere=bool(a.variants))
     plan = [(v, t, s, lr) for v, t in cells for s in grid["seeds"] for lr in grid["lrs"]]
     t0 = time.perf_counter()
-    _prepare(a.out, a.data, a.quick, a.schedule, grid["variants"])
+    prepare_shared(a.out, a.data, a.quick, a.schedule, grid["variants"])
     kw = dict(steps=steps, quick=a.quick, data=a.data, schedule=a.schedule, qformer_steps=a.qformer_steps)
     spawn = multiprocessing.get_context("spawn")  # a fresh JAX per run: no fork of a started runtime
     with concurrent.futures.ProcessPoolExecutor(max(1, a.jobs), mp_context=spawn) as pool:

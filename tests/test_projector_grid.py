@@ -1,0 +1,170 @@
+"""``python -m pargo_jax.benchmarks.projector_grid``: cached tower features give the model's logits,
+seeds trained as one vmapped program train as they would alone, the exact-match score is what greedy
+decoding answers, the intervals are scipy's, and the --quick grid runs through the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+from scipy import stats
+
+from pargo_jax.benchmarks import projector_grid as grid
+from pargo_jax.benchmarks import projectors
+from tests import procs
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """The demo model with a random tower at the fine variant's 128 px, ParGo at 16 tokens, and the
+    questions of 6 scenes."""
+    from data_pipelines import shapes
+    from data_pipelines.text import load_tokenizer
+    from experiments import pretrain
+    from pargo_jax import demo_tower, runs
+
+    c = pretrain.get_config("demo")
+    c.model.vision = demo_tower.random_config(128)
+    c.model.projector = projectors.projector_options("pargo", 16)
+    c.input.image_size = 128
+    tokenizer = load_tokenizer(shapes.ASSET_TOKENIZER)
+    mcfg = runs.model_config(c, tokenizer)
+    scenes = grid.make_scenes("sft", 6, 128)
+    arrays = grid.tokenize(scenes, tokenizer, mcfg.num_image_tokens)
+    return mcfg, tokenizer, scenes, arrays
+
+
+def test_scenes_ask_every_kind_and_tokenize_like_training(setup):
+    mcfg, tokenizer, scenes, arrays = setup
+    assert scenes.images.shape == (6, 128, 128, 3) and scenes.images.dtype == np.uint8
+    assert len(scenes.kinds) == len(scenes.messages) == 6 * len(grid.ASKED)
+    assert set(scenes.kinds) <= set(grid.KINDS) and "digit" in scenes.kinds
+    first = arrays["input_ids"][0]
+    assert (first == mcfg.image_token_id).sum() == 16
+    answer = arrays["targets"][0][arrays["loss_mask"][0] > 0]
+    assert tokenizer.decode(answer).strip().startswith(scenes.messages[0][1]["content"])
+
+
+def test_cached_features_give_the_models_logits(setup):
+    """The grid's forward on cached tower features == VisionLanguageModel on the images."""
+    from pargo_jax.models.mllm import VisionLanguageModel
+
+    mcfg, _, scenes, arrays = setup
+    model = VisionLanguageModel(mcfg)
+    images, ids, mask = (
+        scenes.images[arrays["scene"][:4]],
+        arrays["input_ids"][:4],
+        arrays["attention_mask"][:4],
+    )
+    params = nn.unbox(model.init(jax.random.key(0), images, ids, mask)["params"])
+    expected = model.apply({"params": params}, images, ids, mask)
+    features = grid.tower_features(mcfg, params["vision_tower"], scenes.images, batch=4)
+    got = grid.forward(mcfg)(
+        {k: params[k] for k in ("projector", "llm")}, features[arrays["scene"][:4]], ids, mask
+    )
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def _data(setup, n=12):
+    mcfg, _, _, arrays = setup
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(6, 256, mcfg.vision.width)).astype(np.float32)
+    return {k: v[:n] for k, v in arrays.items()} | {"features": features}
+
+
+def test_seeds_in_one_program_train_as_they_would_alone(setup):
+    """Seeds (3, 5) stacked and vmapped == seed 5 trained by itself: params and scores."""
+    mcfg = setup[0]
+    data = jax.device_put(_data(setup))
+    both = grid.SeedProgram(mcfg, (3, 5), steps=3)
+    alone = grid.SeedProgram(mcfg, (5,), steps=3)
+    np.testing.assert_array_equal(both.order(12, 4, 3)[:, 1], alone.order(12, 4, 3)[:, 0])
+    assert not np.array_equal(both.order(12, 4, 3)[:, 0], both.order(12, 4, 3)[:, 1])  # own data orders
+    phases = [("a", data, 2), ("b", data, 1)]  # two phases: one LR schedule, the order of each its own
+    p_both = both.train(phases, batch=4, chunk=2, log=lambda s: None)
+    p_alone = alone.train(phases, batch=4, chunk=2, log=lambda s: None)
+    for a, b in zip(jax.tree.leaves(p_both), jax.tree.leaves(p_alone)):
+        np.testing.assert_allclose(a[1], b[0], atol=5e-5)  # 5% of one Adam step (lr 1e-3)
+    assert any(not np.allclose(a[0], a[1]) for a in jax.tree.leaves(p_both))  # own inits
+    np.testing.assert_array_equal(both.correct(p_both, data)[1], alone.correct(p_alone, data)[0])
+
+
+def _greedy(logits_fn, params, features, ids, mask, start, stop_ids, limit):
+    """Greedy decoding by hand from ``ids[:start]``: the generated ids up to and including a stop id."""
+    seq = list(ids[:start])
+    out = []
+    for _ in range(limit):
+        x = np.zeros((1, len(ids)), np.int32)
+        m = np.zeros((1, len(ids)), np.int32)
+        x[0, : len(seq)], m[0, : len(seq)] = seq, 1
+        nxt = int(np.asarray(logits_fn(params, features[None], x, m))[0, len(seq) - 1].argmax())
+        out.append(nxt)
+        seq.append(nxt)
+        if nxt in stop_ids or len(seq) == len(ids):
+            break
+    return out
+
+
+def test_exact_match_is_what_greedy_decoding_answers(setup):
+    """After overfitting 12 questions, the teacher-forced score of each equals whether greedy decoding
+    (a plain loop, no cache) writes its answer and ends the turn."""
+    mcfg, tokenizer, _, _ = setup
+    data = _data(setup)
+    program = grid.SeedProgram(mcfg, (0,), steps=60, lr=3e-3)
+    params = program.train([("qa", jax.device_put(data), 60)], batch=12, chunk=60, log=lambda s: None)
+    correct = program.correct(params, jax.device_put(data))[0]
+    one = jax.tree.map(lambda x: x[0], params)
+    logits_fn = jax.jit(program.logits)
+    stop = set(tokenizer.stop_ids)
+    for q in range(12):
+        answer_at = np.flatnonzero(data["loss_mask"][q])
+        target = list(data["targets"][q][answer_at])
+        assert target[-1] in stop  # the answer ends the turn
+        feats = data["features"][data["scene"][q]]
+        ids, mask = data["input_ids"][q], data["attention_mask"][q]
+        said = _greedy(logits_fn, one, feats, ids, mask, answer_at[0] + 1, stop, len(target))
+        assert (said == target) == bool(correct[q]), q
+    assert 0 < correct.sum()  # the overfit model answers some exactly: the comparison is not all-False
+
+
+def test_intervals_match_scipy():
+    x = [0.61, 0.58, 0.66, 0.70, 0.63]
+    mean, half = grid.mean_interval(x)
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=stats.sem(x))
+    assert mean == pytest.approx(np.mean(x)) and half == pytest.approx((hi - lo) / 2, rel=1e-3)
+    a, b = [0.61, 0.58, 0.66, 0.70, 0.63], [0.50, 0.62, 0.41, 0.55, 0.47, 0.52]
+    d, half = grid.difference_interval(a, b)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert d == pytest.approx(np.mean(a) - np.mean(b))
+    exact = (ci.high - ci.low) / 2
+    assert exact <= half <= 1.1 * exact  # floor(df): a little wider, never narrower
+    assert grid.mean_interval([0.5])[1] == math.inf and grid.t975(0.5) == math.inf
+
+
+def test_tables_report_intervals_and_the_difference():
+    row = lambda v, acc: dict(variant=v, budget=16, tokens=16, seeds=[0, 1, 2], seconds=1.0, split="",
+                              accuracy={"digit": acc, "all": acc})  # fmt: skip
+    rows = [row("pargo", [0.9, 0.8, 0.85]), row("qformer", [0.2, 0.3, 0.25])]
+    text = grid.table(rows)
+    assert "| pargo | 16 | 0.850 ± 0.124 |" in text
+    diff = grid.differences(rows)
+    assert "| 16 tokens | **+0.600 ± 0.1" in diff  # excludes 0: bold
+
+
+@pytest.mark.slow  # the --quick grid: a 20-step tower, features, two cells of two seeds (~40 s)
+def test_quick_grid_through_the_command_line(tmp_path):
+    out = tmp_path / "grid"
+    done = procs.run("pargo_jax.benchmarks.projector_grid", "--quick", f"--out={out}", devices=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "projector_grid_quick.json").read_text())
+    assert [(c["variant"], c["tokens"]) for c in report["cells"]] == [("pargo", 16), ("qformer", 16)]
+    for cell in report["cells"]:
+        assert cell["seeds"] == [0, 1] and set(cell["accuracy"]) >= {"digit", "all"}
+        assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in cell["accuracy"].values())
+    text = (out / "projector_grid_quick.md").read_text()
+    assert "| pargo (8+8) | 16 |" in text and "| pargo - qformer |" in text
+    assert (out / "projector_grid_quick.png").read_bytes()[:4] == b"\x89PNG"
