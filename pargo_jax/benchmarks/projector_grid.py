@@ -55,9 +55,9 @@ DATA = "fine"
 # Grid sizes: scenes (train, held-out), steps, per-seed batch, seeds, budgets, and the MLP at its
 # natural count (one token per patch) besides the budgets.
 SIZES = {
-    "cpu": dict(train=4000, eval=400, caption_steps=300, qa_steps=700, batch=16, seeds=(0, 1, 2, 3, 4),
+    "cpu": dict(train=4000, eval=400, caption_steps=400, qa_steps=300, batch=16, seeds=(0, 1, 2, 3, 4),
                 budgets=(16, 64), ablation_budgets=(64,), natural_mlp=False),
-    "gpu": dict(train=20000, eval=1000, caption_steps=3000, qa_steps=6000, batch=32, seeds=tuple(range(8)),
+    "gpu": dict(train=20000, eval=1000, caption_steps=2000, qa_steps=4000, batch=32, seeds=tuple(range(8)),
                 budgets=(16, 64), ablation_budgets=(16, 64), natural_mlp=True),
     "quick": dict(train=32, eval=8, caption_steps=2, qa_steps=2, batch=4, seeds=(0, 1), budgets=(16,),
                   ablation_budgets=(16,), natural_mlp=False),
