@@ -153,6 +153,11 @@ def test_tables_report_intervals_and_the_difference():
     assert "| pargo | 16 | 0.850 ± 0.124 |" in text
     diff = grid.differences(rows)
     assert "| 16 tokens | **+0.600 ± 0.1" in diff  # excludes 0: bold
+    assert grid.goal(rows, tokens=16).startswith(
+        "Fine-detail goal (the best at 16 tokens >= 0.6 on digit and kth): not met"
+    )
+    rows[0]["accuracy"]["kth"] = [0.7, 0.6, 0.65]
+    assert ": met: digit 0.850 (pargo); kth 0.650 (pargo)." in grid.goal(rows, tokens=16)
 
 
 @pytest.mark.slow  # the --quick grid: a 20-step tower, features, two cells of two seeds (~40 s)
