@@ -407,6 +407,7 @@ def plot(rows: list[dict], path: str) -> str | None:
         return None
     budgets = sorted({r["tokens"] for r in rows})
     kinds = [k for k in (*KINDS, "all") if any(k in r["accuracy"] for r in rows)]
+    colours = plt.get_cmap("tab10")  # one colour per variant in every panel
     fig, axes = plt.subplots(len(budgets), 1, figsize=(10, 3.2 * len(budgets)), squeeze=False)
     for ax, t in zip(axes[:, 0], budgets):
         mine = sorted((r for r in rows if r["tokens"] == t), key=lambda r: r["variant"])
@@ -415,7 +416,7 @@ def plot(rows: list[dict], path: str) -> str | None:
             stats = [mean_interval(r["accuracy"].get(k, [0.0])) for k in kinds]
             xs = np.arange(len(kinds)) + (i - (len(mine) - 1) / 2) * width
             ax.bar(xs, [m for m, _ in stats], width, yerr=[h if math.isfinite(h) else 0 for _, h in stats],
-                   capsize=2, label=r["variant"])  # fmt: skip
+                   capsize=2, label=r["variant"], color=colours(SUPPORTED.index(r["variant"])))  # fmt: skip
         ax.set(xticks=np.arange(len(kinds)), xticklabels=kinds, ylim=(0, 1), ylabel="held-out exact match",
                title=f"{t} visual tokens (95% intervals over seeds)")  # fmt: skip
         ax.legend(fontsize=7, ncol=4)
