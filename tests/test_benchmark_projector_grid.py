@@ -14,7 +14,6 @@ from flax import linen as nn
 from scipy import stats
 
 from pargo_jax.benchmarks import projector_grid as grid
-from pargo_jax.benchmarks import projectors
 from tests import procs
 
 
@@ -29,7 +28,7 @@ def setup():
 
     c = pretrain.get_config("demo")
     c.model.vision = demo_tower.random_config(128)
-    c.model.projector = projectors.projector_options("pargo", 16)
+    c.model.projector = grid.projectors.projector_options("pargo", 16)  # the grid's own cell
     c.input.image_size = 128
     tokenizer = load_tokenizer(shapes.ASSET_TOKENIZER)
     mcfg = runs.model_config(c, tokenizer)
