@@ -154,5 +154,6 @@ def build(out: str, *, image_size: int = 64, log=print, **options) -> str:
 
 
 def ensure(out: str, **options) -> bool:
-    """Builds the demo MAE at ``out`` unless it is there; returns whether it built."""
+    """Builds the demo MAE at ``out`` unless it is there, built with the same options (see
+    :func:`pargo_jax.demo_tower.ensure`); returns whether it built."""
     return _ensure(out, build, **options)

@@ -187,12 +187,26 @@ def write_into_place(out: str, write: Callable[[str], Any], prefix: str) -> str:
     return out
 
 
+BUILD_STAMP = "build_options.json"  # the options a directory was built with (see ensure)
+
+
 def ensure(out: str, build: Callable[..., str] = build, **options) -> bool:
     """Builds the directory at ``out`` with ``build(out, **options)`` (the demo tower's unless told)
-    unless its ``config.json`` is there; returns whether it built."""
+    unless it is there, built with the same options; returns whether it built. A directory built with
+    other options is rebuilt; one without a record of them (built before they were recorded) is kept."""
+    import json
     import os
+    import shutil
 
+    stamp, recorded = os.path.join(out, BUILD_STAMP), {k: v for k, v in options.items() if k != "log"}
     if os.path.exists(os.path.join(out, "config.json")):
-        return False
+        if not os.path.exists(stamp):
+            return False
+        with open(stamp) as f:
+            if json.load(f) == json.loads(json.dumps(recorded)):
+                return False
+        shutil.rmtree(out)
     build(out, **options)
+    with open(stamp, "w") as f:
+        json.dump(recorded, f, indent=1, sort_keys=True)
     return True

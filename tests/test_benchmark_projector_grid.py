@@ -172,3 +172,13 @@ def test_quick_grid_through_the_command_line(tmp_path):
     text = (out / "projector_grid_quick.md").read_text()
     assert "| pargo (8+8) | 16 |" in text and "| pargo - qformer |" in text
     assert (out / "projector_grid_quick.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_cell_is_reused_only_with_the_same_settings(tmp_path):
+    path, runs = str(tmp_path / "cells" / "pargo-t16.json"), []
+    run = lambda: runs.append(1) or dict(accuracy={"all": [float(len(runs))]})
+    settings = dict(seeds=[0, 1], asked=["digit"], tower=dict(steps=6000))
+    assert grid.cached_cell(path, settings, run)["accuracy"]["all"] == [1.0]
+    assert grid.cached_cell(path, settings, run)["accuracy"]["all"] == [1.0] and len(runs) == 1  # reused
+    other = dict(settings, tower=dict(steps=2000))  # another tower: retrained
+    assert grid.cached_cell(path, other, run)["accuracy"]["all"] == [2.0] and len(runs) == 2

@@ -30,15 +30,20 @@ def test_patch_labels_name_the_object_under_each_patch_centre():
 
 
 def test_short_build_loads_as_a_siglip_directory(tmp_path):
-    logs = []
-    out = demo_tower.build(str(tmp_path / "tower"), steps=4, batch_size=4, lr=1e-3, log=logs.append)
+    logs, out = [], str(tmp_path / "tower")
+    assert demo_tower.ensure(out, steps=4, batch_size=4, lr=1e-3, log=logs.append)
     module, variables = load_vision(out)
     assert module.config.image_size == 64 and module.config.width == 64
     x = np.zeros((1, 64, 64, 3), np.float32)
     assert jax.jit(module.apply)(variables, x).shape == (1, 64, 64)
     assert any("held-out object tokens" in line for line in logs)
-    assert not demo_tower.ensure(out)  # already there: nothing rebuilt
+    assert not demo_tower.ensure(out, steps=4, batch_size=4, lr=1e-3)  # already there: not rebuilt
     assert sorted(os.listdir(tmp_path)) == ["tower"]  # no temporary directory left behind
+    logs.clear()
+    assert demo_tower.ensure(out, steps=2, batch_size=4, lr=1e-3, log=logs.append)  # other options
+    assert any("demo tower 2/2" in line for line in logs) and sorted(os.listdir(tmp_path)) == ["tower"]
+    os.remove(os.path.join(out, demo_tower.BUILD_STAMP))
+    assert not demo_tower.ensure(out, steps=9)  # built before its options were recorded: kept
 
 
 def test_fine_variant_labels_the_digits_too():

@@ -12,12 +12,12 @@ The protocol, and why each part is there:
    ``fine`` variant (128 px, 5-8 small shapes and a 2-digit number; shared with
    :mod:`pargo_jax.benchmarks.projectors`), encodes every image once. Runs read the cached
    (N, 256, 64) features instead of running the tower.
-2. Captions, then direct questions. Each run first captions scenes of the fine variant's
-   ``pretrain`` split (the demo's stage 1: every object in order, then the number), then answers one
-   question of each kind in :data:`ASKED` per scene: read the number, the colour of the k-th shape from
-   the left, a left-of relation, the count, a colour, a position. Both are rendered in the demo's chat
-   template by the training pipeline's own :func:`data_pipelines.text.pack_example`, with the loss on
-   the answer. One LR schedule spans both phases.
+2. Direct questions on the fine kinds. Each run answers one question of each kind in :data:`ASKED`
+   per scene: read the number, the colour of the k-th shape from the left, a left-of relation, the
+   count; rendered in the demo's chat template by the training pipeline's own
+   :func:`data_pipelines.text.pack_example`, with the loss on the answer. ``--caption-steps`` puts a
+   caption stage first (the demo's stage 1 on the fine variant's ``pretrain`` split, one LR schedule
+   over both); at equal time it read the number worse in the pilots, so no size uses it.
 3. Seeds as one program. The seeds of a cell (projector + LLM, each seed with its own init and data
    order) train together: their params are stacked on a leading axis and the step is ``vmap``-ed, so
    the small matmuls of one run become larger ones. No dropout.
@@ -49,7 +49,7 @@ import numpy as np
 from pargo_jax import launcher
 from pargo_jax.benchmarks import projectors
 
-ASKED = ("digit", "kth", "relation", "count", "colour", "position")  # one question of each per scene
+ASKED = ("digit", "kth", "relation", "count")  # the fine kinds: one question of each per scene
 KINDS = ("digit", "kth", "relation", "count", "colour", "shape", "position")  # as scored (a fallback
 # question is scored as what it asks: an ambiguous colour question becomes a position question)
 FINE_KINDS, GOAL = ("digit", "kth"), 0.6  # the goal: the best projector at 64 tokens reaches it on both
@@ -58,9 +58,9 @@ DATA = "fine"
 # Grid sizes: scenes (train, held-out), steps, per-seed batch, seeds, budgets, and the MLP at its
 # natural count (one token per patch) besides the budgets.
 SIZES = {
-    "cpu": dict(train=4000, eval=400, caption_steps=400, qa_steps=300, batch=16, seeds=(0, 1, 2, 3, 4),
+    "cpu": dict(train=4000, eval=400, caption_steps=0, qa_steps=1000, batch=16, seeds=(0, 1, 2, 3, 4),
                 budgets=(16, 64), ablation_budgets=(64,), natural_mlp=False),
-    "gpu": dict(train=20000, eval=1000, caption_steps=2000, qa_steps=4000, batch=32, seeds=tuple(range(8)),
+    "gpu": dict(train=20000, eval=1000, caption_steps=0, qa_steps=6000, batch=32, seeds=tuple(range(8)),
                 budgets=(16, 64), ablation_budgets=(16, 64), natural_mlp=True),
     "quick": dict(train=32, eval=8, caption_steps=2, qa_steps=2, batch=4, seeds=(0, 1), budgets=(16,),
                   ablation_budgets=(16,), natural_mlp=False),
@@ -329,11 +329,12 @@ def run_cell(variant, budget, size, out, quick, scenes, features, log=print) -> 
 
     c, mcfg, tokenizer = cell_model(variant, budget, out, quick)
     sets = {}
-    for split in ("caption", "train", "eval"):
+    for split in scenes:
         arrays = tokenize(scenes[split], tokenizer, mcfg.num_image_tokens)
         sets[split] = jax.device_put(arrays | {"features": features[split]})
     t0 = time.perf_counter()
-    phases = [("caption", sets["caption"], size["caption_steps"]), ("qa", sets["train"], size["qa_steps"])]
+    phases = [("caption", sets["caption"], size["caption_steps"])] if size["caption_steps"] else []
+    phases.append(("qa", sets["train"], size["qa_steps"]))
     program = SeedProgram(mcfg, size["seeds"], size["caption_steps"] + size["qa_steps"])
     params = program.train(phases, size["batch"], log=log, chunk=max(1, min(100, size["qa_steps"] // 4)))
     correct = program.correct(params, sets["eval"])
@@ -438,16 +439,16 @@ def plan(variants: Sequence[str], size: dict) -> list[tuple[str, int]]:
     return cells
 
 
-def cached_cell(path: str, size: dict, run: Callable[[], dict]) -> dict:
-    """The cell's row from ``path`` when it was trained at this ``size``, else ``run()`` saved there: an
-    interrupted grid resumes at its first untrained cell."""
+def cached_cell(path: str, settings: dict, run: Callable[[], dict]) -> dict:
+    """The cell's row from ``path`` when it was trained with these ``settings``, else ``run()`` saved
+    there: an interrupted grid resumes at its first untrained cell."""
     if os.path.exists(path):
         with open(path) as f:
             row = json.load(f)
-        if row.get("size") == size:
-            print("  trained before at this size: not retrained")
+        if row.get("size") == settings:
+            print("  trained before with these settings: not retrained")
             return row
-    row = run() | {"size": size}
+    row = run() | {"size": settings}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(row, f, indent=1)
@@ -465,7 +466,8 @@ def main(argv=None) -> dict:
     p.add_argument("--variants", help=f"comma list of {sorted(projectors.VARIANTS)}")
     p.add_argument("--budgets", help="comma list of visual-token budgets")
     p.add_argument("--seeds", help="comma list of seeds (one program per cell)")
-    p.add_argument("--steps", type=int, help="question steps per cell (after the caption steps)")
+    p.add_argument("--steps", type=int, help="question steps per run (after the caption steps)")
+    p.add_argument("--caption-steps", type=int, help="caption steps per run before the questions")
     a = p.parse_args(argv)
     size = dict(SIZES["quick" if a.quick else a.device])
     if a.seeds:
@@ -474,6 +476,8 @@ def main(argv=None) -> dict:
         size["budgets"] = tuple(int(t) for t in a.budgets.split(","))
     if a.steps:
         size["qa_steps"] = a.steps
+    if a.caption_steps is not None:
+        size["caption_steps"] = a.caption_steps
     default = QUICK_VARIANTS if a.quick else projectors.FAMILIES + projectors.ABLATIONS
     variants = tuple(a.variants.split(",")) if a.variants else default
     unknown = set(variants) - set(SUPPORTED)
@@ -485,13 +489,14 @@ def main(argv=None) -> dict:
     stem = os.path.join(a.out, "projector_grid_quick" if a.quick else f"projector_grid_{a.device}")
     t0 = time.perf_counter()
     projectors.prepare_shared(a.out, DATA, a.quick, "caption")
-    _, mcfg, _ = cell_model(*cells[0], a.out, a.quick)
+    c, mcfg, _ = cell_model(*cells[0], a.out, a.quick)
+    # what a cached cell must match to be reused: the size, the questions and the tower's build
+    settings = json.loads(json.dumps(size | dict(asked=ASKED, tower=c.demo_tower.to_dict())))
     image_size = projectors.IMAGE_SIZE[DATA]
-    scenes = {
-        "caption": make_captions(size["train"], image_size),
-        "train": make_scenes("sft", size["train"], image_size),
-        "eval": make_scenes("eval", size["eval"], image_size),
-    }
+    scenes = {"train": make_scenes("sft", size["train"], image_size)}
+    scenes["eval"] = make_scenes("eval", size["eval"], image_size)
+    if size["caption_steps"]:
+        scenes["caption"] = make_captions(size["train"], image_size)
     _, tower = hf_vision.load_vision(os.path.join(a.out, DATA, "demo_tower"))
     features = {k: tower_features(mcfg, tower["params"], s.images) for k, s in scenes.items()}
     print(
@@ -502,7 +507,7 @@ def main(argv=None) -> dict:
         print(f"[{i + 1}/{len(cells)}] {cell_name(variant, budget)}", flush=True)
         path = os.path.join(stem, cell_name(variant, budget) + ".json")
         run = lambda: run_cell(variant, budget, size, a.out, a.quick, scenes, features)  # noqa: B023
-        rows.append(cached_cell(path, json.loads(json.dumps(size)), run))
+        rows.append(cached_cell(path, settings, run))
     wall = time.perf_counter() - t0
     text = table(rows) + "\n\n" + differences(rows) + "\n\n" + goal(rows)
     os.makedirs(a.out, exist_ok=True)
