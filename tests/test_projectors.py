@@ -24,7 +24,9 @@ RESAMPLERS = {
 C_ABSTRACTORS = {
     "pool_5_to_3": dict(num_queries=9, hidden=16, depth=2, mlp_depth=2, vision_width=24, llm_width=20),
     "pool_4_to_2": dict(num_queries=4, hidden=24, depth=1, mlp_depth=1, vision_width=24, llm_width=20),
-}
+    "pool_4_to_2_views": dict(num_queries=4, hidden=24, depth=1, mlp_depth=1, vision_width=24, llm_width=20,
+                              depthwise="views"),  # the projector grid's form
+}  # fmt: skip
 CASES = {**{f"resampler/{k}": ("resampler", v) for k, v in RESAMPLERS.items()},
          **{f"c_abstractor/{k}": ("c_abstractor", v) for k, v in C_ABSTRACTORS.items()}}  # fmt: skip
 
@@ -81,8 +83,8 @@ def test_every_parameter_gets_a_gradient(case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_flops_match_xla_cost_analysis(case):
     """The closed form counts the matmuls / convolutions; XLA also counts elementwise work (norms,
-    activations, and the C-Abstractor's padded views around its depthwise convolutions: 32% of its
-    count), so the closed form must be at most XLA's count and within 35% of it."""
+    activations, and, in the C-Abstractor's ``views`` form, the padded views around its depthwise
+    convolutions: 32% of its count), so the closed form must be at most XLA's count and within 35% of it."""
     module, params, x = build(case)
     compiled = jax.jit(module.apply).lower({"params": params}, x[:1]).compile()
     analysis = compiled.cost_analysis()
@@ -125,6 +127,7 @@ def test_sincos_positions_match_the_reference_formula():
     [
         ("resampler", dict(num_queries=10), 16, "num_queries=10 is not a square"),
         ("c_abstractor", dict(num_queries=8), 16, "num_queries=8 is not a square"),
+        ("c_abstractor", dict(depthwise="fft"), 16, "depthwise='fft' is not 'conv' or 'views'"),
         ("resampler", dict(hidden=30, heads=3), 16, "hidden=30 is not divisible by 4"),
         ("resampler", dict(num_queries=4, hidden=8, heads=2, vision_width=8, llm_width=8), 17,
          "17 patches are not a square grid"),

@@ -310,6 +310,8 @@ def cell_model(variant: str, budget: int, out: str, quick: bool):
     from pargo_jax import prepare, runs
 
     projector = projectors.projector_options(variant, budget, DATA)
+    if projector["name"] == "c_abstractor":  # vmapped over seeds, its native depthwise conv is 20x slower
+        projector["depthwise"] = "views"
     c = projectors.stage_configs(projector, 0, 1.0, out, None, quick, DATA)[-1]
     prepare.prepare_data(c, os.path.join(out, DATA))  # built by projectors.prepare_shared: sets the tokenizer
     tokenizer = load_tokenizer(c.input.tokenizer)

@@ -37,11 +37,18 @@ Dtype = jnp.dtype | str
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def depthwise_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, form: str = "conv") -> jax.Array:
     """Depthwise 3x3 convolution (cross-correlation, zero padding 1) of NHWC ``x`` with a (3, 3, 1, C)
-    kernel, as the nine shifted views contracted with it: the numbers of ``lax.conv_general_dilated(...,
-    feature_group_count=C)``, without its cost when ``vmap``-ed over kernels (XLA's CPU backend turns
-    that into one grouped convolution whose gradient ran 20x slower in the projector grid)."""
+    kernel. ``form="conv"``: ``lax.conv_general_dilated(..., feature_group_count=C)``, the native
+    kernel. ``form="views"``: the nine shifted views contracted with the kernel, the same numbers;
+    for ``vmap`` over kernels (the projector grid's seeds), where XLA's CPU backend turns the conv
+    into one grouped convolution whose gradient ran 20x slower. Views cost memory: forward + backward
+    at (8, 24, 24, 1024) on CPU took 486 MB of temporaries against 72 MB."""
+    if form == "conv":
+        dims = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims, feature_group_count=x.shape[-1]
+        )
     h, w = x.shape[1:3]
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     views = jnp.stack([padded[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=3)
@@ -59,6 +66,7 @@ class CAbstractorConfig:
     llm_width: int = 4096
     grid: tuple[int, int] | None = None  # the features' patch grid (default: square)
     eps: float = 1e-6  # timm's LayerNorm2d
+    depthwise: str = "conv"  # the depthwise convolution's form: "conv" | "views" (see depthwise_conv3x3)
     dtype: Dtype = "float32"
     param_dtype: Dtype = "float32"
 
@@ -67,6 +75,8 @@ class CAbstractorConfig:
             raise ValueError(f"num_queries={self.num_queries} is not a square (16, 36, 64, ...).")
         if self.depth < 1 or self.mlp_depth < 1:
             raise ValueError(f"depth={self.depth} and mlp_depth={self.mlp_depth} must be >= 1.")
+        if self.depthwise not in ("conv", "views"):
+            raise ValueError(f"depthwise={self.depthwise!r} is not 'conv' or 'views'.")
 
     def num_tokens(self, num_patches: int) -> int:
         del num_patches
@@ -129,7 +139,7 @@ class CAbstractor(ProjectorModule):
             f"{name}_conv2_kernel", (3, 3, 1, out), (None, None, None, "mlp"),
             nn.initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=(0, 1, 2), out_axis=3),
         )  # fmt: skip
-        y = depthwise_conv3x3(y, jnp.asarray(dw, y.dtype))
+        y = depthwise_conv3x3(y, jnp.asarray(dw, y.dtype), c.depthwise)
         y = nn.silu(self._layer_norm(f"{name}_ln2", y))
         rd = round(cin * c.se_ratio)
         if rd:
