@@ -48,6 +48,29 @@ def test_scenes_ask_every_kind_and_tokenize_like_training(setup):
     assert tokenizer.decode(answer).strip().startswith(scenes.messages[0][1]["content"])
 
 
+def test_a_training_dialogue_asks_a_scenes_questions_once_each(setup):
+    """A dialogue holds the scene's one-turn questions, in an order drawn per scene, the image once."""
+    mcfg, tokenizer, scenes, _ = setup
+    dialogues = grid.make_scenes("sft", 6, 128, dialogue=True)
+    np.testing.assert_array_equal(dialogues.images, scenes.images)
+    assert dialogues.scene.tolist() == list(range(6)) and dialogues.kinds == ["dialogue"] * 6
+    strip = lambda text: text.replace("<image>\n", "")
+    pairs = lambda m: [(strip(m[j]["content"]), m[j + 1]["content"]) for j in range(0, len(m), 2)]
+    n = len(grid.ASKED)
+    orders = set()
+    for i, conversation in enumerate(dialogues.messages):
+        alone = [pair for m in scenes.messages[i * n : (i + 1) * n] for pair in pairs(m)]
+        assert sorted(pairs(conversation)) == sorted(alone)
+        assert sum("<image>" in m["content"] for m in conversation) == 1
+        assert conversation[0]["content"].startswith("<image>\n")
+        orders.add(tuple(alone.index(p) for p in pairs(conversation)))
+    assert len(orders) > 1  # not one fixed order
+    arrays = grid.tokenize(dialogues, tokenizer, mcfg.num_image_tokens)
+    assert ((arrays["input_ids"] == mcfg.image_token_id).sum(1) == 16).all()
+    runs = np.diff(np.concatenate([np.zeros((6, 1)), arrays["loss_mask"]], 1), axis=1) > 0
+    assert (runs.sum(1) == n).all()  # one answer span per question
+
+
 def test_cached_features_give_the_models_logits(setup):
     """The grid's forward on cached tower features == VisionLanguageModel on the images."""
     from pargo_jax.models.mllm import VisionLanguageModel
