@@ -205,3 +205,13 @@ def test_a_cell_is_reused_only_with_the_same_settings(tmp_path):
     assert grid.cached_cell(path, settings, run)["accuracy"]["all"] == [1.0] and len(runs) == 1  # reused
     other = dict(settings, tower=dict(steps=2000))  # another tower: retrained
     assert grid.cached_cell(path, other, run)["accuracy"]["all"] == [2.0] and len(runs) == 2
+
+
+def test_a_changed_size_writes_beside_the_grid_not_over_it():
+    size = dict(grid.SIZES["cpu"])
+    assert grid.output_stem("o", "cpu", size) == "o/projector_grid_cpu"
+    more = grid.output_stem("o", "cpu", size | dict(qa_steps=3000))
+    assert more.startswith("o/projector_grid_cpu-") and more == grid.output_stem(
+        "o", "cpu", size | dict(qa_steps=3000)
+    )
+    assert more != grid.output_stem("o", "cpu", size | dict(seeds=(5, 6, 7, 8, 9)))

@@ -30,15 +30,17 @@ The protocol, and why each part is there:
 5. Statistics. Per cell and kind: the mean over seeds with its 95% t interval; per budget, ParGo minus
    Q-Former with a Welch 95% interval.
 
-Outputs in ``--out``: ``projector_grid_<size>.md`` (the tables and the fine-detail goal),
-``.json`` (every seed's accuracies, the settings, the wall time), ``.png`` (accuracy per kind, needs
-matplotlib), and one JSON per finished cell under ``projector_grid_<size>/``: a rerun at the same size
-does not retrain them.
+Outputs in ``--out``: ``projector_grid_<size>.md`` (the tables and the fine-detail goal), ``.json``
+(every seed's accuracies, the settings, the wall time), ``.png`` (accuracy per kind, needs matplotlib),
+and one JSON per finished cell under ``projector_grid_<size>/``: a rerun at the same size does not
+retrain them. A size changed by a flag (``--steps``, ``--seeds``, ...) writes beside them, under a
+suffix of its own (:func:`output_stem`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -462,6 +464,15 @@ def plan(variants: Sequence[str], size: dict) -> list[tuple[str, int]]:
     return cells
 
 
+def output_stem(out: str, name: str, size: dict) -> str:
+    """``OUT/projector_grid_<name>``, the outputs' and cells' stem; a size other than ``SIZES[name]``
+    (``--steps``, ``--seeds``, ...) gets a suffix of its own, so it never replaces that grid's cells."""
+    stem = os.path.join(out, f"projector_grid_{name}")
+    if json.loads(json.dumps(size)) == json.loads(json.dumps(SIZES[name])):
+        return stem
+    return f"{stem}-{hashlib.sha1(json.dumps(size, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
 def cached_cell(path: str, settings: dict, run: Callable[[], dict]) -> dict:
     """The cell's row from ``path`` when it was trained with these ``settings``, else ``run()`` saved
     there: an interrupted grid resumes at its first untrained cell."""
@@ -509,7 +520,7 @@ def main(argv=None) -> dict:
     if a.budgets:
         size["ablation_budgets"] = size["budgets"]
     cells = plan(variants, size)
-    stem = os.path.join(a.out, "projector_grid_quick" if a.quick else f"projector_grid_{a.device}")
+    stem = output_stem(a.out, "quick" if a.quick else a.device, size)
     t0 = time.perf_counter()
     projectors.prepare_shared(a.out, DATA, a.quick, "caption")
     c, mcfg, _ = cell_model(*cells[0], a.out, a.quick)
