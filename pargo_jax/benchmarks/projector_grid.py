@@ -102,16 +102,17 @@ def make_scenes(split: str, num: int, image_size: int, dialogue: bool = False) -
     for i in range(num):
         rng, objects, number, png = shapes.make_scene(split, i, image_size=image_size, variant=DATA)
         images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
-        turns = [(kind, *shapes.question(kind, objects, rng, image_size, number)) for kind in ASKED]
+        asked = [shapes.question(kind, objects, rng, image_size, number) for kind in ASKED]
         if dialogue:
-            rng.shuffle(turns)
-            turns = [("dialogue", [turn for _, q, a in turns for turn in _turn(q, a)])]
+            rng.shuffle(asked)
+            conversations = [[turn for q, a in asked for turn in _turn(q, a)]]
         else:
-            turns = [(kind, _turn(q, a)) for kind, q, a in turns]
-        for kind, conversation in turns:
-            conversation[0]["content"] = f"{shapes.IMAGE_PLACEHOLDER}\n{conversation[0]['content']}"
-            scene.append(i)
-            kinds.append(kind if dialogue else shapes.KINDS[shapes.question_kind(conversation[0]["content"])])
+            conversations = [_turn(q, a) for q, a in asked]
+        for conversation in conversations:
+            question = conversation[0]["content"]
+            conversation[0]["content"] = f"{shapes.IMAGE_PLACEHOLDER}\n{question}"
+            scene.append(i)  # a fallback question is scored as what it asks
+            kinds.append("dialogue" if dialogue else shapes.KINDS[shapes.question_kind(question)])
             messages.append(conversation)
     return Scenes(np.stack(images), np.asarray(scene, np.int32), kinds, messages)
 
