@@ -77,6 +77,8 @@ FINE_QUESTIONS = {
     "relation": "is the {color} {shape} left of the {color2} {shape2}?",
 }
 ORDINALS = ("first", "second", "third")
+# A training turn (never scored): the colours of the leftmost shapes in order, the k-th question's answers.
+ORDER_QUESTION = "what colour are the first {count} shapes from the left?"
 YES_NO = ("yes", "no")
 FINE_CAPTION = " the number {text} is written at the {position}."
 # Caption words by what they name (the perplexity evaluator's ``groups``: teacher-forced accuracy on
@@ -226,9 +228,20 @@ def caption(objects: list[dict[str, Any]], number: dict | None = None, by_shape:
     return text + FINE_CAPTION.format(**number) if number else text
 
 
+def _centre_x(o: dict[str, Any]) -> float:
+    return (o["box"][0] + o["box"][2]) / 2
+
+
+def order_question(objects: list[dict[str, Any]], count: int) -> tuple[str, str]:
+    """(question, answer): the colours of the ``count`` leftmost objects (fewer if the scene has
+    fewer), left to right by box centre."""
+    leftmost = sorted(objects, key=_centre_x)[:count]
+    return ORDER_QUESTION.format(count=NUMBERS[len(leftmost)]), ", ".join(o["color"] for o in leftmost) + "."
+
+
 def _fine_question(kind: str, objects, rng: random.Random, number) -> tuple[str, str] | None:
     """A question of a fine-variant ``kind``, or None when the scene cannot ask it unambiguously."""
-    cx = lambda o: (o["box"][0] + o["box"][2]) / 2
+    cx = _centre_x
     if kind == "digit":
         return FINE_QUESTIONS["digit"], number["text"]
     if kind == "kth":
@@ -371,7 +384,7 @@ def vocabulary() -> list[str]:
     """Every piece the generator's text can pre-tokenize into (deterministic order)."""
     texts = list(QUESTIONS.values()) + list(ANSWERS.values()) + [CAPTION, CAPTION_AND]
     texts += [CAPTION_ITEM, CAPTION_ITEM_BY_SHAPE]
-    texts += list(FINE_QUESTIONS.values()) + [FINE_CAPTION] + list(ORDINALS) + list(YES_NO)
+    texts += list(FINE_QUESTIONS.values()) + [FINE_CAPTION, ORDER_QUESTION] + list(ORDINALS) + list(YES_NO)
     texts += list(COLORS) + list(SHAPES) + list(PLURAL.values()) + list(NUMBERS)
     texts += [p for row in POSITIONS for p in row] + list(ARTICLES) + ["system", "user", "assistant"]
     texts += ["shape", "shapes"]

@@ -71,6 +71,33 @@ def test_a_training_dialogue_asks_a_scenes_questions_once_each(setup):
     assert (runs.sum(1) == n).all()  # one answer span per question
 
 
+def test_an_ordering_turn_lists_the_leftmost_colours(setup):
+    """With ``order_turn`` a dialogue also asks the colours of the leftmost shapes, in order of their
+    box centres (the scene's objects sorted here), and answers it like any other turn."""
+    from data_pipelines import shapes
+
+    mcfg, tokenizer, _, _ = setup
+    plain = grid.make_scenes("sft", 6, 128, dialogue=True)
+    ordered = grid.make_scenes("sft", 6, 128, dialogue=True, order_turn=3)
+    pairs = lambda m: {q["content"].replace("<image>\n", ""): a["content"] for q, a in zip(m[::2], m[1::2])}
+    for i, (before, after) in enumerate(zip(plain.messages, ordered.messages)):
+        _, objects, _, _ = shapes.make_scene("sft", i, image_size=128, variant=grid.DATA)
+        leftmost = sorted(objects, key=lambda o: o["box"][0] + o["box"][2])[:3]
+        turns = pairs(after)
+        answer = turns.pop("what colour are the first three shapes from the left?")
+        assert answer == ", ".join(o["color"] for o in leftmost) + "."
+        assert turns == pairs(before)  # the scene's other questions, unchanged
+    two = [dict(color="red", box=(20, 0, 24, 4)), dict(color="blue", box=(0, 0, 4, 4))]
+    assert shapes.order_question(two, 3) == (
+        "what colour are the first two shapes from the left?",
+        "blue, red.",
+    )
+    arrays = grid.tokenize(ordered, tokenizer, mcfg.num_image_tokens)
+    assert (arrays["input_ids"] != tokenizer.token_ids("<unk>")[0]).all()  # every word in the vocabulary
+    runs = np.diff(np.concatenate([np.zeros((6, 1)), arrays["loss_mask"]], 1), axis=1) > 0
+    assert (runs.sum(1) == len(grid.ASKED) + 1).all()
+
+
 def test_cached_features_give_the_models_logits(setup):
     """The grid's forward on cached tower features == VisionLanguageModel on the images."""
     from pargo_jax.models.mllm import VisionLanguageModel
@@ -215,3 +242,6 @@ def test_a_changed_size_writes_beside_the_grid_not_over_it():
         "o", "cpu", size | dict(qa_steps=3000)
     )
     assert more != grid.output_stem("o", "cpu", size | dict(seeds=(5, 6, 7, 8, 9)))
+    # a subset of the variants shares the grid's cells and writes its tables beside the grid's
+    assert grid.report_stem("o/g", ("pargo", "qformer"), ("pargo", "qformer")) == "o/g"
+    assert grid.report_stem("o/g", ("pargo",), ("pargo", "qformer")) == "o/g-pargo"

@@ -18,9 +18,11 @@ The protocol, and why each part is there:
    scene (the image tokens run through the LLM once for four answers: 4x the answers per step at
    about 1.5x its cost); a held-out question is its own one-turn conversation. Rendered in the demo's
    chat template by the training pipeline's own :func:`data_pipelines.text.pack_example`, with the
-   loss on the answers. ``--caption-steps`` puts a
-   caption stage first (the demo's stage 1 on the fine variant's ``pretrain`` split, one LR schedule
-   over both); at equal time it read the number worse in the pilots, so no size uses it.
+   loss on the answers. ``--order-turn N`` adds a training turn, never scored: the colours of the N
+   leftmost shapes in order (what taught the k-th colour in the pilots; the ``gpu`` size asks it for
+   3, the ``cpu`` size, at 650 steps, does not). ``--caption-steps`` puts a caption stage first (the
+   demo's stage 1 on the fine variant's ``pretrain`` split, one LR schedule over both); at equal time
+   it read the number worse in the pilots, so no size uses it.
 3. Seeds as one program. The seeds of a cell (projector + LLM, each seed with its own init and data
    order) train together: their params are stacked on a leading axis and the step is ``vmap``-ed, so
    the small matmuls of one run become larger ones. No dropout.
@@ -34,7 +36,7 @@ Outputs in ``--out``: ``projector_grid_<size>.md`` (the tables and the fine-deta
 (every seed's accuracies, the settings, the wall time), ``.png`` (accuracy per kind, needs matplotlib),
 and one JSON per finished cell under ``projector_grid_<size>/``: a rerun at the same size does not
 retrain them. A size changed by a flag (``--steps``, ``--seeds``, ...) writes beside them, under a
-suffix of its own (:func:`output_stem`).
+suffix of its own (:func:`output_stem`); a ``--variants`` subset names its tables by its variants.
 """
 
 from __future__ import annotations
@@ -61,15 +63,15 @@ FINE_KINDS, GOAL = ("digit", "kth"), 0.6  # the goal: the best projector at 64 t
 REFERENCE, BASELINE = "pargo", "qformer"  # the difference the table reports
 DATA = "fine"
 # Grid sizes: scenes (train, held-out), whether a training example is a scene's whole dialogue (else one
-# question), steps, per-seed batch, seeds, budgets, and the MLP at its natural count (one token per
-# patch) besides the budgets.
+# question), how many shapes a dialogue's ordering turn lists (0: none), steps, per-seed batch, seeds,
+# budgets, and the MLP at its natural count (one token per patch) besides the budgets.
 SIZES = {
-    "cpu": dict(train=4000, eval=400, dialogue=True, caption_steps=0, qa_steps=650, batch=16,
+    "cpu": dict(train=4000, eval=400, dialogue=True, order_turn=0, caption_steps=0, qa_steps=650, batch=16,
                 seeds=(0, 1, 2, 3, 4), budgets=(16, 64), ablation_budgets=(64,), natural_mlp=False),
-    "gpu": dict(train=20000, eval=1000, dialogue=True, caption_steps=0, qa_steps=4000, batch=32,
+    "gpu": dict(train=20000, eval=1000, dialogue=True, order_turn=3, caption_steps=0, qa_steps=4000, batch=32,
                 seeds=tuple(range(8)), budgets=(16, 64), ablation_budgets=(16, 64), natural_mlp=True),
-    "quick": dict(train=32, eval=8, dialogue=True, caption_steps=2, qa_steps=2, batch=4, seeds=(0, 1),
-                  budgets=(16,), ablation_budgets=(16,), natural_mlp=False),
+    "quick": dict(train=32, eval=8, dialogue=True, order_turn=3, caption_steps=2, qa_steps=2, batch=4,
+                  seeds=(0, 1), budgets=(16,), ablation_budgets=(16,), natural_mlp=False),
 }  # fmt: skip
 QUICK_VARIANTS = ("pargo", "qformer")
 # The variants whose projector reads the tower's features alone (MG-LLaVA's ConvNeXt path, X-Former's MAE
@@ -89,11 +91,11 @@ class Scenes:
     messages: list[list[dict[str, str]]]
 
 
-def make_scenes(split: str, num: int, image_size: int, dialogue: bool = False) -> Scenes:
+def make_scenes(split: str, num: int, image_size: int, dialogue: bool = False, order_turn: int = 0) -> Scenes:
     """``num`` scenes of the fine variant's ``split``, asked one question of each :data:`ASKED` kind:
     each its own one-turn conversation (scoring), or with ``dialogue`` all of a scene's questions as one
     conversation, its turns in an order drawn from the scene (training: the image is read once for
-    four answers)."""
+    four answers). ``order_turn``: a dialogue also asks the colours of that many leftmost shapes."""
     from PIL import Image
 
     from data_pipelines import shapes
@@ -103,6 +105,8 @@ def make_scenes(split: str, num: int, image_size: int, dialogue: bool = False) -
         rng, objects, number, png = shapes.make_scene(split, i, image_size=image_size, variant=DATA)
         images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
         asked = [shapes.question(kind, objects, rng, image_size, number) for kind in ASKED]
+        if dialogue and order_turn:
+            asked.append(shapes.order_question(objects, order_turn))
         if dialogue:
             rng.shuffle(asked)
             conversations = [[turn for q, a in asked for turn in _turn(q, a)]]
@@ -474,6 +478,12 @@ def output_stem(out: str, name: str, size: dict) -> str:
     return f"{stem}-{hashlib.sha1(json.dumps(size, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
+def report_stem(stem: str, variants: Sequence[str], default: Sequence[str]) -> str:
+    """Where the tables go: ``stem`` for the default variants, else beside it, named by the variants run
+    (their cells are still shared with the full grid's)."""
+    return stem if tuple(variants) == tuple(default) else f"{stem}-{'+'.join(variants)}"
+
+
 def cached_cell(path: str, settings: dict, run: Callable[[], dict]) -> dict:
     """The cell's row from ``path`` when it was trained with these ``settings``, else ``run()`` saved
     there: an interrupted grid resumes at its first untrained cell."""
@@ -503,6 +513,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", help="comma list of seeds (one program per cell)")
     p.add_argument("--steps", type=int, help="question steps per run (after the caption steps)")
     p.add_argument("--caption-steps", type=int, help="caption steps per run before the questions")
+    p.add_argument("--order-turn", type=int, help="shapes a training dialogue lists left to right (0: none)")
     a = p.parse_args(argv)
     size = dict(SIZES["quick" if a.quick else a.device])
     if a.seeds:
@@ -513,6 +524,8 @@ def main(argv=None) -> dict:
         size["qa_steps"] = a.steps
     if a.caption_steps is not None:
         size["caption_steps"] = a.caption_steps
+    if a.order_turn is not None:
+        size["order_turn"] = a.order_turn
     default = QUICK_VARIANTS if a.quick else projectors.FAMILIES + projectors.ABLATIONS
     variants = tuple(a.variants.split(",")) if a.variants else default
     unknown = set(variants) - set(SUPPORTED)
@@ -528,7 +541,7 @@ def main(argv=None) -> dict:
     # what a cached cell must match to be reused: the size, the questions and the tower's build
     settings = json.loads(json.dumps(size | dict(asked=ASKED, tower=c.demo_tower.to_dict())))
     image_size = projectors.IMAGE_SIZE[DATA]
-    scenes = {"train": make_scenes("sft", size["train"], image_size, dialogue=size["dialogue"])}
+    scenes = {"train": make_scenes("sft", size["train"], image_size, size["dialogue"], size["order_turn"])}
     scenes["eval"] = make_scenes("eval", size["eval"], image_size)
     if size["caption_steps"]:
         scenes["caption"] = make_captions(size["train"], image_size)
@@ -544,16 +557,17 @@ def main(argv=None) -> dict:
         run = lambda: run_cell(variant, budget, size, a.out, a.quick, scenes, features)  # noqa: B023
         rows.append(cached_cell(path, settings, run))
     wall = time.perf_counter() - t0
+    report = report_stem(stem, variants, default)
     text = table(rows) + "\n\n" + differences(rows) + "\n\n" + goal(rows)
     os.makedirs(a.out, exist_ok=True)
-    with open(stem + ".md", "w") as f:
+    with open(report + ".md", "w") as f:
         f.write(text + "\n")
-    with open(stem + ".json", "w") as f:
+    with open(report + ".json", "w") as f:
         cells_seconds = sum(r["seconds"] for r in rows)  # as trained, resumed cells included
         json.dump(dict(size=size, cells=rows, wall_seconds=wall, cells_seconds=cells_seconds), f, indent=1)
-    png = plot(rows, stem + ".png")
+    png = plot(rows, report + ".png")
     print(text)
-    print(f"{len(cells)} cells in {wall:.0f} s; wrote {stem}.md, .json" + (", .png" if png else ""))
+    print(f"{len(cells)} cells in {wall:.0f} s; wrote {report}.md, .json" + (", .png" if png else ""))
     return dict(rows=rows, wall_seconds=wall)
 
 
