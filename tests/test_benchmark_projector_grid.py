@@ -245,3 +245,13 @@ def test_a_changed_size_writes_beside_the_grid_not_over_it():
     # a subset of the variants shares the grid's cells and writes its tables beside the grid's
     assert grid.report_stem("o/g", ("pargo", "qformer"), ("pargo", "qformer")) == "o/g"
     assert grid.report_stem("o/g", ("pargo",), ("pargo", "qformer")) == "o/g-pargo"
+
+
+def test_the_command_line_overrides_the_named_size():
+    a = grid.parser().parse_args(["--steps=4000", "--order-turn=3", "--train-scenes=16000", "--budgets=64"])
+    size = grid.grid_size(a)
+    assert size == grid.SIZES["cpu"] | dict(qa_steps=4000, order_turn=3, train=16000, budgets=(64,),
+                                            ablation_budgets=(64,))  # fmt: skip
+    assert grid.grid_size(grid.parser().parse_args(["--quick"])) == grid.SIZES["quick"]
+    with pytest.raises(SystemExit):
+        grid.parser().parse_args(["--train-scenes=many"])

@@ -41,6 +41,7 @@ suffix of its own (:func:`output_stem`); a ``--variants`` subset names its table
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import io
@@ -501,9 +502,7 @@ def cached_cell(path: str, settings: dict, run: Callable[[], dict]) -> dict:
     return row
 
 
-def main(argv=None) -> dict:
-    from pargo_jax.convert import hf_vision
-
+def parser() -> argparse.ArgumentParser:
     p = launcher.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_results/projectors")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="grid size (see SIZES)")
@@ -514,25 +513,38 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, help="question steps per run (after the caption steps)")
     p.add_argument("--caption-steps", type=int, help="caption steps per run before the questions")
     p.add_argument("--order-turn", type=int, help="shapes a training dialogue lists left to right (0: none)")
-    a = p.parse_args(argv)
+    p.add_argument("--train-scenes", type=int, help="training scenes (the held-out scenes stay the size's)")
+    return p
+
+
+def grid_size(a: argparse.Namespace) -> dict:
+    """The size named by ``--quick`` / ``--device`` with the command line's overrides."""
     size = dict(SIZES["quick" if a.quick else a.device])
     if a.seeds:
         size["seeds"] = tuple(int(s) for s in a.seeds.split(","))
     if a.budgets:
-        size["budgets"] = tuple(int(t) for t in a.budgets.split(","))
+        size["budgets"] = size["ablation_budgets"] = tuple(int(t) for t in a.budgets.split(","))
     if a.steps:
         size["qa_steps"] = a.steps
     if a.caption_steps is not None:
         size["caption_steps"] = a.caption_steps
     if a.order_turn is not None:
         size["order_turn"] = a.order_turn
+    if a.train_scenes:
+        size["train"] = a.train_scenes
+    return size
+
+
+def main(argv=None) -> dict:
+    from pargo_jax.convert import hf_vision
+
+    a = parser().parse_args(argv)
+    size = grid_size(a)
     default = QUICK_VARIANTS if a.quick else projectors.FAMILIES + projectors.ABLATIONS
     variants = tuple(a.variants.split(",")) if a.variants else default
     unknown = set(variants) - set(SUPPORTED)
     if unknown:
         raise SystemExit(f"Unknown or unsupported variants {sorted(unknown)}; choose from {SUPPORTED}.")
-    if a.budgets:
-        size["ablation_budgets"] = size["budgets"]
     cells = plan(variants, size)
     stem = output_stem(a.out, "quick" if a.quick else a.device, size)
     t0 = time.perf_counter()
