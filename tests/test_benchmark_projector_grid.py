@@ -253,5 +253,6 @@ def test_the_command_line_overrides_the_named_size():
     assert size == grid.SIZES["cpu"] | dict(qa_steps=4000, order_turn=3, train=16000, budgets=(64,),
                                             ablation_budgets=(64,))  # fmt: skip
     assert grid.grid_size(grid.parser().parse_args(["--quick"])) == grid.SIZES["quick"]
-    with pytest.raises(SystemExit):
-        grid.parser().parse_args(["--train-scenes=many"])
+    for bad in ("--train-scenes=many", "--train-scenes=0", "--steps=-5", "--order-turn=-1"):
+        with pytest.raises(SystemExit):
+            grid.parser().parse_args([bad])

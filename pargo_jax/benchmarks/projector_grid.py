@@ -502,6 +502,18 @@ def cached_cell(path: str, settings: dict, run: Callable[[], dict]) -> dict:
     return row
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = launcher.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_results/projectors")
@@ -510,10 +522,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help=f"comma list of {sorted(projectors.VARIANTS)}")
     p.add_argument("--budgets", help="comma list of visual-token budgets")
     p.add_argument("--seeds", help="comma list of seeds (one program per cell)")
-    p.add_argument("--steps", type=int, help="question steps per run (after the caption steps)")
-    p.add_argument("--caption-steps", type=int, help="caption steps per run before the questions")
-    p.add_argument("--order-turn", type=int, help="shapes a training dialogue lists left to right (0: none)")
-    p.add_argument("--train-scenes", type=int, help="training scenes (the held-out scenes stay the size's)")
+    p.add_argument("--steps", type=_at_least(1), help="question steps per run (after the caption steps)")
+    p.add_argument("--caption-steps", type=_at_least(0), help="caption steps per run before the questions")
+    p.add_argument("--order-turn", type=_at_least(0), help="shapes a dialogue lists left to right (0: none)")
+    p.add_argument("--train-scenes", type=_at_least(1), help="training scenes (held-out: the size's)")
     return p
 
 
