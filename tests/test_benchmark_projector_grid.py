@@ -8,6 +8,7 @@ import json
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -118,6 +119,50 @@ def test_cached_features_give_the_models_logits(setup):
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
 
 
+def test_cached_mae_tokens_give_x_formers_logits():
+    """X-Former in the grid: its forward on cached tower features and MAE tokens == VisionLanguageModel
+    on the images (random tower and MAE at 128 px)."""
+    import dataclasses
+
+    from data_pipelines import shapes
+    from data_pipelines.text import load_tokenizer
+    from experiments import pretrain
+    from pargo_jax import demo_mae, demo_tower, runs
+    from pargo_jax.models.mllm import VisionLanguageModel
+
+    c = pretrain.get_config("demo")
+    c.model.vision = demo_tower.random_config(128)
+    c.model.projector = grid.projectors.projector_options("xformer", 16)
+    mae = {k: v for k, v in dataclasses.asdict(demo_mae.mae_config(128)).items() if k != "dtype"}
+    c.model.detail = dict(config=mae)
+    c.input.image_size = 128
+    tokenizer = load_tokenizer(shapes.ASSET_TOKENIZER)
+    mcfg = runs.model_config(c, tokenizer)
+    assert mcfg.detail.mae.image_size == 128 and mcfg.num_image_tokens == 16
+    scenes = grid.make_scenes("sft", 2, 128)
+    arrays = grid.tokenize(scenes, tokenizer, mcfg.num_image_tokens)
+    rows = np.array([0, len(grid.ASKED)])  # a question of each scene
+    images, ids, mask = (
+        scenes.images[arrays["scene"][rows]],
+        arrays["input_ids"][rows],
+        arrays["attention_mask"][rows],
+    )
+    model = VisionLanguageModel(mcfg)
+    params = nn.unbox(model.init(jax.random.key(0), images, ids, mask)["params"])
+    expected = model.apply({"params": params}, images, ids, mask)
+    visual = {
+        "features": grid.tower_features(mcfg, params["vision_tower"], images),
+        "detail": grid.detail_tokens(mcfg, params["detail_tower"], images),
+    }
+    assert visual["detail"].shape == (2, mcfg.detail.mae.num_patches + 1, 64)  # + the MAE's CLS
+    got = grid.forward(mcfg)({k: params[k] for k in ("projector", "llm")}, visual, ids, mask)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+    assert set(visual) == {"features", "detail"}  # the caller's dict is left as it was
+    without = jax.tree.map(jnp.zeros_like, visual["detail"])  # the MAE tokens matter
+    assert not np.allclose(grid.forward(mcfg)({k: params[k] for k in ("projector", "llm")},
+                                              visual | {"detail": without}, ids, mask), expected)  # fmt: skip
+
+
 def _data(setup, n=12):
     mcfg, _, _, arrays = setup
     rng = np.random.default_rng(0)
@@ -209,13 +254,14 @@ def test_tables_report_intervals_and_the_difference():
     assert ": met: digit 0.850 (pargo); kth 0.650 (pargo)." in grid.goal(rows, tokens=16)
 
 
-@pytest.mark.slow  # the --quick grid: a 20-step tower, features, two cells of two seeds (~40 s)
+@pytest.mark.slow  # the --quick grid: a 20-step tower and MAE, features, three cells of two seeds (~50 s)
 def test_quick_grid_through_the_command_line(tmp_path):
     out = tmp_path / "grid"
     done = procs.run("pargo_jax.benchmarks.projector_grid", "--quick", f"--out={out}", devices=1)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "projector_grid_quick.json").read_text())
-    assert [(c["variant"], c["tokens"]) for c in report["cells"]] == [("pargo", 16), ("qformer", 16)]
+    cells = [(c["variant"], c["tokens"]) for c in report["cells"]]
+    assert cells == [("pargo", 16), ("qformer", 16), ("xformer", 16)]
     for cell in report["cells"]:
         assert cell["seeds"] == [0, 1] and set(cell["accuracy"]) >= {"digit", "all"}
         assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in cell["accuracy"].values())

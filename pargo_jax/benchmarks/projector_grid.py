@@ -11,7 +11,8 @@ The protocol, and why each part is there:
 1. Tower features once. The frozen demo tower, pretrained once per ``--out`` on the shapes set's
    ``fine`` variant (128 px, 5-8 small shapes and a 2-digit number; shared with
    :mod:`pargo_jax.benchmarks.projectors`), encodes every image once. Runs read the cached
-   (N, 256, 64) features instead of running the tower.
+   (N, 256, 64) features instead of running the tower. X-Former's MAE (pretrained once per ``--out``
+   too) gives its tokens the same way.
 2. Direct questions on the fine kinds, as dialogues. Each scene is asked one question of each kind in
    :data:`ASKED`: read the number, the colour of the k-th shape from the left, a left-of relation, the
    count. A training example is a scene's four questions as one conversation, in an order drawn per
@@ -74,10 +75,15 @@ SIZES = {
     "quick": dict(train=32, eval=8, dialogue=True, order_turn=3, caption_steps=2, qa_steps=2, batch=4,
                   seeds=(0, 1), budgets=(16,), ablation_budgets=(16,), natural_mlp=False),
 }  # fmt: skip
-QUICK_VARIANTS = ("pargo", "qformer")
-# The variants whose projector reads the tower's features alone (MG-LLaVA's ConvNeXt path, X-Former's MAE
-# and the BLIP-2 stage 1 are not cached here).
-SUPPORTED = tuple(v for v in projectors.VARIANTS if v != "mg_llava" and v not in projectors.QFORMER_VARIANTS)
+QUICK_VARIANTS = ("pargo", "qformer", "xformer")
+# BLIP-2's Q-Former and X-Former (the Q-Former + an MAE by dual cross-attention) as every projector here:
+# one stage from random init (no ITC / ITM / ITG, no reconstruction); X-Former reads cached MAE tokens.
+# Their pair tells what X-Former's MAE adds. In the ``gpu`` grid by default; ``--variants`` elsewhere.
+QFORMER_PAIR = ("blip2", "xformer")
+# MG-LLaVA (a ConvNeXt path and box tokens) and X-Former without reconstruction (it has no stage 1 here)
+# are not in the grid.
+SUPPORTED = tuple(v for v in projectors.VARIANTS if v not in ("mg_llava", "xformer_norecon"))
+VISUAL = ("features", "detail")  # what a cell reads per scene: the tower's features, X-Former's MAE tokens
 LR, WARMUP = 1e-3, 100  # the demo's stage-1 LR; warmup capped at a quarter of the steps
 
 
@@ -153,31 +159,44 @@ def tokenize(scenes: Scenes, tokenizer, num_image_tokens: int) -> dict[str, np.n
 def tower_features(mcfg, tower_params, images: np.ndarray, batch: int = 128) -> np.ndarray:
     """The frozen tower's features (N, patches, width) of uint8 ``images``, normalized as the model
     does."""
+    return _encoded(mcfg, "vision_tower", tower_params, images, batch)
+
+
+def detail_tokens(mcfg, mae_params, images: np.ndarray, batch: int = 128) -> np.ndarray:
+    """X-Former's MAE tokens (N, L, width) of uint8 ``images``: every patch, the MAE's own pixels, as
+    :class:`VisionLanguageModel` feeds its projector."""
+    return _encoded(mcfg, "detail_tower", mae_params, images, batch)
+
+
+def _encoded(mcfg, tower: str, params, images: np.ndarray, batch: int) -> np.ndarray:
     import jax
 
     from pargo_jax.models.mllm import VisionLanguageModel
 
-    encode = jax.jit(
-        lambda p, x: VisionLanguageModel(mcfg).apply(
-            {"params": {"vision_tower": p}}, x, method=lambda m, x: m.vision_tower(m.normalized(x))
-        )
+    def encode(m, x):
+        x = m.normalized(x)
+        return m.vision_tower(x) if tower == "vision_tower" else m.detail_tower.encode(m.detail_pixels(x))[0]
+
+    run = jax.jit(lambda p, x: VisionLanguageModel(mcfg).apply({"params": {tower: p}}, x, method=encode))
+    return np.concatenate(
+        [np.asarray(run(params, images[i : i + batch])) for i in range(0, len(images), batch)]
     )
-    chunks = [np.asarray(encode(tower_params, images[i : i + batch])) for i in range(0, len(images), batch)]
-    return np.concatenate(chunks)
 
 
 # --- seeds as one program ------------------------------------------------------------------------------
 def forward(mcfg) -> Callable:
-    """``logits(params, features, input_ids, attention_mask)``: the projector's tokens spliced into the
-    text and run through the LLM, as :class:`VisionLanguageModel` does after its tower."""
+    """``logits(params, visual, input_ids, attention_mask)``: the projector's tokens spliced into the
+    text and run through the LLM, as :class:`VisionLanguageModel` does after its tower. ``visual``: the
+    tower's features, or a dict of them (``features``) and X-Former's MAE tokens (``detail``)."""
     from flax import linen as nn
 
     from pargo_jax.models.mllm import VisionLanguageModel, splice_image_tokens
 
     model = VisionLanguageModel(mcfg)
 
-    def body(m, features, input_ids, attention_mask):
-        tokens = m.projector(features, deterministic=True)
+    def body(m, visual, input_ids, attention_mask):
+        visual = dict(visual) if isinstance(visual, dict) else {"features": visual}
+        tokens = m.projector(visual.pop("features"), deterministic=True, **visual)
         embeds = splice_image_tokens(m.llm.embed(input_ids), tokens, input_ids, mcfg.image_token_id)
         return m.llm(inputs_embeds=embeds, attention_mask=attention_mask)
 
@@ -188,9 +207,10 @@ def forward(mcfg) -> Callable:
 
 
 def _batch(data: dict, index):
-    """Rows ``index`` of the question arrays with their scenes' features."""
+    """Rows ``index`` of the question arrays with their scenes' :data:`VISUAL` inputs."""
     rows = {k: data[k][index] for k in ("input_ids", "targets", "loss_mask", "attention_mask")}
-    return data["features"][data["scene"][index]], rows
+    scenes = data["scene"][index]
+    return {k: data[k][scenes] for k in VISUAL if k in data}, rows
 
 
 class SeedProgram:
@@ -208,14 +228,14 @@ class SeedProgram:
         self.optim_cfg = dict(lr=lr, warmup_steps=min(WARMUP, steps // 4), total_steps=steps, clip_norm=1.0)
         self._tx = None
 
-        def loss(params, features, rows):
-            logits = self.logits(params, features, rows["input_ids"], rows["attention_mask"])
+        def loss(params, visual, rows):
+            logits = self.logits(params, visual, rows["input_ids"], rows["attention_mask"])
             total, count = next_token_loss(logits, rows["targets"], rows["loss_mask"])
             return total / count
 
         def one(params, opt_state, data, index):
-            features, rows = _batch(data, index)
-            value, grads = jax.value_and_grad(loss)(params, features, rows)
+            visual, rows = _batch(data, index)
+            value, grads = jax.value_and_grad(loss)(params, visual, rows)
             updates, opt_state = self._tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, value
 
@@ -227,10 +247,10 @@ class SeedProgram:
             return jax.lax.scan(step, state, indices)
 
         def correct(params, data, index):  # (R, E): every answer token the argmax
-            features, rows = _batch(data, index)
+            visual, rows = _batch(data, index)
 
             def of(p):
-                predicted = self.logits(p, features, rows["input_ids"], rows["attention_mask"]).argmax(-1)
+                predicted = self.logits(p, visual, rows["input_ids"], rows["attention_mask"]).argmax(-1)
                 return ((predicted == rows["targets"]) | (rows["loss_mask"] == 0)).all(-1)
 
             return jax.vmap(of)(params)
@@ -243,8 +263,8 @@ class SeedProgram:
         """Stacked params and optimizer states, one per seed (each seed its own init)."""
         import jax
 
-        features, rows = _batch(data, np.arange(1))
-        init = lambda key: self.logits.init(key, features, rows["input_ids"], rows["attention_mask"])
+        visual, rows = _batch(data, np.arange(1))
+        init = lambda key: self.logits.init(key, visual, rows["input_ids"], rows["attention_mask"])
         params = jax.jit(jax.vmap(init))(jax.vmap(jax.random.key)(np.asarray(self.seeds)))
         self._tx = self._make_tx(jax.tree.map(lambda x: x[0], params))
         return params, jax.jit(jax.vmap(self._tx.init))(params)
@@ -349,15 +369,17 @@ def accuracies(correct: np.ndarray, kinds: Sequence[str]) -> dict[str, list[floa
     return out | {"all": correct.mean(1).tolist()}
 
 
-def run_cell(variant, budget, size, out, quick, scenes, features, log=print) -> dict:
-    """Trains and scores one cell's seeds; its row of accuracies per kind and seed."""
+def run_cell(variant, budget, size, out, quick, scenes, visual, log=print) -> dict:
+    """Trains and scores one cell's seeds on ``visual[split]`` (:data:`VISUAL` arrays, per scene); its row
+    of accuracies per kind and seed."""
     import jax
 
     c, mcfg, tokenizer = cell_model(variant, budget, out, quick)
+    reads = VISUAL if mcfg.detail else VISUAL[:1]
     sets = {}
     for split in scenes:
         arrays = tokenize(scenes[split], tokenizer, mcfg.num_image_tokens)
-        sets[split] = jax.device_put(arrays | {"features": features[split]})
+        sets[split] = jax.device_put(arrays | {k: visual[split][k] for k in reads})
     t0 = time.perf_counter()
     phases = [("caption", sets["caption"], size["caption_steps"])] if size["caption_steps"] else []
     phases.append(("qa", sets["train"], size["qa_steps"]))
@@ -547,12 +569,20 @@ def grid_size(a: argparse.Namespace) -> dict:
     return size
 
 
+def default_variants(quick: bool, device: str) -> tuple[str, ...]:
+    """The variants a size runs unless ``--variants`` says: the five families and ParGo's ablations (on
+    ``gpu``, + :data:`QFORMER_PAIR`); ``--quick``: :data:`QUICK_VARIANTS`."""
+    if quick:
+        return QUICK_VARIANTS
+    return projectors.FAMILIES + projectors.ABLATIONS + (QFORMER_PAIR if device == "gpu" else ())
+
+
 def main(argv=None) -> dict:
-    from pargo_jax.convert import hf_vision
+    from pargo_jax.convert import hf_mae, hf_vision
 
     a = parser().parse_args(argv)
     size = grid_size(a)
-    default = QUICK_VARIANTS if a.quick else projectors.FAMILIES + projectors.ABLATIONS
+    default = default_variants(a.quick, a.device)
     variants = tuple(a.variants.split(",")) if a.variants else default
     unknown = set(variants) - set(SUPPORTED)
     if unknown:
@@ -560,7 +590,7 @@ def main(argv=None) -> dict:
     cells = plan(variants, size)
     stem = output_stem(a.out, "quick" if a.quick else a.device, size)
     t0 = time.perf_counter()
-    projectors.prepare_shared(a.out, DATA, a.quick, "caption")
+    projectors.prepare_shared(a.out, DATA, a.quick, "caption", variants)
     c, mcfg, _ = cell_model(*cells[0], a.out, a.quick)
     # what a cached cell must match to be reused: the size, the questions and the tower's build
     settings = json.loads(json.dumps(size | dict(asked=ASKED, tower=c.demo_tower.to_dict())))
@@ -570,7 +600,13 @@ def main(argv=None) -> dict:
     if size["caption_steps"]:
         scenes["caption"] = make_captions(size["train"], image_size)
     _, tower = hf_vision.load_vision(os.path.join(a.out, DATA, "demo_tower"))
-    features = {k: tower_features(mcfg, tower["params"], s.images) for k, s in scenes.items()}
+    visual = {k: {"features": tower_features(mcfg, tower["params"], s.images)} for k, s in scenes.items()}
+    xformer = [cell for cell in cells if cell[0] == "xformer"]
+    if xformer:  # its MAE's tokens, once
+        _, xcfg, _ = cell_model(*xformer[0], a.out, a.quick)
+        _, mae = hf_mae.load_mae(os.path.join(a.out, DATA, "demo_mae"))
+        for k, s in scenes.items():
+            visual[k]["detail"] = detail_tokens(xcfg, mae["params"], s.images)
     print(
         f"{len(cells)} cells x {len(size['seeds'])} seeds; data and features {time.perf_counter() - t0:.0f} s"
     )
@@ -578,7 +614,7 @@ def main(argv=None) -> dict:
     for i, (variant, budget) in enumerate(cells):
         print(f"[{i + 1}/{len(cells)}] {cell_name(variant, budget)}", flush=True)
         path = os.path.join(stem, cell_name(variant, budget) + ".json")
-        run = lambda: run_cell(variant, budget, size, a.out, a.quick, scenes, features)  # noqa: B023
+        run = lambda: run_cell(variant, budget, size, a.out, a.quick, scenes, visual)  # noqa: B023
         rows.append(cached_cell(path, settings, run))
     wall = time.perf_counter() - t0
     report = report_stem(stem, variants, default)
