@@ -601,9 +601,10 @@ def main(argv=None) -> dict:
         scenes["caption"] = make_captions(size["train"], image_size)
     _, tower = hf_vision.load_vision(os.path.join(a.out, DATA, "demo_tower"))
     visual = {k: {"features": tower_features(mcfg, tower["params"], s.images)} for k, s in scenes.items()}
-    xformer = [cell for cell in cells if cell[0] == "xformer"]
-    if xformer:  # its MAE's tokens, once
-        _, xcfg, _ = cell_model(*xformer[0], a.out, a.quick)
+    xformer, mae_build = [cell for cell in cells if cell[0] == "xformer"], {}
+    if xformer:  # its MAE's tokens, once; its cells are reused only with the same MAE build
+        xc, xcfg, _ = cell_model(*xformer[0], a.out, a.quick)
+        mae_build = dict(mae=xc.demo_mae.to_dict())
         _, mae = hf_mae.load_mae(os.path.join(a.out, DATA, "demo_mae"))
         for k, s in scenes.items():
             visual[k]["detail"] = detail_tokens(xcfg, mae["params"], s.images)
@@ -615,7 +616,7 @@ def main(argv=None) -> dict:
         print(f"[{i + 1}/{len(cells)}] {cell_name(variant, budget)}", flush=True)
         path = os.path.join(stem, cell_name(variant, budget) + ".json")
         run = lambda: run_cell(variant, budget, size, a.out, a.quick, scenes, visual)  # noqa: B023
-        rows.append(cached_cell(path, settings, run))
+        rows.append(cached_cell(path, settings | (mae_build if variant == "xformer" else {}), run))
     wall = time.perf_counter() - t0
     report = report_stem(stem, variants, default)
     text = table(rows) + "\n\n" + differences(rows) + "\n\n" + goal(rows)
