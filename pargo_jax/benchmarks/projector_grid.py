@@ -159,25 +159,24 @@ def tokenize(scenes: Scenes, tokenizer, num_image_tokens: int) -> dict[str, np.n
 def tower_features(mcfg, tower_params, images: np.ndarray, batch: int = 128) -> np.ndarray:
     """The frozen tower's features (N, patches, width) of uint8 ``images``, normalized as the model
     does."""
-    return _encoded(mcfg, "vision_tower", tower_params, images, batch)
+    encode = lambda m, x: m.vision_tower(m.normalized(x))
+    return _encoded(mcfg, {"vision_tower": tower_params}, encode, images, batch)
 
 
 def detail_tokens(mcfg, mae_params, images: np.ndarray, batch: int = 128) -> np.ndarray:
     """X-Former's MAE tokens (N, L, width) of uint8 ``images``: every patch, the MAE's own pixels, as
     :class:`VisionLanguageModel` feeds its projector."""
-    return _encoded(mcfg, "detail_tower", mae_params, images, batch)
+    encode = lambda m, x: m.detail_tower.encode(m.detail_pixels(m.normalized(x)))[0]
+    return _encoded(mcfg, {"detail_tower": mae_params}, encode, images, batch)
 
 
-def _encoded(mcfg, tower: str, params, images: np.ndarray, batch: int) -> np.ndarray:
+def _encoded(mcfg, params: dict, method: Callable, images: np.ndarray, batch: int) -> np.ndarray:
+    """``method`` of :class:`VisionLanguageModel` with ``params`` over ``images`` in batches, jitted."""
     import jax
 
     from pargo_jax.models.mllm import VisionLanguageModel
 
-    def encode(m, x):
-        x = m.normalized(x)
-        return m.vision_tower(x) if tower == "vision_tower" else m.detail_tower.encode(m.detail_pixels(x))[0]
-
-    run = jax.jit(lambda p, x: VisionLanguageModel(mcfg).apply({"params": {tower: p}}, x, method=encode))
+    run = jax.jit(lambda p, x: VisionLanguageModel(mcfg).apply({"params": p}, x, method=method))
     return np.concatenate(
         [np.asarray(run(params, images[i : i + batch])) for i in range(0, len(images), batch)]
     )
@@ -599,13 +598,13 @@ def main(argv=None) -> dict:
     scenes["eval"] = make_scenes("eval", size["eval"], image_size)
     if size["caption_steps"]:
         scenes["caption"] = make_captions(size["train"], image_size)
-    _, tower = hf_vision.load_vision(os.path.join(a.out, DATA, "demo_tower"))
+    _, tower = hf_vision.load_vision(c.model.vision.path)
     visual = {k: {"features": tower_features(mcfg, tower["params"], s.images)} for k, s in scenes.items()}
     xformer, mae_build = [cell for cell in cells if cell[0] == "xformer"], {}
     if xformer:  # its MAE's tokens, once; its cells are reused only with the same MAE build
         xc, xcfg, _ = cell_model(*xformer[0], a.out, a.quick)
         mae_build = dict(mae=xc.demo_mae.to_dict())
-        _, mae = hf_mae.load_mae(os.path.join(a.out, DATA, "demo_mae"))
+        _, mae = hf_mae.load_mae(xc.model.detail.path)
         for k, s in scenes.items():
             visual[k]["detail"] = detail_tokens(xcfg, mae["params"], s.images)
     print(
