@@ -163,6 +163,56 @@ def test_cached_mae_tokens_give_x_formers_logits():
                                               visual | {"detail": without}, ids, mask), expected)  # fmt: skip
 
 
+def test_cached_convnext_inputs_give_mg_llavas_logits():
+    """MG-LLaVA in the grid: its forward on the cached tower features, ConvNeXt map and box features ==
+    VisionLanguageModel on the 512 px images (bicubic, as ``squash``) and the boxes (4x the 128 px
+    scene's), the slots of absent boxes masked as the pipeline does (random tower and ConvNeXt)."""
+    from PIL import Image
+
+    from data_pipelines import shapes
+    from data_pipelines.text import load_tokenizer
+    from experiments import pretrain
+    from pargo_jax import demo_tower, runs
+    from pargo_jax.models.mllm import VisionLanguageModel
+
+    c = pretrain.get_config("mg_llava_demo")
+    c.model.vision = demo_tower.random_config(128)
+    c.model.projector = grid.projectors.projector_options("mg_llava", 16)
+    c.model.high_res.update(image_size=512, roi_grid=128, max_boxes=4)
+    c.model.high_res.fusion.zero_init = False  # else the ConvNeXt's part of the fusion starts at 0
+    c.input.image_size = 512
+    tokenizer = load_tokenizer(shapes.ASSET_TOKENIZER)
+    mcfg = runs.model_config(c, tokenizer)
+    assert mcfg.num_image_tokens == 16 and mcfg.high_res.max_boxes == 4
+    scenes = grid.make_scenes("sft", 2, 128)
+    scenes.boxes[1] = scenes.boxes[1][:2]  # a scene with 2 boxes: 2 slots masked out
+    arrays = grid.tokenize(scenes, tokenizer, mcfg.num_image_tokens)
+    rows = np.array([0, len(grid.ASKED)])  # a question of each scene
+    images = np.stack(
+        [np.asarray(Image.fromarray(x).resize((512, 512), Image.BICUBIC)) for x in scenes.images]
+    )
+    boxes = np.zeros((2, 4, 4), np.float32)
+    boxes[0], boxes[1, :2] = scenes.boxes[0][:4] * 4, scenes.boxes[1] * 4
+    ids, mask = arrays["input_ids"][rows], arrays["attention_mask"][rows].copy()
+    mask[1, np.flatnonzero(ids[1] == mcfg.image_token_id)[-2:]] = 0
+    model = VisionLanguageModel(mcfg)
+    params = nn.unbox(model.init(jax.random.key(0), images, ids, mask, boxes=boxes)["params"])
+    expected = model.apply({"params": params}, images, ids, mask, boxes=boxes)
+
+    inputs = grid.mg_llava_inputs(mcfg, {k: params[k] for k in ("vision_tower", "high_res_tower")}, scenes)
+    assert inputs["real_boxes"].tolist() == [4, 2]
+    visual = grid.cell_inputs(mcfg, {"mg_llava": inputs}, arrays)  # masks the absent boxes' slots
+    np.testing.assert_array_equal(arrays["attention_mask"][rows], mask)
+    assert set(visual) == {"features", "high_res", "box_features"}
+    visual = {k: v[arrays["scene"][rows]] for k, v in visual.items()}
+    trained = {k: params[k] for k in ("projector", "llm", "fusion", "box_projector")}
+    got = grid.forward(mcfg)(trained, visual, ids, mask)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+    for part in ("high_res", "box_features"):  # the ConvNeXt's map and the boxes matter
+        changed = visual | {part: jnp.zeros_like(visual[part])}
+        assert not np.allclose(grid.forward(mcfg)(trained, changed, ids, mask), expected, atol=1e-3)
+
+
 def _data(setup, n=12):
     mcfg, _, _, arrays = setup
     rng = np.random.default_rng(0)
@@ -254,7 +304,7 @@ def test_tables_report_intervals_and_the_difference():
     assert ": met: digit 0.850 (pargo); kth 0.650 (pargo)." in grid.goal(rows, tokens=16)
 
 
-@pytest.mark.slow  # the --quick grid: 20-step tower + MAE, 3 cells x 2 seeds (45 s alone, 130 s cold in CI)
+@pytest.mark.slow  # the --quick grid: 20-step tower + MAE, 3 cells x 2 seeds, then MG-LLaVA's (45 s alone before it)
 def test_quick_grid_through_the_command_line(tmp_path):
     out = tmp_path / "grid"
     done = procs.run("pargo_jax.benchmarks.projector_grid", "--quick", f"--out={out}", devices=1)
@@ -268,6 +318,10 @@ def test_quick_grid_through_the_command_line(tmp_path):
     text = (out / "projector_grid_quick.md").read_text()
     assert "| pargo (8+8) | 16 |" in text and "| pargo - qformer |" in text
     assert (out / "projector_grid_quick.png").read_bytes()[:4] == b"\x89PNG"
+    # MG-LLaVA in-process on the same --out: its ConvNeXt inputs cached, its cell trained and reported
+    mg = grid.main(["--quick", "--variants=mg_llava", f"--out={out}"])["rows"]
+    assert [(r["variant"], r["tokens"]) for r in mg] == [("mg_llava", 16)]
+    assert "| mg_llava" in (out / "projector_grid_quick-mg_llava.md").read_text()
 
 
 def test_a_cell_is_reused_only_with_the_same_settings(tmp_path):

@@ -78,24 +78,29 @@ SIZES = {
 QUICK_VARIANTS = ("pargo", "qformer", "xformer")
 # BLIP-2's Q-Former and X-Former (the Q-Former + an MAE by dual cross-attention) as every projector here:
 # one stage from random init (no ITC / ITM / ITG, no reconstruction); X-Former reads cached MAE tokens.
-# Their pair tells what X-Former's MAE adds. In the ``gpu`` grid by default; ``--variants`` elsewhere.
+# Their pair tells what X-Former's MAE adds. MG-LLaVA: ParGo over the tower fused with a random frozen
+# ConvNeXt at 4x the pixels, + 4 box tokens from the scene's own boxes (its ``mg_llava_demo`` shape; its
+# inputs cached like the tower's). In the ``gpu`` grid by default; ``--variants`` elsewhere. X-Former
+# without reconstruction is not in the grid (it has no stage 1 here).
 QFORMER_PAIR = ("blip2", "xformer")
-# MG-LLaVA (a ConvNeXt path and box tokens) and X-Former without reconstruction (it has no stage 1 here)
-# are not in the grid.
-SUPPORTED = tuple(v for v in projectors.VARIANTS if v not in ("mg_llava", "xformer_norecon"))
-VISUAL = ("features", "detail")  # what a cell reads per scene: the tower's features, X-Former's MAE tokens
+SECOND_PATHS = (*QFORMER_PAIR, "mg_llava")
+SUPPORTED = tuple(v for v in projectors.VARIANTS if v != "xformer_norecon")
+# what a cell reads per scene: the tower's features, X-Former's MAE tokens, MG-LLaVA's ConvNeXt map and boxes
+VISUAL = ("features", "detail", "high_res", "box_features")
 LR, WARMUP = 1e-3, 100  # the demo's stage-1 LR; warmup capped at a quarter of the steps
 
 
 # --- data ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Scenes:
-    """Images (N, S, S, 3) uint8 and, per question, its scene, kind, text and answer."""
+    """Images (N, S, S, 3) uint8, each scene's object boxes (pixels, as its record lists them) and, per
+    question, its scene, kind, text and answer."""
 
     images: np.ndarray
     scene: np.ndarray
     kinds: list[str]
     messages: list[list[dict[str, str]]]
+    boxes: list[np.ndarray]
 
 
 def make_scenes(split: str, num: int, image_size: int, dialogue: bool = False, order_turn: int = 0) -> Scenes:
@@ -107,10 +112,11 @@ def make_scenes(split: str, num: int, image_size: int, dialogue: bool = False, o
 
     from data_pipelines import shapes
 
-    images, scene, kinds, messages = [], [], [], []
+    images, scene, kinds, messages, boxes = [], [], [], [], []
     for i in range(num):
         rng, objects, number, png = shapes.make_scene(split, i, image_size=image_size, variant=DATA)
         images.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+        boxes.append(np.array([o["box"] for o in objects], np.float32).reshape(-1, 4))
         asked = [shapes.question(kind, objects, rng, image_size, number) for kind in ASKED]
         if dialogue and order_turn:
             asked.append(shapes.order_question(objects, order_turn))
@@ -125,7 +131,7 @@ def make_scenes(split: str, num: int, image_size: int, dialogue: bool = False, o
             scene.append(i)  # a fallback question is scored as what it asks
             kinds.append("dialogue" if dialogue else shapes.KINDS[shapes.question_kind(question)])
             messages.append(conversation)
-    return Scenes(np.stack(images), np.asarray(scene, np.int32), kinds, messages)
+    return Scenes(np.stack(images), np.asarray(scene, np.int32), kinds, messages, boxes)
 
 
 def _turn(question: str, answer: str) -> list[dict[str, str]]:
@@ -141,7 +147,8 @@ def make_captions(num: int, image_size: int) -> Scenes:
 
     records = [shapes.make_record("pretrain", i, image_size=image_size, variant=DATA) for i in range(num)]
     images = np.stack([np.asarray(Image.open(io.BytesIO(r.image)).convert("RGB")) for r in records])
-    return Scenes(images, np.arange(num, dtype=np.int32), ["caption"] * num, [r.messages() for r in records])
+    captions, boxes = [r.messages() for r in records], [r.boxes for r in records]
+    return Scenes(images, np.arange(num, dtype=np.int32), ["caption"] * num, captions, boxes)
 
 
 def tokenize(scenes: Scenes, tokenizer, num_image_tokens: int) -> dict[str, np.ndarray]:
@@ -160,33 +167,80 @@ def tower_features(mcfg, tower_params, images: np.ndarray, batch: int = 128) -> 
     """The frozen tower's features (N, patches, width) of uint8 ``images``, normalized as the model
     does."""
     encode = lambda m, x: m.vision_tower(m.normalized(x))
-    return _encoded(mcfg, {"vision_tower": tower_params}, encode, images, batch)
+    return _encoded(mcfg, {"vision_tower": tower_params}, encode, _batches(batch, images))
 
 
 def detail_tokens(mcfg, mae_params, images: np.ndarray, batch: int = 128) -> np.ndarray:
     """X-Former's MAE tokens (N, L, width) of uint8 ``images``: every patch, the MAE's own pixels, as
     :class:`VisionLanguageModel` feeds its projector."""
     encode = lambda m, x: m.detail_tower.encode(m.detail_pixels(m.normalized(x)))[0]
-    return _encoded(mcfg, {"detail_tower": mae_params}, encode, images, batch)
+    return _encoded(mcfg, {"detail_tower": mae_params}, encode, _batches(batch, images))
 
 
-def _encoded(mcfg, params: dict, method: Callable, images: np.ndarray, batch: int) -> np.ndarray:
-    """``method`` of :class:`VisionLanguageModel` with ``params`` over ``images`` in batches, jitted."""
+def random_convnext(mcfg) -> dict:
+    """MG-LLaVA's ConvNeXt as the ``mg_llava_demo`` preset has it: random and frozen. One init (key 0)
+    serves every seed of the grid."""
+    import jax
+    from flax import linen as nn
+
+    from pargo_jax.models.mllm import VisionLanguageModel
+
+    size = mcfg.high_res.tower.image_size
+    convnext = lambda m, x: m.high_res_tower(m.normalized(x))
+    blank = np.zeros((1, size, size, 3), np.uint8)
+    return nn.unbox(VisionLanguageModel(mcfg).init(jax.random.key(0), blank, method=convnext))["params"][
+        "high_res_tower"
+    ]
+
+
+def mg_llava_inputs(mcfg, params: dict, scenes: Scenes, batch: int = 64) -> dict[str, np.ndarray]:
+    """MG-LLaVA's frozen inputs per scene (:meth:`VisionLanguageModel.high_res_inputs` with ``params``
+    of its ``vision_tower`` and ``high_res_tower``), each image resized to the ConvNeXt's size and its
+    boxes placed as the input pipeline does them, and how many of its box slots are real
+    (``real_boxes``)."""
+    from PIL import Image
+
+    from data_pipelines import detections
+    from data_pipelines import images as image_ops
+
+    h = mcfg.high_res
+    size, mode = h.tower.image_size, "squash"
+    pixels = lambda x: np.asarray(image_ops.resize(Image.fromarray(x), size, mode))
+    placed = [detections.prepare_boxes(b, x.shape[1], x.shape[0], size, mode, h.max_boxes)
+              for b, x in zip(scenes.boxes, scenes.images)]  # fmt: skip
+    batches = (
+        (
+            np.stack([pixels(x) for x in scenes.images[i : i + batch]]),
+            np.stack([boxes for boxes, _ in placed[i : i + batch]]),
+        )
+        for i in range(0, len(scenes.images), batch)
+    )
+    inputs = _encoded(mcfg, params, lambda m, x, b: m.high_res_inputs(m.normalized(x), b), batches)
+    return inputs | {"real_boxes": np.array([real for _, real in placed], np.int32)}
+
+
+def _batches(batch: int, images: np.ndarray):
+    return ((images[i : i + batch],) for i in range(0, len(images), batch))
+
+
+def _encoded(mcfg, params: dict, method: Callable, batches) -> Any:
+    """``method`` of :class:`VisionLanguageModel` with ``params``, jitted, over each tuple of arguments in
+    ``batches``; its outputs (arrays or a dict of them) concatenated."""
     import jax
 
     from pargo_jax.models.mllm import VisionLanguageModel
 
-    run = jax.jit(lambda p, x: VisionLanguageModel(mcfg).apply({"params": p}, x, method=method))
-    return np.concatenate(
-        [np.asarray(run(params, images[i : i + batch])) for i in range(0, len(images), batch)]
-    )
+    run = jax.jit(lambda p, *x: VisionLanguageModel(mcfg).apply({"params": p}, *x, method=method))
+    parts = [jax.tree.map(np.asarray, run(params, *args)) for args in batches]
+    return jax.tree.map(lambda *x: np.concatenate(x), *parts)
 
 
 # --- seeds as one program ------------------------------------------------------------------------------
 def forward(mcfg) -> Callable:
     """``logits(params, visual, input_ids, attention_mask)``: the projector's tokens spliced into the
     text and run through the LLM, as :class:`VisionLanguageModel` does after its tower. ``visual``: the
-    tower's features, or a dict of them (``features``) and X-Former's MAE tokens (``detail``)."""
+    tower's features, or a dict of them (``features``) and X-Former's MAE tokens (``detail``), or
+    MG-LLaVA's :func:`mg_llava_inputs`."""
     from flax import linen as nn
 
     from pargo_jax.models.mllm import VisionLanguageModel, splice_image_tokens
@@ -195,7 +249,10 @@ def forward(mcfg) -> Callable:
 
     def body(m, visual, input_ids, attention_mask):
         visual = dict(visual) if isinstance(visual, dict) else {"features": visual}
-        tokens = m.projector(visual.pop("features"), deterministic=True, **visual)
+        if mcfg.high_res:
+            tokens = m.high_res_tokens(**visual)
+        else:
+            tokens = m.projector(visual.pop("features"), deterministic=True, **visual)
         embeds = splice_image_tokens(m.llm.embed(input_ids), tokens, input_ids, mcfg.image_token_id)
         return m.llm(inputs_embeds=embeds, attention_mask=attention_mask)
 
@@ -355,7 +412,8 @@ def cell_model(variant: str, budget: int, out: str, quick: bool):
     projector = projectors.projector_options(variant, budget, DATA)
     if projector["name"] == "c_abstractor":  # vmapped over seeds, its native depthwise conv is 20x slower
         projector["depthwise"] = "views"
-    c = projectors.stage_configs(projector, 0, 1.0, out, None, quick, DATA)[-1]
+    mg_llava = variant == "mg_llava"
+    c = projectors.stage_configs(projector, 0, 1.0, out, None, quick, DATA, mg_llava=mg_llava)[-1]
     prepare.prepare_data(c, os.path.join(out, DATA))  # built by projectors.prepare_shared: sets the tokenizer
     tokenizer = load_tokenizer(c.input.tokenizer)
     return c, runs.model_config(c, tokenizer), tokenizer
@@ -374,11 +432,11 @@ def run_cell(variant, budget, size, out, quick, scenes, visual, log=print) -> di
     import jax
 
     c, mcfg, tokenizer = cell_model(variant, budget, out, quick)
-    reads = VISUAL if mcfg.detail else VISUAL[:1]
     sets = {}
     for split in scenes:
         arrays = tokenize(scenes[split], tokenizer, mcfg.num_image_tokens)
-        sets[split] = jax.device_put(arrays | {k: visual[split][k] for k in reads})
+        inputs = cell_inputs(mcfg, visual[split], arrays)
+        sets[split] = jax.device_put(arrays | inputs)
     t0 = time.perf_counter()
     phases = [("caption", sets["caption"], size["caption_steps"])] if size["caption_steps"] else []
     phases.append(("qa", sets["train"], size["qa_steps"]))
@@ -390,6 +448,21 @@ def run_cell(variant, budget, size, out, quick, scenes, visual, log=print) -> di
         seconds=time.perf_counter() - t0, sequence=int(sets["train"]["input_ids"].shape[1]),
         split=_split(c.model.projector), accuracy=accuracies(correct, scenes["eval"].kinds),
     )  # fmt: skip
+
+
+def cell_inputs(mcfg, visual: dict, arrays: dict) -> dict[str, np.ndarray]:
+    """What a cell's model reads of a split's cached ``visual`` inputs (MG-LLaVA's under ``mg_llava``);
+    for MG-LLaVA, the slots of absent boxes masked out of ``arrays``' attention, as the pipeline does."""
+    from data_pipelines import detections
+
+    if not mcfg.high_res:
+        return {k: visual[k] for k in (("features", "detail") if mcfg.detail else ("features",))}
+    inputs, slots = visual["mg_llava"], mcfg.high_res.max_boxes
+    for row, scene in enumerate(arrays["scene"]):
+        real = int(inputs["real_boxes"][scene])
+        detections.mask_box_slots(arrays["input_ids"][row], arrays["attention_mask"][row], real, slots,
+                                  mcfg.image_token_id)  # fmt: skip
+    return {k: inputs[k] for k in VISUAL if k in inputs and k != "detail"}
 
 
 def log_every(steps: int) -> int:
@@ -570,14 +643,39 @@ def grid_size(a: argparse.Namespace) -> dict:
 
 def default_variants(quick: bool, device: str) -> tuple[str, ...]:
     """The variants a size runs unless ``--variants`` says: the five families and ParGo's ablations (on
-    ``gpu``, + :data:`QFORMER_PAIR`); ``--quick``: :data:`QUICK_VARIANTS`."""
+    ``gpu``, + :data:`SECOND_PATHS`); ``--quick``: :data:`QUICK_VARIANTS`."""
     if quick:
         return QUICK_VARIANTS
-    return projectors.FAMILIES + projectors.ABLATIONS + (QFORMER_PAIR if device == "gpu" else ())
+    return projectors.FAMILIES + projectors.ABLATIONS + (SECOND_PATHS if device == "gpu" else ())
+
+
+def second_paths(cells, scenes: dict[str, Scenes], visual: dict[str, dict], out: str, quick: bool) -> dict:
+    """X-Former's MAE tokens (``detail``) and MG-LLaVA's inputs (``mg_llava``) added to each split's
+    ``visual``, once, when their cells are planned; per such variant, the build its cells are reused
+    with (a rebuilt MAE or another ConvNeXt retrains them)."""
+    from pargo_jax.convert import hf_mae, hf_vision
+
+    builds = {}
+    for variant, budget in dict(cells).items():
+        if variant not in ("xformer", "mg_llava"):
+            continue
+        c, mcfg, _ = cell_model(variant, budget, out, quick)
+        if variant == "xformer":
+            builds[variant] = dict(mae=c.demo_mae.to_dict())
+            _, mae = hf_mae.load_mae(c.model.detail.path)
+            for k, s in scenes.items():
+                visual[k]["detail"] = detail_tokens(mcfg, mae["params"], s.images)
+        else:
+            builds[variant] = dict(high_res=c.model.high_res.to_dict())
+            _, tower = hf_vision.load_vision(c.model.vision.path)
+            for k, s in scenes.items():
+                params = {"vision_tower": tower["params"], "high_res_tower": random_convnext(mcfg)}
+                visual[k]["mg_llava"] = mg_llava_inputs(mcfg, params, s)
+    return builds
 
 
 def main(argv=None) -> dict:
-    from pargo_jax.convert import hf_mae, hf_vision
+    from pargo_jax.convert import hf_vision
 
     a = parser().parse_args(argv)
     size = grid_size(a)
@@ -600,13 +698,7 @@ def main(argv=None) -> dict:
         scenes["caption"] = make_captions(size["train"], image_size)
     _, tower = hf_vision.load_vision(c.model.vision.path)
     visual = {k: {"features": tower_features(mcfg, tower["params"], s.images)} for k, s in scenes.items()}
-    xformer, mae_build = [cell for cell in cells if cell[0] == "xformer"], {}
-    if xformer:  # its MAE's tokens, once; its cells are reused only with the same MAE build
-        xc, xcfg, _ = cell_model(*xformer[0], a.out, a.quick)
-        mae_build = dict(mae=xc.demo_mae.to_dict())
-        _, mae = hf_mae.load_mae(xc.model.detail.path)
-        for k, s in scenes.items():
-            visual[k]["detail"] = detail_tokens(xcfg, mae["params"], s.images)
+    builds = second_paths(cells, scenes, visual, a.out, a.quick)
     print(
         f"{len(cells)} cells x {len(size['seeds'])} seeds; data and features {time.perf_counter() - t0:.0f} s"
     )
@@ -615,7 +707,7 @@ def main(argv=None) -> dict:
         print(f"[{i + 1}/{len(cells)}] {cell_name(variant, budget)}", flush=True)
         path = os.path.join(stem, cell_name(variant, budget) + ".json")
         run = lambda: run_cell(variant, budget, size, a.out, a.quick, scenes, visual)  # noqa: B023
-        rows.append(cached_cell(path, settings | (mae_build if variant == "xformer" else {}), run))
+        rows.append(cached_cell(path, settings | builds.get(variant, {}), run))
     wall = time.perf_counter() - t0
     report = report_stem(stem, variants, default)
     text = table(rows) + "\n\n" + differences(rows) + "\n\n" + goal(rows)

@@ -176,22 +176,38 @@ class VisionLanguageModel(nn.Module):
 
     def _encode_two_paths(self, images, deterministic, boxes):
         """MG-LLaVA: normalized images (N, H, W, 3), boxes (N, max_boxes, 4) -> (N, T_img, D_llm)."""
+        return self.high_res_tokens(**self.high_res_inputs(images, boxes), deterministic=deterministic)
+
+    def high_res_inputs(self, images: jax.Array, boxes: jax.Array | None = None) -> dict[str, jax.Array]:
+        """MG-LLaVA's frozen half: normalized images (N, H, W, 3) and boxes (N, max_boxes, 4) -> the
+        tower's tokens of the bilinear downsample (``features``), the ConvNeXt's last map (``high_res``)
+        and, with ``max_boxes``, each box's RoIAlign over the ConvNeXt pyramid (``box_features``)."""
         c = self.config
         b, size = images.shape[0], c.vision.image_size
         low = jax.image.resize(images, (b, size, size, 3), "bilinear", antialias=False)
         maps = self.high_res_tower(images)
-        fused = self.fusion(self.vision_tower(low), maps[-1])
-        tokens = self.projector(fused, deterministic=deterministic)
+        out = {"features": self.vision_tower(low), "high_res": maps[-1]}
         if not c.high_res.max_boxes:
-            return tokens
+            return out
         if boxes is None:
             raise ValueError(
                 f"This model takes {c.high_res.max_boxes} boxes per image: pass boxes (B, M, 4)."
             )
         h = c.high_res
-        pooled = regions.roi_align_mean(maps, boxes, image_size=h.tower.image_size, output_size=h.roi_output,
-                                        grid=h.roi_grid)  # fmt: skip
-        return jnp.concatenate([tokens, self.box_projector(pooled).astype(tokens.dtype)], axis=1)
+        out["box_features"] = regions.roi_align_mean(maps, boxes, image_size=h.tower.image_size,
+                                                     output_size=h.roi_output, grid=h.roi_grid)  # fmt: skip
+        return out
+
+    def high_res_tokens(
+        self, features: jax.Array, high_res: jax.Array, box_features: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:  # fmt: skip
+        """MG-LLaVA's trained half, on :meth:`high_res_inputs`: the Conv-Gate's fusion through the
+        projector, then the object tokens (N, T_img, D_llm)."""
+        tokens = self.projector(self.fusion(features, high_res), deterministic=deterministic)
+        if box_features is None:
+            return tokens
+        return jnp.concatenate([tokens, self.box_projector(box_features).astype(tokens.dtype)], axis=1)
 
     def stage1_losses(
         self, images: jax.Array, text_ids: jax.Array, text_mask: jax.Array, *, bos_id: int,
