@@ -304,7 +304,7 @@ def test_tables_report_intervals_and_the_difference():
     assert ": met: digit 0.850 (pargo); kth 0.650 (pargo)." in grid.goal(rows, tokens=16)
 
 
-@pytest.mark.slow  # the --quick grid: 20-step tower + MAE, 3 cells x 2 seeds, then MG-LLaVA's (45 s alone before it)
+@pytest.mark.slow  # the --quick grid (20-step tower + MAE, 3 cells x 2 seeds), then MG-LLaVA in-process
 def test_quick_grid_through_the_command_line(tmp_path):
     out = tmp_path / "grid"
     done = procs.run("pargo_jax.benchmarks.projector_grid", "--quick", f"--out={out}", devices=1)
