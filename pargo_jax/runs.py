@@ -99,8 +99,9 @@ def llm_config(m: Mapping[str, Any], dtype: str, vocab_size: int) -> LLMConfig:
 
 def high_res_config(h: Mapping[str, Any], low_width: int, dtype: str) -> HighResConfig:
     """``config.model.high_res`` (MG-LLaVA): a ConvNeXt checkpoint ``path`` (timm / OpenCLIP) or a
-    ``preset`` of :data:`CONVNEXT_PRESETS`, its ``image_size``, ``fusion`` (FusionConfig fields: ``mode``),
-    ``max_boxes`` (object tokens; 0: none), ``roi_output``, ``roi_grid``."""
+    ``preset`` of :data:`CONVNEXT_PRESETS`, its ``image_size``, ``fusion`` (FusionConfig fields:
+    ``mode``, ``zero_init``, ``depthwise``), ``max_boxes`` (object tokens; 0: none), ``roi_output``,
+    ``roi_grid``."""
     configs.check_keys(h, HIGH_RES_KEYS, "config.model.high_res")
     size = int(h.get("image_size", 768))
     if h.get("path"):
@@ -115,7 +116,7 @@ def high_res_config(h: Mapping[str, Any], low_width: int, dtype: str) -> HighRes
         tower = ConvNeXtConfig(**{**CONVNEXT_PRESETS[preset], "image_size": size})
     tower = dataclasses.replace(tower, dtype=dtype)
     fusion = dict(h.get("fusion") or {})
-    configs.check_keys(fusion, {"mode", "zero_init"}, "config.model.high_res.fusion")
+    configs.check_keys(fusion, {"mode", "zero_init", "depthwise"}, "config.model.high_res.fusion")
     return HighResConfig(
         tower=tower, fusion=FusionConfig(low_width, tower.dims[-1], dtype=dtype, **fusion),
         max_boxes=int(h.get("max_boxes", 0)), roi_output=int(h.get("roi_output", 56)),

@@ -70,3 +70,19 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="the high-res map is 5 x 5 but the low-res tokens are 16"):
         low, high = jnp.zeros((1, SIDE * SIDE, D)), jnp.zeros((1, SIDE + 1, SIDE + 1, C))
         DualPathFusion(FusionConfig(D, C)).init(jax.random.key(0), low, high)
+
+
+def test_the_views_form_is_the_native_convolution():
+    """``depthwise="views"`` (the projector grid's, vmapped over seeds) gives the native 7x7 depthwise
+    conv's values and gradients."""
+    low, high = inputs()
+    fusion = lambda form: DualPathFusion(FusionConfig(D, C, zero_init=False, depthwise=form))
+    conv, views = fusion("conv"), fusion("views")
+    params = nn.unbox(conv.init(jax.random.key(0), low, high))["params"]
+    loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, low, high)))
+    np.testing.assert_allclose(views.apply({"params": params}, low, high),
+                               conv.apply({"params": params}, low, high), rtol=1e-5, atol=1e-5)  # fmt: skip
+    got, want = jax.grad(loss(views))(params), jax.grad(loss(conv))(params)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5), got, want)
+    with pytest.raises(ValueError, match="fusion depthwise='fft' is not one of"):
+        FusionConfig(D, C, depthwise="fft")

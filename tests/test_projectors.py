@@ -127,7 +127,7 @@ def test_sincos_positions_match_the_reference_formula():
     [
         ("resampler", dict(num_queries=10), 16, "num_queries=10 is not a square"),
         ("c_abstractor", dict(num_queries=8), 16, "num_queries=8 is not a square"),
-        ("c_abstractor", dict(depthwise="fft"), 16, "depthwise='fft' is not 'conv' or 'views'"),
+        ("c_abstractor", dict(depthwise="fft"), 16, "depthwise='fft' is not one of"),
         ("resampler", dict(hidden=30, heads=3), 16, "hidden=30 is not divisible by 4"),
         ("resampler", dict(num_queries=4, hidden=8, heads=2, vision_width=8, llm_width=8), 17,
          "17 patches are not a square grid"),

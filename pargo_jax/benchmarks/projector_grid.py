@@ -414,6 +414,8 @@ def cell_model(variant: str, budget: int, out: str, quick: bool):
         projector["depthwise"] = "views"
     mg_llava = variant == "mg_llava"
     c = projectors.stage_configs(projector, 0, 1.0, out, None, quick, DATA, mg_llava=mg_llava)[-1]
+    if mg_llava:  # the Conv-Gate's 7x7 depthwise conv, the same: vmapped, its native form is that slow too
+        c.model.high_res.fusion.depthwise = "views"
     prepare.prepare_data(c, os.path.join(out, DATA))  # built by projectors.prepare_shared: sets the tokenizer
     tokenizer = load_tokenizer(c.input.tokenizer)
     return c, runs.model_config(c, tokenizer), tokenizer

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from pargo_jax.models.layers import DEPTHWISE_FORMS, depthwise_conv
+
 MODES = ("gate_sum", "gate_concat", "conv_concat", "concat")
 XAVIER = nn.initializers.xavier_uniform()
 
@@ -36,12 +38,15 @@ class FusionConfig:
     high_dim: int = 1536  # ConvNeXt-L's last stage
     mode: str = "gate_sum"
     zero_init: bool = True  # proj_h and proj_l start at zero (as released)
+    depthwise: str = "conv"  # the 7x7 depthwise convolution's form (see layers.depthwise_conv)
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"fusion mode={self.mode!r} is not one of {MODES}.")
+        if self.depthwise not in DEPTHWISE_FORMS:
+            raise ValueError(f"fusion depthwise={self.depthwise!r} is not one of {DEPTHWISE_FORMS}.")
 
     @property
     def out_dim(self) -> int:
@@ -85,10 +90,8 @@ class DualPathFusion(nn.Module):
         dw = self.param("fast_conv_kernel", dw_init, (7, 7, 1, d), c.param_dtype)
         dw_bias = self.param("fast_conv_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
                              (d,), c.param_dtype)  # fmt: skip
-        y = jax.lax.conv_general_dilated(
-            low.reshape(b, side, side, d), jnp.asarray(dw, c.dtype), (1, 1), ((3, 3), (3, 3)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=d,
-        ) + jnp.asarray(dw_bias, c.dtype)  # fmt: skip
+        grid = low.reshape(b, side, side, d)
+        y = depthwise_conv(grid, jnp.asarray(dw, c.dtype), c.depthwise) + jnp.asarray(dw_bias, c.dtype)
         low = low + self._conv1x1(nn.gelu(y, approximate=False).reshape(b, n, d), d, "fast_proj", proj_init)
         if c.mode == "conv_concat":
             return jnp.concatenate([low, high], -1)

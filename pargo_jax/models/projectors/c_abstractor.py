@@ -29,30 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from pargo_jax.models.layers import dense_params
+from pargo_jax.models.layers import DEPTHWISE_FORMS, dense_params, depthwise_conv
 from pargo_jax.models.projectors.common import ProjectorModule, check_width
 from pargo_jax.models.projectors.resampler import patch_grid
 
 Dtype = jnp.dtype | str
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, form: str = "conv") -> jax.Array:
-    """Depthwise 3x3 convolution (cross-correlation, zero padding 1) of NHWC ``x`` with a (3, 3, 1, C)
-    kernel. ``form="conv"``: ``lax.conv_general_dilated(..., feature_group_count=C)``, the native
-    kernel. ``form="views"``: the nine shifted views contracted with the kernel, the same numbers;
-    for ``vmap`` over kernels (the projector grid's seeds), where XLA's CPU backend turns the conv
-    into one grouped convolution whose gradient ran 20x slower. Views cost memory: forward + backward
-    at (8, 24, 24, 1024) on CPU took 486 MB of temporaries against 72 MB."""
-    if form == "conv":
-        dims = ("NHWC", "HWIO", "NHWC")
-        return jax.lax.conv_general_dilated(
-            x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims, feature_group_count=x.shape[-1]
-        )
-    h, w = x.shape[1:3]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    views = jnp.stack([padded[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], axis=3)
-    return jnp.einsum("bhwkc,kc->bhwc", views, kernel.reshape(9, -1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +48,7 @@ class CAbstractorConfig:
     llm_width: int = 4096
     grid: tuple[int, int] | None = None  # the features' patch grid (default: square)
     eps: float = 1e-6  # timm's LayerNorm2d
-    depthwise: str = "conv"  # the depthwise convolution's form: "conv" | "views" (see depthwise_conv3x3)
+    depthwise: str = "conv"  # the depthwise convolution's form: "conv" | "views" (see layers.depthwise_conv)
     dtype: Dtype = "float32"
     param_dtype: Dtype = "float32"
 
@@ -75,8 +57,8 @@ class CAbstractorConfig:
             raise ValueError(f"num_queries={self.num_queries} is not a square (16, 36, 64, ...).")
         if self.depth < 1 or self.mlp_depth < 1:
             raise ValueError(f"depth={self.depth} and mlp_depth={self.mlp_depth} must be >= 1.")
-        if self.depthwise not in ("conv", "views"):
-            raise ValueError(f"depthwise={self.depthwise!r} is not 'conv' or 'views'.")
+        if self.depthwise not in DEPTHWISE_FORMS:
+            raise ValueError(f"depthwise={self.depthwise!r} is not one of {DEPTHWISE_FORMS}.")
 
     def num_tokens(self, num_patches: int) -> int:
         del num_patches
@@ -139,7 +121,7 @@ class CAbstractor(ProjectorModule):
             f"{name}_conv2_kernel", (3, 3, 1, out), (None, None, None, "mlp"),
             nn.initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=(0, 1, 2), out_axis=3),
         )  # fmt: skip
-        y = depthwise_conv3x3(y, jnp.asarray(dw, y.dtype), c.depthwise)
+        y = depthwise_conv(y, jnp.asarray(dw, y.dtype), c.depthwise)
         y = nn.silu(self._layer_norm(f"{name}_ln2", y))
         rd = round(cin * c.se_ratio)
         if rd:
