@@ -199,7 +199,9 @@ def test_cached_convnext_inputs_give_mg_llavas_logits():
     params = nn.unbox(model.init(jax.random.key(0), images, ids, mask, boxes=boxes)["params"])
     expected = model.apply({"params": params}, images, ids, mask, boxes=boxes)
 
-    inputs = grid.mg_llava_inputs(mcfg, {k: params[k] for k in ("vision_tower", "high_res_tower")}, scenes)
+    frozen = {k: params[k] for k in ("vision_tower", "high_res_tower")}
+    assert c.input.resize == "squash"
+    inputs = grid.mg_llava_inputs(mcfg, frozen, scenes, c.input.resize)
     assert inputs["real_boxes"].tolist() == [4, 2]
     visual = grid.cell_inputs(mcfg, {"mg_llava": inputs}, arrays)  # masks the absent boxes' slots
     np.testing.assert_array_equal(arrays["attention_mask"][rows], mask)

@@ -193,20 +193,22 @@ def random_convnext(mcfg) -> dict:
     ]
 
 
-def mg_llava_inputs(mcfg, params: dict, scenes: Scenes, batch: int = 64) -> dict[str, np.ndarray]:
+def mg_llava_inputs(
+    mcfg, params: dict, scenes: Scenes, resize: str, batch: int = 64
+) -> dict[str, np.ndarray]:
     """MG-LLaVA's frozen inputs per scene (:meth:`VisionLanguageModel.high_res_inputs` with ``params``
-    of its ``vision_tower`` and ``high_res_tower``), each image resized to the ConvNeXt's size and its
-    boxes placed as the input pipeline does them, and how many of its box slots are real
-    (``real_boxes``)."""
+    of its ``vision_tower`` and ``high_res_tower``), each image resized to the ConvNeXt's size by the
+    ``resize`` mode and its boxes placed as the input pipeline does them, and how many of its box slots
+    are real (``real_boxes``)."""
     from PIL import Image
 
     from data_pipelines import detections
     from data_pipelines import images as image_ops
 
     h = mcfg.high_res
-    size, mode = h.tower.image_size, "squash"
-    pixels = lambda x: np.asarray(image_ops.resize(Image.fromarray(x), size, mode))
-    placed = [detections.prepare_boxes(b, x.shape[1], x.shape[0], size, mode, h.max_boxes)
+    size = h.tower.image_size
+    pixels = lambda x: np.asarray(image_ops.resize(Image.fromarray(x), size, resize))
+    placed = [detections.prepare_boxes(b, x.shape[1], x.shape[0], size, resize, h.max_boxes)
               for b, x in zip(scenes.boxes, scenes.images)]  # fmt: skip
     batches = (
         (
@@ -672,7 +674,7 @@ def second_paths(cells, scenes: dict[str, Scenes], visual: dict[str, dict], out:
             _, tower = hf_vision.load_vision(c.model.vision.path)
             for k, s in scenes.items():
                 params = {"vision_tower": tower["params"], "high_res_tower": random_convnext(mcfg)}
-                visual[k]["mg_llava"] = mg_llava_inputs(mcfg, params, s)
+                visual[k]["mg_llava"] = mg_llava_inputs(mcfg, params, s, c.input.resize)
     return builds
 
 
