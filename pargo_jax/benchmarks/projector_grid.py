@@ -466,7 +466,7 @@ def cell_inputs(mcfg, visual: dict, arrays: dict) -> dict[str, np.ndarray]:
         real = int(inputs["real_boxes"][scene])
         detections.mask_box_slots(arrays["input_ids"][row], arrays["attention_mask"][row], real, slots,
                                   mcfg.image_token_id)  # fmt: skip
-    return {k: inputs[k] for k in VISUAL if k in inputs and k != "detail"}
+    return {k: inputs[k] for k in VISUAL if k in inputs}
 
 
 def log_every(steps: int) -> int:
@@ -653,11 +653,13 @@ def default_variants(quick: bool, device: str) -> tuple[str, ...]:
     return projectors.FAMILIES + projectors.ABLATIONS + (SECOND_PATHS if device == "gpu" else ())
 
 
-def second_paths(cells, scenes: dict[str, Scenes], visual: dict[str, dict], out: str, quick: bool) -> dict:
-    """X-Former's MAE tokens (``detail``) and MG-LLaVA's inputs (``mg_llava``) added to each split's
-    ``visual``, once, when their cells are planned; per such variant, the build its cells are reused
-    with (a rebuilt MAE or another ConvNeXt retrains them)."""
-    from pargo_jax.convert import hf_mae, hf_vision
+def second_paths(
+    cells, scenes: dict[str, Scenes], visual: dict[str, dict], tower_params, out: str, quick: bool
+) -> dict:
+    """X-Former's MAE tokens (``detail``) and MG-LLaVA's inputs (``mg_llava``, with the frozen
+    ``tower_params``) added to each split's ``visual``, once, when their cells are planned; per such
+    variant, the build its cells are reused with (a rebuilt MAE or another ConvNeXt retrains them)."""
+    from pargo_jax.convert import hf_mae
 
     builds = {}
     for variant, budget in dict(cells).items():
@@ -671,9 +673,8 @@ def second_paths(cells, scenes: dict[str, Scenes], visual: dict[str, dict], out:
                 visual[k]["detail"] = detail_tokens(mcfg, mae["params"], s.images)
         else:
             builds[variant] = dict(high_res=c.model.high_res.to_dict())
-            _, tower = hf_vision.load_vision(c.model.vision.path)
+            params = {"vision_tower": tower_params, "high_res_tower": random_convnext(mcfg)}
             for k, s in scenes.items():
-                params = {"vision_tower": tower["params"], "high_res_tower": random_convnext(mcfg)}
                 visual[k]["mg_llava"] = mg_llava_inputs(mcfg, params, s, c.input.resize)
     return builds
 
@@ -702,7 +703,7 @@ def main(argv=None) -> dict:
         scenes["caption"] = make_captions(size["train"], image_size)
     _, tower = hf_vision.load_vision(c.model.vision.path)
     visual = {k: {"features": tower_features(mcfg, tower["params"], s.images)} for k, s in scenes.items()}
-    builds = second_paths(cells, scenes, visual, a.out, a.quick)
+    builds = second_paths(cells, scenes, visual, tower["params"], a.out, a.quick)
     print(
         f"{len(cells)} cells x {len(size['seeds'])} seeds; data and features {time.perf_counter() - t0:.0f} s"
     )
