@@ -309,8 +309,18 @@ def test_tables_report_intervals_and_the_difference():
 @pytest.mark.slow  # the --quick grid (20-step tower + MAE, 3 cells x 2 seeds), then MG-LLaVA in-process
 def test_quick_grid_through_the_command_line(tmp_path):
     out = tmp_path / "grid"
-    done = procs.run("pargo_jax.benchmarks.projector_grid", "--quick", f"--out={out}", devices=1)
+    done = procs.run(
+        "pargo_jax.benchmarks.projector_grid", "--quick", "--workers=2", f"--out={out}", devices=1
+    )
     assert done.returncode == 0, done.stderr[-3000:]
+    # two workers, each pinned to its core share, trained the three cells between them, each once
+    trained = [line for line in done.stdout.splitlines() if line.startswith("w") and "] " in line]
+    assert sorted(line[line.index("] ") + 2 :] for line in trained) == [
+        "pargo-t16",
+        "qformer-t16",
+        "xformer-t16",
+    ]
+    assert {line[:2] for line in trained} == {"w0", "w1"} and not list(out.glob("**/*.claim"))
     report = json.loads((out / "projector_grid_quick.json").read_text())
     cells = [(c["variant"], c["tokens"]) for c in report["cells"]]
     assert cells == [("pargo", 16), ("qformer", 16), ("xformer", 16)]
@@ -334,6 +344,9 @@ def test_a_cell_is_reused_only_with_the_same_settings(tmp_path):
     assert grid.cached_cell(path, settings, run)["accuracy"]["all"] == [1.0] and len(runs) == 1  # reused
     other = dict(settings, tower=dict(steps=2000))  # another tower: retrained
     assert grid.cached_cell(path, other, run)["accuracy"]["all"] == [2.0] and len(runs) == 2
+    # a row that records more than a cell's settings (an older grid's budgets) is still that cell
+    assert grid.cached_cell(path, dict(seeds=[0, 1], asked=["digit"]), run)["accuracy"]["all"] == [2.0]
+    assert len(runs) == 2 and grid.cached_cell(path, dict(seeds=[0]), run) and len(runs) == 3
 
 
 def test_a_changed_size_writes_beside_the_grid_not_over_it():
@@ -344,9 +357,14 @@ def test_a_changed_size_writes_beside_the_grid_not_over_it():
         "o", "cpu", size | dict(qa_steps=3000)
     )
     assert more != grid.output_stem("o", "cpu", size | dict(seeds=(5, 6, 7, 8, 9)))
-    # a subset of the variants shares the grid's cells and writes its tables beside the grid's
+    # a subset of the variants or budgets shares the grid's cells and writes its tables beside the grid's
+    assert (
+        grid.output_stem("o", "cpu", size | dict(budgets=(64,), ablation_budgets=(64,)))
+        == "o/projector_grid_cpu"
+    )
     assert grid.report_stem("o/g", ("pargo", "qformer"), ("pargo", "qformer")) == "o/g"
     assert grid.report_stem("o/g", ("pargo",), ("pargo", "qformer")) == "o/g-pargo"
+    assert grid.report_stem("o/g", ("pargo",), ("pargo", "qformer"), (16, 64)) == "o/g-pargo-t16+64"
 
 
 def test_the_command_line_overrides_the_named_size():

@@ -20,8 +20,8 @@ The protocol, and why each part is there:
    about 1.5x its cost); a held-out question is its own one-turn conversation. Rendered in the demo's
    chat template by the training pipeline's own :func:`data_pipelines.text.pack_example`, with the
    loss on the answers. ``--order-turn N`` adds a training turn, never scored: the colours of the N
-   leftmost shapes in order (what taught the k-th colour in the pilots; the ``gpu`` size asks it for
-   3, the ``cpu`` size, at 650 steps, does not). ``--caption-steps`` puts a caption stage first (the
+   leftmost shapes in order (what taught the k-th colour in the pilots; both sizes ask it for 3).
+   ``--caption-steps`` puts a caption stage first (the
    demo's stage 1 on the fine variant's ``pretrain`` split, one LR schedule over both); at equal time
    it read the number worse in the pilots, so no size uses it.
 3. Seeds as one program. The seeds of a cell (projector + LLM, each seed with its own init and data
@@ -37,18 +37,22 @@ Outputs in ``--out``: ``projector_grid_<size>.md`` (the tables and the fine-deta
 (every seed's accuracies, the settings, the wall time), ``.png`` (accuracy per kind, needs matplotlib),
 and one JSON per finished cell under ``projector_grid_<size>/``: a rerun at the same size does not
 retrain them. A size changed by a flag (``--steps``, ``--seeds``, ...) writes beside them, under a
-suffix of its own (:func:`output_stem`); a ``--variants`` subset names its tables by its variants.
+suffix of its own (:func:`output_stem`); a ``--variants`` or ``--budgets`` subset shares the cells and
+names its tables by its variants and budgets. ``--workers 2`` trains the cells in two processes, one
+core each (:mod:`pargo_jax.benchmarks.workers`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from pargo_jax import launcher
-from pargo_jax.benchmarks import projectors
+from pargo_jax.benchmarks import projectors, workers
 
 ASKED = ("digit", "kth", "relation", "count")  # the fine kinds: one question of each per scene
 KINDS = ("digit", "kth", "relation", "count", "colour", "shape", "position")  # as scored (a fallback
@@ -68,13 +72,15 @@ DATA = "fine"
 # question), how many shapes a dialogue's ordering turn lists (0: none), steps, per-seed batch, seeds,
 # budgets, and the MLP at its natural count (one token per patch) besides the budgets.
 SIZES = {
-    "cpu": dict(train=4000, eval=400, dialogue=True, order_turn=0, caption_steps=0, qa_steps=650, batch=16,
+    "cpu": dict(train=4000, eval=400, dialogue=True, order_turn=3, caption_steps=0, qa_steps=1000, batch=16,
                 seeds=(0, 1, 2, 3, 4), budgets=(16, 64), ablation_budgets=(64,), natural_mlp=False),
     "gpu": dict(train=20000, eval=1000, dialogue=True, order_turn=3, caption_steps=0, qa_steps=4000, batch=32,
                 seeds=tuple(range(8)), budgets=(16, 64), ablation_budgets=(16, 64), natural_mlp=True),
     "quick": dict(train=32, eval=8, dialogue=True, order_turn=3, caption_steps=2, qa_steps=2, batch=4,
                   seeds=(0, 1), budgets=(16,), ablation_budgets=(16,), natural_mlp=False),
 }  # fmt: skip
+GRID_KEYS = ("budgets", "ablation_budgets", "natural_mlp")  # which cells a grid plans, not how they train
+MODULE = "pargo_jax.benchmarks.projector_grid"  # what --workers runs
 QUICK_VARIANTS = ("pargo", "qformer", "xformer")
 # BLIP-2's Q-Former and X-Former (the Q-Former + an MAE by dual cross-attention) as every projector here:
 # one stage from random init (no ITC / ITM / ITG, no reconstruction); X-Former reads cached MAE tokens.
@@ -568,28 +574,39 @@ def plan(variants: Sequence[str], size: dict) -> list[tuple[str, int]]:
     return cells
 
 
+def cell_settings(size: dict) -> dict:
+    """What of a grid ``size`` shapes each cell's training (not which cells the grid plans)."""
+    return {k: v for k, v in size.items() if k not in GRID_KEYS}
+
+
 def output_stem(out: str, name: str, size: dict) -> str:
-    """``OUT/projector_grid_<name>``, the outputs' and cells' stem; a size other than ``SIZES[name]``
-    (``--steps``, ``--seeds``, ...) gets a suffix of its own, so it never replaces that grid's cells."""
+    """``OUT/projector_grid_<name>``, the outputs' and cells' stem; a size that trains cells otherwise
+    than ``SIZES[name]`` (``--steps``, ``--seeds``, ...) gets a suffix of its own, so it never replaces
+    that grid's cells (``--budgets`` and ``--variants`` only pick cells: they share them)."""
     stem = os.path.join(out, f"projector_grid_{name}")
-    if json.loads(json.dumps(size)) == json.loads(json.dumps(SIZES[name])):
+    cell = json.loads(json.dumps(cell_settings(size)))
+    if cell == json.loads(json.dumps(cell_settings(SIZES[name]))):
         return stem
-    return f"{stem}-{hashlib.sha1(json.dumps(size, sort_keys=True).encode()).hexdigest()[:8]}"
+    return f"{stem}-{hashlib.sha1(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
-def report_stem(stem: str, variants: Sequence[str], default: Sequence[str]) -> str:
-    """Where the tables go: ``stem`` for the default variants, else beside it, named by the variants run
-    (their cells are still shared with the full grid's)."""
-    return stem if tuple(variants) == tuple(default) else f"{stem}-{'+'.join(variants)}"
+def report_stem(
+    stem: str, variants: Sequence[str], default: Sequence[str], budgets: Sequence[int] = ()
+) -> str:
+    """Where the tables go: ``stem`` for the default variants and budgets, else beside it, named by the
+    variants and the ``--budgets`` run (their cells are still shared with the full grid's)."""
+    name = "" if tuple(variants) == tuple(default) else "-" + "+".join(variants)
+    return stem + name + ("-t" + "+".join(map(str, budgets)) if budgets else "")
 
 
 def cached_cell(path: str, settings: dict, run: Callable[[], dict]) -> dict:
-    """The cell's row from ``path`` when it was trained with these ``settings``, else ``run()`` saved
-    there: an interrupted grid resumes at its first untrained cell."""
+    """The cell's row from ``path`` when it was trained with these ``settings`` (its row may record more),
+    else ``run()`` saved there: an interrupted grid resumes at its first untrained cell."""
     if os.path.exists(path):
         with open(path) as f:
             row = json.load(f)
-        if row.get("size") == settings:
+        stored = row.get("size", {})
+        if all(k in stored and stored[k] == v for k, v in settings.items()):
             print("  trained before with these settings: not retrained")
             return row
     row = run() | {"size": settings}
@@ -624,6 +641,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-steps", type=_at_least(0), help="caption steps per run before the questions")
     p.add_argument("--order-turn", type=_at_least(0), help="shapes a dialogue lists left to right (0: none)")
     p.add_argument("--train-scenes", type=_at_least(1), help="training scenes (held-out: the size's)")
+    p.add_argument("--workers", type=_at_least(1), default=1,
+                   help="processes training cells side by side, each pinned to its share of the cores "
+                        "(2 on a 2-core CPU: 1.2x the cells an hour)")  # fmt: skip
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by --workers for its processes
     return p
 
 
@@ -653,36 +674,46 @@ def default_variants(quick: bool, device: str) -> tuple[str, ...]:
     return projectors.FAMILIES + projectors.ABLATIONS + (SECOND_PATHS if device == "gpu" else ())
 
 
+def second_path_builds(cells, out: str, quick: bool) -> dict[str, dict]:
+    """Per variant with inputs of its own (X-Former's MAE, MG-LLaVA's ConvNeXt), the build its cells are
+    reused with: a rebuilt MAE or another ConvNeXt retrains them."""
+    builds = {}
+    for variant, budget in dict(cells).items():
+        if variant in ("xformer", "mg_llava"):
+            c = cell_model(variant, budget, out, quick)[0]
+            builds[variant] = (
+                dict(mae=c.demo_mae.to_dict())
+                if variant == "xformer"
+                else dict(high_res=c.model.high_res.to_dict())
+            )
+    return builds
+
+
 def second_paths(
     cells, scenes: dict[str, Scenes], visual: dict[str, dict], tower_params, out: str, quick: bool
-) -> dict:
+) -> None:
     """X-Former's MAE tokens (``detail``) and MG-LLaVA's inputs (``mg_llava``, with the frozen
-    ``tower_params``) added to each split's ``visual``, once, when their cells are planned; per such
-    variant, the build its cells are reused with (a rebuilt MAE or another ConvNeXt retrains them)."""
+    ``tower_params``) added to each split's ``visual``, once, when their cells are planned."""
     from pargo_jax.convert import hf_mae
 
-    builds = {}
     for variant, budget in dict(cells).items():
         if variant not in ("xformer", "mg_llava"):
             continue
         c, mcfg, _ = cell_model(variant, budget, out, quick)
         if variant == "xformer":
-            builds[variant] = dict(mae=c.demo_mae.to_dict())
             _, mae = hf_mae.load_mae(c.model.detail.path)
             for k, s in scenes.items():
                 visual[k]["detail"] = detail_tokens(mcfg, mae["params"], s.images)
         else:
-            builds[variant] = dict(high_res=c.model.high_res.to_dict())
             params = {"vision_tower": tower_params, "high_res_tower": random_convnext(mcfg)}
             for k, s in scenes.items():
                 visual[k]["mg_llava"] = mg_llava_inputs(mcfg, params, s, c.input.resize)
-    return builds
 
 
 def main(argv=None) -> dict:
-    from pargo_jax.convert import hf_vision
-
     a = parser().parse_args(argv)
+    if a.worker is not None:
+        print(f"worker {a.worker} on cores {workers.pin(a.worker, a.workers)}", flush=True)
     size = grid_size(a)
     default = default_variants(a.quick, a.device)
     variants = tuple(a.variants.split(",")) if a.variants else default
@@ -693,28 +724,27 @@ def main(argv=None) -> dict:
     stem = output_stem(a.out, "quick" if a.quick else a.device, size)
     t0 = time.perf_counter()
     projectors.prepare_shared(a.out, DATA, a.quick, "caption", variants)
-    c, mcfg, _ = cell_model(*cells[0], a.out, a.quick)
-    # what a cached cell must match to be reused: the size, the questions and the tower's build
-    settings = json.loads(json.dumps(size | dict(asked=ASKED, tower=c.demo_tower.to_dict())))
-    image_size = projectors.IMAGE_SIZE[DATA]
-    scenes = {"train": make_scenes("sft", size["train"], image_size, size["dialogue"], size["order_turn"])}
-    scenes["eval"] = make_scenes("eval", size["eval"], image_size)
-    if size["caption_steps"]:
-        scenes["caption"] = make_captions(size["train"], image_size)
-    _, tower = hf_vision.load_vision(c.model.vision.path)
-    visual = {k: {"features": tower_features(mcfg, tower["params"], s.images)} for k, s in scenes.items()}
-    builds = second_paths(cells, scenes, visual, tower["params"], a.out, a.quick)
-    print(
-        f"{len(cells)} cells x {len(size['seeds'])} seeds; data and features {time.perf_counter() - t0:.0f} s"
-    )
+    c = cell_model(*cells[0], a.out, a.quick)[0]
+    # what a cached cell must match to be reused: its training settings, the questions, the tower's build
+    settings = json.loads(json.dumps(cell_settings(size) | dict(asked=ASKED, tower=c.demo_tower.to_dict())))
+    builds = second_path_builds(cells, a.out, a.quick)
+    if a.workers > 1 and a.worker is None:
+        workers.clear_claims(stem)
+        workers.run(MODULE, sys.argv[1:] if argv is None else argv, a.workers)
+        workers.clear_claims(stem)
+    inputs = functools.cache(lambda: grid_inputs(cells, size, a.out, a.quick, t0))
     rows = []
     for i, (variant, budget) in enumerate(cells):
-        print(f"[{i + 1}/{len(cells)}] {cell_name(variant, budget)}", flush=True)
         path = os.path.join(stem, cell_name(variant, budget) + ".json")
-        run = lambda: run_cell(variant, budget, size, a.out, a.quick, scenes, visual)  # noqa: B023
+        if a.worker is not None and not workers.claim(path):
+            continue  # another worker's
+        print(f"[{i + 1}/{len(cells)}] {cell_name(variant, budget)}", flush=True)
+        run = lambda: run_cell(variant, budget, size, a.out, a.quick, *inputs())  # noqa: B023
         rows.append(cached_cell(path, settings | builds.get(variant, {}), run))
     wall = time.perf_counter() - t0
-    report = report_stem(stem, variants, default)
+    if a.worker is not None:
+        return dict(rows=rows, wall_seconds=wall)
+    report = report_stem(stem, variants, default, size["budgets"] if a.budgets else ())
     text = table(rows) + "\n\n" + differences(rows) + "\n\n" + goal(rows)
     os.makedirs(a.out, exist_ok=True)
     with open(report + ".md", "w") as f:
@@ -726,6 +756,24 @@ def main(argv=None) -> dict:
     print(text)
     print(f"{len(cells)} cells in {wall:.0f} s; wrote {report}.md, .json" + (", .png" if png else ""))
     return dict(rows=rows, wall_seconds=wall)
+
+
+def grid_inputs(cells, size: dict, out: str, quick: bool, t0: float) -> tuple[dict, dict]:
+    """Each split's scenes and what the cells read of them (:data:`VISUAL`), computed once."""
+    from pargo_jax.convert import hf_vision
+
+    image_size = projectors.IMAGE_SIZE[DATA]
+    scenes = {"train": make_scenes("sft", size["train"], image_size, size["dialogue"], size["order_turn"])}
+    scenes["eval"] = make_scenes("eval", size["eval"], image_size)
+    if size["caption_steps"]:
+        scenes["caption"] = make_captions(size["train"], image_size)
+    c, mcfg, _ = cell_model(*cells[0], out, quick)
+    _, tower = hf_vision.load_vision(c.model.vision.path)
+    visual = {k: {"features": tower_features(mcfg, tower["params"], s.images)} for k, s in scenes.items()}
+    second_paths(cells, scenes, visual, tower["params"], out, quick)
+    seconds = time.perf_counter() - t0
+    print(f"{len(cells)} cells x {len(size['seeds'])} seeds; data and features {seconds:.0f} s", flush=True)
+    return scenes, visual
 
 
 if __name__ == "__main__":
