@@ -1,7 +1,7 @@
 """ParGo's claim in a test that can tell: projectors at equal visual-token budgets answering direct
-fine-detail questions, 5 seeds a cell, about an hour on 2 CPU cores.
+fine-detail questions, 5 seeds a cell; the 13-cell CPU grid took 1 h 55 min on a slow 2-core VM.
 
-  python -m pargo_jax.benchmarks.projector_grid                   # the grid, sized for a 2-core CPU
+  python -m pargo_jax.benchmarks.projector_grid --workers 2       # the grid, sized for a 2-core CPU
   python -m pargo_jax.benchmarks.projector_grid --device gpu      # sized for <= 10 minutes on one GPU
   python -m pargo_jax.benchmarks.projector_grid --quick           # smoke run (CI), seconds
   python -m pargo_jax.benchmarks.projector_grid --variants pargo,qformer --budgets 64 --seeds 0,1,2
@@ -643,7 +643,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-scenes", type=_at_least(1), help="training scenes (held-out: the size's)")
     p.add_argument("--workers", type=_at_least(1), default=1,
                    help="processes training cells side by side, each pinned to its share of the cores "
-                        "(2 on a 2-core CPU: 1.2x the cells an hour)")  # fmt: skip
+                        "(2 on a 2-core CPU: 1.35x the cells an hour)")  # fmt: skip
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by --workers for its processes
     return p
 

@@ -1,11 +1,12 @@
 """A benchmark's cells trained by worker processes side by side, each pinned to its share of the cores.
 
 On a 2-core CPU, the projector grid's step (small matmuls, many elementwise ops) gains little from a
-second intra-op thread: one process on both cores took 0.94 s a step, two single-core processes side
-by side 1.53-1.57 s each, 1.2x the cells an hour. A worker is the benchmark's own command line plus
-``--worker=I``: it pins itself to its share of the cores, trains the cells it claims (a ``.claim``
-file created exclusively beside the cell's result, so two workers never train one cell) and writes
-them where the benchmark caches cells; the parent then finds them all cached and writes the report.
+second intra-op thread: a 64-token cell took 935-965 s in one process on both cores and 1396-1500 s
+in each of two single-core processes side by side, 1.35x the cells an hour. A worker is the
+benchmark's own command line plus ``--worker=I``: it pins itself to its share of the cores, trains
+the cells it claims (a ``.claim`` file created exclusively beside the cell's result, so two workers
+never train one cell) and writes them where the benchmark caches cells; the parent then finds them
+all cached and writes the report.
 """
 
 from __future__ import annotations
