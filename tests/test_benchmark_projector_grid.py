@@ -376,3 +376,8 @@ def test_the_command_line_overrides_the_named_size():
     for bad in ("--train-scenes=many", "--train-scenes=0", "--steps=-5", "--order-turn=-1"):
         with pytest.raises(SystemExit):
             grid.parser().parse_args([bad])
+
+
+def test_workers_claim_the_most_tokens_first():
+    cells = [("pargo", 16), ("qformer", 16), ("pargo", 64), ("mlp", 256), ("qformer", 64)]
+    assert grid.training_order(cells) == [3, 2, 4, 0, 1]
