@@ -307,7 +307,7 @@ def test_tables_report_intervals_and_the_difference():
 
 
 @pytest.mark.slow  # the --quick grid (20-step tower + MAE, 3 cells x 2 seeds), then MG-LLaVA in-process
-def test_quick_grid_through_the_command_line(tmp_path):
+def test_quick_grid_through_the_command_line(tmp_path, capsys):
     out = tmp_path / "grid"
     done = procs.run(
         "pargo_jax.benchmarks.projector_grid", "--quick", "--workers=2", f"--out={out}", devices=1
@@ -330,6 +330,10 @@ def test_quick_grid_through_the_command_line(tmp_path):
     text = (out / "projector_grid_quick.md").read_text()
     assert "| pargo (8+8) | 16 |" in text and "| pargo - qformer |" in text
     assert (out / "projector_grid_quick.png").read_bytes()[:4] == b"\x89PNG"
+    # a rerun finds every cell trained: no workers start, the same rows
+    again = grid.main(["--quick", "--workers=2", f"--out={out}"])["rows"]
+    assert [r["accuracy"] for r in again] == [c["accuracy"] for c in report["cells"]]
+    assert "workers on cores" not in capsys.readouterr().out
     # MG-LLaVA in-process on the same --out: its ConvNeXt inputs cached, its cell trained and reported
     mg = grid.main(["--quick", "--variants=mg_llava", f"--out={out}"])["rows"]
     assert [(r["variant"], r["tokens"]) for r in mg] == [("mg_llava", 16)]

@@ -599,16 +599,24 @@ def report_stem(
     return stem + name + ("-t" + "+".join(map(str, budgets)) if budgets else "")
 
 
+def cached_row(path: str, settings: dict) -> dict | None:
+    """The cell's row saved at ``path`` when it was trained with these ``settings`` (its row may record
+    more), else None."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        row = json.load(f)
+    stored = row.get("size", {})
+    return row if all(k in stored and stored[k] == v for k, v in settings.items()) else None
+
+
 def cached_cell(path: str, settings: dict, run: Callable[[], dict]) -> dict:
-    """The cell's row from ``path`` when it was trained with these ``settings`` (its row may record more),
-    else ``run()`` saved there: an interrupted grid resumes at its first untrained cell."""
-    if os.path.exists(path):
-        with open(path) as f:
-            row = json.load(f)
-        stored = row.get("size", {})
-        if all(k in stored and stored[k] == v for k, v in settings.items()):
-            print("  trained before with these settings: not retrained")
-            return row
+    """The cell's :func:`cached_row`, else ``run()`` saved at ``path``: an interrupted grid resumes at
+    its first untrained cell."""
+    row = cached_row(path, settings)
+    if row is not None:
+        print("  trained before with these settings: not retrained")
+        return row
     row = run() | {"size": settings}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -728,20 +736,23 @@ def main(argv=None) -> dict:
     # what a cached cell must match to be reused: its training settings, the questions, the tower's build
     settings = json.loads(json.dumps(cell_settings(size) | dict(asked=ASKED, tower=c.demo_tower.to_dict())))
     builds = second_path_builds(cells, a.out, a.quick)
-    if a.workers > 1 and a.worker is None:
+    paths = [os.path.join(stem, cell_name(*cell) + ".json") for cell in cells]
+    keys = [settings | builds.get(variant, {}) for variant, _ in cells]
+    pending = sum(cached_row(p, k) is None for p, k in zip(paths, keys, strict=True))
+    if a.worker is None and min(a.workers, pending) > 1:  # one cell left: this process, on every core
+        n = min(a.workers, pending)
         workers.clear_claims(stem)
-        workers.run(MODULE, sys.argv[1:] if argv is None else argv, a.workers)
+        workers.run(MODULE, [*(sys.argv[1:] if argv is None else argv), f"--workers={n}"], n)
         workers.clear_claims(stem)
     inputs = functools.cache(lambda: grid_inputs(cells, size, a.out, a.quick, t0))
     rows = []
     for i in training_order(cells) if a.worker is not None else range(len(cells)):
         variant, budget = cells[i]
-        path = os.path.join(stem, cell_name(variant, budget) + ".json")
-        if a.worker is not None and not workers.claim(path):
+        if a.worker is not None and not workers.claim(paths[i]):
             continue  # another worker's
         print(f"[{i + 1}/{len(cells)}] {cell_name(variant, budget)}", flush=True)
         run = lambda: run_cell(variant, budget, size, a.out, a.quick, *inputs())  # noqa: B023
-        rows.append(cached_cell(path, settings | builds.get(variant, {}), run))
+        rows.append(cached_cell(paths[i], keys[i], run))
     wall = time.perf_counter() - t0
     if a.worker is not None:
         return dict(rows=rows, wall_seconds=wall)
