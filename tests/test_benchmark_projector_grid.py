@@ -34,7 +34,7 @@ def setup():
     tokenizer = load_tokenizer(shapes.ASSET_TOKENIZER)
     mcfg = runs.model_config(c, tokenizer)
     scenes = grid.make_scenes("sft", 6, 128)
-    arrays = grid.tokenize(scenes, tokenizer, mcfg.num_image_tokens)
+    arrays = grid.tokenize(scenes, tokenizer, mcfg.num_image_tokens, "compact")  # as every size renders
     return mcfg, tokenizer, scenes, arrays
 
 
@@ -97,6 +97,25 @@ def test_an_ordering_turn_lists_the_leftmost_colours(setup):
     assert (arrays["input_ids"] != tokenizer.token_ids("<unk>")[0]).all()  # every word in the vocabulary
     runs = np.diff(np.concatenate([np.zeros((6, 1)), arrays["loss_mask"]], 1), axis=1) > 0
     assert (runs.sum(1) == len(grid.ASKED) + 1).all()
+
+
+def test_the_compact_template_renders_the_same_answers_in_fewer_tokens(setup):
+    """``compact``: each question then a newline, each answer then the end-of-turn token (the text
+    written out here); the answers and their ends are the ChatML's, 8 tokens fewer a question."""
+    mcfg, tokenizer, _, _ = setup
+    dialogues = grid.make_scenes("sft", 6, 128, dialogue=True, order_turn=3)
+    rendered = tokenizer.with_chat_template(grid.TEMPLATES["compact"])
+    for m in dialogues.messages:
+        text = "<s>" + "".join(
+            q["content"] + "\n" + a["content"] + "<|im_end|>" for q, a in zip(m[::2], m[1::2])
+        )
+        assert rendered.render(m) == text
+    chat, compact = (grid.tokenize(dialogues, tokenizer, 16, t) for t in ("chat", "compact"))
+    for i in range(6):
+        answers = [x["targets"][i][x["loss_mask"][i] > 0].tolist() for x in (chat, compact)]
+        assert answers[0] == answers[1] and answers[1][-1] in tokenizer.stop_ids
+        pairs = len(grid.ASKED) + 1  # + the ordering turn
+        assert compact["attention_mask"][i].sum() == chat["attention_mask"][i].sum() - 8 * pairs
 
 
 def test_cached_features_give_the_models_logits(setup):

@@ -17,13 +17,15 @@ The protocol, and why each part is there:
    :data:`ASKED`: read the number, the colour of the k-th shape from the left, a left-of relation, the
    count. A training example is a scene's four questions as one conversation, in an order drawn per
    scene (the image tokens run through the LLM once for four answers: 4x the answers per step at
-   about 1.5x its cost); a held-out question is its own one-turn conversation. Rendered in the demo's
-   chat template by the training pipeline's own :func:`data_pipelines.text.pack_example`, with the
-   loss on the answers. ``--order-turn N`` adds a training turn, never scored: the colours of the N
-   leftmost shapes in order (what taught the k-th colour in the pilots; both sizes ask it for 3).
-   ``--caption-steps`` puts a caption stage first (the
-   demo's stage 1 on the fine variant's ``pretrain`` split, one LR schedule over both); at equal time
-   it read the number worse in the pilots, so no size uses it.
+   about 1.5x its cost); a held-out question is its own one-turn conversation. Rendered compactly
+   (``--template compact``: a question, a newline, the answer, the end-of-turn token; the demo's
+   ChatML wraps each message in 5 tokens, 172 tokens a 64-token dialogue instead of 132: 0.76x the
+   step, and in the pilot ParGo's k-th colour 0.43 instead of 0.36) by the training pipeline's own
+   :func:`data_pipelines.text.pack_example`, with the loss on the answers. ``--order-turn N`` adds a
+   training turn, never scored: the colours of the N leftmost shapes in order (what taught the k-th
+   colour in the pilots; every size asks it for 3). ``--caption-steps`` puts a caption stage first
+   (the demo's stage 1 on the fine variant's ``pretrain`` split, one LR schedule over both); at equal
+   time it read the number worse in the pilots, so no size uses it.
 3. Seeds as one program. The seeds of a cell (projector + LLM, each seed with its own init and data
    order) train together: their params are stacked on a leading axis and the step is ``vmap``-ed, so
    the small matmuls of one run become larger ones. No dropout.
@@ -69,15 +71,18 @@ FINE_KINDS, GOAL = ("digit", "kth"), 0.6  # the goal: the best projector at 64 t
 REFERENCE, BASELINE = "pargo", "qformer"  # the difference the table reports
 DATA = "fine"
 # Grid sizes: scenes (train, held-out), whether a training example is a scene's whole dialogue (else one
-# question), how many shapes a dialogue's ordering turn lists (0: none), steps, per-seed batch, seeds,
-# budgets, and the MLP at its natural count (one token per patch) besides the budgets.
+# question), how many shapes a dialogue's ordering turn lists (0: none), the rendering (TEMPLATES), steps,
+# per-seed batch, seeds, budgets, and the MLP at its natural count (one token per patch) besides the budgets.
 SIZES = {
-    "cpu": dict(train=4000, eval=400, dialogue=True, order_turn=3, caption_steps=0, qa_steps=1000, batch=16,
-                seeds=(0, 1, 2, 3, 4), budgets=(16, 64), ablation_budgets=(64,), natural_mlp=False),
-    "gpu": dict(train=20000, eval=1000, dialogue=True, order_turn=3, caption_steps=0, qa_steps=4000, batch=32,
-                seeds=tuple(range(8)), budgets=(16, 64), ablation_budgets=(16, 64), natural_mlp=True),
-    "quick": dict(train=32, eval=8, dialogue=True, order_turn=3, caption_steps=2, qa_steps=2, batch=4,
-                  seeds=(0, 1), budgets=(16,), ablation_budgets=(16,), natural_mlp=False),
+    "cpu": dict(train=4000, eval=400, dialogue=True, order_turn=3, template="compact", caption_steps=0,
+                qa_steps=1000, batch=16, seeds=(0, 1, 2, 3, 4), budgets=(16, 64), ablation_budgets=(64,),
+                natural_mlp=False),
+    "gpu": dict(train=20000, eval=1000, dialogue=True, order_turn=3, template="compact", caption_steps=0,
+                qa_steps=4000, batch=32, seeds=tuple(range(8)), budgets=(16, 64), ablation_budgets=(16, 64),
+                natural_mlp=True),
+    "quick": dict(train=32, eval=8, dialogue=True, order_turn=3, template="compact", caption_steps=2,
+                  qa_steps=2, batch=4, seeds=(0, 1), budgets=(16,), ablation_budgets=(16,),
+                  natural_mlp=False),
 }  # fmt: skip
 GRID_KEYS = ("budgets", "ablation_budgets", "natural_mlp")  # which cells a grid plans, not how they train
 MODULE = "pargo_jax.benchmarks.projector_grid"  # what --workers runs
@@ -94,6 +99,13 @@ SUPPORTED = tuple(v for v in projectors.VARIANTS if v != "xformer_norecon")
 # what a cell reads per scene: the tower's features, X-Former's MAE tokens, MG-LLaVA's ConvNeXt map and boxes
 VISUAL = ("features", "detail", "high_res", "box_features")
 LR, WARMUP = 1e-3, 100  # the demo's stage-1 LR; warmup capped at a quarter of the steps
+# How a conversation is rendered: "chat", the demo tokenizer's ChatML template (5 tokens around each
+# message); "compact", a question then a newline, an answer then the end-of-turn token (1 each).
+TEMPLATES = {
+    "chat": None,
+    "compact": "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ message['content'] + '\\n' }}{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}",
+}
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -157,10 +169,15 @@ def make_captions(num: int, image_size: int) -> Scenes:
     return Scenes(images, np.arange(num, dtype=np.int32), ["caption"] * num, captions, boxes)
 
 
-def tokenize(scenes: Scenes, tokenizer, num_image_tokens: int) -> dict[str, np.ndarray]:
-    """Every question through the training pipeline's :func:`pack_example`, padded to the longest."""
+def tokenize(
+    scenes: Scenes, tokenizer, num_image_tokens: int, template: str = "chat"
+) -> dict[str, np.ndarray]:
+    """Every question rendered by the :data:`TEMPLATES` entry ``template`` and the training pipeline's
+    :func:`pack_example`, padded to the longest."""
     from data_pipelines.text import pack_example
 
+    if TEMPLATES[template]:
+        tokenizer = tokenizer.with_chat_template(TEMPLATES[template])
     arrays = [
         pack_example(tokenizer, m, num_image_tokens=num_image_tokens, max_len=4096) for m in scenes.messages
     ]
@@ -444,7 +461,7 @@ def run_cell(variant, budget, size, out, quick, scenes, visual, log=print) -> di
     c, mcfg, tokenizer = cell_model(variant, budget, out, quick)
     sets = {}
     for split in scenes:
-        arrays = tokenize(scenes[split], tokenizer, mcfg.num_image_tokens)
+        arrays = tokenize(scenes[split], tokenizer, mcfg.num_image_tokens, size["template"])
         inputs = cell_inputs(mcfg, visual[split], arrays)
         sets[split] = jax.device_put(arrays | inputs)
     t0 = time.perf_counter()
@@ -648,6 +665,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_at_least(1), help="question steps per run (after the caption steps)")
     p.add_argument("--caption-steps", type=_at_least(0), help="caption steps per run before the questions")
     p.add_argument("--order-turn", type=_at_least(0), help="shapes a dialogue lists left to right (0: none)")
+    p.add_argument("--template", choices=sorted(TEMPLATES), help="how conversations are rendered (TEMPLATES)")
     p.add_argument("--train-scenes", type=_at_least(1), help="training scenes (held-out: the size's)")
     p.add_argument("--workers", type=_at_least(1), default=1,
                    help="processes training cells side by side, each pinned to its share of the cores "
@@ -669,6 +687,8 @@ def grid_size(a: argparse.Namespace) -> dict:
         size["caption_steps"] = a.caption_steps
     if a.order_turn is not None:
         size["order_turn"] = a.order_turn
+    if a.template:
+        size["template"] = a.template
     if a.train_scenes:
         size["train"] = a.train_scenes
     return size
