@@ -1,5 +1,5 @@
 """ParGo's claim in a test that can tell: projectors at equal visual-token budgets answering direct
-fine-detail questions, 5 seeds a cell; the 13-cell CPU grid took 1 h 55 min on a slow 2-core VM.
+fine-detail questions, 5 seeds a cell; the 13-cell CPU grid, about 1 h 44 min on a slow 2-core VM.
 
   python -m pargo_jax.benchmarks.projector_grid --workers 2       # the grid, sized for a 2-core CPU
   python -m pargo_jax.benchmarks.projector_grid --device gpu      # sized for <= 10 minutes on one GPU
@@ -19,8 +19,8 @@ The protocol, and why each part is there:
    scene (the image tokens run through the LLM once for four answers: 4x the answers per step at
    about 1.5x its cost); a held-out question is its own one-turn conversation. Rendered compactly
    (``--template compact``: a question, a newline, the answer, the end-of-turn token; the demo's
-   ChatML wraps each message in 5 tokens, 172 tokens a 64-token dialogue instead of 132: 0.76x the
-   step, and in the pilot ParGo's k-th colour 0.43 instead of 0.36) by the training pipeline's own
+   ChatML puts 5 tokens around each message: a 64-token dialogue is 172 tokens in it, 132 compact,
+   the step 0.76x, and ParGo's k-th colour at 1000 steps 0.43 against 0.36) by the training pipeline's own
    :func:`data_pipelines.text.pack_example`, with the loss on the answers. ``--order-turn N`` adds a
    training turn, never scored: the colours of the N leftmost shapes in order (what taught the k-th
    colour in the pilots; every size asks it for 3). ``--caption-steps`` puts a caption stage first
