@@ -391,12 +391,13 @@ def test_a_changed_size_writes_beside_the_grid_not_over_it():
 
 
 def test_the_command_line_overrides_the_named_size():
-    a = grid.parser().parse_args(["--steps=4000", "--order-turn=3", "--train-scenes=16000", "--budgets=64"])
-    size = grid.grid_size(a)
+    args = ["--steps=4000", "--order-turn=3", "--train-scenes=16000", "--budgets=64", "--template=chat"]
+    size = grid.grid_size(grid.parser().parse_args(args))
     assert size == grid.SIZES["cpu"] | dict(qa_steps=4000, order_turn=3, train=16000, budgets=(64,),
-                                            ablation_budgets=(64,))  # fmt: skip
+                                            ablation_budgets=(64,), template="chat")  # fmt: skip
+    assert grid.SIZES["cpu"]["template"] == "compact"
     assert grid.grid_size(grid.parser().parse_args(["--quick"])) == grid.SIZES["quick"]
-    for bad in ("--train-scenes=many", "--train-scenes=0", "--steps=-5", "--order-turn=-1"):
+    for bad in ("--train-scenes=many", "--train-scenes=0", "--steps=-5", "--order-turn=-1", "--template=x"):
         with pytest.raises(SystemExit):
             grid.parser().parse_args([bad])
 

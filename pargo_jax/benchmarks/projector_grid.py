@@ -665,7 +665,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_at_least(1), help="question steps per run (after the caption steps)")
     p.add_argument("--caption-steps", type=_at_least(0), help="caption steps per run before the questions")
     p.add_argument("--order-turn", type=_at_least(0), help="shapes a dialogue lists left to right (0: none)")
-    p.add_argument("--template", choices=sorted(TEMPLATES), help="how conversations are rendered (TEMPLATES)")
+    p.add_argument("--template", choices=sorted(TEMPLATES),
+                   help="compact: question, newline, answer, end of turn (default); chat: the tokenizer's "
+                        "ChatML (5 tokens around each message)")  # fmt: skip
     p.add_argument("--train-scenes", type=_at_least(1), help="training scenes (held-out: the size's)")
     p.add_argument("--workers", type=_at_least(1), default=1,
                    help="processes training cells side by side, each pinned to its share of the cores "
