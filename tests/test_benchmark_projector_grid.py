@@ -97,6 +97,16 @@ def test_an_ordering_turn_lists_the_leftmost_colours(setup):
     assert (arrays["input_ids"] != tokenizer.token_ids("<unk>")[0]).all()  # every word in the vocabulary
     runs = np.diff(np.concatenate([np.zeros((6, 1)), arrays["loss_mask"]], 1), axis=1) > 0
     assert (runs.sum(1) == len(grid.ASKED) + 1).all()
+    # its place is drawn with the others' (fixed last, first or right before the k-th question, it
+    # taught the k-th colour worse in the pilots): it opens some dialogues, and comes before the k-th
+    # question in some and after it in others
+    places = set()
+    for m in grid.make_scenes("sft", 40, 128, dialogue=True, order_turn=3).messages:
+        kinds = [shapes.KINDS.get(shapes.question_kind(q["content"])) for q in m[::2]]
+        order = [q["content"].endswith("first three shapes from the left?") for q in m[::2]].index(True)
+        if "kth" in kinds:
+            places.add((order == 0, order < kinds.index("kth")))
+    assert places == {(True, True), (False, True), (False, False)}
 
 
 def test_the_compact_template_renders_the_same_answers_in_fewer_tokens(setup):
@@ -323,6 +333,8 @@ def test_tables_report_intervals_and_the_difference():
     )
     rows[0]["accuracy"]["kth"] = [0.7, 0.6, 0.65]
     assert ": met: digit 0.850 (pargo); kth 0.650 (pargo)." in grid.goal(rows, tokens=16)
+    colours = [grid.colour_index(v) for v in grid.SUPPORTED]  # the plot: one colour per projector
+    assert len(set(colours)) == len(colours) and all(0 <= c < 20 for c in colours)
 
 
 @pytest.mark.slow  # the --quick grid (20-step tower + MAE, 3 cells x 2 seeds), then MG-LLaVA in-process

@@ -23,9 +23,10 @@ The protocol, and why each part is there:
    the step 0.76x, and ParGo's k-th colour at 1000 steps 0.43 against 0.36) by the training pipeline's own
    :func:`data_pipelines.text.pack_example`, with the loss on the answers. ``--order-turn N`` adds a
    training turn, never scored: the colours of the N leftmost shapes in order (what taught the k-th
-   colour in the pilots; every size asks it for 3). ``--caption-steps`` puts a caption stage first
-   (the demo's stage 1 on the fine variant's ``pretrain`` split, one LR schedule over both); at equal
-   time it read the number worse in the pilots, so no size uses it.
+   colour in the pilots; every size asks it for 3). It is drawn among the turns too: fixed last,
+   first or before the k-th question, it taught the k-th colour worse. ``--caption-steps`` puts a
+   caption stage first (the demo's stage 1 on the fine variant's ``pretrain`` split, one LR schedule
+   over both); at equal time it read the number worse in the pilots, so no size uses it.
 3. Seeds as one program. The seeds of a cell (projector + LLM, each seed with its own init and data
    order) train together: their params are stacked on a leading axis and the step is ``vmap``-ed, so
    the small matmuls of one run become larger ones. No dropout.
@@ -560,7 +561,7 @@ def plot(rows: list[dict], path: str) -> str | None:
         return None
     budgets = sorted({r["tokens"] for r in rows})
     kinds = [k for k in (*KINDS, "all") if any(k in r["accuracy"] for r in rows)]
-    colours = plt.get_cmap("tab10")  # one colour per variant in every panel
+    colours = plt.get_cmap("tab20")  # one colour per variant in every panel
     fig, axes = plt.subplots(len(budgets), 1, figsize=(10, 3.2 * len(budgets)), squeeze=False)
     for ax, t in zip(axes[:, 0], budgets):
         mine = sorted((r for r in rows if r["tokens"] == t), key=lambda r: r["variant"])
@@ -569,13 +570,20 @@ def plot(rows: list[dict], path: str) -> str | None:
             stats = [mean_interval(r["accuracy"].get(k, [0.0])) for k in kinds]
             xs = np.arange(len(kinds)) + (i - (len(mine) - 1) / 2) * width
             ax.bar(xs, [m for m, _ in stats], width, yerr=[h if math.isfinite(h) else 0 for _, h in stats],
-                   capsize=2, label=r["variant"], color=colours(SUPPORTED.index(r["variant"])))  # fmt: skip
+                   capsize=2, label=r["variant"], color=colours(colour_index(r["variant"])))  # fmt: skip
         ax.set(xticks=np.arange(len(kinds)), xticklabels=kinds, ylim=(0, 1), ylabel="held-out exact match",
                title=f"{t} visual tokens (95% intervals over seeds)")  # fmt: skip
         ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return path
+
+
+def colour_index(variant: str) -> int:
+    """``variant``'s colour in matplotlib's tab20: its ten dark shades (tab10's colours) first, then the
+    light ones, so every supported variant has its own."""
+    i = SUPPORTED.index(variant)
+    return (2 * i) % 20 + (2 * i) // 20
 
 
 def plan(variants: Sequence[str], size: dict) -> list[tuple[str, int]]:
