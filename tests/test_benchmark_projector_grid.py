@@ -265,6 +265,7 @@ def test_seeds_in_one_program_train_as_they_would_alone(setup):
     for a, b in zip(jax.tree.leaves(p_both), jax.tree.leaves(p_alone)):
         np.testing.assert_allclose(a[1], b[0], atol=5e-5)  # 5% of one Adam step (lr 1e-3)
     assert any(not np.allclose(a[0], a[1]) for a in jax.tree.leaves(p_both))  # own inits
+    assert alone.train_flops > 0 and both.train_flops == pytest.approx(2 * alone.train_flops, rel=0.01)
     np.testing.assert_array_equal(both.correct(p_both, data)[1], alone.correct(p_alone, data)[0])
 
 
@@ -333,6 +334,11 @@ def test_tables_report_intervals_and_the_difference():
     )
     rows[0]["accuracy"]["kth"] = [0.7, 0.6, 0.65]
     assert ": met: digit 0.850 (pargo); kth 0.650 (pargo)." in grid.goal(rows, tokens=16)
+    assert grid.compute(rows) == ""  # cells cached before the count: no compute line
+    rows[0]["train_flops"], rows[1]["train_flops"] = 3e12, 1e12
+    assert grid.compute(rows) == (
+        "Compute: 4.0 TFLOP of training (XLA's count) in the cells' 2 s, 2000.0 GFLOP/s."
+    )
     colours = [grid.colour_index(v) for v in grid.SUPPORTED]  # the plot: one colour per projector
     assert len(set(colours)) == len(colours) and all(0 <= c < 20 for c in colours)
 
@@ -359,7 +365,8 @@ def test_quick_grid_through_the_command_line(tmp_path, capsys):
         assert cell["seeds"] == [0, 1] and set(cell["accuracy"]) >= {"digit", "all"}
         assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in cell["accuracy"].values())
     text = (out / "projector_grid_quick.md").read_text()
-    assert "| pargo (8+8) | 16 |" in text and "| pargo - qformer |" in text
+    assert "| pargo (8+8) | 16 |" in text and "| pargo - qformer |" in text and "\nCompute: " in text
+    assert all(cell["train_flops"] > 0 for cell in report["cells"])
     assert (out / "projector_grid_quick.png").read_bytes()[:4] == b"\x89PNG"
     # a rerun finds every cell trained: no workers start, the same rows
     again = grid.main(["--quick", "--workers=2", f"--out={out}"])["rows"]

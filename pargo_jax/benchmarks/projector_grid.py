@@ -36,8 +36,9 @@ The protocol, and why each part is there:
 5. Statistics. Per cell and kind: the mean over seeds with its 95% t interval; per budget, ParGo minus
    Q-Former with a Welch 95% interval.
 
-Outputs in ``--out``: ``projector_grid_<size>.md`` (the tables and the fine-detail goal), ``.json``
-(every seed's accuracies, the settings, the wall time), ``.png`` (accuracy per kind, needs matplotlib),
+Outputs in ``--out``: ``projector_grid_<size>.md`` (the tables, the fine-detail goal, the training
+FLOPs by XLA's count and the rate reached), ``.json`` (every seed's accuracies, each cell's FLOPs and
+seconds, the settings, the wall time), ``.png`` (accuracy per kind, needs matplotlib),
 and one JSON per finished cell under ``projector_grid_<size>/``: a rerun at the same size does not
 retrain them. A size changed by a flag (``--steps``, ``--seeds``, ...) writes beside them, under a
 suffix of its own (:func:`output_stem`); a ``--variants`` or ``--budgets`` subset shares the cells and
@@ -306,6 +307,7 @@ class SeedProgram:
         from pargo_jax.models.mllm import next_token_loss
 
         self.seeds, self.steps = tuple(seeds), steps
+        self.train_flops: float | None = None  # XLA's count for every seed's steps, set by train
         self.logits = forward(mcfg)
         self.optim_cfg = dict(lr=lr, warmup_steps=min(WARMUP, steps // 4), total_steps=steps, clip_norm=1.0)
         self._tx = None
@@ -369,6 +371,7 @@ class SeedProgram:
         if sum(n for _, _, n in phases) != self.steps:
             raise ValueError(f"The phases' steps {[n for _, _, n in phases]} do not add up to {self.steps}.")
         state = self.init(phases[0][1])
+        self.train_flops = sum(n * self.step_flops(state, data, batch) for _, data, n in phases)
         t0 = time.perf_counter()
         for phase, (name, data, steps) in enumerate(phases):
             order = self.order(len(data["scene"]), batch, steps, phase)
@@ -378,6 +381,11 @@ class SeedProgram:
                 done = min(start + chunk, steps)
                 log(f"  {name} {done}/{steps} | loss per seed {means} | {time.perf_counter() - t0:.0f} s")
         return state[0]
+
+    def step_flops(self, state, data: dict, batch: int) -> float:
+        """XLA's FLOP count of one training step of every seed on ``data`` (from the lowered program)."""
+        cost = self._chunk.lower(state, data, self.order(len(data["scene"]), batch, 1)).cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
     def correct(self, params, data: dict, batch: int = 256) -> np.ndarray:
         """(seeds, questions) booleans: whether each seed answers each question exactly."""
@@ -473,7 +481,8 @@ def run_cell(variant, budget, size, out, quick, scenes, visual, log=print) -> di
     correct = program.correct(params, sets["eval"])
     return dict(
         variant=variant, budget=budget, tokens=mcfg.num_image_tokens, seeds=list(size["seeds"]),
-        seconds=time.perf_counter() - t0, sequence=int(sets["train"]["input_ids"].shape[1]),
+        seconds=time.perf_counter() - t0, train_flops=program.train_flops,
+        sequence=int(sets["train"]["input_ids"].shape[1]),
         split=_split(c.model.projector), accuracy=accuracies(correct, scenes["eval"].kinds),
     )  # fmt: skip
 
@@ -548,6 +557,16 @@ def goal(rows: list[dict], tokens: int = 64) -> str:
     parts = "; ".join(f"{k} {mean(r, k):.3f} ({r['variant']})" for k, r in best.items())
     head = f"Fine-detail goal (the best at {tokens} tokens >= {GOAL} on {' and '.join(FINE_KINDS)})"
     return f"{head}: {'met' if met else 'not met'}: {parts}."
+
+
+def compute(rows: list[dict]) -> str:
+    """The cells' training FLOPs (XLA's count) and the rate their time gives (scoring included), or ""
+    when a cell cached by an older version lacks its count."""
+    if not rows or any(r.get("train_flops") is None for r in rows):
+        return ""
+    flops, seconds = sum(r["train_flops"] for r in rows), sum(r["seconds"] for r in rows)
+    return (f"Compute: {flops / 1e12:.1f} TFLOP of training (XLA's count) in the cells' {seconds:.0f} s, "
+            f"{flops / seconds / 1e9:.1f} GFLOP/s.")  # fmt: skip
 
 
 def plot(rows: list[dict], path: str) -> str | None:
@@ -787,7 +806,7 @@ def main(argv=None) -> dict:
     if a.worker is not None:
         return dict(rows=rows, wall_seconds=wall)
     report = report_stem(stem, variants, default, size["budgets"] if a.budgets else ())
-    text = table(rows) + "\n\n" + differences(rows) + "\n\n" + goal(rows)
+    text = "\n\n".join(part for part in (table(rows), differences(rows), goal(rows), compute(rows)) if part)
     os.makedirs(a.out, exist_ok=True)
     with open(report + ".md", "w") as f:
         f.write(text + "\n")
