@@ -2,7 +2,7 @@
 fine-detail questions, 5 seeds a cell; the 13-cell CPU grid, about 1 h 44 min on a slow 2-core VM.
 
   python -m pargo_jax.benchmarks.projector_grid --workers 2       # the grid, sized for a 2-core CPU
-  python -m pargo_jax.benchmarks.projector_grid --device gpu      # sized for <= 10 minutes on one GPU
+  python -m pargo_jax.benchmarks.projector_grid --device gpu      # aimed at 10 min on a GPU; never run
   python -m pargo_jax.benchmarks.projector_grid --quick           # smoke run (CI), seconds
   python -m pargo_jax.benchmarks.projector_grid --variants pargo,qformer --budgets 64 --seeds 0,1,2
 
