@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -266,6 +267,8 @@ def test_seeds_in_one_program_train_as_they_would_alone(setup):
         np.testing.assert_allclose(a[1], b[0], atol=5e-5)  # 5% of one Adam step (lr 1e-3)
     assert any(not np.allclose(a[0], a[1]) for a in jax.tree.leaves(p_both))  # own inits
     assert alone.train_flops > 0 and both.train_flops == pytest.approx(2 * alone.train_flops, rel=0.01)
+    alone._chunk = types.SimpleNamespace(lower=lambda *a: types.SimpleNamespace(cost_analysis=lambda: None))
+    assert alone.step_flops(None, data, 4) is None  # a backend without a cost model: no count, no error
     np.testing.assert_array_equal(both.correct(p_both, data)[1], alone.correct(p_alone, data)[0])
 
 

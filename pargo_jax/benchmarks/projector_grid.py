@@ -371,7 +371,8 @@ class SeedProgram:
         if sum(n for _, _, n in phases) != self.steps:
             raise ValueError(f"The phases' steps {[n for _, _, n in phases]} do not add up to {self.steps}.")
         state = self.init(phases[0][1])
-        self.train_flops = sum(n * self.step_flops(state, data, batch) for _, data, n in phases)
+        counts = [(n, self.step_flops(state, data, batch)) for _, data, n in phases]
+        self.train_flops = None if any(f is None for _, f in counts) else sum(n * f for n, f in counts)
         t0 = time.perf_counter()
         for phase, (name, data, steps) in enumerate(phases):
             order = self.order(len(data["scene"]), batch, steps, phase)
@@ -382,10 +383,12 @@ class SeedProgram:
                 log(f"  {name} {done}/{steps} | loss per seed {means} | {time.perf_counter() - t0:.0f} s")
         return state[0]
 
-    def step_flops(self, state, data: dict, batch: int) -> float:
-        """XLA's FLOP count of one training step of every seed on ``data`` (from the lowered program)."""
+    def step_flops(self, state, data: dict, batch: int) -> float | None:
+        """XLA's FLOP count of one training step of every seed on ``data`` (a one-step chunk, lowered, not
+        compiled); None where the backend gives no count."""
         cost = self._chunk.lower(state, data, self.order(len(data["scene"]), batch, 1)).cost_analysis()
-        return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost["flops"]) if cost and "flops" in cost else None
 
     def correct(self, params, data: dict, batch: int = 256) -> np.ndarray:
         """(seeds, questions) booleans: whether each seed answers each question exactly."""
