@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import types
 
 import jax
@@ -16,6 +17,7 @@ from flax import linen as nn
 from scipy import stats
 
 from pargo_jax.benchmarks import projector_grid as grid
+from pargo_jax.benchmarks import workers
 from tests import procs
 
 
@@ -379,6 +381,13 @@ def test_quick_grid_through_the_command_line(tmp_path, capsys):
     mg = grid.main(["--quick", "--variants=mg_llava", f"--out={out}"])["rows"]
     assert [(r["variant"], r["tokens"]) for r in mg] == [("mg_llava", 16)]
     assert "| mg_llava" in (out / "projector_grid_quick-mg_llava.md").read_text()
+
+
+def test_a_second_command_on_the_same_cells_stops(tmp_path):
+    out = str(tmp_path / "grid")
+    with workers.exclusive(grid.output_stem(out, "quick", grid.SIZES["quick"])):
+        with pytest.raises(SystemExit, match=f"Process {os.getpid()} is training into"):
+            grid.main(["--quick", f"--out={out}"])
 
 
 def test_a_cell_is_reused_only_with_the_same_settings(tmp_path):

@@ -1,5 +1,9 @@
-"""Worker processes of a benchmark: core shares and cell claims (the processes themselves run in the
-projector grid's command-line test)."""
+"""Worker processes of a benchmark: core shares, cell claims and the parent's hold on the folder (the
+processes themselves run in the projector grid's command-line test)."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -48,3 +52,18 @@ def test_a_worker_pins_itself_to_its_share():
         assert share == [max(before)] and os.sched_getaffinity(0) == set(share)
     finally:
         os.sched_setaffinity(0, before)
+
+
+def test_one_command_at_a_time_holds_a_folder(tmp_path):
+    folder, lock = str(tmp_path / "cells"), tmp_path / "cells" / ".lock"
+    with workers.exclusive(folder):
+        assert lock.read_text() == str(os.getpid())
+        with pytest.raises(SystemExit, match=f"Process {os.getpid()} is training into .*cells"):
+            with workers.exclusive(folder):
+                pass
+    assert not lock.exists()  # released
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    lock.write_bytes(ended.stdout.strip())  # left by a process that has ended: taken over
+    with workers.exclusive(folder):
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()

@@ -6,17 +6,19 @@ in each of two single-core processes side by side, 1.35x the cells an hour. A wo
 benchmark's own command line plus ``--worker=I``: it pins itself to its share of the cores, trains
 the cells it claims (a ``.claim`` file created exclusively beside the cell's result, so two workers
 never train one cell) and writes them where the benchmark caches cells; the parent then finds them
-all cached and writes the report.
+all cached and writes the report. The parent holds the folder (:func:`exclusive`) while they train:
+a second command on it would clear their claims.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 
 def core_shares(cores: Sequence[int], workers: int) -> list[list[int]]:
@@ -30,17 +32,62 @@ def core_shares(cores: Sequence[int], workers: int) -> list[list[int]]:
 def claim(path: str) -> bool:
     """True for the one worker that first claims the cell whose result goes to ``path``."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        os.close(os.open(path + ".claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return False
-    return True
+    fd = _create(path + ".claim")
+    if fd is not None:
+        os.close(fd)
+    return fd is not None
 
 
 def clear_claims(folder: str) -> None:
     """Drops the claims an earlier (finished or interrupted) set of workers left in ``folder``."""
     for path in glob.glob(os.path.join(folder, "*.claim")):
         os.remove(path)
+
+
+@contextlib.contextmanager
+def exclusive(folder: str) -> Iterator[None]:
+    """Holds ``folder``'s lock (a file with this process's id) while one command trains into it; a second
+    command on it stops with an error naming the first. A lock whose process has ended is taken over."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".lock")
+    while (fd := _create(path)) is None:
+        owner = _owner(path)
+        if owner is not None:
+            raise SystemExit(f"Process {owner} is training into {folder}: wait for it or use another --out.")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)  # left by a process that has ended
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        os.remove(path)
+
+
+def _create(path: str) -> int | None:
+    """A descriptor of the new file ``path``, or None when it exists."""
+    try:
+        return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return None
+
+
+def _owner(path: str) -> int | None:
+    """The running process that holds the lock at ``path``, or None (ended, or no id in the file)."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: raises if there is no such process
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's process: running
+        pass
+    return pid
 
 
 def pin(index: int, workers: int) -> list[int]:
