@@ -17,7 +17,6 @@ from flax import linen as nn
 from scipy import stats
 
 from pargo_jax.benchmarks import projector_grid as grid
-from pargo_jax.benchmarks import workers
 from tests import procs
 
 
@@ -384,8 +383,8 @@ def test_quick_grid_through_the_command_line(tmp_path, capsys):
 
 
 def test_a_second_command_on_the_same_cells_stops(tmp_path):
-    out = str(tmp_path / "grid")
-    with workers.exclusive(grid.output_stem(out, "quick", grid.SIZES["quick"])):
+    out = str(tmp_path / "grid")  # this process holds the cells as another command would
+    with grid.workers.exclusive(grid.output_stem(out, "quick", grid.SIZES["quick"])):
         with pytest.raises(SystemExit, match=f"Process {os.getpid()} is training into"):
             grid.main(["--quick", f"--out={out}"])
 

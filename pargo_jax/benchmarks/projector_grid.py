@@ -774,12 +774,12 @@ def main(argv=None) -> dict:
     a = parser().parse_args(argv)
     if a.worker is not None:  # its parent command holds the cells' folder
         print(f"worker {a.worker} on cores {workers.pin(a.worker, a.workers)}", flush=True)
-        return grid(a, argv)
+        return run_grid(a, argv)
     with workers.exclusive(output_stem(a.out, "quick" if a.quick else a.device, grid_size(a))):
-        return grid(a, argv)
+        return run_grid(a, argv)
 
 
-def grid(a: argparse.Namespace, argv: Sequence[str] | None) -> dict:
+def run_grid(a: argparse.Namespace, argv: Sequence[str] | None) -> dict:
     """The cells ``a`` plans, trained (or read from their cache) and, outside a worker, reported."""
     size = grid_size(a)
     default = default_variants(a.quick, a.device)
