@@ -15,7 +15,7 @@ Training multiplies each component of the forward chain ``tower -> projector -> 
 
 LoRA adapters, rematerialization (recomputed forwards) and padding are not counted: MFU measures
 useful model FLOPs, not hardware FLOPs (training counts each batch's non-pad tokens:
-:func:`batch_training_flops`).
+:func:`batch_training_flops`). :func:`xla_flops` reads XLA's own count of a program instead.
 """
 
 from __future__ import annotations
@@ -158,3 +158,14 @@ def mfu(flops_per_step: float, step_seconds: float, num_devices: int, device_kin
     if peak is None or step_seconds <= 0 or num_devices <= 0:
         return None
     return flops_per_step / step_seconds / (peak * num_devices)
+
+
+def xla_flops(program: Any) -> float | None:
+    """XLA's FLOP count of a lowered or compiled jax program (``.cost_analysis()``), or None where the
+    backend gives none. A loop's body counts once, whatever its trip count."""
+    try:
+        cost = program.cost_analysis()
+    except Exception:  # noqa: BLE001  (cost analysis is optional and backend dependent)
+        return None
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None

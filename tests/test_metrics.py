@@ -108,6 +108,17 @@ def test_training_multipliers_and_vision():
     assert flops.vision_flops(v) == 2 * 16 * (64 * 3) * 32 + 2 * per_block
 
 
+def test_xla_counts_a_matmul_lowered_or_compiled():
+    lowered = jax.jit(lambda a: a @ a).lower(jnp.ones((48, 48)))
+    assert flops.xla_flops(lowered) == flops.xla_flops(lowered.compile()) == 2 * 48**3
+
+    class NoCostModel:
+        def cost_analysis(self):
+            raise NotImplementedError
+
+    assert flops.xla_flops(NoCostModel()) is None
+
+
 def test_mfu():
     assert flops.mfu(1e12, 0.5, 4, "TPU v4") == pytest.approx(2e12 / (4 * 275e12))
     assert flops.peak_flops("TPU v5 lite") == 197e12 and flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12

@@ -386,9 +386,9 @@ class SeedProgram:
     def step_flops(self, state, data: dict, batch: int) -> float | None:
         """XLA's FLOP count of one training step of every seed on ``data`` (a one-step chunk, lowered, not
         compiled); None where the backend gives no count."""
-        cost = self._chunk.lower(state, data, self.order(len(data["scene"]), batch, 1)).cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        return float(cost["flops"]) if cost and "flops" in cost else None
+        from pargo_jax.flops import xla_flops
+
+        return xla_flops(self._chunk.lower(state, data, self.order(len(data["scene"]), batch, 1)))
 
     def correct(self, params, data: dict, batch: int = 256) -> np.ndarray:
         """(seeds, questions) booleans: whether each seed answers each question exactly."""

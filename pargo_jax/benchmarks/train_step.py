@@ -254,6 +254,8 @@ class JaxSide:
             self.compile_seconds = time.perf_counter() - t0
 
     def memory(self) -> dict:
+        from pargo_jax.flops import xla_flops
+
         m = self.compiled.memory_analysis()
         out = {}
         if m is not None:
@@ -271,12 +273,8 @@ class JaxSide:
             state_bytes_per_device=params[busiest] + opt.get(busiest, 0),
             params_bytes_total=sum(params.values()),
         )
-        try:
-            cost = self.compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, list | tuple) else cost
-            out["xla_flops_per_device"] = float(cost.get("flops", 0.0))
-        except Exception:  # noqa: BLE001  (cost analysis is optional and backend dependent)
-            pass
+        if (flops := xla_flops(self.compiled)) is not None:
+            out["xla_flops_per_device"] = flops
         return out
 
     def step(self) -> tuple[float, float]:
