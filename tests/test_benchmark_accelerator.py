@@ -20,14 +20,18 @@ def _positive(d: dict, *keys: str) -> None:
 
 @pytest.mark.slow  # every part of the check, compiled, in one process
 def test_accelerator_tiny_command(tmp_path):
-    run = procs.run("pargo_jax.benchmarks.accelerator", "--tiny", "--out", str(tmp_path), devices=1)
+    args = ("--tiny", "--projector_batch", "3", "--out", str(tmp_path))
+    run = procs.run("pargo_jax.benchmarks.accelerator", *args, devices=1)
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
     r = json.loads((tmp_path / "accelerator.json").read_text())
     assert r["meta"]["backend"] == "cpu" and r["meta"]["jax"] and r["meta"]["flax"]
     _positive(r["ceilings"]["matmul"], "seconds", "tflops_per_s")
     _positive(r["ceilings"]["copy"], "seconds", "gb_per_s", "bytes_moved")
     assert r["attention"]["auto_selects"] == "xla" and "not a CUDA GPU" in r["attention"]["cudnn"]
-    _positive(r["projector"], "seconds", "images_per_second", "tflops_per_s", "fraction_of_peak")
+    projector = r["projector"]["xla"]
+    _positive(projector, "seconds", "images_per_second", "tflops_per_s", "fraction_of_peak")
+    assert projector["batch"] == 3 and projector["cudnn_calls"] == 0
+    assert "CUDA GPU" in r["projector"]["auto"]["skipped"]
     xla = r["train"]["xla"]
     _positive(xla, "step_seconds", "tokens_per_second", "tflops_per_s", "mfu_measured_peak", "peak_bytes")
     assert all(math.isfinite(x) for x in xla["losses"]) and xla["remat"] == "full" and xla["scan_layers"]
@@ -72,6 +76,16 @@ def test_attention_selection():
         choose_implementation("cudnn", Q, K, bf16, None, backend="cpu")
     with pytest.raises(ValueError, match="flash"):
         choose_implementation("flash", Q, K, bf16, None, backend="gpu")
+
+
+def test_projector_auto_row_compares_with_xla():
+    """The row a GPU run adds (attention picked per call, checked against XLA's on a few images); on
+    this CPU every call is XLA's, so the check reads exactly 0."""
+    from pargo_jax.benchmarks import accelerator
+
+    row = accelerator.measure_projector(accelerator.tiny_shapes(), None, None)
+    assert row["attention_impl"] == "auto" and row["cudnn_calls"] == 0 and row["images_per_second"] > 0
+    assert row["output_rel_error"] == 0 and row["grad_rel_error"] == 0
 
 
 def test_causal_flag_equals_the_dense_causal_mask():

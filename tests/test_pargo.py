@@ -141,6 +141,40 @@ def test_bf16_compute_close_to_f32():
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.1, rtol=0.1)
 
 
+def kernels_picked(monkeypatch, config, x, backend="gpu"):
+    """The kernel each of ParGo's attention calls picks on ``backend`` (traced on CPU: every call still
+    runs XLA's kernel here)."""
+    from pargo_jax.models import attention
+    from pargo_jax.models.projectors import pargo
+
+    picked = []
+
+    def spy(q, k, v, mask=None, *, causal=False, implementation="xla"):
+        shape = None if mask is None else jnp.shape(mask)
+        picked.append(attention.choose_implementation(implementation, q.shape, k.shape, q.dtype, shape,
+                                                      backend=backend))  # fmt: skip
+        return attention.attention(q, k, v, mask, causal=causal, implementation="xla")
+
+    monkeypatch.setattr(pargo, "attention", spy)
+    jax.eval_shape(ParGo(config).init, jax.random.key(1), x)
+    return picked
+
+
+@pytest.mark.parametrize("case", ["released_raster", "cascaded_double", "cascaded_ragged", "qformer"])
+def test_attention_picks_cudnn_on_gpu_in_bf16(monkeypatch, case):
+    """Released, cascaded (groups folded into the batch) and ragged (masked) ParGo: every attention call
+    is one cuDNN takes in bf16 on a GPU; float32, a CPU or ``attention_impl="xla"`` keep XLA's."""
+    bf16 = ParGoConfig(**SMALL, **CASES[case], dtype="bfloat16")
+    x = features()
+    layers = SMALL["layers"]
+    for config in (bf16, dataclasses.replace(bf16, impl="dense")):
+        picked = kernels_picked(monkeypatch, config, x)
+        assert picked == ["cudnn"] * len(picked) and len(picked) >= layers, (config.impl, picked)
+    assert set(kernels_picked(monkeypatch, dataclasses.replace(bf16, dtype="float32"), x)) == {"xla"}
+    assert set(kernels_picked(monkeypatch, bf16, x, backend="cpu")) == {"xla"}
+    assert set(kernels_picked(monkeypatch, dataclasses.replace(bf16, attention_impl="xla"), x)) == {"xla"}
+
+
 def test_qformer_and_mlp_baselines_share_the_face():
     x = features(n=16)
     qformer = projector_module(projector_config("qformer", {**SMALL, "num_global": 5}))
@@ -171,6 +205,7 @@ def test_qformer_and_mlp_baselines_share_the_face():
         (lambda: ParGoConfig(hidden=30, heads=4), "hidden=30 is not divisible by heads=4"),
         (lambda: ParGoConfig(num_partial=400, num_global=200), "600 queries exceed max_positions=512"),
         (lambda: ParGoConfig(impl="flash"), "impl='flash'"),
+        (lambda: ParGoConfig(attention_impl="flash"), "attention_impl='flash'; use None (auto)"),
         (lambda: MLPConfig(group=5).num_tokens(576), "num_patches=576 is not divisible by group=5"),
     ],
 )

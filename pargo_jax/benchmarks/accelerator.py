@@ -13,8 +13,9 @@ others still run), then ``DIR/accelerator.md`` and the table on stdout:
   attention  which kernel the attention core picks for the LLM's shape; on GPU cuDNN vs XLA outputs
              and query gradients on random bf16 inputs (relative error ||a - b|| / ||b||).
   projector  ParGo as released (288 partial + 16 global queries, BERT-small width) on EVA02-L/14-336
-             features (576 x 1024), bf16, forward + backward: images/s, TFLOP/s (analytic,
-             ``ParGoConfig.flops`` x 3), fraction of the matmul peak.
+             features (576 x 1024), bf16, forward + backward, one row per attention kernel (xla; auto
+             on GPU only: cuDNN where a call allows it, checked against XLA on 8 images): images/s,
+             TFLOP/s (analytic, ``ParGoConfig.flops`` x 3), fraction of the matmul peak, cuDNN calls.
   train      one jitted training step (``train.make_train_step`` through ``benchmarks.train_step``):
              frozen EVA02-L/14-336 tower + ParGo 288+16 + a TinyLlama-1.1B-shaped Llama (hidden 2048,
              22 layers, 32 / 4 heads, vocab 32000), random weights, bf16 compute, the ``paper``
@@ -228,8 +229,11 @@ def check_attention(s: Shapes, backend: str) -> dict:
     return out
 
 
-def measure_projector(s: Shapes, peak_flops: float | None) -> dict:
-    """ParGo forward + backward (gradients of every projector parameter; features constant) in bf16."""
+def measure_projector(s: Shapes, peak_flops: float | None, attention_impl: str | None) -> dict:
+    """ParGo forward + backward (gradients of every projector parameter; features constant) in bf16,
+    its attention by ``attention_impl`` ("xla", or None: cuDNN where a call allows it). Counts the
+    compiled program's cuDNN attention calls; with None, also the relative error of its output and
+    gradients against XLA's on a few images."""
     import jax
     import jax.numpy as jnp
 
@@ -238,28 +242,41 @@ def measure_projector(s: Shapes, peak_flops: float | None) -> dict:
 
     v = vision_preset(s.vision["preset"], **s.vision["overrides"])
     options = dict(s.projector, vision_width=v.width, llm_width=s.llm["hidden_size"], dtype="bfloat16")
-    cfg = projector_config("pargo", options)
-    module, n, b = projector_module(cfg), v.num_tokens, s.projector_batch
+    modules = {i: projector_module(projector_config("pargo", options | dict(attention_impl=i)))
+               for i in ("xla", attention_impl)}  # fmt: skip
+    cfg, n, b = modules[attention_impl].config, v.num_tokens, s.projector_batch
     kx, kg = jax.random.split(jax.random.key(2))
     x = jax.random.normal(kx, (b, n, v.width), jnp.bfloat16)
     g = jax.random.normal(kg, (b, cfg.num_queries, cfg.llm_width), jnp.bfloat16)
-    params = jax.jit(module.init)(jax.random.key(0), x[:1])["params"]
+    params = jax.jit(modules["xla"].init)(jax.random.key(0), x[:1])["params"]
 
-    def fwd_bwd(p, x, g):
-        y, vjp = jax.vjp(lambda p: module.apply({"params": p}, x), p)
+    def fwd_bwd(p, x, g, impl):
+        y, vjp = jax.vjp(lambda p: modules[impl].apply({"params": p}, x), p)
         return y, vjp(g)[0]
 
+    label = attention_impl or "auto"
+    log(f"projector {label}: compiling (batch {b}) ...")
     t0 = time.perf_counter()
-    step = jax.jit(fwd_bwd).lower(params, x, g).compile()
+    step = jax.jit(fwd_bwd, static_argnums=3).lower(params, x, g, attention_impl).compile()
     compile_s = time.perf_counter() - t0
     sec = median_seconds(lambda: step(params, x, g), repeats=max(5, s.repeats), warmup=1)
     flops = 3 * cfg.flops(n) * b
-    return dict(
-        batch=b, patches=n, vision_width=v.width, queries=f"{cfg.num_partial}+{cfg.num_global}",
-        hidden=cfg.hidden, layers=cfg.layers, llm_width=cfg.llm_width, dtype="bfloat16", impl=cfg.impl,
-        compile_seconds=compile_s, seconds=sec, images_per_second=b / sec, flops=flops,
-        tflops_per_s=flops / sec / 1e12, fraction_of_peak=peak_flops and flops / sec / peak_flops,
+    row = dict(
+        attention_impl=label, batch=b, patches=n, vision_width=v.width,
+        queries=f"{cfg.num_partial}+{cfg.num_global}", hidden=cfg.hidden, layers=cfg.layers,
+        llm_width=cfg.llm_width, dtype="bfloat16", impl=cfg.impl, cpp=cfg.cpp,
+        cudnn_calls=step.as_text().count('custom_call_target="__cudnn$fmha'), compile_seconds=compile_s,
+        seconds=sec, images_per_second=b / sec, flops=flops, tflops_per_s=flops / sec / 1e12,
+        fraction_of_peak=peak_flops and flops / sec / peak_flops,
     )  # fmt: skip
+    if attention_impl != "xla":  # the same function: outputs and gradients against XLA's on a few images
+        few = min(b, 8)
+        f = jax.jit(fwd_bwd, static_argnums=3)
+        (y, grads), (yx, gx) = (f(params, x[:few], g[:few], i) for i in (attention_impl, "xla"))
+        flat = lambda t: jnp.concatenate([a.astype(jnp.float32).ravel() for a in jax.tree.leaves(t)])
+        row.update(output_rel_error=rel_error(y, yx), grad_rel_error=rel_error(flat(grads), flat(gx)))
+    log(f"projector {label}: {row['images_per_second']:.0f} images/s, {row['cudnn_calls']} cuDNN calls")
+    return row
 
 
 def train_config(s: Shapes, attention_impl: str | None):
@@ -273,7 +290,9 @@ def train_config(s: Shapes, attention_impl: str | None):
     _, c = base.preset("paper")
     overrides = dict(c.model.llm.overrides, fused_qkv=False, attention_impl=attention_impl)
     c.model.vision = ml_collections.ConfigDict(s.vision)
-    c.model.projector = dict(name="pargo", **s.projector)
+    # the projector's attention: XLA in the XLA row, else cuDNN where its calls allow it
+    projector_impl = "xla" if attention_impl == "xla" else None
+    c.model.projector = dict(name="pargo", **s.projector, attention_impl=projector_impl)
     c.model.llm = dict(path=None, config=dict(s.llm), overrides=overrides)
     c.trainable = base.regex_dict(TRAINABLE["full"])
     c.input.batch_size, c.input.max_len = s.train_batch, s.seq
@@ -462,14 +481,17 @@ def table(r: dict) -> str:
         ]
         note = "cuDNN vs XLA rel. error " + "; ".join(errors) if errors else a.get("cudnn", "")
         add("attention", f"LLM q {tuple(a['llm_shape']['q'])}: auto picks {a['auto_selects']}", note=note)
-    p = r.get("projector", {})
-    if why(p):
-        add("ParGo fwd+bwd", note=why(p))
-    elif p:
+    for impl, p in r.get("projector", {}).items():
+        if why(p):
+            add(f"ParGo fwd+bwd ({impl})", note=why(p))
+            continue
         setting = f"{p['queries']} on {p['patches']}x{p['vision_width']}, B {p['batch']}, bf16"
+        note = f"{p['cudnn_calls']} cuDNN calls; compile {p['compile_seconds']:.1f}s"
+        if "output_rel_error" in p:
+            note += f"; vs XLA rel. error out {p['output_rel_error']:.1e}, grad {p['grad_rel_error']:.1e}"
         rate = f"{p['images_per_second']:.0f} img/s"
-        note = f"compile {p['compile_seconds']:.1f}s"
-        add("ParGo fwd+bwd", setting, p["seconds"], rate, p["tflops_per_s"], p["fraction_of_peak"], note=note)
+        add(f"ParGo fwd+bwd ({impl})", setting, p["seconds"], rate, p["tflops_per_s"], p["fraction_of_peak"],
+            note=note)  # fmt: skip
     for impl, t in r.get("train", {}).items():
         if why(t):
             add(f"train step ({impl})", note=why(t))
@@ -514,6 +536,7 @@ def _args(argv: list[str] | None):
     p.add_argument("--out", default="bench_results/accelerator", help="directory for accelerator.json / .md")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke run of the same code)")
     p.add_argument("--parts", default="ceilings,attention,projector,train,decode,input", help="comma list")
+    p.add_argument("--projector_batch", type=int, default=None, help="override the projector part's batch")
     p.add_argument("--train_batch", type=int, default=None, help="override the train step's batch")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (train: after 1 untimed)")
     p.add_argument("--decode_batches", default=None, help="comma list overriding the decode batches")
@@ -527,8 +550,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     backend, dev = jax.default_backend(), jax.devices()[0]
     s = tiny_shapes() if a.tiny else full_shapes(backend)
-    if a.train_batch or a.repeats:
-        s = dataclasses.replace(s, train_batch=a.train_batch or s.train_batch, repeats=a.repeats or s.repeats)
+    for name in ("projector_batch", "train_batch", "repeats"):
+        if getattr(a, name):
+            s = dataclasses.replace(s, **{name: getattr(a, name)})
     if a.decode_batches:
         s = dataclasses.replace(s, decode_batches=tuple(int(b) for b in a.decode_batches.split(",")))
     parts = [x for x in a.parts.split(",") if x]
@@ -565,13 +589,19 @@ def main(argv: list[str] | None = None) -> dict:
     peak = ceil["matmul"]["tflops_per_s"] * 1e12 if "matmul" in ceil else None
     bandwidth = ceil["copy"]["gb_per_s"] * GB if "copy" in ceil else None
     # XLA-only parts first, so that a cuDNN failure which takes the process down leaves their numbers
-    if "projector" in parts:
-        run_part(results, "projector", lambda: measure_projector(s, peak), a.out)
+    projector = results.setdefault("projector", {}) if "projector" in parts else None
+    if projector is not None:
+        run_part(projector, "xla", lambda: measure_projector(s, peak, "xla"), a.out, results)
     train = results.setdefault("train", {}) if "train" in parts else None
     if train is not None:
         run_part(train, "xla", lambda: measure_train(s, "xla", peak), a.out, results)
     if "attention" in parts:
         run_part(results, "attention", lambda: check_attention(s, backend), a.out)
+    if projector is not None:
+        if backend != "gpu":
+            projector["auto"] = {"skipped": f"cuDNN attention needs a CUDA GPU (backend is {backend})"}
+        else:
+            run_part(projector, "auto", lambda: measure_projector(s, peak, None), a.out, results)
     if train is not None:
         if backend != "gpu":
             train["cudnn"] = {"skipped": f"cuDNN attention needs a CUDA GPU (backend is {backend})"}

@@ -30,6 +30,12 @@ CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 128
 
 
+def check_implementation(value: str | None, field: str = "attention_impl") -> None:
+    """A ValueError unless ``value`` is one of :data:`IMPLEMENTATIONS` (a config field's check)."""
+    if value not in IMPLEMENTATIONS:
+        raise ValueError(f"{field}={value!r}; use None (auto), 'xla' or 'cudnn'.")
+
+
 def cudnn_unsupported(
     q_shape: Sequence[int],
     k_shape: Sequence[int],
@@ -78,8 +84,7 @@ def choose_implementation(
     """``"xla"`` or ``"cudnn"`` for one attention call. ``requested`` None: cuDNN where
     :func:`cudnn_unsupported` allows it, else XLA; ``"xla"`` / ``"cudnn"`` force one (a forced cuDNN
     the call cannot use is a ValueError). ``backend`` defaults to ``jax.default_backend()``."""
-    if requested not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {requested!r}; use None (auto), 'xla' or 'cudnn'.")
+    check_implementation(requested)
     if requested == "xla":
         return "xla"
     why = cudnn_unsupported(q_shape, k_shape, dtype, mask_shape, backend=backend or jax.default_backend())

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from pargo_jax.models.attention import attention
+from pargo_jax.models.attention import attention, check_implementation
 from pargo_jax.models.layers import Dense
 from pargo_jax.models.masks import segment_mask, segment_positions
 
@@ -93,8 +93,7 @@ class LLMConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}."
             )
-        if self.attention_impl not in (None, "xla", "cudnn"):
-            raise ValueError(f"attention_impl={self.attention_impl!r}; use None, 'xla' or 'cudnn'.")
+        check_implementation(self.attention_impl)
         if self.remat_policy not in ("none", "full") and not hasattr(
             jax.checkpoint_policies, self.remat_policy
         ):

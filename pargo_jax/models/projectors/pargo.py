@@ -34,7 +34,7 @@ import numpy as np
 from flax import linen as nn
 
 from pargo_jax.models import masks
-from pargo_jax.models.attention import attention, window_attention
+from pargo_jax.models.attention import attention, check_implementation, window_attention
 from pargo_jax.models.layers import KERNEL_INIT
 from pargo_jax.models.projectors.common import ProjectorModule, check_width, layer_norm
 
@@ -60,6 +60,9 @@ class ParGoConfig:
     num_crops: int = 1
     grid: tuple[int, int] | None = None
     impl: str = "structured"  # "structured" | "dense"
+    # the attention kernel (models.attention): None = cuDNN's fused one on a GPU where the call allows
+    # it (bf16 / fp16, rank 4, head_dim a multiple of 8 <= 128), else XLA's | "xla" | "cudnn"
+    attention_impl: str | None = None
     vision_eps: float = 1e-5
     eps: float = 1e-12
     dropout: float = 0.0
@@ -80,6 +83,7 @@ class ParGoConfig:
             )
         if self.impl not in ("structured", "dense"):
             raise ValueError(f"impl={self.impl!r} is not 'structured' or 'dense'.")
+        check_implementation(self.attention_impl)
         if self.cpp not in ("released", "cascaded"):
             raise ValueError(f"cpp={self.cpp!r} is not 'released' or 'cascaded'.")
         if self.init not in ("bert", "fan_in"):
@@ -202,20 +206,20 @@ class ParGo(ProjectorModule):
         return layer_norm(h + y, norm[0][i], norm[1][i], self.config.eps)
 
     def _self_attention(self, q, k, v, mask: np.ndarray, layer: int):
-        c = self.config
+        c, impl = self.config, self.config.attention_impl
         if c.impl == "dense" or not c.num_partial:
-            return attention(q, k, v, mask)
+            return attention(q, k, v, mask, implementation=impl)
         p = c.num_partial
         if not c.num_global:
-            return _self_partial(q, k, v, mask)
+            return _self_partial(q, k, v, mask, impl)
         (qp, qg), (kp, kg), (vp, vg) = (_split(x, (p, c.num_global), 1) for x in (q, k, v))
-        partial = _self_partial(qp, kp, vp, mask[:p, :p])
-        return jnp.concatenate([partial, attention(qg, kg, vg)], axis=1)
+        partial = _self_partial(qp, kp, vp, mask[:p, :p], impl)
+        return jnp.concatenate([partial, attention(qg, kg, vg, implementation=impl)], axis=1)
 
     def _cross_attention(self, q, k, v, mask: np.ndarray, window: int):
-        c = self.config
+        c, impl = self.config, self.config.attention_impl
         if c.impl == "dense" or not c.num_partial:
-            return attention(q, k, v, mask)
+            return attention(q, k, v, mask, implementation=impl)
         p = c.num_partial
         b, n = k.shape[:2]
         # Features were permuted so that window i is rows [i*w, (i+1)*w): a reshape, no gather.
@@ -224,7 +228,7 @@ class ParGo(ProjectorModule):
         if not c.num_global:
             return window_attention(q, kw, vw)
         qp, qg = _split(q, (p, c.num_global), 1)
-        glob = attention(qg, k, v)  # global queries see every patch (order is irrelevant)
+        glob = attention(qg, k, v, implementation=impl)  # global queries see every patch (in any order)
         return jnp.concatenate([window_attention(qp, kw, vw), glob], axis=1)
 
 
@@ -241,16 +245,16 @@ def _is_identity(windows: np.ndarray) -> bool:
     return bool(np.array_equal(flat, np.arange(flat.size)))
 
 
-def _self_partial(q, k, v, mask: np.ndarray):
-    """Partial<->partial self-attention: full (released), block-diagonal groups (cascade) as blocks,
-    or masked dense when the groups are ragged."""
-    p = q.shape[1]
+def _self_partial(q, k, v, mask: np.ndarray, impl: str | None):
+    """Partial<->partial self-attention: full (released), block-diagonal groups (cascade) as blocks
+    folded into the batch (rank 4, as cuDNN takes it), or masked dense when the groups are ragged."""
+    b, p = q.shape[:2]
     if mask.all():
-        return attention(q, k, v)
+        return attention(q, k, v, implementation=impl)
     size = int(mask[0].sum())
     blocks = np.kron(np.eye(p // size, dtype=bool), np.ones((size, size), bool)) if p % size == 0 else None
     if blocks is None or not np.array_equal(blocks, mask):
-        return attention(q, k, v, mask)
-    split = lambda x: x.reshape(x.shape[0], p // size, size, *x.shape[2:])
-    out = attention(split(q), split(k), split(v))
+        return attention(q, k, v, mask, implementation=impl)
+    fold = lambda x: x.reshape(b * (p // size), size, *x.shape[2:])
+    out = attention(fold(q), fold(k), fold(v), implementation=impl)
     return out.reshape(q.shape)
