@@ -3,8 +3,12 @@
 The prompt (token ids or spliced ``inputs_embeds``, left-padded, ``attention_mask`` 1 = real) is
 prefilled in one call, then a ``jax.lax.while_loop`` runs one decode step per token, all inside one
 ``jax.jit`` (compiled once per shape and setting). After an EOS a row emits ``pad_token_id``; the loop
-exits early once every row (or every beam) is finished. Stop strings are applied on the host afterwards
-(given ``detokenize``): the output is cut right after the first stop string.
+exits early once every row (or every beam) is finished. Greedy and sampled decoding can check that
+every ``check_every`` tokens instead: on a GPU each check makes the host wait for the device (XLA
+reads a data-dependent loop condition back every iteration, while an inner loop of a fixed count runs
+without), at the cost of up to ``check_every - 1`` steps decoded after the last row ended (discarded).
+Stop strings are applied on the host afterwards (given ``detokenize``): the output is cut right after
+the first stop string.
 
 Beam search follows Hugging Face ``generate(num_beams=K, do_sample=False)`` step for step (vectorized
 beam search: 2K candidates, finished hypotheses scored ``sum_logprob / generated_len**length_penalty``,
@@ -55,19 +59,23 @@ def generate(
     num_beams: int = 4,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
+    check_every: int = 1,
     stop_strings: Sequence[str] = (),
     detokenize: Callable[[Sequence[int]], str] | None = None,
 ) -> GenerateOutput:
     """Generates ``max_new_tokens`` tokens per prompt with ``method`` "greedy" | "sample" | "beam".
 
-    ``seed`` (int or PRNG key) drives sampling. Raises ``ValueError`` if prompt length +
-    ``max_new_tokens`` exceeds the model's ``max_position_embeddings``."""
+    ``seed`` (int or PRNG key) drives sampling. ``check_every`` (greedy / sample): tokens decoded
+    between checks that every row has ended (the same output for any value). Raises ``ValueError``
+    if prompt length + ``max_new_tokens`` exceeds the model's ``max_position_embeddings``."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
     if method not in ("greedy", "sample", "beam"):
         raise ValueError(f"method={method!r}; use 'greedy', 'sample' or 'beam'.")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping={early_stopping!r}; use True, False or 'never'.")
+    if check_every < 1 or (check_every > 1 and method == "beam"):
+        raise ValueError(f"check_every={check_every}; use >= 1 (and 1 with beam search).")
     if stop_strings and detokenize is None:
         raise ValueError("stop_strings need a detokenize function (token ids -> text).")
     prompt = input_ids if input_ids is not None else inputs_embeds
@@ -94,7 +102,7 @@ def generate(
     beams = int(num_beams) if method == "beam" else 1
     tokens, lengths, scores = _generate_jit(
         variables, input_ids, inputs_embeds, attention_mask, key, knobs, module=module,
-        max_new_tokens=int(max_new_tokens), method=method, num_beams=beams,
+        max_new_tokens=int(max_new_tokens), method=method, num_beams=beams, check_every=int(check_every),
     )  # fmt: skip
     tokens, lengths, scores = to_host(tokens), to_host(lengths), to_host(scores)
     if stop_strings:
@@ -201,7 +209,7 @@ def process_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 # --- the jitted core -------------------------------------------------------------------------------
 @functools.partial(
     jax.jit,
-    static_argnames=("module", "max_new_tokens", "method", "num_beams"),
+    static_argnames=("module", "max_new_tokens", "method", "num_beams", "check_every"),
 )
 def _generate_jit(
     variables, input_ids, inputs_embeds, attention_mask, key, knobs, *, module, max_new_tokens, **kw
@@ -222,7 +230,8 @@ def _generate_jit(
     step = lambda tok, cache: module.apply(variables, tok[:, None], cache=cache)
     if kw["method"] == "beam":
         return _beam_search(step, logits[:, 0], cache, max_new_tokens, kw["num_beams"], **knobs)
-    return _sample_loop(step, logits[:, 0], cache, key, max_new_tokens, kw["method"], **knobs)
+    every = kw["check_every"]
+    return _sample_loop(step, logits[:, 0], cache, key, max_new_tokens, kw["method"], every, **knobs)
 
 
 def _choose(logits, key, i, temperature, top_k, top_p, *, method: str) -> jax.Array:
@@ -236,17 +245,20 @@ def _choose(logits, key, i, temperature, top_k, top_p, *, method: str) -> jax.Ar
 _choose_jit = jax.jit(_choose, static_argnames=("method",))
 
 
-def _sample_loop(step, logits, cache, key, n, method, *, eos, pad, temperature, top_k, top_p, **_):
-    """Greedy (argmax) or sampled decoding; one row stops at its first EOS."""
+def _sample_loop(step, logits, cache, key, n, method, every, *, eos, pad, temperature, top_k, top_p, **_):
+    """Greedy (argmax) or sampled decoding; one row stops at its first EOS. The loop checks for the end
+    every ``every`` tokens; steps past ``n`` change nothing (their cache writes land past the cache's
+    end, clamped, after the last token that reads it)."""
     b = logits.shape[0]
 
     def pick(i, logits, done, tokens, lengths, scores):
+        done = done | (i >= n)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
         tok = jnp.where(done, pad, _choose(logits, key, i, temperature, top_k, top_p, method=method))
         scores = scores + jnp.where(done, 0.0, jnp.take_along_axis(logp, tok[:, None], -1)[:, 0])
         lengths = jnp.where(done, lengths, i + 1)
         done = done | jnp.isin(tok, eos)
-        return tok, done, tokens.at[:, i].set(tok), lengths, scores
+        return tok, done, tokens.at[:, i].set(tok, mode="drop"), lengths, scores
 
     zeros = jnp.zeros((b,), jnp.int32)
     state = pick(0, logits, jnp.zeros((b,), bool), jnp.full((b, n), pad, jnp.int32), zeros, jnp.zeros((b,)))
@@ -260,6 +272,8 @@ def _sample_loop(step, logits, cache, key, n, method, *, eos, pad, temperature, 
         logits, cache = step(tok, cache)
         return i + 1, pick(i, logits[:, 0], done, tokens, lengths, scores), cache
 
+    if every > 1:  # a fixed-count inner loop: its iterations need no check
+        body = functools.partial(jax.lax.fori_loop, 0, every, lambda _, carry, body=body: body(carry))
     _, (_, _, tokens, lengths, scores), _ = jax.lax.while_loop(cond, body, (jnp.int32(1), state, cache))
     return tokens, lengths, scores
 

@@ -41,9 +41,13 @@ def test_accelerator_tiny_command(tmp_path):
             row = r["decode"][f"{layers}_batch_{b}"]
             _positive(row, "seconds", "tokens_per_second", "fraction_of_bandwidth")
         assert r["decode"][f"unrolled_batch_{b}"]["same_tokens_as_scan"]
+        checked = r["decode"][f"unrolled_every_3_batch_{b}"]  # the end checked every 3 tokens
+        _positive(checked, "seconds", "tokens_per_second")
+        assert checked["check_every"] == 3 and checked["same_tokens_as_every_1"]
     _positive(r["input"]["workers_0"], "images_per_second", "supply_over_demand")
     md = (tmp_path / "accelerator.md").read_text()
     assert "| train step (xla) |" in md and "| greedy decode (batch 4) | unrolled layers" in md
+    assert "end checked every 3 tokens" in md
     assert run.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])  # the table is printed last
 
 

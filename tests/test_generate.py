@@ -142,6 +142,25 @@ def test_stop_strings_cut_after_match():
         assert (out.tokens[row, n:] == 0).all()
 
 
+def test_checking_the_end_every_k_tokens_decodes_the_same():
+    """``check_every`` > 1 (fewer loop checks, for GPUs) gives the same tokens, lengths and scores, when
+    both rows end early (the loop stops inside a block) and at the full cache length (steps past it)."""
+    module, variables = _load("llama")  # max_position_embeddings = 64
+    free = generate(module, variables, input_ids=IDS, attention_mask=MASK, max_new_tokens=N).tokens
+    eos = [int(free[0, 5]), int(free[1, 3])]  # each row ends early
+    early = dict(max_new_tokens=N, eos_token_id=eos)
+    cases = [early, dict(early, method="sample"), dict(max_new_tokens=64 - IDS.shape[1])]
+    for kw in cases:
+        ref = generate(module, variables, input_ids=IDS, attention_mask=MASK, **kw)
+        for every in (3, N):
+            out = generate(module, variables, input_ids=IDS, attention_mask=MASK, check_every=every, **kw)
+            np.testing.assert_array_equal(out.tokens, ref.tokens, err_msg=f"{kw} every {every}")
+            np.testing.assert_array_equal(out.lengths, ref.lengths)
+            np.testing.assert_allclose(out.scores, ref.scores, rtol=1e-6)
+    assert ref.lengths.min() == 64 - IDS.shape[1]
+    assert generate(module, variables, input_ids=IDS, attention_mask=MASK, **early).lengths.max() <= 6
+
+
 def test_length_guard_and_argument_errors():
     module, variables = _load("llama")  # max_position_embeddings = 64
     with pytest.raises(ValueError, match=r"Prompt length 9 \+ max_new_tokens 56 .*64"):
@@ -150,4 +169,7 @@ def test_length_guard_and_argument_errors():
         generate(module, variables, input_ids=IDS, max_new_tokens=2, stop_strings=["x"])
     with pytest.raises(ValueError, match="method"):
         generate(module, variables, input_ids=IDS, max_new_tokens=2, method="contrastive")
+    for every, method in ((0, "greedy"), (2, "beam")):
+        with pytest.raises(ValueError, match=f"check_every={every}; use >= 1"):
+            generate(module, variables, input_ids=IDS, max_new_tokens=2, method=method, check_every=every)
     assert jax.device_count() == 8  # conftest's fake devices do not disturb single-device decoding

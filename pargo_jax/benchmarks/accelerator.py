@@ -22,9 +22,10 @@ others still run), then ``DIR/accelerator.md`` and the table on stdout:
              preset's scan + full remat, projector and LLM trained (stage-2 SFT), one row per LLM
              attention kernel (xla; cudnn on GPU only): step s, tokens/s, MFU against the measured
              peak (``flops.mllm_training_flops``), compiled peak memory and the allocator's peak.
-  decode     greedy KV-cache ``generate`` of that LLM (bf16 weights) at batch 1 and 32: tokens/s and
-             the fraction of the measured bandwidth that reading all weights + the whole KV cache
-             once per new token would take.
+  decode     greedy KV-cache ``generate`` of that LLM (bf16 weights) at batch 1 and 32, its layers
+             scanned and one buffer per layer, the latter also checking for the end every 16 tokens
+             (``generate(check_every=16)``): tokens/s and the fraction of the measured bandwidth that
+             reading all weights + the whole KV cache once per new token would take.
   input      the real input pipeline (``benchmarks.input``: ArrayRecord, decode, resize, tokenize,
              batch) with 0 and N workers, beside the train step's demand (global batch / step time).
 
@@ -36,7 +37,9 @@ and tensorflow_datasets. See docs/guide/accelerators.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
+import itertools
 import json
 import math
 import os
@@ -66,6 +69,7 @@ class Shapes:
     train_batch: int
     seq: int
     decode_batches: tuple[int, ...]
+    decode_check_every: int  # a second unrolled row checks for the end every this many tokens
     prompt_len: int
     new_tokens: int
     input_images: int
@@ -95,8 +99,9 @@ def full_shapes(backend: str) -> Shapes:
         matmul=1024 if cpu else 8192, copy_mb=256 if cpu else 2048, vision=EVA02_L_336,
         projector={k: v for k, v in OFFICIAL.items() if k not in ("vision_width", "llm_width")},
         llm=TINYLLAMA_1B, projector_batch=256, train_batch=16, seq=2048, decode_batches=(1, 32),
-        prompt_len=128, new_tokens=128, input_images=512, input_size=336, input_source=(640, 480),
-        input_batch=32, input_workers=(0, min(8, os.cpu_count() or 1)), input_max_len=2048, repeats=3,
+        decode_check_every=16, prompt_len=128, new_tokens=128, input_images=512, input_size=336,
+        input_source=(640, 480), input_batch=32, input_workers=(0, min(8, os.cpu_count() or 1)),
+        input_max_len=2048, repeats=3,
     )  # fmt: skip
 
 
@@ -111,8 +116,8 @@ def tiny_shapes() -> Shapes:
         projector={k: v for k, v in QUICK.items() if k not in ("vision_width", "llm_width")},
         llm=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=16, max_position_embeddings=128),
-        projector_batch=4, train_batch=2, seq=32, decode_batches=(1, 4), prompt_len=16, new_tokens=8,
-        input_images=8, input_size=32, input_source=(48, 40), input_batch=4, input_workers=(0,),
+        projector_batch=4, train_batch=2, seq=32, decode_batches=(1, 4), decode_check_every=3, prompt_len=16,
+        new_tokens=8, input_images=8, input_size=32, input_source=(48, 40), input_batch=4, input_workers=(0,),
         input_max_len=96, repeats=2,
     )  # fmt: skip
 
@@ -348,7 +353,8 @@ def measure_train(s: Shapes, attention_impl: str, peak_flops: float | None) -> d
 
 def measure_decode(s: Shapes, bandwidth: float | None, layouts=("scan", "unrolled")) -> dict:
     """Greedy decoding of the shapes' LLM (bf16 weights, random init) at each decode batch, with the
-    layers' weights as one scanned stack and as one buffer per layer (:func:`llm.unscanned`)."""
+    layers' weights as one scanned stack and as one buffer per layer (:func:`llm.unscanned`); the
+    latter also checking for the end every ``s.decode_check_every`` tokens instead of every token."""
     import dataclasses as dc
 
     import jax
@@ -365,21 +371,24 @@ def measure_decode(s: Shapes, bandwidth: float | None, layouts=("scan", "unrolle
     tokens = {}
     for layout in layouts:
         lcfg, lparams = (cfg, params) if layout == "scan" else unscanned(cfg, params)
-        for b in s.decode_batches:
+        for every, b in itertools.product(
+            (1,) if layout == "scan" else (1, s.decode_check_every), s.decode_batches
+        ):
             ids, mask = left_padded_prompts(b, s.prompt_len, cfg.vocab_size)
             cache_len = s.prompt_len + s.new_tokens
             kv_bytes = 2 * cfg.num_layers * b * cache_len * cfg.num_kv_heads * cfg.head_dim * 2  # k, v bf16
-            row: dict[str, Any] = dict(batch=b, layers=layout, prompt_len=s.prompt_len)
+            row: dict[str, Any] = dict(batch=b, layers=layout, check_every=every, prompt_len=s.prompt_len)
             row["new_tokens"] = s.new_tokens
             impl = None
             variables = {"params": lparams}
+            run = functools.partial(time_greedy, ids=ids, mask=mask, new_tokens=s.new_tokens,
+                                    repeats=s.repeats, check_every=every)  # fmt: skip
             try:
-                timing = time_greedy(CausalLM(lcfg), variables, ids, mask, s.new_tokens, s.repeats)
+                timing = run(CausalLM(lcfg), variables)
             except Exception as e:  # noqa: BLE001  (auto picked a kernel that failed here: retry on XLA)
                 row["auto_error"] = f"{type(e).__name__}: {e}"[:500]
                 impl = "xla"
-                module = CausalLM(dc.replace(lcfg, attention_impl=impl))
-                timing = time_greedy(module, variables, ids, mask, s.new_tokens, s.repeats)
+                timing = run(CausalLM(dc.replace(lcfg, attention_impl=impl)), variables)
             sec = timing["seconds"]
             per_token = (weight_bytes + kv_bytes) * s.new_tokens / sec
             row.update(
@@ -387,11 +396,14 @@ def measure_decode(s: Shapes, bandwidth: float | None, layouts=("scan", "unrolle
                 tokens_per_second=b * s.new_tokens / sec, weight_bytes=weight_bytes, kv_cache_bytes=kv_bytes,
                 bytes_per_second=per_token, fraction_of_bandwidth=bandwidth and per_token / bandwidth,
             )  # fmt: skip
-            if layout != "scan" and f"scan_batch_{b}" in rows:  # same weights: the same greedy tokens
-                row["same_tokens_as_scan"] = bool((timing["tokens"] == tokens[b]).all())
-            tokens[b] = timing["tokens"]
-            rows[f"{layout}_batch_{b}"] = row
-            log(f"decode {layout} batch {b}: {row['tokens_per_second']:.1f} tokens/s ({sec:.3f}s)")
+            tokens[layout, every, b] = timing["tokens"]
+            if every > 1:  # the same program, checked less often: the same tokens
+                row["same_tokens_as_every_1"] = bool((timing["tokens"] == tokens[layout, 1, b]).all())
+            elif ("scan", 1, b) in tokens and layout != "scan":  # same weights: the same greedy tokens
+                row["same_tokens_as_scan"] = bool((timing["tokens"] == tokens["scan", 1, b]).all())
+            name = f"{layout}_batch_{b}" if every == 1 else f"{layout}_every_{every}_batch_{b}"
+            rows[name] = row
+            log(f"decode {name}: {row['tokens_per_second']:.1f} tokens/s ({sec:.3f}s)")
         del lparams
     del params
     free_device_memory()
@@ -512,6 +524,8 @@ def table(r: dict) -> str:
                 f"{row['layers']} layers, prompt {row['prompt_len']} + {row['new_tokens']} new, "
                 f"attention {row['attention_impl']}"
             )
+            if row.get("check_every", 1) > 1:
+                setting += f", end checked every {row['check_every']} tokens"
             rate = f"{row['tokens_per_second']:.0f} tok/s"
             note = "of bandwidth: (weights + KV cache) per token"
             add(f"greedy decode (batch {row['batch']})", setting, row["seconds"], rate,
@@ -540,6 +554,7 @@ def _args(argv: list[str] | None):
     p.add_argument("--train_batch", type=int, default=None, help="override the train step's batch")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (train: after 1 untimed)")
     p.add_argument("--decode_batches", default=None, help="comma list overriding the decode batches")
+    p.add_argument("--decode_check_every", type=int, default=None, help="tokens between end checks (2nd row)")
     return p.parse_args(argv)
 
 
@@ -550,7 +565,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     backend, dev = jax.default_backend(), jax.devices()[0]
     s = tiny_shapes() if a.tiny else full_shapes(backend)
-    for name in ("projector_batch", "train_batch", "repeats"):
+    for name in ("projector_batch", "train_batch", "decode_check_every", "repeats"):
         if getattr(a, name):
             s = dataclasses.replace(s, **{name: getattr(a, name)})
     if a.decode_batches:

@@ -79,14 +79,14 @@ def best_time(fn, repeats: int):
     return min(times), out
 
 
-def time_greedy(module, variables, ids, mask, new_tokens: int, repeats: int) -> dict:
+def time_greedy(module, variables, ids, mask, new_tokens: int, repeats: int, check_every: int = 1) -> dict:
     """Our jitted KV-cache greedy ``generate`` of ``new_tokens``: ``first_call_seconds`` (compile
     included), ``seconds`` (best of ``repeats``) and the ``tokens`` (host array)."""
     from pargo_jax.generate import generate
 
     def run():
-        out = generate(module, variables, input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens)
-        return out.tokens
+        kw = dict(attention_mask=mask, max_new_tokens=new_tokens, check_every=check_every)
+        return generate(module, variables, input_ids=ids, **kw).tokens
 
     first, _ = best_time(run, 1)
     seconds, tokens = best_time(run, repeats)
