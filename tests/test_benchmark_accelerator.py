@@ -83,13 +83,16 @@ def test_attention_selection():
 
 
 def test_projector_auto_row_compares_with_xla():
-    """The row a GPU run adds (attention picked per call, checked against XLA's on a few images); on
-    this CPU every call is XLA's, so the check reads exactly 0."""
+    """The row a GPU run adds (attention picked per call), checked against the XLA row's outputs and
+    gradients; on this CPU every call is XLA's, so the check reads exactly 0."""
     from pargo_jax.benchmarks import accelerator
 
-    row = accelerator.measure_projector(accelerator.tiny_shapes(), None, None)
+    shapes = accelerator.tiny_shapes()
+    xla, reference = accelerator.measure_projector(shapes, None, "xla")
+    row, (y, grads) = accelerator.measure_projector(shapes, None, None, reference)
     assert row["attention_impl"] == "auto" and row["cudnn_calls"] == 0 and row["images_per_second"] > 0
-    assert row["output_rel_error"] == 0 and row["grad_rel_error"] == 0
+    assert "output_rel_error" not in xla and row["output_rel_error"] == 0 and row["grad_rel_error"] == 0
+    assert y.shape == (shapes.projector_batch, 8 + 2, shapes.llm["hidden_size"]) and grads.ndim == 1
 
 
 def test_causal_flag_equals_the_dense_causal_mask():

@@ -14,7 +14,7 @@ others still run), then ``DIR/accelerator.md`` and the table on stdout:
              and query gradients on random bf16 inputs (relative error ||a - b|| / ||b||).
   projector  ParGo as released (288 partial + 16 global queries, BERT-small width) on EVA02-L/14-336
              features (576 x 1024), bf16, forward + backward, one row per attention kernel (xla; auto
-             on GPU only: cuDNN where a call allows it, checked against XLA on 8 images): images/s,
+             on GPU only: cuDNN where a call allows it, checked against the XLA row): images/s,
              TFLOP/s (analytic, ``ParGoConfig.flops`` x 3), fraction of the matmul peak, cuDNN calls.
   train      one jitted training step (``train.make_train_step`` through ``benchmarks.train_step``):
              frozen EVA02-L/14-336 tower + ParGo 288+16 + a TinyLlama-1.1B-shaped Llama (hidden 2048,
@@ -234,11 +234,11 @@ def check_attention(s: Shapes, backend: str) -> dict:
     return out
 
 
-def measure_projector(s: Shapes, peak_flops: float | None, attention_impl: str | None) -> dict:
+def measure_projector(s: Shapes, peak_flops: float | None, attention_impl: str | None, reference=None):
     """ParGo forward + backward (gradients of every projector parameter; features constant) in bf16,
-    its attention by ``attention_impl`` ("xla", or None: cuDNN where a call allows it). Counts the
-    compiled program's cuDNN attention calls; with None, also the relative error of its output and
-    gradients against XLA's on a few images."""
+    its attention by ``attention_impl`` ("xla", or None: cuDNN where a call allows it): (its row, its
+    outputs on the first 8 images and its gradients). The row counts the compiled program's cuDNN
+    attention calls and, given the XLA row's outputs as ``reference``, their relative errors."""
     import jax
     import jax.numpy as jnp
 
@@ -247,22 +247,21 @@ def measure_projector(s: Shapes, peak_flops: float | None, attention_impl: str |
 
     v = vision_preset(s.vision["preset"], **s.vision["overrides"])
     options = dict(s.projector, vision_width=v.width, llm_width=s.llm["hidden_size"], dtype="bfloat16")
-    modules = {i: projector_module(projector_config("pargo", options | dict(attention_impl=i)))
-               for i in ("xla", attention_impl)}  # fmt: skip
-    cfg, n, b = modules[attention_impl].config, v.num_tokens, s.projector_batch
+    module = projector_module(projector_config("pargo", options | dict(attention_impl=attention_impl)))
+    cfg, n, b = module.config, v.num_tokens, s.projector_batch
     kx, kg = jax.random.split(jax.random.key(2))
     x = jax.random.normal(kx, (b, n, v.width), jnp.bfloat16)
     g = jax.random.normal(kg, (b, cfg.num_queries, cfg.llm_width), jnp.bfloat16)
-    params = jax.jit(modules["xla"].init)(jax.random.key(0), x[:1])["params"]
+    params = jax.jit(module.init)(jax.random.key(0), x[:1])["params"]
 
-    def fwd_bwd(p, x, g, impl):
-        y, vjp = jax.vjp(lambda p: modules[impl].apply({"params": p}, x), p)
+    def fwd_bwd(p, x, g):
+        y, vjp = jax.vjp(lambda p: module.apply({"params": p}, x), p)
         return y, vjp(g)[0]
 
     label = attention_impl or "auto"
     log(f"projector {label}: compiling (batch {b}) ...")
     t0 = time.perf_counter()
-    step = jax.jit(fwd_bwd, static_argnums=3).lower(params, x, g, attention_impl).compile()
+    step = jax.jit(fwd_bwd).lower(params, x, g).compile()
     compile_s = time.perf_counter() - t0
     sec = median_seconds(lambda: step(params, x, g), repeats=max(5, s.repeats), warmup=1)
     flops = 3 * cfg.flops(n) * b
@@ -274,14 +273,13 @@ def measure_projector(s: Shapes, peak_flops: float | None, attention_impl: str |
         seconds=sec, images_per_second=b / sec, flops=flops, tflops_per_s=flops / sec / 1e12,
         fraction_of_peak=peak_flops and flops / sec / peak_flops,
     )  # fmt: skip
-    if attention_impl != "xla":  # the same function: outputs and gradients against XLA's on a few images
-        few = min(b, 8)
-        f = jax.jit(fwd_bwd, static_argnums=3)
-        (y, grads), (yx, gx) = (f(params, x[:few], g[:few], i) for i in (attention_impl, "xla"))
-        flat = lambda t: jnp.concatenate([a.astype(jnp.float32).ravel() for a in jax.tree.leaves(t)])
-        row.update(output_rel_error=rel_error(y, yx), grad_rel_error=rel_error(flat(grads), flat(gx)))
+    y, grads = step(params, x, g)  # the same inputs and weights in every row
+    outputs = (y[:8], jnp.concatenate([a.astype(jnp.float32).ravel() for a in jax.tree.leaves(grads)]))
+    if reference is not None:
+        row.update(output_rel_error=rel_error(outputs[0], reference[0]),
+                   grad_rel_error=rel_error(outputs[1], reference[1]))  # fmt: skip
     log(f"projector {label}: {row['images_per_second']:.0f} images/s, {row['cudnn_calls']} cuDNN calls")
-    return row
+    return row, outputs
 
 
 def train_config(s: Shapes, attention_impl: str | None):
@@ -605,8 +603,15 @@ def main(argv: list[str] | None = None) -> dict:
     bandwidth = ceil["copy"]["gb_per_s"] * GB if "copy" in ceil else None
     # XLA-only parts first, so that a cuDNN failure which takes the process down leaves their numbers
     projector = results.setdefault("projector", {}) if "projector" in parts else None
+    projector_outputs: dict[str, Any] = {}  # the XLA row's, which the auto row is checked against
+
+    def projector_row(impl: str | None) -> dict:
+        row, outputs = measure_projector(s, peak, impl, projector_outputs.get("xla"))
+        projector_outputs.setdefault("xla", outputs)
+        return row
+
     if projector is not None:
-        run_part(projector, "xla", lambda: measure_projector(s, peak, "xla"), a.out, results)
+        run_part(projector, "xla", lambda: projector_row("xla"), a.out, results)
     train = results.setdefault("train", {}) if "train" in parts else None
     if train is not None:
         run_part(train, "xla", lambda: measure_train(s, "xla", peak), a.out, results)
@@ -616,7 +621,8 @@ def main(argv: list[str] | None = None) -> dict:
         if backend != "gpu":
             projector["auto"] = {"skipped": f"cuDNN attention needs a CUDA GPU (backend is {backend})"}
         else:
-            run_part(projector, "auto", lambda: measure_projector(s, peak, None), a.out, results)
+            run_part(projector, "auto", lambda: projector_row(None), a.out, results)
+        projector_outputs.clear()
     if train is not None:
         if backend != "gpu":
             train["cudnn"] = {"skipped": f"cuDNN attention needs a CUDA GPU (backend is {backend})"}
