@@ -11,6 +11,7 @@ from flax import linen as nn
 from pargo_jax import sharding
 from pargo_jax.models import masks
 from pargo_jax.models.projectors import MLPConfig, ParGo, ParGoConfig, projector_config, projector_module
+from tests.kernels import record_kernels
 
 SMALL = dict(hidden=32, heads=4, layers=2, mlp_dim=48, vision_width=24, llm_width=20, max_positions=64)
 
@@ -142,20 +143,10 @@ def test_bf16_compute_close_to_f32():
 
 
 def kernels_picked(monkeypatch, config, x, backend="gpu"):
-    """The kernel each of ParGo's attention calls picks on ``backend`` (traced on CPU: every call still
-    runs XLA's kernel here)."""
-    from pargo_jax.models import attention
+    """The kernel each of ParGo's attention calls picks on ``backend`` (traced on CPU)."""
     from pargo_jax.models.projectors import pargo
 
-    picked = []
-
-    def spy(q, k, v, mask=None, *, causal=False, implementation="xla"):
-        shape = None if mask is None else jnp.shape(mask)
-        picked.append(attention.choose_implementation(implementation, q.shape, k.shape, q.dtype, shape,
-                                                      backend=backend))  # fmt: skip
-        return attention.attention(q, k, v, mask, causal=causal, implementation="xla")
-
-    monkeypatch.setattr(pargo, "attention", spy)
+    picked = record_kernels(monkeypatch, pargo, backend)
     jax.eval_shape(ParGo(config).init, jax.random.key(1), x)
     return picked
 

@@ -18,6 +18,7 @@ from pargo_jax.convert.hf_vision import load_eva02, load_vision
 from pargo_jax.convert.tables import ConversionError
 from pargo_jax.models.vision import PRESETS, VisionTower, rope_tables, vision_preset
 from pargo_jax.sharding import LOGICAL_RULES, make_mesh
+from tests.kernels import record_kernels
 from tests.torch_refs.eva02 import Eva, evaclip_state, rope_embed_cat
 
 TOL = 1e-4
@@ -251,6 +252,24 @@ def test_eva02_preset_shapes():
     assert "bias" not in p["blocks"]["attn"]["k"]
     n = sum(np.prod(v.shape) for v in jax.tree.leaves(p))
     assert 300e6 < n < 306e6  # EVA02-CLIP-L/14 vision: ~304M
+
+
+@pytest.mark.parametrize("name", ["eva02-L/14-336", "so400m-384", "clip-L/14-336"])
+def test_real_towers_attention_picks_cudnn_on_gpu_in_bf16(monkeypatch, name):
+    """Every attention call of a real tower in bf16 is one cuDNN takes on a GPU (traced here on CPU,
+    where each still runs XLA's kernel); float32 and ``attention_impl="xla"`` keep XLA's."""
+    from pargo_jax.models import vision
+
+    picked = record_kernels(monkeypatch, vision)
+    size = PRESETS[name].image_size
+    for overrides, kernel in ((dict(dtype=jnp.bfloat16), "cudnn"), ({}, "xla"),
+                              (dict(dtype=jnp.bfloat16, attention_impl="xla"), "xla")):  # fmt: skip
+        picked.clear()
+        tower = VisionTower(vision_preset(name, **overrides))
+        jax.eval_shape(tower.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+        assert picked and set(picked) == {kernel}, (overrides, picked)
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        vision_preset(name, attention_impl="flash")
 
 
 def test_siglip_so400m_and_clip_l_preset_shapes():

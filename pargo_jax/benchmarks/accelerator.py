@@ -20,7 +20,8 @@ others still run), then ``DIR/accelerator.md`` and the table on stdout:
              frozen EVA02-L/14-336 tower + ParGo 288+16 + a TinyLlama-1.1B-shaped Llama (hidden 2048,
              22 layers, 32 / 4 heads, vocab 32000), random weights, bf16 compute, the ``paper``
              preset's scan + full remat, projector and LLM trained (stage-2 SFT), one row per LLM
-             attention kernel (xla; cudnn on GPU only): step s, tokens/s, MFU against the measured
+             attention kernel (xla, the tower and projector too; cudnn on GPU only, the tower and
+             projector auto): step s, tokens/s, MFU against the measured
              peak (``flops.mllm_training_flops``), compiled peak memory and the allocator's peak.
   decode     greedy KV-cache ``generate`` of that LLM (bf16 weights) at batch 1 and 32, its layers
              scanned and one buffer per layer, the latter also checking for the end every 16 tokens
@@ -292,10 +293,11 @@ def train_config(s: Shapes, attention_impl: str | None):
 
     _, c = base.preset("paper")
     overrides = dict(c.model.llm.overrides, fused_qkv=False, attention_impl=attention_impl)
+    # the tower's and the projector's attention: XLA in the XLA row, else cuDNN where their calls allow it
+    others = "xla" if attention_impl == "xla" else None
     c.model.vision = ml_collections.ConfigDict(s.vision)
-    # the projector's attention: XLA in the XLA row, else cuDNN where its calls allow it
-    projector_impl = "xla" if attention_impl == "xla" else None
-    c.model.projector = dict(name="pargo", **s.projector, attention_impl=projector_impl)
+    c.model.vision.overrides = dict(s.vision["overrides"], attention_impl=others)
+    c.model.projector = dict(name="pargo", **s.projector, attention_impl=others)
     c.model.llm = dict(path=None, config=dict(s.llm), overrides=overrides)
     c.trainable = base.regex_dict(TRAINABLE["full"])
     c.input.batch_size, c.input.max_len = s.train_batch, s.seq

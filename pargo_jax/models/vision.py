@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from pargo_jax.models.attention import attention
+from pargo_jax.models.attention import attention, check_implementation
 from pargo_jax.models.layers import KERNEL_INIT, Dense
 
 KINDS = ("siglip", "clip", "eva02", "blip2")
@@ -55,7 +55,9 @@ class VisionConfig:
     LLaVA), ``final_norm`` (None = as HF/timm: the tower's final norm only on the last block's output
     and never for CLIP tokens nor BLIP-2's, whose ``post_layernorm`` is the Q-Former's ``ln_vision``;
     True/False forces it), ``drop_cls`` (drop the CLS token of clip/eva02/blip2).
-    Numerics: ``dtype`` (compute), ``param_dtype``; ``remat`` rematerializes each block.
+    Numerics: ``dtype`` (compute), ``param_dtype``; ``remat`` rematerializes each block;
+    ``attention_impl`` the attention kernel (None: cuDNN's on a GPU in bf16 / fp16 where the head size
+    allows, else XLA's; "xla"; "cudnn").
     """
 
     kind: str = "siglip"
@@ -76,6 +78,7 @@ class VisionConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    attention_impl: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -84,6 +87,7 @@ class VisionConfig:
             raise ValueError(f"Unknown activation {self.act!r}; supported: {_ACTS}.")
         if self.heads < 1 or self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}.")
+        check_implementation(self.attention_impl)
         if not -(self.depth + 1) <= self.feature_layer <= self.depth:
             raise ValueError(
                 f"feature_layer {self.feature_layer} is out of range for depth {self.depth}: use "
@@ -274,7 +278,7 @@ class Attention(nn.Module):
                 [t[:, :p], apply_rope(t[:, p:].astype(jnp.float32), sin, cos).astype(t.dtype)], axis=1
             )
             q, k = rot(q), rot(k)
-        out = attention(q, k, v)
+        out = attention(q, k, v, implementation=cfg.attention_impl)
         if cfg.attn_norm:
             b, n = out.shape[:2]
             out = _layer_norm(cfg, "norm")(out.reshape(b, n, cfg.width)).reshape(b, n, *hd)
