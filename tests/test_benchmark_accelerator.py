@@ -95,6 +95,18 @@ def test_projector_auto_row_compares_with_xla():
     assert y.shape == (shapes.projector_batch, 8 + 2, shapes.llm["hidden_size"]) and grads.ndim == 1
 
 
+def test_train_rows_set_every_attention():
+    """The XLA train row keeps the tower's, ParGo's and the LLM's attention on XLA; the cuDNN row forces
+    the LLM's and lets the tower and ParGo pick."""
+    from pargo_jax.benchmarks import accelerator
+
+    for impl, others in (("xla", "xla"), ("cudnn", None)):
+        c = accelerator.train_config(accelerator.tiny_shapes(), impl)
+        assert c.model.llm.overrides.attention_impl == impl
+        assert c.model.vision.overrides.attention_impl == others
+        assert c.model.projector.attention_impl == others
+
+
 def test_causal_flag_equals_the_dense_causal_mask():
     import jax
     import numpy as np
