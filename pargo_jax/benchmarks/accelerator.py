@@ -371,9 +371,8 @@ def measure_decode(s: Shapes, bandwidth: float | None, layouts=("scan", "unrolle
     tokens = {}
     for layout in layouts:
         lcfg, lparams = (cfg, params) if layout == "scan" else unscanned(cfg, params)
-        for every, b in itertools.product(
-            (1,) if layout == "scan" else (1, s.decode_check_every), s.decode_batches
-        ):
+        checks = (1,) if layout == "scan" else sorted({1, s.decode_check_every})
+        for every, b in itertools.product(checks, s.decode_batches):
             ids, mask = left_padded_prompts(b, s.prompt_len, cfg.vocab_size)
             cache_len = s.prompt_len + s.new_tokens
             kv_bytes = 2 * cfg.num_layers * b * cache_len * cfg.num_kv_heads * cfg.head_dim * 2  # k, v bf16
@@ -605,11 +604,13 @@ def main(argv: list[str] | None = None) -> dict:
     bandwidth = ceil["copy"]["gb_per_s"] * GB if "copy" in ceil else None
     # XLA-only parts first, so that a cuDNN failure which takes the process down leaves their numbers
     projector = results.setdefault("projector", {}) if "projector" in parts else None
-    projector_outputs: dict[str, Any] = {}  # the XLA row's, which the auto row is checked against
+    xla_outputs: dict[str, Any] = {}  # the XLA projector row's, which the auto row is checked against
+    no_cudnn = f"cuDNN attention needs a CUDA GPU (backend is {backend})"
 
     def projector_row(impl: str | None) -> dict:
-        row, outputs = measure_projector(s, peak, impl, projector_outputs.get("xla"))
-        projector_outputs.setdefault("xla", outputs)
+        row, outputs = measure_projector(s, peak, impl, xla_outputs.get("outputs"))
+        if impl == "xla":
+            xla_outputs["outputs"] = outputs
         return row
 
     if projector is not None:
@@ -621,13 +622,13 @@ def main(argv: list[str] | None = None) -> dict:
         run_part(results, "attention", lambda: check_attention(s, backend), a.out)
     if projector is not None:
         if backend != "gpu":
-            projector["auto"] = {"skipped": f"cuDNN attention needs a CUDA GPU (backend is {backend})"}
+            projector["auto"] = {"skipped": no_cudnn}
         else:
             run_part(projector, "auto", lambda: projector_row(None), a.out, results)
-        projector_outputs.clear()
+        xla_outputs.clear()
     if train is not None:
         if backend != "gpu":
-            train["cudnn"] = {"skipped": f"cuDNN attention needs a CUDA GPU (backend is {backend})"}
+            train["cudnn"] = {"skipped": no_cudnn}
         else:
             run_part(train, "cudnn", lambda: measure_train(s, "cudnn", peak), a.out, results)
         xla, cud = train["xla"], train["cudnn"]

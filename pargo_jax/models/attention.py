@@ -30,10 +30,10 @@ CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 128
 
 
-def check_implementation(value: str | None, field: str = "attention_impl") -> None:
-    """A ValueError unless ``value`` is one of :data:`IMPLEMENTATIONS` (a config field's check)."""
+def check_implementation(value: str | None) -> None:
+    """A ValueError unless ``value`` is one of :data:`IMPLEMENTATIONS` (``attention_impl`` fields)."""
     if value not in IMPLEMENTATIONS:
-        raise ValueError(f"{field}={value!r}; use None (auto), 'xla' or 'cudnn'.")
+        raise ValueError(f"attention_impl={value!r}; use None (auto), 'xla' or 'cudnn'.")
 
 
 def cudnn_unsupported(
